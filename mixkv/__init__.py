@@ -1,0 +1,55 @@
+"""mixkv: MixKV and friends, real KV-cache compression for transformers LLMs and VLMs.
+
+Usage::
+
+    from mixkv import MixKVPress
+    with MixKVPress(budget=128, base="adakv")(model):
+        model.generate(**inputs, max_new_tokens=64)
+"""
+
+from mixkv.integration import CompressionReport, PressSession, kv_cache_bytes
+from mixkv.presses import (
+    AdaKVPress,
+    BasePress,
+    KeyDiffPress,
+    KnormPress,
+    MixKVPress,
+    PyramidKVPress,
+    RandomPress,
+    ScoringContext,
+    SnapKVPress,
+    SparseMMPress,
+    StreamingLLMPress,
+)
+
+__version__ = "0.1.0"
+
+PRESSES = {
+    "snapkv": SnapKVPress,
+    "pyramidkv": PyramidKVPress,
+    "adakv": AdaKVPress,
+    "sparsemm": SparseMMPress,
+    "keydiff": KeyDiffPress,
+    "knorm": KnormPress,
+    "streamingllm": StreamingLLMPress,
+    "random": RandomPress,
+    "mixkv": MixKVPress,
+}
+
+__all__ = [
+    "PRESSES",
+    "AdaKVPress",
+    "BasePress",
+    "CompressionReport",
+    "KeyDiffPress",
+    "KnormPress",
+    "MixKVPress",
+    "PressSession",
+    "PyramidKVPress",
+    "RandomPress",
+    "ScoringContext",
+    "SnapKVPress",
+    "SparseMMPress",
+    "StreamingLLMPress",
+    "kv_cache_bytes",
+]

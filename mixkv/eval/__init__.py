@@ -1,0 +1,1 @@
+"""Evaluation utilities for mixkv: metrics, dataset loaders and synthetic benchmark suites."""

@@ -1,0 +1,248 @@
+"""How faithfully a compressed cache reproduces the full cache, on any model, text and press.
+
+The context is prefilled twice, once into a full cache and once with the press active (which
+compresses the cache at the end of prefill). A continuation is then fed, teacher-forced, through
+both caches, and the next-token distributions and each layer's attention outputs on the
+continuation tokens are compared:
+
+* ``top1_agreement``: fraction of continuation positions where both argmaxes agree;
+* ``mean_kl``: mean over positions of ``KL(p_full || p_compressed)`` in nats;
+* ``layer_relative_error[l]``: ``||o_c - o_f|| / ||o_f||`` of layer ``l``'s attention-module output
+  (after its output projection) over all continuation tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FidelityReport", "attention_modules", "measure_fidelity", "measure_fidelity_ids"]
+
+
+@dataclass
+class FidelityReport:
+    """Agreement between full-cache and compressed-cache predictions.
+
+    Attributes
+    ----------
+    top1_agreement
+        Fraction of continuation positions whose top-1 next token is the same.
+    mean_kl, max_kl
+        Mean and max over positions of ``KL(full || compressed)`` (nats).
+    kl_per_position
+        The KL at each continuation position.
+    layer_relative_error
+        Per decoder layer, ``||o_c - o_f|| / ||o_f||`` of the attention output on the continuation.
+    full_top1_accuracy, compressed_top1_accuracy
+        How often each cache's top-1 prediction equals the actual next continuation token.
+    context_tokens, continuation_tokens
+        Token counts.
+    full_kv_bytes, compressed_kv_bytes
+        Cache sizes right after prefilling the context.
+    """
+
+    top1_agreement: float
+    mean_kl: float
+    max_kl: float
+    kl_per_position: list[float] = field(default_factory=list)
+    layer_relative_error: list[float] = field(default_factory=list)
+    full_top1_accuracy: float = 0.0
+    compressed_top1_accuracy: float = 0.0
+    context_tokens: int = 0
+    continuation_tokens: int = 0
+    full_kv_bytes: int = 0
+    compressed_kv_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return dict(self.__dict__)
+
+
+def attention_modules(model: Any) -> list[torch.nn.Module]:
+    """Return the decoder's self-attention modules in layer order.
+
+    Parameters
+    ----------
+    model
+        A Hugging Face causal LM or vision-language model.
+
+    Returns
+    -------
+    list of torch.nn.Module
+
+    Raises
+    ------
+    ValueError
+        If no self-attention modules with a ``layer_idx`` are found.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    found: list[torch.nn.Module] = []
+    if layers is not None:
+        found = [layer.self_attn for layer in layers if hasattr(layer, "self_attn")]
+    if not found:
+        found = [
+            m
+            for name, m in decoder.named_modules()
+            if name.endswith("self_attn") and hasattr(m, "layer_idx")
+        ]
+        found.sort(key=lambda m: int(getattr(m, "layer_idx", 0)))
+    if not found:
+        raise ValueError(
+            f"No decoder self-attention modules found in {type(model).__name__}; expected "
+            "`model.get_decoder().layers[i].self_attn`."
+        )
+    return found
+
+
+@contextlib.contextmanager
+def _capture(modules: list[torch.nn.Module], store: list[torch.Tensor | None]) -> Iterator[None]:
+    def make_hook(i: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            store[i] = out.detach().to(torch.float32).clone()
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(
+    model: Any, context: torch.Tensor, continuation: torch.Tensor, press: Any | None
+) -> tuple[torch.Tensor, list[torch.Tensor | None], int]:
+    from transformers import DynamicCache
+
+    from mixkv.eval.runner import _forward_prefill, cache_bytes
+
+    modules = attention_modules(model)
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+    cache = DynamicCache(config=model.config)
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    with torch.inference_mode(), manager:
+        _forward_prefill(model, context, cache)
+        n_bytes = cache_bytes(cache)
+        with _capture(modules, outputs):
+            logits = model(input_ids=continuation, past_key_values=cache, use_cache=True).logits
+    return logits[0].to(torch.float32), outputs, n_bytes
+
+
+def measure_fidelity_ids(
+    model: Any, context_ids: torch.Tensor | list[int], continuation_ids: torch.Tensor | list[int], press: Any
+) -> FidelityReport:
+    """Compare full and compressed caches on token ids (see :func:`measure_fidelity`).
+
+    Parameters
+    ----------
+    model
+        A causal LM.
+    context_ids
+        Context tokens, ``(N,)`` or ``(1, N)``; prefilled (and compressed by ``press``).
+    continuation_ids
+        Continuation tokens, ``(T,)`` or ``(1, T)``, ``T >= 1``; teacher-forced through the cache.
+    press
+        The press under test (``press(model)`` is a context manager), or None (compares the full
+        cache with itself).
+
+    Returns
+    -------
+    FidelityReport
+
+    Raises
+    ------
+    ValueError
+        If the context or the continuation is empty, or they are not one sequence.
+    """
+    ctx = torch.as_tensor(context_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    cont = torch.as_tensor(continuation_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    if ctx.shape[1] < 1 or cont.shape[1] < 1:
+        raise ValueError(
+            f"Need a non-empty context and continuation, got {ctx.shape[1]} and {cont.shape[1]} tokens."
+        )
+    full_logits, full_out, full_bytes = _run(model, ctx, cont, None)
+    comp_logits, comp_out, comp_bytes = _run(model, ctx, cont, press)
+    logp_f = F.log_softmax(full_logits, dim=-1)
+    logp_c = F.log_softmax(comp_logits, dim=-1)
+    kl = (logp_f.exp() * (logp_f - logp_c)).sum(-1).clamp_min(0.0)
+    top_f, top_c = full_logits.argmax(-1), comp_logits.argmax(-1)
+    targets = cont[0, 1:]
+    layer_err: list[float] = []
+    for o_f, o_c in zip(full_out, comp_out, strict=True):
+        if o_f is None or o_c is None:
+            layer_err.append(float("nan"))
+            continue
+        denom = o_f.norm().item()
+        layer_err.append((o_c - o_f).norm().item() / denom if denom > 0 else 0.0)
+    n_pred = targets.numel()
+    return FidelityReport(
+        top1_agreement=(top_f == top_c).float().mean().item(),
+        mean_kl=kl.mean().item(),
+        max_kl=kl.max().item(),
+        kl_per_position=kl.tolist(),
+        layer_relative_error=layer_err,
+        full_top1_accuracy=(top_f[:-1] == targets).float().mean().item() if n_pred else 0.0,
+        compressed_top1_accuracy=(top_c[:-1] == targets).float().mean().item() if n_pred else 0.0,
+        context_tokens=int(ctx.shape[1]),
+        continuation_tokens=int(cont.shape[1]),
+        full_kv_bytes=full_bytes,
+        compressed_kv_bytes=comp_bytes,
+    )
+
+
+def measure_fidelity(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    press: Any,
+    *,
+    continuation_tokens: int = 64,
+    continuation: str | None = None,
+) -> FidelityReport:
+    """Measure how closely ``press`` reproduces the full cache on a text.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    text
+        The context (or, without ``continuation``, context followed by the continuation).
+    press
+        The press under test, or None.
+    continuation_tokens
+        Without ``continuation``: the last ``continuation_tokens`` tokens of ``text`` are the
+        teacher-forced continuation, the rest is the context.
+    continuation
+        An explicit continuation text; then ``text`` is the whole context.
+
+    Returns
+    -------
+    FidelityReport
+
+    Raises
+    ------
+    ValueError
+        If the text is too short to leave a context of at least one token.
+    """
+    if continuation is not None:
+        ctx_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    else:
+        if continuation_tokens < 1:
+            raise ValueError(f"continuation_tokens must be >= 1, got {continuation_tokens}.")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) <= continuation_tokens:
+            raise ValueError(
+                f"The text has {len(ids)} tokens, not more than continuation_tokens={continuation_tokens}; "
+                "pass a longer text or fewer continuation tokens."
+            )
+        ctx_ids, cont_ids = ids[:-continuation_tokens], ids[-continuation_tokens:]
+    return measure_fidelity_ids(model, ctx_ids, cont_ids, press)

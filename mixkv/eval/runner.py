@@ -1,0 +1,819 @@
+"""Resumable evaluation grid: methods x budgets x tasks x context lengths.
+
+Each *cell* (method, budget, task, context length) runs ``n`` seeded examples of a task from
+:mod:`mixkv.eval.tasks`. For every example the prompt is prefilled once with the press active
+(that is when the cache is compressed) and the answer is decoded greedily from the compressed
+cache. A finished cell is written as one JSON file, atomically, in ``out_dir/cells``; on resume
+finished cells are read back instead of recomputed. A cell file that cannot be read or does not
+match the run (corrupt, truncated, other seed, other model...) is reported, kept aside as
+``<name>.json.corrupt`` (or ``.stale``) and recomputed; it is never used silently.
+
+Protocols
+---------
+``"query_agnostic"`` (default)
+    Only the context is prefilled and compressed; the question arrives afterwards and is fed
+    through the compressed cache. The press cannot know what will be asked.
+``"query_aware"``
+    The whole prompt (context and question, except its last token) is prefilled and compressed,
+    so the observation window contains the question, as in the SnapKV / MixKV papers.
+
+Budgets at least as large as a cell's context length are skipped with a message (the press
+would keep everything, so the cell would only repeat the full-cache result); the summary table
+shows them as ``n/a``. A grid in which every compressed cell would be skipped is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.metadata as md
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
+
+__all__ = [
+    "KVPRESS_METHODS",
+    "METHODS",
+    "EvalResult",
+    "build_press",
+    "cache_bytes",
+    "cell_filename",
+    "run_eval",
+    "run_example",
+    "write_markdown_table",
+]
+
+logger = logging.getLogger("mixkv.eval")
+
+#: Bump when the content of generated examples or cell files changes incompatibly.
+SCHEMA_VERSION = 1
+
+_MIXKV_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "snapkv": ("SnapKVPress", {}),
+    "pyramidkv": ("PyramidKVPress", {}),
+    "adakv": ("AdaKVPress", {}),
+    "sparsemm": ("SparseMMPress", {}),
+    "mixkv-snapkv": ("MixKVPress", {"base": "snapkv"}),
+    "mixkv-pyramidkv": ("MixKVPress", {"base": "pyramidkv"}),
+    "mixkv-adakv": ("MixKVPress", {"base": "adakv"}),
+    "mixkv-sparsemm": ("MixKVPress", {"base": "sparsemm"}),
+    "keydiff": ("KeyDiffPress", {}),
+    "knorm": ("KnormPress", {}),
+    "streamingllm": ("StreamingLLMPress", {}),
+    "random": ("RandomPress", {}),
+}
+
+#: Methods backed by NVIDIA's ``kvpress`` package (only when it is importable).
+KVPRESS_METHODS: tuple[str, ...] = ("kvpress-snapkv", "kvpress-adakv", "kvpress-keydiff")
+
+#: Every method name :func:`run_eval` accepts.
+METHODS: tuple[str, ...] = ("full", *_MIXKV_METHODS, *KVPRESS_METHODS)
+
+PROTOCOLS = ("query_agnostic", "query_aware")
+
+
+# --------------------------------------------------------------------------------------------
+# Presses
+
+
+def _kvpress_available() -> bool:
+    try:
+        importlib.import_module("kvpress")
+    except ImportError:
+        return False
+    return True
+
+
+def build_press(method: str, budget: int | None, *, context_tokens: int, window_size: int = 32) -> Any:
+    """Create the press for a method name, or ``None`` for the full cache.
+
+    Parameters
+    ----------
+    method
+        One of :data:`METHODS`.
+    budget
+        Average kept prompt tokens per KV head per layer (ignored for ``"full"``).
+    context_tokens
+        Number of prompt tokens that will be prefilled; ``kvpress`` presses take a compression
+        ratio, derived as ``1 - budget / context_tokens``.
+    window_size
+        Observation window of the mixkv presses.
+
+    Returns
+    -------
+    object or None
+        A press (``press(model)`` is a context manager), or None for ``"full"``.
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown, needs a budget that is missing, or needs ``kvpress`` which is not
+        installed.
+    """
+    if method == "full":
+        return None
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from: {', '.join(METHODS)}.")
+    if budget is None:
+        raise ValueError(f"Method {method!r} needs a budget.")
+    if method in KVPRESS_METHODS:
+        if not _kvpress_available():
+            raise ValueError(
+                f"Method {method!r} compares against NVIDIA's kvpress, which is not installed; "
+                "`pip install kvpress` or drop the kvpress-* methods."
+            )
+        kvpress: Any = importlib.import_module("kvpress")
+        ratio = max(0.0, 1.0 - budget / max(context_tokens, 1))
+        if method == "kvpress-snapkv":
+            return kvpress.SnapKVPress(compression_ratio=ratio, window_size=window_size)
+        if method == "kvpress-adakv":
+            return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=window_size))
+        return kvpress.KeyDiffPress(compression_ratio=ratio)
+    mixkv = importlib.import_module("mixkv")
+    class_name, extra = _MIXKV_METHODS[method]
+    press_cls = getattr(mixkv, class_name, None)
+    if press_cls is None:
+        raise ValueError(f"This mixkv build has no {class_name}; method {method!r} is unavailable.")
+    return press_cls(budget=budget, window_size=window_size, **extra)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of tensor storage held by a cache (``mixkv.kv_cache_bytes`` when available)."""
+    mixkv = importlib.import_module("mixkv")
+    fn = getattr(mixkv, "kv_cache_bytes", None)
+    if fn is not None:
+        return int(fn(cache))
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# One example
+
+
+def _forward_prefill(model: Any, ids: torch.Tensor, cache: Any) -> None:
+    kwargs: dict[str, Any] = {"input_ids": ids, "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # only the last position's logits: saves (N, vocab) floats
+    model(**kwargs)
+
+
+def run_example(
+    model: Any,
+    tokenizer: Any,
+    example: TextExample,
+    press: Any | None,
+    *,
+    protocol: str = "query_agnostic",
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Prefill one example (compressing with ``press``), decode the answer and score it.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    example
+        The example.
+    press
+        A press, or None for the full cache.
+    protocol
+        ``"query_agnostic"`` or ``"query_aware"`` (see the module documentation).
+    max_new_tokens
+        Overrides ``example.max_new_tokens``.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable record: output, score, token counts, timings (``prefill_seconds`` includes
+        compression; ``decode_seconds`` covers the question and the generated tokens), KV bytes
+        after prefill (``kv_bytes``) and what the full cache would hold (``kv_bytes_full``), mean
+        kept tokens per KV head and the press's report.
+    """
+    from transformers import DynamicCache
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    context_ids, question_ids = encode_prompt(example, tokenizer)
+    ids = torch.tensor([context_ids + question_ids], dtype=torch.long, device=model.device)
+    n_prefill = len(context_ids) if protocol == "query_agnostic" else ids.shape[1] - 1
+    cache = DynamicCache(config=model.config)
+    new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else eos
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    with torch.inference_mode(), manager:
+        start = time.perf_counter()
+        _forward_prefill(model, ids[:, :n_prefill], cache)
+        prefill_s = time.perf_counter() - start
+        kept_bytes = cache_bytes(cache)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        decode_s = time.perf_counter() - start
+    generated = out[0, ids.shape[1] :]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    report = getattr(press, "last_report", None) if press is not None else None
+    record: dict[str, Any] = {
+        "question": example.question,
+        "answers": list(example.answers),
+        "metric": example.metric,
+        "output": text,
+        "score": score_output(text, example.answers, example.metric),
+        "context_tokens": example.context_tokens,
+        "prefill_tokens": int(n_prefill),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(generated.numel()),
+        "context_sha1": hashlib.sha1(example.context.encode()).hexdigest(),
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "kv_bytes": kept_bytes,
+        "kv_bytes_full": kept_bytes,
+        "kept_tokens_mean": float(n_prefill),
+        "compression_seconds": 0.0,
+        "report": None,
+    }
+    if report is not None:
+        kept = report.kept_tokens
+        record["kv_bytes_full"] = int(report.full_bytes)
+        record["kept_tokens_mean"] = float(kept.float().mean().item()) if kept.numel() else 0.0
+        record["compression_seconds"] = float(report.compression_seconds)
+        to_dict = getattr(report, "to_dict", None)
+        record["report"] = to_dict() if callable(to_dict) else None
+    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Cells and files
+
+
+@dataclass(frozen=True)
+class _Cell:
+    method: str
+    budget: int | None
+    task: str
+    context_length: int
+
+    @property
+    def name(self) -> str:
+        return cell_filename(self.method, self.budget, self.task, self.context_length)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "task": self.task,
+            "context_length": self.context_length,
+        }
+
+
+def cell_filename(method: str, budget: int | None, task: str, context_length: int) -> str:
+    """File name of a cell's JSON result."""
+    b = "full" if budget is None else str(budget)
+    return f"{method}__b{b}__{task}__L{context_length}.json"
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` did.
+
+    Attributes
+    ----------
+    cells
+        Every finished cell's JSON content (computed now or read back).
+    computed, reused
+        Names of the cell files computed in this run and read back from disk.
+    recomputed
+        ``(file name, reason)`` of cell files that were corrupt or stale and were recomputed.
+    skipped
+        ``(cell name, reason)`` of cells not run (budget not below the context length).
+    table_path
+        The Markdown summary.
+    plot_paths
+        PNG plots (empty when matplotlib is not installed).
+    """
+
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    recomputed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    table_path: Path | None = None
+    plot_paths: list[Path] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    try:
+        mixkv_version = md.version("mixkv")
+    except md.PackageNotFoundError:
+        mixkv_version = str(getattr(importlib.import_module("mixkv"), "__version__", "unknown"))
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mixkv": mixkv_version,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def _model_id(model_spec: str | tuple[Any, Any] | None) -> str:
+    if model_spec is None or isinstance(model_spec, str):
+        return model_spec or "smollm2"
+    model = model_spec[0]
+    digest = hashlib.sha1(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}:{digest}"
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _validate_cell(data: Any, cell: _Cell, identity: dict[str, Any], n: int) -> str | None:
+    """Return why a cell file cannot be reused, or None if it can."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("schema") != SCHEMA_VERSION:
+        return f"schema {data.get('schema')!r} != {SCHEMA_VERSION}"
+    if data.get("complete") is not True:
+        return "cell not marked complete"
+    if data.get("cell") != cell.as_dict():
+        return "describes another cell"
+    if data.get("identity") != identity:
+        return "stale: produced with another model, seed, protocol or settings"
+    examples = data.get("examples")
+    if not isinstance(examples, list) or len(examples) != n:
+        return f"holds {len(examples) if isinstance(examples, list) else 'no'} examples, expected {n}"
+    if not all(isinstance(e, dict) and isinstance(e.get("score"), (int, float)) for e in examples):
+        return "an example has no numeric score"
+    return None
+
+
+def _set_aside(path: Path, reason: str) -> Path:
+    suffix = ".stale" if reason.startswith("stale") else ".corrupt"
+    target = path.with_name(path.name + suffix)
+    i = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{suffix}{i}")
+        i += 1
+    os.replace(path, target)
+    return target
+
+
+def _load_cell(path: Path, cell: _Cell, identity: dict[str, Any], n: int) -> tuple[dict[str, Any] | None, str]:
+    """Read a finished cell; returns ``(data, "")`` or ``(None, reason)``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable JSON ({exc})"
+    reason = _validate_cell(data, cell, identity, n)
+    return (data, "") if reason is None else (None, reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary table and plots
+
+
+def _cell_score(data: dict[str, Any]) -> float:
+    return 100.0 * float(data["score"])
+
+
+def write_markdown_table(
+    cells: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int],
+) -> Path:
+    """Write the score table (rows: method; columns: budget x task) per context length.
+
+    Scores are mean example scores in percent. The full-cache row repeats its score under every
+    budget. ``n/a`` marks a budget not below the context length, ``-`` a missing cell. A second
+    table per context length gives the mean fraction of KV bytes kept and the prefill / decode
+    times.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    index = {
+        (c["cell"]["method"], c["cell"]["budget"], c["cell"]["task"], c["cell"]["context_length"]): c
+        for c in cells
+    }
+    lines = ["# mixkv evaluation", ""]
+    for length in context_lengths:
+        lines += [f"## Context length {length} tokens: score (%)", ""]
+        header = ["method"] + [f"{b} {t}" for b in budgets for t in tasks]
+        if len(tasks) > 1:
+            header = ["method"] + [f"{b} {t}" for b in budgets for t in [*tasks, "avg"]]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for method in methods:
+            row = [method]
+            for b in budgets:
+                vals: list[float] = []
+                for t in tasks:
+                    key = (method, None if method == "full" else b, t, length)
+                    if method != "full" and b >= length:
+                        row.append("n/a")
+                    elif key in index:
+                        vals.append(_cell_score(index[key]))
+                        row.append(f"{vals[-1]:.1f}")
+                    else:
+                        row.append("-")
+                if len(tasks) > 1:
+                    row.append(f"{sum(vals) / len(vals):.1f}" if len(vals) == len(tasks) else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"## Context length {length} tokens: KV kept (% of full), prefill s, decode s", ""]
+        header = ["method"] + [f"budget {b}" for b in budgets]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for method in methods:
+            row = [method]
+            for b in budgets:
+                found = [
+                    index[k]
+                    for t in tasks
+                    if (k := (method, None if method == "full" else b, t, length)) in index
+                ]
+                if not found:
+                    row.append("n/a" if method != "full" and b >= length else "-")
+                    continue
+                ex = [e for c in found for e in c["examples"]]
+                frac = 100 * sum(e["kv_fraction"] for e in ex) / len(ex)
+                pre = sum(e["prefill_seconds"] for e in ex) / len(ex)
+                dec = sum(e["decode_seconds"] for e in ex) / len(ex)
+                row.append(f"{frac:.1f}% / {pre:.2f} / {dec:.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_plots(
+    cells: Sequence[dict[str, Any]],
+    out_dir: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int],
+) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots written (`pip install matplotlib`).")
+        return []
+    index = {
+        (c["cell"]["method"], c["cell"]["budget"], c["cell"]["task"], c["cell"]["context_length"]): c
+        for c in cells
+    }
+    panels = [*tasks, "average"] if len(tasks) > 1 else list(tasks)
+    paths: list[Path] = []
+    for length in context_lengths:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            panel_tasks = tasks if panel == "average" else [panel]
+            for method in methods:
+                if method == "full":
+                    vals = [index[k] for t in panel_tasks if (k := ("full", None, t, length)) in index]
+                    if len(vals) == len(panel_tasks):
+                        score = sum(_cell_score(v) for v in vals) / len(vals)
+                        ax.axhline(score, color="black", linestyle="--", label="full cache")
+                    continue
+                xs, ys = [], []
+                for b in budgets:
+                    vals = [index[k] for t in panel_tasks if (k := (method, b, t, length)) in index]
+                    if len(vals) == len(panel_tasks):
+                        xs.append(b)
+                        ys.append(sum(_cell_score(v) for v in vals) / len(vals))
+                if xs:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(budgets))
+            ax.set_xticklabels([str(b) for b in budgets])
+            ax.set_ylim(-5, 105)
+            ax.set_xlabel("budget (tokens per KV head)")
+            ax.set_ylabel("score (%)")
+            ax.set_title(f"{panel} @ {length} tokens")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = out_dir / f"score_vs_budget_L{length}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+
+
+def _as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
+    if isinstance(values, (str, int)):
+        values = [values]
+    out = list(values)
+    if not out:
+        raise ValueError(f"{name} must not be empty.")
+    return out
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+
+        class _Null:
+            def update(self, k: int = 1) -> None:
+                pass
+
+            def set_description(self, text: str) -> None:
+                pass
+
+        yield _Null()
+        return
+    bar = tqdm(total=total, unit="example", file=sys.stderr, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def run_eval(
+    model_spec: str | tuple[Any, Any] | None = None,
+    methods: Sequence[str] = ("full", "snapkv", "mixkv-snapkv"),
+    budgets: Sequence[int] = (64, 128),
+    tasks: Sequence[str] = ("niah_single_1",),
+    context_lengths: Sequence[int] = (1024,),
+    n: int = 5,
+    seed: int = 0,
+    out_dir: str | Path = "mixkv_results",
+    protocol: str = "query_agnostic",
+    resume: bool = True,
+    *,
+    window_size: int = 32,
+    max_new_tokens: int | None = None,
+) -> EvalResult:
+    """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
+
+    Parameters
+    ----------
+    model_spec
+        What :func:`mixkv.models.load_model` accepts (None = SmolLM2-135M-Instruct), or an already
+        loaded ``(model, tokenizer)`` pair. The model is loaded only if some cell must be computed.
+    methods
+        Names from :data:`METHODS`. ``"full"`` runs once per (task, context length).
+    budgets
+        Positive budgets (average kept prompt tokens per KV head per layer, window included).
+    tasks
+        Names from :data:`mixkv.eval.tasks.TASKS`.
+    context_lengths
+        Context lengths in tokens.
+    n
+        Examples per cell (the same examples for every method and budget).
+    seed
+        Seed of the examples (and of ``torch`` before each cell, for the random press).
+    out_dir
+        Output directory: ``cells/*.json``, ``results.md``, ``score_vs_budget_L*.png``.
+    protocol
+        ``"query_agnostic"`` (compress the context before the question is known) or
+        ``"query_aware"`` (compress the prompt with the question in the observation window).
+    resume
+        Reuse finished cell files (validated first). With False every cell is recomputed and
+        overwritten.
+    window_size
+        Observation window of the presses.
+    max_new_tokens
+        Overrides each task's generation length.
+
+    Returns
+    -------
+    EvalResult
+
+    Raises
+    ------
+    ValueError
+        Unknown method / task / protocol, kvpress methods without kvpress, non-positive budgets,
+        lengths or ``n``, or a grid where every compressed cell has a budget not below its context
+        length.
+    """
+    methods = [m.strip().lower() for m in _as_list("methods", methods)]
+    budgets = sorted({int(b) for b in _as_list("budgets", budgets)})
+    tasks = _as_list("tasks", tasks)
+    context_lengths = [int(x) for x in _as_list("context_lengths", context_lengths)]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
+    wanted_kvpress = [m for m in methods if m in KVPRESS_METHODS]
+    if wanted_kvpress and not _kvpress_available():
+        raise ValueError(
+            f"Method(s) {wanted_kvpress} need NVIDIA's kvpress, which is not importable; "
+            "`pip install kvpress` or drop them."
+        )
+    bad_tasks = [t for t in tasks if t not in TASKS]
+    if bad_tasks:
+        raise ValueError(f"Unknown task(s) {bad_tasks}; choose from: {', '.join(TASKS)}.")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"Budgets must be positive token counts, got {budgets}.")
+    if any(x < 16 for x in context_lengths):
+        raise ValueError(f"Context lengths must be at least 16 tokens, got {context_lengths}.")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}.")
+
+    result = EvalResult()
+    cells: list[_Cell] = []
+    for length in context_lengths:
+        for task in tasks:
+            for method in methods:
+                if method == "full":
+                    cells.append(_Cell(method, None, task, length))
+                    continue
+                for b in budgets:
+                    if b >= length:
+                        reason = f"budget {b} >= context length {length}: nothing would be compressed"
+                        result.skipped.append((cell_filename(method, b, task, length), reason))
+                        continue
+                    cells.append(_Cell(method, b, task, length))
+    if result.skipped:
+        logger.warning(
+            "Skipping %d cell(s) whose budget is not below the context length (%s).",
+            len(result.skipped),
+            ", ".join(sorted({r.split(':')[0] for _, r in result.skipped})),
+        )
+    if not any(c.method != "full" for c in cells) and any(m != "full" for m in methods):
+        raise ValueError(
+            f"Every budget {budgets} is >= every context length {context_lengths}: nothing would be "
+            "compressed. Use smaller budgets or longer contexts."
+        )
+
+    out = Path(out_dir)
+    cell_dir = out / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "model": _model_id(model_spec),
+        "methods": methods,
+        "budgets": budgets,
+        "tasks": tasks,
+        "context_lengths": context_lengths,
+        "n": n,
+        "seed": seed,
+        "protocol": protocol,
+        "window_size": window_size,
+        "max_new_tokens": max_new_tokens,
+    }
+    identity = {
+        "model": run_config["model"],
+        "n": n,
+        "seed": seed,
+        "protocol": protocol,
+        "window_size": window_size,
+        "max_new_tokens": max_new_tokens,
+    }
+
+    todo: list[_Cell] = []
+    finished: dict[_Cell, dict[str, Any]] = {}
+    for cell in cells:
+        path = cell_dir / cell.name
+        if not path.exists():
+            todo.append(cell)
+            continue
+        if not resume:
+            todo.append(cell)
+            continue
+        data, reason = _load_cell(path, cell, identity, n)
+        if data is None:
+            moved = _set_aside(path, reason)
+            logger.warning("Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved)
+            result.recomputed.append((cell.name, reason))
+            todo.append(cell)
+        else:
+            finished[cell] = data
+            result.reused.append(cell.name)
+
+    if todo:
+        if isinstance(model_spec, tuple):
+            model, tokenizer = model_spec
+        else:
+            from mixkv.models import load_model
+
+            model, tokenizer = load_model(model_spec)
+        examples: dict[tuple[str, int], list[TextExample]] = {}
+        versions, machine = _versions(), _machine()
+        with _progress(len(todo) * n) as bar:
+            for cell in todo:
+                key = (cell.task, cell.context_length)
+                if key not in examples:
+                    examples[key] = make_examples(cell.task, tokenizer, cell.context_length, n, seed)
+                bar.set_description(cell.name.removesuffix(".json"))
+                torch.manual_seed(seed)
+                records = []
+                start = time.perf_counter()
+                for example in examples[key]:
+                    context_ids, question_ids = encode_prompt(example, tokenizer)
+                    prefill = len(context_ids) + (len(question_ids) - 1 if protocol == "query_aware" else 0)
+                    press = build_press(
+                        cell.method, cell.budget, context_tokens=prefill, window_size=window_size
+                    )
+                    records.append(
+                        run_example(
+                            model,
+                            tokenizer,
+                            example,
+                            press,
+                            protocol=protocol,
+                            max_new_tokens=max_new_tokens,
+                        )
+                    )
+                    bar.update(1)
+                data = {
+                    "schema": SCHEMA_VERSION,
+                    "complete": True,
+                    "cell": cell.as_dict(),
+                    "identity": identity,
+                    "config": run_config,
+                    "score": sum(r["score"] for r in records) / len(records),
+                    "timing": {
+                        "wall_seconds": time.perf_counter() - start,
+                        "mean_prefill_seconds": sum(r["prefill_seconds"] for r in records) / len(records),
+                        "mean_decode_seconds": sum(r["decode_seconds"] for r in records) / len(records),
+                    },
+                    "kept_tokens_mean": sum(r["kept_tokens_mean"] for r in records) / len(records),
+                    "kv_fraction_mean": sum(r["kv_fraction"] for r in records) / len(records),
+                    "examples": records,
+                    "versions": versions,
+                    "machine": machine,
+                    "seed": seed,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                _atomic_write_json(cell_dir / cell.name, data)
+                finished[cell] = data
+                result.computed.append(cell.name)
+
+    result.cells = [finished[c] for c in cells if c in finished]
+    result.table_path = write_markdown_table(
+        result.cells,
+        out / "results.md",
+        methods=methods,
+        budgets=budgets,
+        tasks=tasks,
+        context_lengths=context_lengths,
+    )
+    result.plot_paths = _write_plots(
+        result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
+    )
+    return result

@@ -1,0 +1,39 @@
+"""Pure tensor maths of mixkv: scores, budgets and selection (no transformers import)."""
+
+from mixkv.functional.budgets import (
+    adaptive_head_budgets,
+    allocate_exact,
+    group_head_scores,
+    head_score_budgets,
+    pyramid_budgets,
+)
+from mixkv.functional.scores import (
+    head_redundancy,
+    key_diversity,
+    key_norm_scores,
+    mix_scores,
+    mixkv_scores,
+    pool_scores,
+    value_norm_importance,
+    window_attention,
+    window_importance,
+)
+from mixkv.functional.selection import select_top_per_head
+
+__all__ = [
+    "adaptive_head_budgets",
+    "allocate_exact",
+    "group_head_scores",
+    "head_redundancy",
+    "head_score_budgets",
+    "key_diversity",
+    "key_norm_scores",
+    "mix_scores",
+    "mixkv_scores",
+    "pool_scores",
+    "pyramid_budgets",
+    "select_top_per_head",
+    "value_norm_importance",
+    "window_attention",
+    "window_importance",
+]

@@ -1,0 +1,619 @@
+"""Per-position KV-cache scores: window attention, value norms, key diversity and the MixKV mix.
+
+Every function works on batched cache tensors and scores the *prefix* of a prompt, i.e. the
+``N - W`` positions before the observation window of the last ``W`` positions (the window itself
+is always kept). Higher scores mean "keep". Conventions shared by all functions:
+
+* ``queries``: ``(B, H, W, D)`` post-rotary queries of the last ``W`` prompt positions.
+* ``keys`` / ``values``: ``(B, Hkv, N, D)`` as they sit in the cache (keys after rotary).
+* GQA: ``H`` is a multiple of ``Hkv``; query head ``i`` belongs to KV head ``i // (H // Hkv)``.
+* ``key_mask``: optional ``(B, N)`` bool (or 0/1 integer) tensor, True for real tokens and False
+  for padding. Padded positions never influence a score and every returned per-position score is
+  ``-inf`` there (window attention, an input to pooling, is ``0`` there instead).
+* Scores are computed and returned in float32, or in float64 when an input is float64.
+
+The maths follows ``docs/mixkv_spec.md`` (sections 1 to 3).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "head_redundancy",
+    "key_diversity",
+    "key_norm_scores",
+    "mix_scores",
+    "mixkv_scores",
+    "pool_scores",
+    "value_norm_importance",
+    "window_attention",
+    "window_importance",
+]
+
+RESCALE_EPS = 1e-8
+"""Added to the mean in the rescaling ``x * target / (mean(x) + eps)`` (spec 1.5)."""
+
+DIVERSITY_EPS = 1e-8
+"""Added to the min-max range of the diversity term (spec 2.4)."""
+
+POOLING_MODES = ("avg", "max")
+
+
+def _as_int(name: str, value: object) -> int:
+    """Return ``value`` as a Python int, or raise ``TypeError`` naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got the bool {value}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def _score_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_floating(name: str, tensor: object, layout: str) -> Tensor:
+    """Check that ``tensor`` is a floating tensor with as many dims as ``layout`` names."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {tensor.dtype}; cast it with .float()"
+        )
+    expected_ndim = layout.count(",") + 1
+    if tensor.ndim != expected_ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_cache(name: str, tensor: object) -> tuple[int, int, int, int]:
+    """Validate a ``(B, Hkv, N, D)`` cache tensor and return its shape."""
+    checked = _check_floating(name, tensor, "(batch, num_kv_heads, seq_len, head_dim)")
+    batch, kv_heads, seq_len, head_dim = checked.shape
+    return batch, kv_heads, seq_len, head_dim
+
+
+def _check_values(values: object, batch: int, kv_heads: int, seq_len: int) -> None:
+    """Validate ``values`` against the ``(B, Hkv, N)`` of the keys."""
+    shape = _check_cache("values", values)
+    if shape[:3] != (batch, kv_heads, seq_len):
+        raise ValueError(
+            f"values must have shape (batch, num_kv_heads, seq_len, head_dim) = ({batch}, {kv_heads}, "
+            f"{seq_len}, ...) like the keys, got {shape}"
+        )
+
+
+def _check_window(name: str, window_size: int, seq_len: int) -> int:
+    """Validate a window size ``1 <= W < N`` and return it as an int."""
+    window = _as_int(name, window_size)
+    if window < 1:
+        raise ValueError(f"{name} must be at least 1, got {window}")
+    if window >= seq_len:
+        raise ValueError(
+            f"{name} ({window}) must be smaller than the sequence length ({seq_len}): there is no prefix "
+            "to score; do not compress prompts that short"
+        )
+    return window
+
+
+def _check_queries(queries: object, batch: int, kv_heads: int, seq_len: int, head_dim: int) -> int:
+    """Validate ``(B, H, W, D)`` queries against the keys and return ``W``."""
+    checked = _check_floating("queries", queries, "(batch, num_heads, window_size, head_dim)")
+    q_batch, heads, window, q_dim = checked.shape
+    if q_batch != batch:
+        raise ValueError(f"queries have batch size {q_batch} but keys have {batch}; pass matching batches")
+    if q_dim != head_dim:
+        raise ValueError(f"queries have head_dim {q_dim} but keys have {head_dim}; they must be equal")
+    if heads % kv_heads != 0:
+        raise ValueError(
+            f"the number of query heads ({heads}) must be a multiple of the number of KV heads ({kv_heads})"
+        )
+    return _check_window("window_size (queries.shape[2])", window, seq_len)
+
+
+def _check_scaling(scaling: float | None, head_dim: int) -> float:
+    """Return the logit scale, ``1 / sqrt(D)`` by default."""
+    if scaling is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not scaling > 0:
+        raise ValueError(f"scaling must be positive (default 1/sqrt(head_dim)), got {scaling}")
+    return float(scaling)
+
+
+def _check_pooling(kernel_size: int, pooling: str) -> int:
+    """Validate the pooling options and return the kernel size."""
+    kernel = _as_int("kernel_size", kernel_size)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer >= 1 (e.g. 5), got {kernel}")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    return kernel
+
+
+def _valid_mask(key_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
+    """Return the real-token mask as a ``(B, 1, N)`` bool tensor (all True without a mask)."""
+    if key_mask is None:
+        return torch.ones(batch, 1, seq_len, dtype=torch.bool, device=device)
+    if not isinstance(key_mask, Tensor):
+        raise TypeError(f"key_mask must be a torch.Tensor or None, got {type(key_mask).__name__}")
+    if key_mask.is_floating_point() or key_mask.is_complex():
+        raise TypeError(f"key_mask must be a bool (or 0/1 integer) tensor, got dtype {key_mask.dtype}")
+    if tuple(key_mask.shape) != (batch, seq_len):
+        raise ValueError(
+            f"key_mask must have shape (batch, seq_len) = ({batch}, {seq_len}), got {tuple(key_mask.shape)}"
+        )
+    return (key_mask != 0).to(device)[:, None, :]
+
+
+def _check_target(target_mean: object, batch: int, kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """Validate a ``(B, Hkv)`` target mean and cast it to ``dtype``."""
+    checked = _check_floating("target_mean", target_mean, "(batch, num_kv_heads)")
+    if tuple(checked.shape) != (batch, kv_heads):
+        raise ValueError(
+            f"target_mean must have shape (batch, num_kv_heads) = ({batch}, {kv_heads}), "
+            f"got {tuple(checked.shape)}"
+        )
+    return checked.to(dtype)
+
+
+def _check_redundancy(redundancy: object, batch: int, kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """Validate a redundancy of shape ``(Hkv,)`` or ``(B, Hkv)`` in ``[0, 1]``; return ``(B, Hkv)``."""
+    if not isinstance(redundancy, Tensor) or not redundancy.is_floating_point():
+        raise TypeError(
+            "redundancy must be a floating-point torch.Tensor of shape (num_kv_heads,) or "
+            "(batch, num_kv_heads)"
+        )
+    if tuple(redundancy.shape) not in ((kv_heads,), (batch, kv_heads)):
+        raise ValueError(
+            f"redundancy must have shape (num_kv_heads,) = ({kv_heads},) or (batch, num_kv_heads) = "
+            f"({batch}, {kv_heads}), got {tuple(redundancy.shape)}"
+        )
+    if not bool(((redundancy >= 0) & (redundancy <= 1)).all()):
+        raise ValueError(
+            "redundancy values must lie in [0, 1] (clip them or recompute the calibration table)"
+        )
+    return redundancy.to(dtype).expand(batch, kv_heads)
+
+
+def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``x`` over the last dim where ``valid``; ``0`` for rows without a valid entry."""
+    count = valid.sum(-1).clamp_min(1)
+    return torch.where(valid, x, 0.0).sum(-1) / count
+
+
+def _minmax(x: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """``(x - min) / (max - min + eps)`` over the valid entries; ``0`` at pads and for a zero denominator."""
+    low = torch.where(valid, x, math.inf).amin(-1, keepdim=True)
+    high = torch.where(valid, x, -math.inf).amax(-1, keepdim=True)
+    spread = high - low + eps
+    shifted = torch.where(valid & (spread > 0), x - low, 0.0)
+    return shifted / torch.where(spread > 0, spread, 1.0)
+
+
+def _rescale(x: Tensor, valid: Tensor, target: Tensor) -> Tensor:
+    """``x * target / (mean(x) + 1e-8)`` with the mean over the valid entries."""
+    return x * (target / (_masked_mean(x, valid) + RESCALE_EPS))[..., None]
+
+
+def _mask_pads(x: Tensor, valid: Tensor) -> Tensor:
+    """Put ``-inf`` where ``valid`` is False."""
+    return x.masked_fill(~valid, -math.inf)
+
+
+def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor) -> Tensor:
+    """Validated core of :func:`window_attention`; ``valid`` is ``(B, 1, N)``."""
+    dtype = _score_dtype(queries, keys)
+    batch, heads, window, head_dim = queries.shape
+    kv_heads, seq_len = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    grouped = queries.to(dtype).reshape(batch, kv_heads, group, window, head_dim)
+    logits = torch.einsum("bkgwd,bknd->bkgwn", grouped, keys.to(dtype)) * scale
+    positions = torch.arange(seq_len, device=keys.device)
+    causal = positions[None, :] <= positions[seq_len - window :, None]  # (W, N)
+    query_valid = valid[:, 0, seq_len - window :]  # (B, W)
+    # A padded window query is dropped from the mean below; letting it see every key keeps its row finite.
+    visible = (causal[None] & valid) | ~query_valid[..., None]  # (B, W, N)
+    probs = logits.masked_fill(~visible[:, None, None], -math.inf).softmax(dim=-1)
+    weights = query_valid.to(dtype) / query_valid.sum(-1, keepdim=True).clamp_min(1)  # (B, W)
+    attention = torch.einsum("bkgwn,bw->bkn", probs, weights) / group
+    return attention[..., : seq_len - window]
+
+
+def window_attention(
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Attention paid to each prefix position by the observation window, averaged per KV head.
+
+    .. math::
+
+        A_{h'} = \operatorname{softmax}\big(s \, Q_{h'} K_{h}^\top + M\big), \qquad
+        a_h(j) = \frac{1}{g} \sum_{h' \in h} \frac{1}{W} \sum_{i=1}^{W} A_{h'}[i, j]
+
+    for prefix positions ``j < N - W``, where ``s`` is ``scaling``, ``M`` is ``-inf`` for window
+    key ``j > i`` (causal inside the window) and for padded keys, and ``h' in h`` runs over the
+    ``g = H / Hkv`` query heads of KV head ``h``. The softmax runs over all ``N`` keys.
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``(B, H, W, D)`` post-rotary queries of the last ``W`` positions.
+    keys : Tensor
+        ``(B, Hkv, N, D)`` post-rotary keys.
+    scaling : float, optional
+        Logit scale ``s``; ``1 / sqrt(D)`` by default.
+    key_mask : Tensor, optional
+        ``(B, N)`` real-token mask. Padded keys get no attention; padded window queries (only
+        possible for rows shorter than the window) are left out of the mean over ``W``.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` attention probabilities, ``0`` at padded positions (a probability, not
+        a score: it is pooled before padding is masked with ``-inf``).
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    _check_queries(queries, batch, kv_heads, seq_len, head_dim)
+    scale = _check_scaling(scaling, head_dim)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    return _window_attention(queries, keys, scale, valid)
+
+
+def pool_scores(scores: Tensor, kernel_size: int = 5, pooling: str = "avg") -> Tensor:
+    r"""Smooth scores along the last dim with stride-1 pooling and zero padding ``k // 2``.
+
+    .. math::
+
+        \text{avg: } I(j) = \frac{1}{k} \sum_{|t| \le k//2} a(j + t), \qquad
+        \text{max: } I(j) = \max_{|t| \le k//2} a(j + t)
+
+    with ``a(j) = 0`` outside the sequence (the zeros count in the average, as in ``avg_pool1d``
+    with ``count_include_pad=True``). Pool attention (zeros at padding) *before* masking padded
+    positions with ``-inf``.
+
+    Parameters
+    ----------
+    scores : Tensor
+        Finite scores of any shape ``(..., P)`` with ``P >= 1``.
+    kernel_size : int
+        Odd window length ``k >= 1``; ``1`` returns the scores unchanged.
+    pooling : {"avg", "max"}
+        Average (SnapKV default) or max pooling.
+
+    Returns
+    -------
+    Tensor
+        Pooled scores, same shape and dtype as ``scores``.
+    """
+    if not isinstance(scores, Tensor) or not scores.is_floating_point():
+        raise TypeError("scores must be a floating-point torch.Tensor")
+    if scores.ndim < 1 or scores.shape[-1] < 1:
+        raise ValueError(f"scores must have a non-empty last dimension, got shape {tuple(scores.shape)}")
+    kernel = _check_pooling(kernel_size, pooling)
+    padded = F.pad(scores.reshape(-1, 1, scores.shape[-1]), (kernel // 2, kernel // 2))
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    return pool(padded, kernel, stride=1).reshape(scores.shape)
+
+
+def window_importance(
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    kernel_size: int = 5,
+    pooling: str = "avg",
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""SnapKV importance: pooled window attention, ``I = pool(a)``.
+
+    .. math:: I_h(j) = \operatorname{pool}_k\big(a_h\big)(j)
+
+    with ``a`` from :func:`window_attention` and the pooling of :func:`pool_scores`.
+
+    Parameters
+    ----------
+    queries, keys, scaling, key_mask
+        As in :func:`window_attention`.
+    kernel_size, pooling
+        As in :func:`pool_scores`.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` importance, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    window = _check_queries(queries, batch, kv_heads, seq_len, head_dim)
+    _check_pooling(kernel_size, pooling)
+    scale = _check_scaling(scaling, head_dim)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    pooled = pool_scores(_window_attention(queries, keys, scale, valid), kernel_size, pooling)
+    return _mask_pads(pooled, valid[..., : seq_len - window])
+
+
+def _value_norm_term(values: Tensor, window: int, prefix_valid: Tensor, target: Tensor) -> Tensor:
+    """Validated core of :func:`value_norm_importance`."""
+    prefix = values.shape[2] - window
+    norms = torch.linalg.vector_norm(values[..., :prefix, :].to(target.dtype), dim=-1)
+    return _mask_pads(_rescale(_minmax(norms, prefix_valid, 0.0), prefix_valid, target), prefix_valid)
+
+
+def value_norm_importance(
+    values: Tensor,
+    window_size: int,
+    target_mean: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Value-norm term of the MixKV importance, rescaled to a target mean (spec 1.5).
+
+    .. math::
+
+        n(j) = \lVert v_j \rVert_2, \qquad
+        n_{mm}(j) = \frac{n(j) - \min n}{\max n - \min n}, \qquad
+        n'(j) = n_{mm}(j) \, \frac{t}{\overline{n_{mm}} + 10^{-8}}
+
+    over the valid prefix positions, with ``t`` = ``target_mean`` of the head. When all norms are
+    equal (``max n = min n``) the term is ``0`` everywhere instead of NaN.
+
+    Parameters
+    ----------
+    values : Tensor
+        ``(B, Hkv, N, D)`` values.
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    target_mean : Tensor
+        ``(B, Hkv)`` mean the term is rescaled to (MixKV uses the mean of ``I``).
+    key_mask : Tensor, optional
+        ``(B, N)`` real-token mask; padded positions are ignored in min, max and mean.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` values of ``n'``, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, _ = _check_cache("values", values)
+    window = _check_window("window_size", window_size, seq_len)
+    valid = _valid_mask(key_mask, batch, seq_len, values.device)
+    target = _check_target(target_mean, batch, kv_heads, _score_dtype(values, target_mean))
+    return _value_norm_term(values, window, valid[..., : seq_len - window], target)
+
+
+def _unit_keys(keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """``k / ||k||`` in ``dtype``; all-zero keys stay zero."""
+    return F.normalize(keys.to(dtype), dim=-1)
+
+
+def _diversity(unit: Tensor, valid: Tensor, window: int, target: Tensor | None) -> Tensor:
+    """Validated core of :func:`key_diversity`; ``unit`` are unit keys, ``valid`` is ``(B, 1, N)``."""
+    prefix = unit.shape[2] - window
+    prefix_valid = valid[..., :prefix]
+    total = (unit * valid[..., None]).sum(-2)  # (B, Hkv, D)
+    mean_direction = total / valid.sum(-1, keepdim=True).clamp_min(1)
+    closeness = torch.einsum("bknd,bkd->bkn", unit[..., :prefix, :], mean_direction)
+    diversity = _minmax(-closeness, prefix_valid, DIVERSITY_EPS)
+    if target is not None:
+        diversity = _rescale(diversity, prefix_valid, target)
+    return _mask_pads(diversity, prefix_valid)
+
+
+def key_diversity(
+    keys: Tensor,
+    window_size: int,
+    target_mean: Tensor | None = None,
+    *,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Key diversity: distance of each prefix key from its head's mean key direction (spec 2).
+
+    .. math::
+
+        \hat k_j = \frac{k_j}{\lVert k_j \rVert}, \qquad
+        \mu = \frac{1}{N} \sum_{j=1}^{N} \hat k_j, \qquad
+        c(j) = \hat k_j \cdot \mu, \qquad
+        d(j) = \frac{-c(j) - \min(-c)}{\max(-c) - \min(-c) + 10^{-8}}
+
+    The mean ``mu`` runs over all ``N`` valid positions (window included); ``d`` over the valid
+    prefix. With ``target_mean`` ``t`` the result is ``d(j) t / (mean(d) + 1e-8)`` (MixKV's
+    ``div``); without it, ``d`` itself (KeyDiff's score, in ``[0, 1)``).
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(B, Hkv, N, D)`` keys.
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    target_mean : Tensor, optional
+        ``(B, Hkv)`` mean to rescale to.
+    key_mask : Tensor, optional
+        ``(B, N)`` real-token mask; padded keys are left out of ``mu``, min, max and mean.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` diversity, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, _ = _check_cache("keys", keys)
+    window = _check_window("window_size", window_size, seq_len)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    dtype = _score_dtype(keys) if target_mean is None else _score_dtype(keys, target_mean)
+    target = None if target_mean is None else _check_target(target_mean, batch, kv_heads, dtype)
+    return _diversity(_unit_keys(keys, dtype), valid, window, target)
+
+
+def _redundancy(unit: Tensor, valid: Tensor) -> Tensor:
+    """Validated core of :func:`head_redundancy`; ``unit`` are unit keys, ``valid`` is ``(B, 1, N)``."""
+    masked = unit * valid[..., None]
+    self_similarity = masked.square().sum((-2, -1))
+    pair_sum = masked.sum(-2).square().sum(-1) - self_similarity
+    count = valid.sum(-1).to(unit.dtype)  # (B, 1)
+    pairs = count * (count - 1)
+    redundancy = pair_sum / pairs.clamp_min(1)
+    return torch.where(pairs > 0, redundancy, 0.0).clamp(0.0, 1.0)
+
+
+def head_redundancy(keys: Tensor, *, key_mask: Tensor | None = None) -> Tensor:
+    r"""Head redundancy: mean pairwise cosine similarity of a head's keys, clipped to ``[0, 1]``.
+
+    .. math::
+
+        r = \operatorname{clip}_{[0, 1]} \frac{1}{N (N - 1)} \sum_{i \ne j} \hat k_i \cdot \hat k_j
+          = \operatorname{clip}_{[0, 1]} \frac{N \lVert \mu \rVert^2 - 1}{N - 1}
+
+    over the ``N`` valid positions (window included), computed as
+    ``(||sum_j k̂_j||^2 - sum_j ||k̂_j||^2) / (N (N - 1))`` so that an all-zero key counts as
+    cosine ``0`` with every other key. A head with fewer than two valid keys has ``r = 0`` (no
+    pair to compare; MixKV then ranks by importance alone).
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(B, Hkv, N, D)`` keys.
+    key_mask : Tensor, optional
+        ``(B, N)`` real-token mask; padded keys are left out.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv)`` redundancy in ``[0, 1]``.
+    """
+    batch, _, seq_len, _ = _check_cache("keys", keys)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    return _redundancy(_unit_keys(keys, _score_dtype(keys)), valid)
+
+
+def mix_scores(importance: Tensor, diversity: Tensor, redundancy: Tensor) -> Tensor:
+    r"""MixKV's per-head mix of importance and diversity (spec 3).
+
+    .. math:: s_h(j) = r_h \, \mathrm{div}_h(j) + (1 - r_h) \, \mathrm{imp}_h(j)
+
+    ``s`` is ``-inf`` wherever either input is ``-inf`` (padding), also when ``r`` is ``0`` or
+    ``1`` (no ``0 * -inf`` NaN).
+
+    Parameters
+    ----------
+    importance, diversity : Tensor
+        ``(B, Hkv, P)`` scores of the same shape.
+    redundancy : Tensor
+        ``(Hkv,)`` or ``(B, Hkv)`` weights ``r`` in ``[0, 1]``.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, P)`` mixed scores.
+    """
+    _check_floating("importance", importance, "(batch, num_kv_heads, prefix_len)")
+    _check_floating("diversity", diversity, "(batch, num_kv_heads, prefix_len)")
+    if importance.shape != diversity.shape:
+        raise ValueError(
+            f"importance {tuple(importance.shape)} and diversity {tuple(diversity.shape)} must have the "
+            "same shape"
+        )
+    dtype = torch.promote_types(importance.dtype, diversity.dtype)
+    weight = _check_redundancy(redundancy, importance.shape[0], importance.shape[1], dtype)[..., None]
+    blocked = torch.isneginf(importance) | torch.isneginf(diversity)
+    mixed = weight * diversity.masked_fill(blocked, 0.0) + (1 - weight) * importance.masked_fill(blocked, 0.0)
+    return mixed.masked_fill(blocked, -math.inf)
+
+
+def key_norm_scores(keys: Tensor, window_size: int, *, key_mask: Tensor | None = None) -> Tensor:
+    r"""Knorm score: the negated key norm, so that low-norm keys are kept.
+
+    .. math:: s(j) = -\lVert k_j \rVert_2
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(B, Hkv, N, D)`` keys.
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    key_mask : Tensor, optional
+        ``(B, N)`` real-token mask.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` scores, ``-inf`` at padded positions.
+    """
+    batch, _, seq_len, _ = _check_cache("keys", keys)
+    window = _check_window("window_size", window_size, seq_len)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)[..., : seq_len - window]
+    norms = torch.linalg.vector_norm(keys[..., : seq_len - window, :].to(_score_dtype(keys)), dim=-1)
+    return _mask_pads(-norms, valid)
+
+
+def mixkv_scores(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    *,
+    window_size: int = 32,
+    kernel_size: int = 5,
+    pooling: str = "avg",
+    redundancy: Tensor | None = None,
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""MixKV selection score of every prefix position (spec 1 to 3).
+
+    .. math::
+
+        \mathrm{imp} = I + n', \qquad
+        s = r \, \mathrm{div} + (1 - r) \, \mathrm{imp}
+
+    with ``I`` from :func:`window_importance`, ``n'`` from :func:`value_norm_importance` and
+    ``div`` from :func:`key_diversity`, both rescaled to ``mean(I)`` over the valid prefix of each
+    head, and ``r`` from :func:`head_redundancy` unless given.
+
+    Parameters
+    ----------
+    queries, keys, scaling, key_mask
+        As in :func:`window_attention`.
+    values : Tensor
+        ``(B, Hkv, N, D)`` values.
+    window_size : int
+        ``W``; must equal ``queries.shape[2]``.
+    kernel_size, pooling
+        As in :func:`pool_scores`.
+    redundancy : Tensor, optional
+        ``(Hkv,)`` or ``(B, Hkv)`` offline redundancy in ``[0, 1]``; computed online from the keys
+        when omitted.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` mixed scores, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    window = _check_queries(queries, batch, kv_heads, seq_len, head_dim)
+    if _as_int("window_size", window_size) != window:
+        raise ValueError(
+            f"window_size ({window_size}) must equal queries.shape[2] ({window}); pass the queries of the "
+            "last window_size positions"
+        )
+    _check_values(values, batch, kv_heads, seq_len)
+    _check_pooling(kernel_size, pooling)
+    scale = _check_scaling(scaling, head_dim)
+    dtype = _score_dtype(queries, keys, values)
+    weight = None if redundancy is None else _check_redundancy(redundancy, batch, kv_heads, dtype)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    prefix_valid = valid[..., : seq_len - window]
+    pooled = pool_scores(_window_attention(queries, keys, scale, valid).to(dtype), kernel_size, pooling)
+    importance = _mask_pads(pooled, prefix_valid)
+    target = _masked_mean(importance, prefix_valid)
+    unit = _unit_keys(keys, dtype)
+    diversity = _diversity(unit, valid, window, target)
+    if weight is None:
+        weight = _redundancy(unit, valid)
+    return mix_scores(importance + _value_norm_term(values, window, prefix_valid, target), diversity, weight)

@@ -1,0 +1,240 @@
+"""Cache layers that physically hold only the kept entries, and ``kv_cache_bytes``.
+
+After prefill a press replaces a ``DynamicLayer`` of the model's own ``Cache`` object with one of:
+
+* :class:`DenseCompressedLayer` - every sequence and KV head keeps the same number of entries
+  (SnapKV, PyramidKV, KeyDiff, ... on an unpadded batch): a plain ``(B, Hkv, L, D)`` tensor.
+* :class:`PackedCompressedLayer` - counts differ between heads or sequences (AdaKV, SparseMM,
+  MixKV on them, padded batches): the selected prompt entries packed without padding plus a dense
+  tail (observation window + decoded tokens).
+
+Both report ``get_seq_length()`` as the number of tokens *seen* (not kept), so position ids of
+new tokens stay those of the uncompressed sequence, and both must be attended through
+:meth:`attend` (the mixkv attention function does this while a press is active).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from mixkv.functional.attention import (
+    causal_tail_visibility,
+    dense_softmax_partial,
+    merge_softmax_partials,
+    packed_softmax_partial,
+)
+
+_DETACHED_MESSAGE = (
+    "this cache layer was compressed by a mixkv press and can only be used while the press is active: "
+    "keep decoding inside `with press(model): ...`"
+)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """Common bookkeeping of compressed layers."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, seen_tokens: int) -> None:
+        super().__init__()
+        self.seen_tokens = seen_tokens
+        self.active = True
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a compressed layer is created already initialised")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Sizes of the uncompressed cache: the mask the model builds is the one the full cache would
+        # use; compressed layers ignore it and mask by their own bookkeeping in `attend`.
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _check_active(self) -> None:
+        if not self.active:
+            raise RuntimeError(_DETACHED_MESSAGE)
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of ``query`` ``(B, H, q, D)`` (the newest ``q`` tokens, already appended by
+        ``update``) over the layer; returns ``(B, q, H, D)`` like transformers' attention functions."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds (for byte accounting)."""
+        raise NotImplementedError
+
+
+class DenseCompressedLayer(CompressedLayer):
+    """Kept entries of all heads in one ``(B, Hkv, L, D)`` tensor (equal counts everywhere)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, seen_tokens: int) -> None:
+        super().__init__(seen_tokens)
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_active()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen_tokens += key_states.shape[-2]
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        self._check_active()
+        assert self.keys is not None and self.values is not None
+        q_len, kv_len = query.shape[2], self.keys.shape[2]
+        mask = None if q_len == 1 else causal_tail_visibility(kv_len, q_len, query.device)
+        out = F.scaled_dot_product_attention(
+            query,
+            self.keys,
+            self.values,
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=query.shape[1] != self.keys.shape[1],
+        )
+        return out.transpose(1, 2).contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        return [self.keys, self.values]
+
+
+class PackedCompressedLayer(CompressedLayer):
+    """Head-wise budgets without padding: packed prompt entries + a dense tail.
+
+    Parameters
+    ----------
+    packed_keys, packed_values : Tensor ``(T, D)``
+        Selected prompt entries (observation window excluded), grouped by segment.
+    segment_ids : IntTensor ``(T,)``
+        ``batch * kv_heads + kv_head`` of every packed entry.
+    tail_keys, tail_values : Tensor ``(B, Hkv, W, D)``
+        The observation window; decoded tokens are appended here.
+    tail_valid : BoolTensor ``(B, W)``
+        False for window slots that are padding (sequences shorter than the window).
+    seen_tokens : int
+    """
+
+    def __init__(
+        self,
+        packed_keys: torch.Tensor,
+        packed_values: torch.Tensor,
+        segment_ids: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        tail_valid: torch.Tensor,
+        seen_tokens: int,
+    ) -> None:
+        super().__init__(seen_tokens)
+        self.packed_keys, self.packed_values, self.segment_ids = packed_keys, packed_values, segment_ids
+        # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
+        self.keys, self.values = tail_keys, tail_values
+        self.tail_valid = tail_valid
+        self.dtype, self.device = tail_keys.dtype, tail_keys.device
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_active()
+        assert self.keys is not None and self.values is not None
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        new = torch.ones(
+            (self.tail_valid.shape[0], key_states.shape[-2]), dtype=torch.bool, device=self.tail_valid.device
+        )
+        self.tail_valid = torch.cat([self.tail_valid, new], dim=-1)
+        self.seen_tokens += key_states.shape[-2]
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        self._check_active()
+        assert self.keys is not None and self.values is not None
+        batch, num_heads, q_len, head_dim = query.shape
+        kv_heads, tail_len = self.keys.shape[1], self.keys.shape[2]
+        group = num_heads // kv_heads
+        segments = batch * kv_heads
+        # (B, H, q, D) -> (S, group * q, D): query head h*group + j belongs to KV head h.
+        grouped = query.reshape(segments, group * q_len, head_dim)
+        prefix = packed_softmax_partial(grouped, self.packed_keys, self.packed_values, self.segment_ids, scaling)
+        causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
+        visible = causal.repeat(group, 1).unsqueeze(0) & self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
+        tail = dense_softmax_partial(
+            grouped,
+            self.keys.reshape(segments, tail_len, head_dim),
+            self.values.reshape(segments, tail_len, head_dim),
+            visible,
+            scaling,
+        )
+        out = merge_softmax_partials(prefix, tail).to(query.dtype)
+        return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        return [self.packed_keys, self.packed_values, self.segment_ids, self.keys, self.values, self.tail_valid]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError(
+            "beam search is not supported on a head-wise (packed) compressed cache; use greedy or sampling, "
+            "or a uniform press such as SnapKVPress"
+        )
+
+    def kept_per_segment(self) -> torch.Tensor:
+        """Number of packed prompt entries of each segment, ``(B * Hkv,)``."""
+        assert self.keys is not None
+        return torch.bincount(self.segment_ids.long(), minlength=self.keys.shape[0] * self.keys.shape[1])
+
+
+def _layer_tensors(layer: object) -> list[torch.Tensor]:
+    if isinstance(layer, CompressedLayer):
+        return layer.tensors()
+    found = []
+    for name in ("keys", "values"):
+        value = getattr(layer, name, None)
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+    return found
+
+
+def _storage_bytes(layers: list[object]) -> int:
+    # Each underlying storage counts once, at its full size: a small view into a large tensor
+    # keeps the large tensor alive, so that is what it costs.
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for layer in layers:
+        for tensor in _layer_tensors(layer):
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if key in seen or storage.nbytes() == 0:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def layer_bytes(layer: object) -> int:
+    """Bytes of tensor storage one cache layer holds."""
+    return _storage_bytes([layer])
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Bytes of tensor storage the cache holds (keys, values and mixkv's bookkeeping).
+
+    Each storage is counted once at its full size, so a cache that only *views* a slice of a large
+    tensor is charged for the large tensor.
+    """
+    if not isinstance(cache, Cache):
+        raise TypeError(f"kv_cache_bytes expects a transformers Cache, got {type(cache).__name__}")
+    return _storage_bytes(list(cache.layers))

@@ -1,0 +1,113 @@
+"""Which models mixkv supports, and where their decoder attention modules are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+# Top-level `config.model_type` of every family proven by the test-suite (tests/families.py).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3",
+    "gemma3_text": "Gemma 3 (text)",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "llava": "LLaVA",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "internvl": "InternVL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+    "gemma3": "Gemma 3",
+}
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class DecoderLayout:
+    """The text decoder of a model, as a press needs it.
+
+    Attributes
+    ----------
+    text_config : PretrainedConfig
+        Config object shared by the decoder's attention modules.
+    attention_modules : list[torch.nn.Module]
+        One self-attention module per decoder layer, indexed by ``layer_idx``.
+    num_heads, num_kv_heads, head_dim : int
+    image_token_id : int or None
+        Placeholder id of image tokens in ``input_ids`` (None for text-only models).
+    """
+
+    text_config: PretrainedConfig
+    attention_modules: list[torch.nn.Module]
+    num_heads: int
+    num_kv_heads: int
+    image_token_id: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_modules)
+
+
+def _image_token_id(config: PretrainedConfig) -> int | None:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
+    """Validate ``model`` and locate its decoder attention modules.
+
+    Raises
+    ------
+    ValueError
+        For a model family or attention implementation mixkv does not support, named.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"expected a transformers model with a config, got {type(model).__name__}")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported by mixkv; supported: {supported}"
+        )
+    text_config = config.get_text_config(decoder=True)
+    implementation = text_config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported by mixkv presses; load the model with "
+            "attn_implementation='sdpa' or 'eager' (or call model.set_attn_implementation('sdpa'))"
+        )
+    by_layer: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if (
+            isinstance(layer_idx, int)
+            and getattr(module, "config", None) is text_config
+            and type(module).__name__.endswith("Attention")
+        ):
+            by_layer[layer_idx] = module
+    num_layers = text_config.num_hidden_layers
+    if sorted(by_layer) != list(range(num_layers)):
+        raise ValueError(
+            f"could not locate one self-attention module per decoder layer in {type(model).__name__} "
+            f"(found layers {sorted(by_layer)} of {num_layers}); this model layout is not supported"
+        )
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    return DecoderLayout(
+        text_config=text_config,
+        attention_modules=[by_layer[i] for i in range(num_layers)],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        image_token_id=_image_token_id(config),
+    )

@@ -1,0 +1,90 @@
+"""What a compression did, per run: kept tokens, bytes, image vs text tokens, time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class CompressionReport:
+    """Summary of one compressed prefill.
+
+    Attributes
+    ----------
+    context_lengths : list[int]
+        Real (non-padding) prompt tokens per sequence.
+    budgets : list[int]
+        Budget of each sequence (average kept tokens per KV head per layer, window included).
+    kept_tokens : LongTensor ``(batch, layers, kv_heads)``
+        Prompt entries kept per sequence, layer and KV head, window included. Layers that were not
+        compressed show what they hold (the whole prompt, or a sliding window).
+    compressed_layers : list[int]
+        Decoder layers whose cache was compressed.
+    skipped_layers : dict[int, str]
+        Layers left alone, with the reason (e.g. sliding-window layers).
+    full_bytes : int
+        Bytes the cache would hold without compression (same layers, same dtype).
+    compressed_bytes : int
+        ``kv_cache_bytes(cache)`` right after prefill.
+    compression_seconds : float
+        Time spent scoring and compressing (inside prefill).
+    image_tokens_total, text_tokens_total : list[int] or None
+        Image-placeholder and text tokens in each prompt (None when the model has no image token
+        or the prompt came as embeddings).
+    image_tokens_kept, text_tokens_kept : list[float] or None
+        Kept image / text entries per sequence, averaged over compressed layers and KV heads.
+    """
+
+    context_lengths: list[int]
+    budgets: list[int]
+    kept_tokens: torch.Tensor
+    compressed_layers: list[int] = field(default_factory=list)
+    skipped_layers: dict[int, str] = field(default_factory=dict)
+    full_bytes: int = 0
+    compressed_bytes: int = 0
+    compression_seconds: float = 0.0
+    image_tokens_total: list[int] | None = None
+    text_tokens_total: list[int] | None = None
+    image_tokens_kept: list[float] | None = None
+    text_tokens_kept: list[float] | None = None
+
+    @property
+    def memory_fraction(self) -> float:
+        """``compressed_bytes / full_bytes``."""
+        return self.compressed_bytes / self.full_bytes if self.full_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "context_lengths": self.context_lengths,
+            "budgets": self.budgets,
+            "kept_tokens": self.kept_tokens.tolist(),
+            "compressed_layers": self.compressed_layers,
+            "skipped_layers": {str(k): v for k, v in self.skipped_layers.items()},
+            "full_bytes": self.full_bytes,
+            "compressed_bytes": self.compressed_bytes,
+            "memory_fraction": self.memory_fraction,
+            "compression_seconds": self.compression_seconds,
+            "image_tokens_total": self.image_tokens_total,
+            "text_tokens_total": self.text_tokens_total,
+            "image_tokens_kept": self.image_tokens_kept,
+            "text_tokens_kept": self.text_tokens_kept,
+        }
+
+    def summary(self) -> str:
+        """One human-readable line."""
+        mean_kept = self.kept_tokens.float().mean().item() if self.kept_tokens.numel() else 0.0
+        text = (
+            f"context {self.context_lengths} -> {mean_kept:.1f} kept tokens per KV head on average; "
+            f"KV cache {self.compressed_bytes / 2**20:.2f} MiB of {self.full_bytes / 2**20:.2f} MiB "
+            f"({100 * self.memory_fraction:.1f}%); compression {1000 * self.compression_seconds:.1f} ms"
+        )
+        if self.image_tokens_kept is not None and self.image_tokens_total is not None:
+            pairs = ", ".join(
+                f"{kept:.1f}/{total}" for kept, total in zip(self.image_tokens_kept, self.image_tokens_total)
+            )
+            text += f"; image tokens kept {pairs}"
+        return text

@@ -1,0 +1,420 @@
+"""Attaching a press to a model for the duration of a ``with`` block.
+
+How it works, using only transformers' extension points:
+
+1. An attention function is registered in transformers' ``AttentionInterface`` (and the matching
+   mask function in ``AttentionMaskInterface``) under ``mixkv_sdpa`` / ``mixkv_eager``, and the text
+   decoder's config is pointed at it. The function receives the model's own post-rotary queries,
+   so scoring is right for every rotary variant (Qwen-VL's multi-axis M-RoPE included) without
+   re-implementing it.
+2. A forward pre-hook on each decoder attention module records the ``Cache`` object in use.
+3. At the end of prefill (first forward of a layer whose cache is a plain ``DynamicLayer``) the
+   function computes the layer's output over the full prompt, then scores the prompt and replaces
+   the layer in the model's own cache by a compressed layer that holds only the kept entries.
+4. Afterwards, attention over compressed layers is computed by the layers themselves.
+
+On exit (also on exceptions) hooks are removed, the config is restored, the registrations are
+dropped when no press remains, and compressed layers refuse further use.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from mixkv.functional import select_top_per_head
+from mixkv.integration.cache import (
+    CompressedLayer,
+    DenseCompressedLayer,
+    PackedCompressedLayer,
+    kv_cache_bytes,
+    layer_bytes,
+)
+from mixkv.integration.models import DecoderLayout, describe_decoder
+from mixkv.integration.report import CompressionReport
+from mixkv.presses.base import ScoringContext
+
+if TYPE_CHECKING:
+    from mixkv.presses.base import BasePress
+
+_FUNCTION_NAMES = {"sdpa": "mixkv_sdpa", "eager": "mixkv_eager"}
+
+
+@dataclass
+class _Binding:
+    session: PressSession
+    layer_idx: int
+    original: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+# id(attention module) -> binding, only while a press is active on that module.
+_BINDINGS: dict[int, _Binding] = {}
+_active_sessions = 0
+
+
+def _mixkv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    binding = _BINDINGS.get(id(module))
+    if binding is None:
+        raise RuntimeError(
+            f"{type(module).__name__} is configured for mixkv attention but no press is attached to it; "
+            "use the model inside `with press(model): ...` only"
+        )
+    return binding.session.attention(binding, module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_functions() -> None:
+    global _active_sessions
+    if _active_sessions == 0:
+        for original, name in _FUNCTION_NAMES.items():
+            AttentionInterface.register(name, _mixkv_attention)
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    _active_sessions += 1
+
+
+def _unregister_functions() -> None:
+    global _active_sessions
+    _active_sessions -= 1
+    if _active_sessions == 0:
+        for name in _FUNCTION_NAMES.values():
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _original_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+    if implementation == "eager":
+        # Eager attention is model-specific (softcapping, sinks...): use the one beside the module's class.
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__} has no eager attention function; load the model with 'sdpa'")
+        return eager  # type: ignore[no-any-return]
+    return ALL_ATTENTION_FUNCTIONS[implementation]  # type: ignore[no-any-return]
+
+
+def key_mask_from_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Real-token mask ``(B, N)`` of the prompt, read off the model's prefill attention mask.
+
+    The last prompt token may attend to every real token, so the last query row of a 4-D mask (bool
+    for sdpa, additive float for eager) is exactly the padding mask.
+    """
+    if attention_mask is None:
+        return torch.ones((batch, length), dtype=torch.bool, device=device)
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]
+    elif attention_mask.dim() == 2:
+        row = attention_mask
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    if row.shape[-1] != length:
+        raise ValueError(f"attention mask covers {row.shape[-1]} keys but the cache holds {length}")
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
+    return row.to(device).expand(batch, length)
+
+
+@dataclass
+class _PrefillRecord:
+    """Bookkeeping of one compressed prefill, turned into a CompressionReport at its last layer."""
+
+    lengths: list[int]
+    budgets: list[int]
+    kept: torch.Tensor
+    compressed_layers: list[int] = field(default_factory=list)
+    skipped_layers: dict[int, str] = field(default_factory=dict)
+    full_bytes_of_compressed: int = 0
+    seconds: float = 0.0
+    image_total: torch.Tensor | None = None
+    image_kept: torch.Tensor | None = None
+    text_kept: torch.Tensor | None = None
+
+
+class PressSession:
+    """A press applied to one model; use as a context manager (``with press(model): ...``)."""
+
+    def __init__(self, press: BasePress, model: torch.nn.Module) -> None:
+        self.press = press
+        self.model = model
+        self.layout: DecoderLayout = describe_decoder(model)
+        press.check_model(self.layout.num_layers, self.layout.num_heads, self.layout.num_kv_heads)
+        self._handles: list[RemovableHandle] = []
+        self._bound: list[int] = []
+        self._saved_implementation: str | None = None
+        self._caches: dict[int, Cache | None] = {}
+        self._created: list[CompressedLayer] = []
+        self._input_ids: torch.Tensor | None = None
+        self._record: _PrefillRecord | None = None
+        self._entered = False
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> PressSession:
+        if self._entered:
+            raise RuntimeError("this press session is already active")
+        modules = self.layout.attention_modules
+        if any(id(m) in _BINDINGS for m in modules):
+            raise ValueError("another mixkv press is already attached to this model; nest presses is not supported")
+        self._entered = True
+        _register_functions()
+        try:
+            implementation = self.layout.text_config._attn_implementation
+            for layer_idx, module in enumerate(modules):
+                _BINDINGS[id(module)] = _Binding(self, layer_idx, _original_attention(module, implementation))
+                self._bound.append(id(module))
+                self._handles.append(
+                    module.register_forward_pre_hook(self._capture_cache(layer_idx), with_kwargs=True)
+                )
+            self._handles.append(self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
+            self._saved_implementation = implementation
+            # Set the internal attribute: the public setter would also switch the vision tower.
+            self.layout.text_config._attn_implementation_internal = _FUNCTION_NAMES[implementation]
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for key in self._bound:
+            _BINDINGS.pop(key, None)
+        self._bound.clear()
+        if self._saved_implementation is not None:
+            self.layout.text_config._attn_implementation_internal = self._saved_implementation
+            self._saved_implementation = None
+        for layer in self._created:
+            layer.active = False
+        self._created.clear()
+        self._caches.clear()
+        self._input_ids = None
+        self._record = None
+        if self._entered:
+            self._entered = False
+            _unregister_functions()
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            cache = kwargs.get("past_key_values")
+            self._caches[layer_idx] = cache if isinstance(cache, Cache) else None
+
+        return hook
+
+    def _capture_inputs(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor):
+            input_ids = args[0]
+        self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+
+    # -- attention --------------------------------------------------------------------------------
+    def attention(
+        self,
+        binding: _Binding,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer_idx = binding.layer_idx
+        cache = self._caches.get(layer_idx)
+        layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if isinstance(layer, CompressedLayer):
+            if kwargs.get("softcap") is not None:
+                raise ValueError("attention logit softcapping is not supported on a compressed cache")
+            return layer.attend(query, float(scaling)), None
+        output = binding.original(module, query, key, value, attention_mask, **kwargs)
+        is_prefill = layer is not None and query.shape[2] > 1 and layer.get_seq_length() == query.shape[2]
+        if is_prefill:
+            assert cache is not None and layer is not None
+            self._on_prefill(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
+        return output
+
+    def _on_prefill(
+        self,
+        layer_idx: int,
+        cache: Cache,
+        layer: Any,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        batch, kv_heads, length, _ = keys.shape
+        key_mask = key_mask_from_attention_mask(attention_mask, batch, length, keys.device)
+        lengths = key_mask.sum(-1)
+        if layer_idx == 0 or self._record is None:
+            self._start_record(lengths, key_mask)
+        record = self._record
+        assert record is not None
+        # What an uncompressed layer holds: the real prompt, or its sliding window of it.
+        record.kept[:, layer_idx] = lengths.clamp(max=layer.keys.shape[-2]).unsqueeze(-1).cpu()
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            record.skipped_layers[layer_idx] = "sliding-window layer (its cache is already bounded by the window)"
+        elif type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"mixkv compresses DynamicCache layers; layer {layer_idx} is a {type(layer).__name__} "
+                "(use the default dynamic cache, not a static or quantized one)"
+            )
+        elif length <= self.press.window_size:
+            record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
+        else:
+            budgets = torch.tensor(record.budgets, device=keys.device)
+            compress_rows = lengths > budgets
+            if bool(compress_rows.any()):
+                start = time.perf_counter()
+                self._compress(layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling)
+                record.seconds += time.perf_counter() - start
+            else:
+                record.skipped_layers[layer_idx] = "every prompt fits in its budget"
+        if layer_idx == self.layout.num_layers - 1:
+            self._finish_record(cache)
+
+    def _start_record(self, lengths: torch.Tensor, key_mask: torch.Tensor) -> None:
+        batch = lengths.shape[0]
+        budgets = [self.press.sequence_budget(int(n)) for n in lengths.tolist()]
+        record = _PrefillRecord(
+            lengths=[int(n) for n in lengths.tolist()],
+            budgets=budgets,
+            kept=torch.zeros((batch, self.layout.num_layers, self.layout.num_kv_heads), dtype=torch.long),
+        )
+        image_id = self.layout.image_token_id
+        ids = self._input_ids
+        if image_id is not None and ids is not None and ids.shape == key_mask.shape:
+            record.image_total = ((ids == image_id) & key_mask.to(ids.device)).sum(-1).cpu()
+            record.image_kept = torch.zeros(batch)
+            record.text_kept = torch.zeros(batch)
+        self._record = record
+
+    def _compress(
+        self,
+        layer_idx: int,
+        cache: Cache,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor,
+        budgets: torch.Tensor,
+        compress_rows: torch.Tensor,
+        scaling: float,
+    ) -> None:
+        press, record = self.press, self._record
+        assert record is not None
+        window = press.window_size
+        batch, kv_heads, length, head_dim = keys.shape
+        prefix = length - window
+        lengths = key_mask.sum(-1)
+        ctx = ScoringContext(
+            queries=query[:, :, -window:],
+            keys=keys,
+            values=values,
+            key_mask=key_mask,
+            scaling=scaling,
+            layer_idx=layer_idx,
+            num_layers=self.layout.num_layers,
+            budgets=budgets,
+            kernel_size=press.kernel_size,
+            pooling=press.pooling,
+        )
+        prefix_mask = key_mask[:, :prefix]
+        window_valid = key_mask[:, prefix:]
+        counts = torch.where(compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), lengths[:, None])
+        available = prefix_mask.sum(-1, keepdim=True)
+        prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
+        scores = press.scores(ctx).float()
+        # Sequences within their budget keep every real prompt token.
+        scores = torch.where(compress_rows[:, None, None], scores, torch.zeros_like(scores))
+        scores = scores.masked_fill(~prefix_mask[:, None, :], float("-inf"))
+        indices, valid = select_top_per_head(scores, prefix_counts)
+        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        kept_keys = keys[:, :, :prefix].gather(2, gather_index)
+        kept_values = values[:, :, :prefix].gather(2, gather_index)
+        full_bytes = layer_bytes(cache.layers[layer_idx])
+        new_layer: CompressedLayer
+        if bool((prefix_counts == prefix_counts.flatten()[0]).all()) and bool(window_valid.all()):
+            new_layer = DenseCompressedLayer(
+                torch.cat([kept_keys, keys[:, :, prefix:]], dim=2),
+                torch.cat([kept_values, values[:, :, prefix:]], dim=2),
+                seen_tokens=length,
+            )
+        else:
+            segments = torch.arange(batch * kv_heads, device=keys.device, dtype=torch.int32)
+            segment_ids = segments.view(batch, kv_heads, 1).expand_as(valid)[valid]
+            new_layer = PackedCompressedLayer(
+                kept_keys[valid],
+                kept_values[valid],
+                segment_ids,
+                keys[:, :, prefix:].clone(),
+                values[:, :, prefix:].clone(),
+                window_valid.clone(),
+                seen_tokens=length,
+            )
+        cache.layers[layer_idx] = new_layer
+        self._created.append(new_layer)
+        kept = prefix_counts + window_valid.sum(-1, keepdim=True)
+        record.kept[:, layer_idx] = kept.cpu()
+        record.compressed_layers.append(layer_idx)
+        record.full_bytes_of_compressed += full_bytes
+        if record.image_kept is not None and record.text_kept is not None and self._input_ids is not None:
+            is_image = (self._input_ids == self.layout.image_token_id).to(keys.device)
+            image_prefix = is_image[:, :prefix].gather(1, indices.view(batch, -1)).view_as(valid) & valid
+            image_window = (is_image[:, prefix:] & window_valid).sum(-1, keepdim=True)
+            image_kept = (image_prefix.sum(-1) + image_window).float().mean(-1).cpu()
+            record.image_kept += image_kept
+            record.text_kept += kept.float().mean(-1).cpu() - image_kept
+
+    def _finish_record(self, cache: Cache) -> None:
+        record = self._record
+        self._record = None
+        if record is None or not record.compressed_layers:
+            return
+        compressed_bytes = kv_cache_bytes(cache)
+        compressed_now = sum(layer_bytes(cache.layers[i]) for i in record.compressed_layers)
+        layers = len(record.compressed_layers)
+        image_total = record.image_total
+        self.press.last_report = CompressionReport(
+            context_lengths=record.lengths,
+            budgets=record.budgets,
+            kept_tokens=record.kept,
+            compressed_layers=record.compressed_layers,
+            skipped_layers=record.skipped_layers,
+            full_bytes=compressed_bytes - compressed_now + record.full_bytes_of_compressed,
+            compressed_bytes=compressed_bytes,
+            compression_seconds=record.seconds,
+            image_tokens_total=None if image_total is None else [int(x) for x in image_total.tolist()],
+            text_tokens_total=None
+            if image_total is None
+            else [n - int(i) for n, i in zip(record.lengths, image_total.tolist())],
+            image_tokens_kept=None if record.image_kept is None else (record.image_kept / layers).tolist(),
+            text_tokens_kept=None if record.text_kept is None else (record.text_kept / layers).tolist(),
+        )

