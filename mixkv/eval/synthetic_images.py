@@ -208,7 +208,7 @@ def _render_bar_chart(rng: random.Random, width: int, height: int) -> _Rendered:
     k = rng.randint(3, 6)
     categories = rng.sample(_CATEGORIES, k)
     values = [rng.randint(1, 99) for _ in range(k)]
-    y_max = 10 * ((max(values) + 9) // 10) + 10
+    y_max = 20 * ((max(values) + 5) // 20 + 1)  # room above the tallest bar for its value label
 
     title_font = _font(max(8, side // 22))
     tick_font = _font(max(7, side // 34))
@@ -218,7 +218,7 @@ def _render_bar_chart(rng: random.Random, width: int, height: int) -> _Rendered:
     bottom = height - max(20, height // 9)
     draw.text((left, max(2, top // 4)), "Production (tons)", fill=(20, 20, 20), font=title_font)
 
-    for tick in range(0, y_max + 1, y_max // 5 if y_max >= 50 else 10):
+    for tick in range(0, y_max + 1, 20):
         ty = bottom - round((bottom - top) * tick / y_max)
         draw.line((left, ty, right, ty), fill=(225, 225, 225), width=1)
         tb = _text_box(draw, (0, 0), str(tick), tick_font)

@@ -42,6 +42,9 @@ RESCALE_EPS = 1e-8
 DIVERSITY_EPS = 1e-8
 """Added to the min-max range of the diversity term (spec 2.4)."""
 
+NOISE_ULPS = 16
+"""A min-max range within this many machine epsilons of the magnitude counts as zero (flat row)."""
+
 POOLING_MODES = ("avg", "max")
 
 
@@ -190,12 +193,18 @@ def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
 
 
 def _minmax(x: Tensor, valid: Tensor, eps: float) -> Tensor:
-    """``(x - min) / (max - min + eps)`` over the valid entries; ``0`` at pads and for a zero denominator."""
+    """``(x - min) / (max - min + eps)`` over the valid entries; ``0`` at pads and for a flat row.
+
+    A row is flat when ``max - min`` is at rounding-noise level, ``<= NOISE_ULPS * machine_eps *
+    max(|min|, |max|)``: its entries are equal up to rounding and carry no ranking information.
+    """
     low = torch.where(valid, x, math.inf).amin(-1, keepdim=True)
     high = torch.where(valid, x, -math.inf).amax(-1, keepdim=True)
-    spread = high - low + eps
-    shifted = torch.where(valid & (spread > 0), x - low, 0.0)
-    return shifted / torch.where(spread > 0, spread, 1.0)
+    spread = high - low
+    noise = NOISE_ULPS * torch.finfo(x.dtype).eps * torch.maximum(low.abs(), high.abs())
+    spread_ok = spread > noise  # False for a flat row and for a row without valid entries
+    shifted = torch.where(valid & spread_ok, x - low, 0.0)
+    return shifted / torch.where(spread_ok, spread + eps, 1.0)
 
 
 def _rescale(x: Tensor, valid: Tensor, target: Tensor) -> Tensor:
@@ -365,7 +374,8 @@ def value_norm_importance(
         n'(j) = n_{mm}(j) \, \frac{t}{\overline{n_{mm}} + 10^{-8}}
 
     over the valid prefix positions, with ``t`` = ``target_mean`` of the head. When all norms are
-    equal (``max n = min n``) the term is ``0`` everywhere instead of NaN.
+    equal up to rounding (``max n - min n`` within a few machine epsilons of ``max n``) the term is
+    ``0`` everywhere instead of NaN or amplified rounding noise (the spec's **(fix)**).
 
     Parameters
     ----------
@@ -426,7 +436,8 @@ def key_diversity(
 
     The mean ``mu`` runs over all ``N`` valid positions (window included); ``d`` over the valid
     prefix. With ``target_mean`` ``t`` the result is ``d(j) t / (mean(d) + 1e-8)`` (MixKV's
-    ``div``); without it, ``d`` itself (KeyDiff's score, in ``[0, 1)``).
+    ``div``); without it, ``d`` itself (KeyDiff's score, in ``[0, 1)``). When ``-c`` is flat up to
+    rounding (e.g. all keys parallel) ``d`` is ``0`` everywhere rather than amplified noise.
 
     Parameters
     ----------

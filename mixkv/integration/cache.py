@@ -118,9 +118,11 @@ class PackedCompressedLayer(CompressedLayer):
     Parameters
     ----------
     packed_keys, packed_values : Tensor ``(T, D)``
-        Selected prompt entries (observation window excluded), grouped by segment.
-    segment_ids : IntTensor ``(T,)``
-        ``batch * kv_heads + kv_head`` of every packed entry.
+        Selected prompt entries (observation window excluded), grouped by segment
+        (segment = ``batch * kv_heads + kv_head``), in segment order.
+    segment_lengths : LongTensor ``(B * Hkv,)``
+        Packed entries of each segment. Per-entry segment ids are derived at attention time, so the
+        only bookkeeping stored is one integer per head.
     tail_keys, tail_values : Tensor ``(B, Hkv, W, D)``
         The observation window; decoded tokens are appended here.
     tail_valid : BoolTensor ``(B, W)``
@@ -132,14 +134,15 @@ class PackedCompressedLayer(CompressedLayer):
         self,
         packed_keys: torch.Tensor,
         packed_values: torch.Tensor,
-        segment_ids: torch.Tensor,
+        segment_lengths: torch.Tensor,
         tail_keys: torch.Tensor,
         tail_values: torch.Tensor,
         tail_valid: torch.Tensor,
         seen_tokens: int,
     ) -> None:
         super().__init__(seen_tokens)
-        self.packed_keys, self.packed_values, self.segment_ids = packed_keys, packed_values, segment_ids
+        self.packed_keys, self.packed_values = packed_keys, packed_values
+        self.segment_lengths = segment_lengths
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
@@ -168,7 +171,7 @@ class PackedCompressedLayer(CompressedLayer):
         segments = batch * kv_heads
         # (B, H, q, D) -> (S, group * q, D): query head h*group + j belongs to KV head h.
         grouped = query.reshape(segments, group * q_len, head_dim)
-        prefix = packed_softmax_partial(grouped, self.packed_keys, self.packed_values, self.segment_ids, scaling)
+        prefix = packed_softmax_partial(grouped, self.packed_keys, self.packed_values, self.segment_ids(), scaling)
         causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
         visible = causal.repeat(group, 1).unsqueeze(0) & self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
         tail = dense_softmax_partial(
@@ -183,7 +186,7 @@ class PackedCompressedLayer(CompressedLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         assert self.keys is not None and self.values is not None
-        return [self.packed_keys, self.packed_values, self.segment_ids, self.keys, self.values, self.tail_valid]
+        return [self.packed_keys, self.packed_values, self.segment_lengths, self.keys, self.values, self.tail_valid]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError(
@@ -191,10 +194,10 @@ class PackedCompressedLayer(CompressedLayer):
             "or a uniform press such as SnapKVPress"
         )
 
-    def kept_per_segment(self) -> torch.Tensor:
-        """Number of packed prompt entries of each segment, ``(B * Hkv,)``."""
-        assert self.keys is not None
-        return torch.bincount(self.segment_ids.long(), minlength=self.keys.shape[0] * self.keys.shape[1])
+    def segment_ids(self) -> torch.Tensor:
+        """Segment of every packed entry, ``(T,)``."""
+        segments = torch.arange(self.segment_lengths.shape[0], device=self.segment_lengths.device)
+        return segments.repeat_interleave(self.segment_lengths)
 
 
 def _layer_tensors(layer: object) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 # Top-level `config.model_type` of every family proven by the test-suite (tests/families.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -42,6 +43,9 @@ class DecoderLayout:
     num_heads, num_kv_heads, head_dim : int
     image_token_id : int or None
         Placeholder id of image tokens in ``input_ids`` (None for text-only models).
+    compressible_layers : tuple[int, ...]
+        Full-attention layers. Sliding-window (and chunked) layers are never compressed: their cache
+        is already bounded by the window, and their decode-time mask depends on the window.
     """
 
     text_config: PretrainedConfig
@@ -49,6 +53,7 @@ class DecoderLayout:
     num_heads: int
     num_kv_heads: int
     image_token_id: int | None
+    compressible_layers: tuple[int, ...]
 
     @property
     def num_layers(self) -> int:
@@ -102,6 +107,13 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
             f"could not locate one self-attention module per decoder layer in {type(model).__name__} "
             f"(found layers {sorted(by_layer)} of {num_layers}); this model layout is not supported"
         )
+    layer_types = get_layer_types_and_kwargs(text_config)[0]
+    compressible = tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention")
+    if not compressible:
+        raise ValueError(
+            f"every decoder layer of {type(model).__name__} uses {layer_types[0]!r}: there is no full-attention "
+            "layer whose cache mixkv could compress"
+        )
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
     return DecoderLayout(
@@ -110,4 +122,5 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         image_token_id=_image_token_id(config),
+        compressible_layers=compressible,
     )

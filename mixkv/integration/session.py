@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -279,7 +279,7 @@ class PressSession:
         assert record is not None
         # What an uncompressed layer holds: the real prompt, or its sliding window of it.
         record.kept[:, layer_idx] = lengths.clamp(max=layer.keys.shape[-2]).unsqueeze(-1).cpu()
-        if isinstance(layer, DynamicSlidingWindowLayer):
+        if layer_idx not in self.layout.compressible_layers:
             record.skipped_layers[layer_idx] = "sliding-window layer (its cache is already bounded by the window)"
         elif type(layer) is not DynamicLayer:
             raise ValueError(
@@ -341,7 +341,7 @@ class PressSession:
             key_mask=key_mask,
             scaling=scaling,
             layer_idx=layer_idx,
-            num_layers=self.layout.num_layers,
+            compressible_layers=self.layout.compressible_layers,
             budgets=budgets,
             kernel_size=press.kernel_size,
             pooling=press.pooling,
@@ -368,12 +368,10 @@ class PressSession:
                 seen_tokens=length,
             )
         else:
-            segments = torch.arange(batch * kv_heads, device=keys.device, dtype=torch.int32)
-            segment_ids = segments.view(batch, kv_heads, 1).expand_as(valid)[valid]
             new_layer = PackedCompressedLayer(
                 kept_keys[valid],
                 kept_values[valid],
-                segment_ids,
+                prefix_counts.flatten().long(),
                 keys[:, :, prefix:].clone(),
                 values[:, :, prefix:].clone(),
                 window_valid.clone(),

@@ -28,8 +28,11 @@ class ScoringContext:
         True for real tokens, False for padding.
     scaling : float
         The attention module's logit scale.
-    layer_idx, num_layers : int
-        Position of the layer in the decoder.
+    layer_idx : int
+        Index of the layer in the decoder.
+    compressible_layers : tuple[int, ...]
+        The decoder's full-attention layers, the ones presses compress; layer-wise budget policies
+        (PyramidKV, SparseMM) share the budget over these.
     budgets : LongTensor ``(B,)``
         Each sequence's budget (average kept tokens per KV head per layer, window included).
     kernel_size, pooling
@@ -42,7 +45,7 @@ class ScoringContext:
     key_mask: torch.Tensor
     scaling: float
     layer_idx: int
-    num_layers: int
+    compressible_layers: tuple[int, ...]
     budgets: torch.Tensor
     kernel_size: int = 5
     pooling: Literal["avg", "max"] = "avg"
@@ -51,6 +54,11 @@ class ScoringContext:
     @property
     def window_size(self) -> int:
         return self.queries.shape[2]
+
+    @property
+    def layer_rank(self) -> int:
+        """Position of this layer among the compressible layers."""
+        return self.compressible_layers.index(self.layer_idx)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -144,7 +152,9 @@ class BasePress:
         return max(self.window_size + 1, round(context_length * (1.0 - self.compression_ratio)))
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
-        """Refuse per-head tables measured on a model of another shape (overridden where needed)."""
+        """Refuse per-head tables measured on a model of another shape (overridden where needed).
+
+        ``num_layers`` counts every decoder layer (tables have one row per layer)."""
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
         """Kept tokens per sequence and KV head, window included, ``(B, Hkv)`` (default: uniform)."""

@@ -47,7 +47,9 @@ class PyramidKVPress(SnapKVPress):
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
         rows = [
-            pyramid_budgets(ctx.num_layers, int(budget), ctx.window_size, int(length), beta=self.beta)[ctx.layer_idx]
+            pyramid_budgets(
+                len(ctx.compressible_layers), int(budget), ctx.window_size, int(length), beta=self.beta
+            )[ctx.layer_rank]
             for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist())
         ]
         per_row = torch.stack(rows).to(ctx.keys.device)
@@ -115,23 +117,23 @@ class SparseMMPress(SnapKVPress):
         self._table = resolve_head_table(self.head_scores, "visual_head_scores")
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
-        self._kv_head_scores(num_layers, num_heads, num_kv_heads)
-
-    def _kv_head_scores(self, num_layers: int, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-        table = self._table
-        if table.shape in ((num_layers, num_heads), (num_layers, num_kv_heads)):
-            return group_head_scores(table, num_kv_heads)
+        if self._table.shape in ((num_layers, num_heads), (num_layers, num_kv_heads)):
+            return
         raise ValueError(
-            f"head_scores has shape {tuple(table.shape)} but this model has {num_layers} layers x {num_heads} "
+            f"head_scores has shape {tuple(self._table.shape)} but this model has {num_layers} layers x {num_heads} "
             f"query heads ({num_kv_heads} KV heads): calibrate on this model with `mixkv calibrate`"
         )
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
         num_heads, kv_heads = ctx.queries.shape[1], ctx.keys.shape[1]
-        scores = self._kv_head_scores(ctx.num_layers, num_heads, kv_heads)
+        table = self._table
+        if table.shape[1] == num_heads:
+            table = group_head_scores(table, kv_heads)
+        # Only full-attention layers share the budget (sliding-window layers are not compressed).
+        scores = table[list(ctx.compressible_layers)]
         rows = [
             head_score_budgets(scores, int(budget), ctx.window_size, int(length), min_ratio=self.min_ratio)[
-                ctx.layer_idx
+                ctx.layer_rank
             ]
             for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist())
         ]
