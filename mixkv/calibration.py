@@ -94,7 +94,9 @@ def resolve_head_table(source: torch.Tensor | str | Path | None, key: str) -> to
     if isinstance(source, (str, Path)):
         tables = load_head_statistics(source)
         if key not in tables:
-            raise ValueError(f"{source} holds no {key!r} table (it has {sorted(tables)}); calibrate with images")
+            raise ValueError(
+                f"{source} holds no {key!r} table (it has {sorted(tables)}); calibrate with images"
+            )
         table = tables[key]
     elif isinstance(source, torch.Tensor):
         table = source.detach().float().cpu()
@@ -125,7 +127,9 @@ def calibrate(
 
     layout = describe_decoder(model)
     if layout.text_config._attn_implementation != "eager":
-        raise ValueError("calibrate needs attention probabilities: load the model with attn_implementation='eager'")
+        raise ValueError(
+            "calibrate needs attention probabilities: load the model with attn_implementation='eager'"
+        )
     redundancy = torch.zeros(layout.num_layers, layout.num_kv_heads)
     visual = torch.zeros(layout.num_layers, layout.num_heads)
     count = visual_count = 0
@@ -133,10 +137,15 @@ def calibrate(
         input_ids = sample.get("input_ids")
         if input_ids is None or input_ids.shape[0] != 1:
             raise ValueError("calibration samples must hold input_ids of batch size 1")
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=layout.text_config)
         outputs = model(**sample, past_key_values=cache, use_cache=True, output_attentions=True)
         for layer_idx in range(layout.num_layers):
-            redundancy[layer_idx] += head_redundancy(cache.layers[layer_idx].keys.float())[0].cpu()
+            keys = getattr(cache.layers[layer_idx], "keys", None)
+            if not isinstance(keys, torch.Tensor):
+                raise ValueError(
+                    f"layer {layer_idx} of the cache holds no keys; this model cannot be calibrated"
+                )
+            redundancy[layer_idx] += head_redundancy(keys.float())[0].cpu()
         count += 1
         image_id = layout.image_token_id
         if image_id is not None and bool((input_ids == image_id).any()):
@@ -170,7 +179,9 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: invalid JSON ({error})") from error
             if "text" not in entry:
-                raise ValueError(f'{path}:{number}: each JSON line needs a "text" field (and optional "images")')
+                raise ValueError(
+                    f'{path}:{number}: each JSON line needs a "text" field (and optional "images")'
+                )
             prompts.append({"text": entry["text"], "images": list(entry.get("images", []))})
         else:
             prompts.append({"text": line, "images": []})
@@ -202,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixkv calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="local model directory (LLM or VLM)")
     parser.add_argument(
-        "--prompts", required=True, type=Path, help='text lines, or JSON lines {"text": ..., "images": [paths]}'
+        "--prompts",
+        required=True,
+        type=Path,
+        help='text lines, or JSON lines {"text": ..., "images": [paths]}',
     )
     parser.add_argument("--out", required=True, type=Path, help="output .json or .safetensors")
     parser.add_argument("--window-size", type=int, default=32)
@@ -216,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = [_encode(processor, prompt, args.prompts.parent) for prompt in prompts]
     stats = calibrate(model, samples, window_size=args.window_size)
     stats.save(args.out)
-    print(f"wrote {args.out}: {stats.num_samples} prompts, redundancy {tuple(stats.redundancy.shape)}", end="")
-    print("" if stats.visual_head_scores is None else f", visual_head_scores {tuple(stats.visual_head_scores.shape)}")
+    print(
+        f"wrote {args.out}: {stats.num_samples} prompts, redundancy {tuple(stats.redundancy.shape)}", end=""
+    )
+    print(
+        ""
+        if stats.visual_head_scores is None
+        else f", visual_head_scores {tuple(stats.visual_head_scores.shape)}"
+    )
     return 0

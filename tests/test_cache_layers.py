@@ -98,7 +98,9 @@ def test_packed_layer_with_a_head_that_kept_no_prompt_entry():
 def test_dense_layer_attention_equals_masked_full_attention(query_length):
     keys, values = random_full_cache()
     g = torch.Generator().manual_seed(5)
-    positions = torch.stack([torch.randperm(40, generator=g)[:12].sort().values for _ in range(4)]).view(2, 2, 12)
+    positions = torch.stack([torch.randperm(40, generator=g)[:12].sort().values for _ in range(4)]).view(
+        2, 2, 12
+    )
     index = positions.unsqueeze(-1).expand(-1, -1, -1, 8)
     layer = DenseCompressedLayer(keys.gather(2, index), values.gather(2, index), seen_tokens=40)
     full_k, full_v = append_new_tokens(layer, keys, values, query_length)

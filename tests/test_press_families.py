@@ -40,12 +40,12 @@ def make_press(name, case, budget):
     return mixkv.PRESSES[name](budget=budget, window_size=WINDOW)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_case(family, attn_implementation="sdpa"):
     return build_case(family, attn_implementation=attn_implementation)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def full_cache_generation(family):
     case = cached_case(family)
     return case.model.generate(

@@ -87,9 +87,7 @@ def attention_modules(model: Any) -> list[torch.nn.Module]:
         found = [layer.self_attn for layer in layers if hasattr(layer, "self_attn")]
     if not found:
         found = [
-            m
-            for name, m in decoder.named_modules()
-            if name.endswith("self_attn") and hasattr(m, "layer_idx")
+            m for name, m in decoder.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")
         ]
         found.sort(key=lambda m: int(getattr(m, "layer_idx", 0)))
     if not found:

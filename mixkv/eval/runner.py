@@ -402,7 +402,9 @@ def _set_aside(path: Path, reason: str) -> Path:
     return target
 
 
-def _load_cell(path: Path, cell: _Cell, identity: dict[str, Any], n: int) -> tuple[dict[str, Any] | None, str]:
+def _load_cell(
+    path: Path, cell: _Cell, identity: dict[str, Any], n: int
+) -> tuple[dict[str, Any] | None, str]:
     """Read a finished cell; returns ``(data, "")`` or ``(None, reason)``."""
     try:
         with open(path, encoding="utf-8") as fh:
@@ -693,7 +695,7 @@ def run_eval(
         logger.warning(
             "Skipping %d cell(s) whose budget is not below the context length (%s).",
             len(result.skipped),
-            ", ".join(sorted({r.split(':')[0] for _, r in result.skipped})),
+            ", ".join(sorted({r.split(":")[0] for _, r in result.skipped})),
         )
     if not any(c.method != "full" for c in cells) and any(m != "full" for m in methods):
         raise ValueError(
@@ -738,7 +740,9 @@ def run_eval(
         data, reason = _load_cell(path, cell, identity, n)
         if data is None:
             moved = _set_aside(path, reason)
-            logger.warning("Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved)
+            logger.warning(
+                "Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved
+            )
             result.recomputed.append((cell.name, reason))
             todo.append(cell)
         else:

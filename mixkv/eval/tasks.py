@@ -48,6 +48,7 @@ import inspect
 import random
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,9 +247,12 @@ def stdlib_sentences() -> tuple[str, ...]:
         for attr in sorted(vars(module)):
             if attr.startswith("_"):
                 continue
-            obj = getattr(module, attr, None)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == name:
-                docs.append(inspect.getdoc(obj) or "")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. deprecated aliases such as typing.re
+                obj = getattr(module, attr, None)
+                if inspect.isclass(obj) or inspect.isfunction(obj):
+                    if getattr(obj, "__module__", "") == name:
+                        docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
             for paragraph in doc.split("\n\n"):
                 flat = _clean_paragraph(paragraph)
@@ -303,45 +307,68 @@ def _uuid(rng: random.Random) -> str:
 
 
 def _fit(
-    build: Callable[[int], str],
+    build: Callable[[int, int], str],
     tokenizer: Any,
     target: int,
     task: str,
     tokens_per_unit_hint: float,
-) -> tuple[int, str, int]:
-    """Find the number of haystack units whose context is closest to ``target`` tokens."""
-    lo, hi = 0, max(1, int(2 * target / max(tokens_per_unit_hint, 0.5)) + 8)
-    smallest = count_tokens(tokenizer, build(0))
+    max_fine: Callable[[int], int] = lambda k: 0,
+) -> tuple[int, int, str, int]:
+    """Choose the haystack size whose context is closest to ``target`` tokens.
+
+    ``build(k, fine)`` renders a context from ``k`` whole haystack units plus ``fine`` small filler
+    pieces (``0 <= fine <= max_fine(k)``, e.g. words of the next sentence); token counts grow with
+    both. Returns ``(k, fine, text, tokens)``.
+    """
+
+    def count(k: int, fine: int = 0) -> int:
+        return count_tokens(tokenizer, build(k, fine))
+
+    smallest = count(0)
     if smallest > target * (1 + LENGTH_TOLERANCE):
         raise ValueError(
             f"context_length={target} is too short for task {task!r}: its instruction and needles "
             f"alone take {smallest} tokens; ask for at least {int(smallest * 1.1) + 1} tokens."
         )
-    while count_tokens(tokenizer, build(hi)) < target:
+    lo, hi = 0, max(1, int(2 * target / max(tokens_per_unit_hint, 0.5)) + 8)
+    while count(hi) < target:
         if hi > 64 * target:
             raise ValueError(
                 f"Could not build a {task!r} context of {target} tokens: the generated haystack is "
                 "exhausted; ask for a shorter context."
             )
         lo, hi = hi, hi * 2
-    # Largest k with tokens(k) <= target, then pick the closer of k and k + 1.
-    while hi - lo > 1:
+    while hi - lo > 1:  # largest k with count(k) <= target
         mid = (lo + hi) // 2
-        if count_tokens(tokenizer, build(mid)) <= target:
+        if count(mid) <= target:
             lo = mid
         else:
             hi = mid
-    best_k, best_text, best_n = lo, build(lo), count_tokens(tokenizer, build(lo))
-    above = build(hi)
-    n_above = count_tokens(tokenizer, above)
-    if abs(n_above - target) < abs(best_n - target):
-        best_k, best_text, best_n = hi, above, n_above
-    if abs(best_n - target) > LENGTH_TOLERANCE * target:
+    k = lo
+    f_lo, f_hi = 0, max_fine(k) + 1  # largest fine with count(k, fine) <= target
+    while f_hi - f_lo > 1:
+        mid = (f_lo + f_hi) // 2
+        if count(k, mid) <= target:
+            f_lo = mid
+        else:
+            f_hi = mid
+    candidates = [(k, f_lo)]
+    if f_lo + 1 <= max_fine(k):
+        candidates.append((k, f_lo + 1))
+    candidates.append((hi, 0))
+    best: tuple[int, int, str, int] | None = None
+    for ck, cf in candidates:
+        text = build(ck, cf)
+        n = count_tokens(tokenizer, text)
+        if best is None or abs(n - target) < abs(best[3] - target):
+            best = (ck, cf, text, n)
+    assert best is not None
+    if abs(best[3] - target) > LENGTH_TOLERANCE * target:
         raise ValueError(
-            f"Could not build a {task!r} context of {target} tokens within 5 % (closest: {best_n}); "
-            "the haystack units are too coarse for this length; ask for a longer context."
+            f"Could not build a {task!r} context of {target} tokens within 5 % (closest: {best[3]}); "
+            "ask for a longer context."
         )
-    return best_k, best_text, best_n
+    return best
 
 
 def _insert(units: list[str], items: Sequence[str], depths: Sequence[float]) -> list[str]:
@@ -354,11 +381,25 @@ def _insert(units: list[str], items: Sequence[str], depths: Sequence[float]) -> 
     return out
 
 
-def _haystack_units(kind: str, k: int, offset: int) -> list[str]:
+def _haystack_units(kind: str, k: int, offset: int, fine: int = 0) -> list[str]:
+    """``k`` haystack sentences; ``fine`` adds that many words of the next sentence (docs) or
+    that many extra noise sentences (noise)."""
     if kind == "noise":
-        return [_NOISE_SENTENCES[i % len(_NOISE_SENTENCES)] for i in range(k)]
+        return [_NOISE_SENTENCES[i % len(_NOISE_SENTENCES)] for i in range(k + fine)]
     corpus = stdlib_sentences()
-    return [corpus[(offset + i) % len(corpus)] for i in range(k)]
+    units = [corpus[(offset + i) % len(corpus)] for i in range(k)]
+    if fine > 0:
+        units.append(" ".join(corpus[(offset + k) % len(corpus)].split()[:fine]))
+    return units
+
+
+def _docs_fine(offset: int) -> Callable[[int], int]:
+    corpus = stdlib_sentences()
+    return lambda k: len(corpus[(offset + k) % len(corpus)].split()) - 1
+
+
+def _noise_filler(fine: int) -> str:
+    return "".join(" " + _NOISE_SENTENCES[i % len(_NOISE_SENTENCES)] for i in range(fine))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,19 +454,27 @@ def _niah(
         distractor_vals = [draw_value(rng) for _ in distractor_keys]
     preamble = _NIAH_PREAMBLE.format(kind=noun)
 
-    def build(k: int) -> str:
+    def build(k: int, fine: int) -> str:
         if haystack == "needles":
             k = min(k, len(distractor_keys))
             units = [
                 f"One of the special magic {noun} for {dk} is: {dv}."
                 for dk, dv in zip(distractor_keys[:k], distractor_vals[:k], strict=True)
             ]
-        else:
-            units = _haystack_units(haystack, k, offset)
-        return preamble + " ".join(_insert(units, needles, depths))
+            return preamble + " ".join(_insert(units, needles, depths)) + _noise_filler(fine)
+        units = _haystack_units(haystack, k, offset, fine)
+        # needles go between whole sentences, never inside the partial last one
+        n_whole = k
+        body = _insert(units[:n_whole], needles, depths) + units[n_whole:]
+        return preamble + " ".join(body)
 
-    hint = 25.0 if haystack == "needles" else 8.0
-    _, context, n_tokens = _fit(build, tokenizer, length, task, hint)
+    if haystack == "needles":
+        hint, fine_max = 25.0, (lambda k: 12)
+    elif haystack == "docs":
+        hint, fine_max = 25.0, _docs_fine(offset)
+    else:
+        hint, fine_max = 5.0, (lambda k: 0)
+    _, _, context, n_tokens = _fit(build, tokenizer, length, task, hint, fine_max)
     if n_queries == 1 and n_values == 1:
         key = asked[0]
         question = f"What is the special magic {singular} for {key} mentioned in the provided text?"
@@ -468,10 +517,10 @@ def _vt(task: str, tokenizer: Any, length: int, rng: random.Random) -> TextExamp
     depths = sorted(rng.random() for _ in statements)
     preamble = "Memorize and track the chain of variable assignments hidden in the following text.\n"
 
-    def build(k: int) -> str:
+    def build(k: int, fine: int) -> str:
         return preamble + " ".join(_insert(_haystack_units("noise", k, 0), statements, depths))
 
-    _, context, n_tokens = _fit(build, tokenizer, length, task, 5.0)
+    _, _, context, n_tokens = _fit(build, tokenizer, length, task, 5.0)
     return TextExample(
         task=task,
         context=context,
@@ -501,14 +550,17 @@ def _cwe(task: str, tokenizer: Any, length: int, rng: random.Random, seed: int) 
         "Memorize the ones that appear most often.\n"
     )
 
-    def build(k: int) -> str:
-        k = min(k, len(uncommon))
+    def build(k: int, fine: int) -> str:
+        # k uncommon words appear freq_uncommon times; `fine` more appear once
+        k = min(k, len(uncommon) - 16)
         words = [w for w in common for _ in range(freq_common)]
         words += [w for w in uncommon[:k] for _ in range(freq_uncommon)]
-        random.Random(f"cwe-{seed}-{k}").shuffle(words)
+        words += uncommon[k : k + fine]
+        random.Random(f"cwe-{seed}-{k}-{fine}").shuffle(words)
         return preamble + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
 
-    _, context, n_tokens = _fit(build, tokenizer, length, task, 5.0 * freq_uncommon)
+    fine_max = (lambda k: 16) if freq_uncommon > 1 else (lambda k: 0)
+    _, _, context, n_tokens = _fit(build, tokenizer, length, task, 5.0 * freq_uncommon, fine_max)
     return TextExample(
         task=task,
         context=context,
@@ -546,13 +598,13 @@ def _fwe(task: str, tokenizer: Any, length: int, rng: random.Random, seed: int) 
             i = i - 1 if i > 3 else len(vocab) - 1
         return counts
 
-    def build(k: int) -> str:
+    def build(k: int, fine: int) -> str:
         counts = counts_for(k)
         words = [w for w, c in zip(vocab, counts, strict=True) for _ in range(c)]
         random.Random(f"fwe-{seed}-{k}").shuffle(words)
         return preamble + "... " + " ".join(words) + " ..."
 
-    k, context, n_tokens = _fit(build, tokenizer, length, task, 3.0)
+    k, _, context, n_tokens = _fit(build, tokenizer, length, task, 3.0)
     counts = counts_for(k)
     if not counts[2] > max(counts[3:]):
         raise ValueError(f"context_length={length} is too short for task 'fwe'; ask for at least 256 tokens.")
@@ -608,12 +660,14 @@ def _qa(task: str, tokenizer: Any, length: int, rng: random.Random) -> TextExamp
 
     preamble = "The following are given documents.\n\n"
 
-    def build(k: int) -> str:
-        k = min(k, len(distractors))
+    def build(k: int, fine: int) -> str:
+        k = min(k, len(distractors) - 1)
         bodies = _insert([render(d) for d in distractors[:k]], [render(target)], [depth])
+        if fine > 0:  # the first `fine` words of one more distractor document
+            bodies.append(" ".join(render(distractors[k]).split()[:fine]))
         return preamble + "\n\n".join(f"Document {i + 1}:\n{b}" for i, b in enumerate(bodies))
 
-    _, context, n_tokens = _fit(build, tokenizer, length, task, 60.0)
+    _, _, context, n_tokens = _fit(build, tokenizer, length, task, 60.0, lambda k: 30)
     name = target["name"]
     question, answers = {
         "year": (f"In which year was {name} founded?", [target["year"]]),

@@ -22,7 +22,9 @@ __all__ = [
     "pyramid_budgets",
 ]
 
-_BISECTION_STEPS = 100
+_TIE_DECIMALS = 9
+"""Remainders are compared after rounding to this many decimals, so that rounding noise of the
+water level does not decide between equal remainders (those go to the lower index)."""
 
 
 def _bound(name: str, bound: int | Tensor, like: Tensor) -> Tensor:
@@ -42,16 +44,23 @@ def _bound(name: str, bound: int | Tensor, like: Tensor) -> Tensor:
 
 
 def _water_level(ideal: Tensor, low: Tensor, high: Tensor, total: int) -> Tensor:
-    """Shift ``lam`` with ``sum(clip(ideal + lam, low, high)) = total``, by bisection."""
-    below = (low - ideal).min()
-    above = (high - ideal).max()
-    for _ in range(_BISECTION_STEPS):
-        middle = (below + above) / 2
-        if (ideal + middle).clamp(low, high).sum() < total:
-            below = middle
-        else:
-            above = middle
-    return (below + above) / 2
+    """Exact shift ``lam`` with ``f(lam) = sum_i clip(ideal_i + lam, low_i, high_i) = total``.
+
+    ``f`` is piecewise linear and non-decreasing: entry ``i`` rises with slope 1 between
+    ``low_i - ideal_i`` and ``high_i - ideal_i``. ``f`` is evaluated at all these breakpoints by
+    accumulating slope times step, and interpolated between the two that bracket ``total``.
+    """
+    points, order = torch.cat([low - ideal, high - ideal]).sort()
+    ones = torch.ones_like(ideal)
+    slope = torch.cat([ones, -ones])[order].cumsum(0)  # slope of f just right of each breakpoint
+    levels = low.sum() + torch.cat([ideal.new_zeros(1), (slope[:-1] * points.diff()).cumsum(0)])
+    after = int((levels < total).sum())  # first breakpoint with f >= total
+    if after == 0:
+        return points[0]
+    if after == points.numel():  # f(last) = sum(high) >= total, short of it only by rounding
+        return points[-1]
+    rise = levels[after] - levels[after - 1]
+    return points[after - 1] + (total - levels[after - 1]) * (points[after] - points[after - 1]) / rise
 
 
 def allocate_exact(
@@ -117,7 +126,7 @@ def allocate_exact(
     real_low, real_high = low.to(torch.float64), high.to(torch.float64)
     real = (target + _water_level(target, real_low, real_high, goal)).clamp(real_low, real_high)
     counts = real.floor().long()
-    fraction = real - counts
+    fraction = torch.round(real - counts, decimals=_TIE_DECIMALS)
     # Normally one pass of "+1 to the largest remainders"; the loop (and the -1 branch) only
     # absorbs floating-point error of the water level.
     while (gap := goal - int(counts.sum())) != 0:

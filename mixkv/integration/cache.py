@@ -65,6 +65,12 @@ class CompressedLayer(CacheLayerMixin):
         if not self.active:
             raise RuntimeError(_DETACHED_MESSAGE)
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense ``(B, Hkv, L, D)`` keys and values (the whole layer, or the tail of a packed one)."""
+        if self.keys is None or self.values is None:
+            raise RuntimeError("compressed layer holds no tensors")
+        return self.keys, self.values
+
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of ``query`` ``(B, H, q, D)`` (the newest ``q`` tokens, already appended by
         ``update``) over the layer; returns ``(B, q, H, D)`` like transformers' attention functions."""
@@ -87,29 +93,30 @@ class DenseCompressedLayer(CompressedLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_active()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.dense()
+        self.keys = torch.cat([keys, key_states], dim=-2)
+        self.values = torch.cat([values, value_states], dim=-2)
         self.seen_tokens += key_states.shape[-2]
         return self.keys, self.values
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_active()
-        assert self.keys is not None and self.values is not None
-        q_len, kv_len = query.shape[2], self.keys.shape[2]
+        keys, values = self.dense()
+        q_len, kv_len = query.shape[2], keys.shape[2]
         mask = None if q_len == 1 else causal_tail_visibility(kv_len, q_len, query.device)
         out = F.scaled_dot_product_attention(
             query,
-            self.keys,
-            self.values,
+            keys,
+            values,
             attn_mask=mask,
             scale=scaling,
-            enable_gqa=query.shape[1] != self.keys.shape[1],
+            enable_gqa=query.shape[1] != keys.shape[1],
         )
         return out.transpose(1, 2).contiguous()
 
     def tensors(self) -> list[torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        return [self.keys, self.values]
+        keys, values = self.dense()
+        return [keys, values]
 
 
 class PackedCompressedLayer(CompressedLayer):
@@ -152,9 +159,9 @@ class PackedCompressedLayer(CompressedLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_active()
-        assert self.keys is not None and self.values is not None
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.dense()
+        self.keys = torch.cat([keys, key_states], dim=-2)
+        self.values = torch.cat([values, value_states], dim=-2)
         new = torch.ones(
             (self.tail_valid.shape[0], key_states.shape[-2]), dtype=torch.bool, device=self.tail_valid.device
         )
@@ -164,20 +171,24 @@ class PackedCompressedLayer(CompressedLayer):
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_active()
-        assert self.keys is not None and self.values is not None
+        keys, values = self.dense()
         batch, num_heads, q_len, head_dim = query.shape
-        kv_heads, tail_len = self.keys.shape[1], self.keys.shape[2]
+        kv_heads, tail_len = keys.shape[1], keys.shape[2]
         group = num_heads // kv_heads
         segments = batch * kv_heads
         # (B, H, q, D) -> (S, group * q, D): query head h*group + j belongs to KV head h.
         grouped = query.reshape(segments, group * q_len, head_dim)
-        prefix = packed_softmax_partial(grouped, self.packed_keys, self.packed_values, self.segment_ids(), scaling)
+        prefix = packed_softmax_partial(
+            grouped, self.packed_keys, self.packed_values, self.segment_ids(), scaling
+        )
         causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
-        visible = causal.repeat(group, 1).unsqueeze(0) & self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
+        visible = (
+            causal.repeat(group, 1).unsqueeze(0) & self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
+        )
         tail = dense_softmax_partial(
             grouped,
-            self.keys.reshape(segments, tail_len, head_dim),
-            self.values.reshape(segments, tail_len, head_dim),
+            keys.reshape(segments, tail_len, head_dim),
+            values.reshape(segments, tail_len, head_dim),
             visible,
             scaling,
         )
@@ -185,8 +196,15 @@ class PackedCompressedLayer(CompressedLayer):
         return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
 
     def tensors(self) -> list[torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        return [self.packed_keys, self.packed_values, self.segment_lengths, self.keys, self.values, self.tail_valid]
+        keys, values = self.dense()
+        return [
+            self.packed_keys,
+            self.packed_values,
+            self.segment_lengths,
+            keys,
+            values,
+            self.tail_valid,
+        ]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError(

@@ -87,6 +87,10 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
         )
     text_config = config.get_text_config(decoder=True)
     implementation = text_config._attn_implementation
+    if str(implementation).startswith("mixkv_"):
+        raise ValueError(
+            "another mixkv press is already attached to this model; nesting presses is not supported"
+        )
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attention implementation {implementation!r} is not supported by mixkv presses; load the model with "

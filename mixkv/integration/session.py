@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -102,9 +102,11 @@ def _original_attention(module: torch.nn.Module, implementation: str) -> Callabl
         # Eager attention is model-specific (softcapping, sinks...): use the one beside the module's class.
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:
-            raise ValueError(f"{type(module).__name__} has no eager attention function; load the model with 'sdpa'")
-        return eager  # type: ignore[no-any-return]
-    return ALL_ATTENTION_FUNCTIONS[implementation]  # type: ignore[no-any-return]
+            raise ValueError(
+                f"{type(module).__name__} has no eager attention function; load the model with 'sdpa'"
+            )
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def key_mask_from_attention_mask(
@@ -169,7 +171,9 @@ class PressSession:
             raise RuntimeError("this press session is already active")
         modules = self.layout.attention_modules
         if any(id(m) in _BINDINGS for m in modules):
-            raise ValueError("another mixkv press is already attached to this model; nest presses is not supported")
+            raise ValueError(
+                "another mixkv press is already attached to this model; nesting presses is not supported"
+            )
         self._entered = True
         _register_functions()
         try:
@@ -253,9 +257,12 @@ class PressSession:
                 raise ValueError("attention logit softcapping is not supported on a compressed cache")
             return layer.attend(query, float(scaling)), None
         output = binding.original(module, query, key, value, attention_mask, **kwargs)
-        is_prefill = layer is not None and query.shape[2] > 1 and layer.get_seq_length() == query.shape[2]
-        if is_prefill:
-            assert cache is not None and layer is not None
+        if (
+            cache is not None
+            and isinstance(layer, CacheLayerMixin)
+            and query.shape[2] > 1
+            and layer.get_seq_length() == query.shape[2]
+        ):
             self._on_prefill(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
         return output
 
@@ -270,30 +277,30 @@ class PressSession:
         attention_mask: torch.Tensor | None,
         scaling: float,
     ) -> None:
-        batch, kv_heads, length, _ = keys.shape
-        key_mask = key_mask_from_attention_mask(attention_mask, batch, length, keys.device)
-        lengths = key_mask.sum(-1)
-        if layer_idx == 0 or self._record is None:
-            self._start_record(lengths, key_mask)
-        record = self._record
-        assert record is not None
-        # What an uncompressed layer holds: the real prompt, or its sliding window of it.
-        record.kept[:, layer_idx] = lengths.clamp(max=layer.keys.shape[-2]).unsqueeze(-1).cpu()
-        if layer_idx not in self.layout.compressible_layers:
-            record.skipped_layers[layer_idx] = "sliding-window layer (its cache is already bounded by the window)"
-        elif type(layer) is not DynamicLayer:
-            raise ValueError(
-                f"mixkv compresses DynamicCache layers; layer {layer_idx} is a {type(layer).__name__} "
-                "(use the default dynamic cache, not a static or quantized one)"
-            )
-        elif length <= self.press.window_size:
-            record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
-        else:
+        if layer_idx in self.layout.compressible_layers:
+            # Sliding-window layers are skipped before their mask is read: it hides more than padding.
+            length = keys.shape[2]
+            key_mask = key_mask_from_attention_mask(attention_mask, keys.shape[0], length, keys.device)
+            lengths = key_mask.sum(-1)
+            if layer_idx == self.layout.compressible_layers[0] or self._record is None:
+                self._start_record(lengths, key_mask)
+            record = self._record
+            assert record is not None
+            record.kept[:, layer_idx] = lengths.unsqueeze(-1).cpu()
+            if type(layer) is not DynamicLayer:
+                raise ValueError(
+                    f"mixkv compresses DynamicCache layers; layer {layer_idx} is a {type(layer).__name__} "
+                    "(use the default dynamic cache, not a static or quantized one)"
+                )
             budgets = torch.tensor(record.budgets, device=keys.device)
             compress_rows = lengths > budgets
-            if bool(compress_rows.any()):
+            if length <= self.press.window_size:
+                record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
+            elif bool(compress_rows.any()):
                 start = time.perf_counter()
-                self._compress(layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling)
+                self._compress(
+                    layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling
+                )
                 record.seconds += time.perf_counter() - start
             else:
                 record.skipped_layers[layer_idx] = "every prompt fits in its budget"
@@ -348,7 +355,9 @@ class PressSession:
         )
         prefix_mask = key_mask[:, :prefix]
         window_valid = key_mask[:, prefix:]
-        counts = torch.where(compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), lengths[:, None])
+        counts = torch.where(
+            compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), lengths[:, None]
+        )
         available = prefix_mask.sum(-1, keepdim=True)
         prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
         scores = press.scores(ctx).float()
@@ -383,8 +392,9 @@ class PressSession:
         record.kept[:, layer_idx] = kept.cpu()
         record.compressed_layers.append(layer_idx)
         record.full_bytes_of_compressed += full_bytes
+        image_id = self.layout.image_token_id
         if record.image_kept is not None and record.text_kept is not None and self._input_ids is not None:
-            is_image = (self._input_ids == self.layout.image_token_id).to(keys.device)
+            is_image = torch.eq(self._input_ids, -1 if image_id is None else image_id).to(keys.device)
             image_prefix = is_image[:, :prefix].gather(1, indices.view(batch, -1)).view_as(valid) & valid
             image_window = (is_image[:, prefix:] & window_valid).sum(-1, keepdim=True)
             image_kept = (image_prefix.sum(-1) + image_window).float().mean(-1).cpu()
@@ -396,6 +406,15 @@ class PressSession:
         self._record = None
         if record is None or not record.compressed_layers:
             return
+        lengths = torch.tensor(record.lengths)
+        for layer_idx in range(self.layout.num_layers):
+            if layer_idx not in self.layout.compressible_layers:
+                held = getattr(cache.layers[layer_idx], "keys", None)
+                window = held.shape[-2] if isinstance(held, torch.Tensor) else 0
+                record.kept[:, layer_idx] = lengths.clamp(max=window).unsqueeze(-1)
+                record.skipped_layers[layer_idx] = (
+                    "sliding-window layer (its cache is already bounded by the window)"
+                )
         compressed_bytes = kv_cache_bytes(cache)
         compressed_now = sum(layer_bytes(cache.layers[i]) for i in record.compressed_layers)
         layers = len(record.compressed_layers)

@@ -119,11 +119,17 @@ class BasePress:
                 f"{type(self).__name__}: give exactly one of budget= (tokens per KV head, e.g. 128) "
                 "or compression_ratio= (fraction removed, e.g. 0.75)"
             )
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+        if (
+            isinstance(self.window_size, bool)
+            or not isinstance(self.window_size, int)
+            or self.window_size < 1
+        ):
             raise ValueError(f"window_size must be an integer >= 1, got {self.window_size!r}")
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, int):
-                raise TypeError(f"budget must be an int (tokens per KV head), got {type(self.budget).__name__}")
+                raise TypeError(
+                    f"budget must be an int (tokens per KV head), got {type(self.budget).__name__}"
+                )
             if self.budget <= 0:
                 raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
             if self.budget <= self.window_size:

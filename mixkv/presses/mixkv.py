@@ -87,7 +87,9 @@ class MixKVPress(BasePress):
 
             table = resolve_head_table(self.redundancy, "redundancy")
             if table.min() < 0 or table.max() > 1:
-                raise ValueError("redundancy values must lie in [0, 1] (mean pairwise cosine similarity, clipped)")
+                raise ValueError(
+                    "redundancy values must lie in [0, 1] (mean pairwise cosine similarity, clipped)"
+                )
             self._redundancy_table = table
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

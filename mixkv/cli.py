@@ -1,0 +1,37 @@
+"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate ...``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("mixkv.demo", "full cache vs SnapKV vs AdaKV vs MixKV on the embedded SmolLM2 model"),
+    "eval": ("mixkv.eval.cli", "answer quality under compression: methods x budgets x tasks"),
+    "bench": ("mixkv.bench", "speed and memory of every method"),
+    "calibrate": ("mixkv.calibration", "per-head redundancy / visual-head statistics for a model"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mixkv COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines.append("\n`mixkv COMMAND --help` describes a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"mixkv: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

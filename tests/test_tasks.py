@@ -1,0 +1,180 @@
+"""Tests of the RULER-style task generators (offline tokenizers built in the tests)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, word_tokenizer
+
+from mixkv.eval.tasks import TASKS, count_tokens, encode_prompt, make_examples, score_output
+
+NIAH_TASKS = [t for t in TASKS if t.startswith("niah")]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return bpe_tokenizer()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_gives_identical_examples(task, bpe):
+    a = make_examples(task, bpe, 512, 2, seed=3)
+    b = make_examples(task, bpe, 512, 2, seed=3)
+    assert a == b
+
+
+def test_different_seeds_give_different_examples(bpe):
+    a = make_examples("niah_single_2", bpe, 512, 1, seed=0)[0]
+    b = make_examples("niah_single_2", bpe, 512, 1, seed=1)[0]
+    assert a.context != b.context and a.answers != b.answers
+
+
+def test_examples_within_one_call_differ(bpe):
+    a, b = make_examples("niah_single_1", bpe, 512, 2, seed=0)
+    assert a.answers != b.answers
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [512, 1500])
+def test_context_length_is_within_five_percent(task, length, bpe):
+    for ex in make_examples(task, bpe, length, 2, seed=0):
+        n = count_tokens(bpe, ex.context)
+        assert n == ex.context_tokens
+        assert abs(n - length) <= 0.05 * length
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_multikey_2", "vt", "qa"])
+def test_context_length_is_within_five_percent_for_word_tokenizer(task):
+    tok = word_tokenizer()
+    ex = make_examples(task, tok, 400, 1, seed=0)[0]
+    assert abs(count_tokens(tok, ex.context) - 400) <= 20
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_needles_are_inside_the_context(task, bpe):
+    for ex in make_examples(task, bpe, 800, 2, seed=1):
+        for needle in ex.metadata["needles"]:
+            assert needle in ex.context
+        for answer in ex.answers:
+            assert answer in ex.context
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_asked_value_appears_only_in_its_needle(task, bpe):
+    ex = make_examples(task, bpe, 800, 1, seed=2)[0]
+    for answer in ex.answers:
+        assert ex.context.count(answer) == 1
+
+
+def test_single_needle_question_names_the_key_of_the_needle(bpe):
+    ex = make_examples("niah_single_2", bpe, 600, 1, seed=0)[0]
+    key = ex.metadata["asked"][0]
+    assert key in ex.question
+    assert f"for {key} is: {ex.answers[0]}." in ex.context
+
+
+def test_noise_haystack_is_the_repeated_noise(bpe):
+    ex = make_examples("niah_single_1", bpe, 400, 1, seed=0)[0]
+    assert "The grass is green. The sky is blue." in ex.context
+
+
+def test_docstring_haystack_is_natural_language(bpe):
+    ex = make_examples("niah_single_2", bpe, 400, 1, seed=0)[0]
+    assert "The grass is green" not in ex.context
+    assert len(set(ex.context.split())) > 100
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_expected_answers_score_one_under_their_metric(task, bpe):
+    ex = make_examples(task, bpe, 600, 1, seed=0)[0]
+    assert ex.metric in ("all", "part")
+    assert score_output(" ; ".join(ex.answers), ex.answers, ex.metric) == 1.0
+    assert score_output("nothing relevant", ex.answers, ex.metric) == 0.0
+
+
+def test_all_metric_is_recall_of_expected_strings():
+    assert score_output("Alpha and GAMMA", ["alpha", "beta", "gamma", "delta"], "all") == 0.5
+
+
+def test_part_metric_needs_one_expected_string():
+    assert score_output("it was Moreau", ["Idris Moreau", "Moreau"], "part") == 1.0
+
+
+def test_unknown_metric_raises():
+    with pytest.raises(ValueError, match="'all' or 'part'"):
+        score_output("x", ["x"], "exact")
+
+
+def test_vt_chain_statements_appear_in_order(bpe):
+    ex = make_examples("vt", bpe, 800, 1, seed=0)[0]
+    positions = [ex.context.index(s) for s in ex.metadata["statements"]]
+    assert positions == sorted(positions)
+    assert ex.metadata["statements"][0].endswith(f"= {ex.metadata['value']}.")
+    assert len(ex.answers) == 5
+
+
+def test_cwe_expected_words_are_the_most_common(bpe):
+    ex = make_examples("cwe", bpe, 1500, 1, seed=0)[0]
+    counts = Counter(re.findall(r"\d+\. (\w+)", ex.context))
+    top = {w for w, _ in counts.most_common(10)}
+    assert top == set(ex.answers)
+    assert min(counts[w] for w in ex.answers) > max(c for w, c in counts.items() if w not in ex.answers)
+
+
+def test_fwe_expected_words_are_the_three_most_frequent(bpe):
+    ex = make_examples("fwe", bpe, 1000, 1, seed=0)[0]
+    counts = Counter(ex.context.split("\n", 1)[1].split())
+    ranked = [w for w, _ in counts.most_common() if w != "..."]
+    assert ranked[:3] == ex.answers
+    assert counts[ex.answers[2]] > counts[ranked[3]]
+
+
+def test_qa_answer_document_is_in_the_context(bpe):
+    ex = make_examples("qa", bpe, 1000, 1, seed=4)[0]
+    assert ex.metric == "part"
+    assert ex.metadata["document"] in ex.context
+    assert any(a in ex.metadata["document"] for a in ex.answers)
+
+
+def test_unknown_task_raises_listing_the_tasks(bpe):
+    with pytest.raises(ValueError, match="niah_single_1") as info:
+        make_examples("needle", bpe, 512, 1)
+    assert "qa" in str(info.value)
+
+
+def test_too_short_context_raises_with_a_minimum(bpe):
+    with pytest.raises(ValueError, match="at least"):
+        make_examples("niah_multiquery", bpe, 40, 1)
+
+
+def test_non_positive_n_raises(bpe):
+    with pytest.raises(ValueError, match="positive"):
+        make_examples("qa", bpe, 512, 0)
+
+
+def test_prompt_with_chat_template_splits_right_before_the_question():
+    tok = word_tokenizer(SIMPLE_CHAT_TEMPLATE)
+    ex = make_examples("niah_single_1", tok, 300, 1, seed=0)[0]
+    context_ids, question_ids = encode_prompt(ex, tok)
+    head, tail = tok.decode(context_ids), tok.decode(question_ids)
+    assert len(context_ids) > ex.context_tokens  # the template's user-turn header comes first
+    assert "What is the special magic number" in tail
+    assert "What is the special magic number" not in head
+    assert tail.rstrip().endswith("text is")
+
+
+def test_prompt_without_chat_template_ends_with_answer_prefix():
+    tok = word_tokenizer()
+    ex = make_examples("niah_single_1", tok, 300, 1, seed=0)[0]
+    context_ids, question_ids = encode_prompt(ex, tok)
+    assert len(context_ids) >= ex.context_tokens
+    assert tok.decode(question_ids).rstrip().endswith("text is")
+
+
+def test_forcing_a_missing_chat_template_raises():
+    tok = word_tokenizer()
+    ex = make_examples("niah_single_1", tok, 300, 1, seed=0)[0]
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_prompt(ex, tok, use_chat_template=True)
