@@ -163,3 +163,19 @@ def test_vlm_report_counts_image_and_text_tokens(family):
     kept_mean = report.kept_tokens[:, report.compressed_layers].float().mean().item()
     assert report.image_tokens_kept[0] + report.text_tokens_kept[0] == pytest.approx(kept_mean)
     assert 0 <= report.image_tokens_kept[0] <= case.num_image_tokens
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("press_name", ["snapkv", "mixkv-adakv"])
+def test_left_padded_batch_generates_like_each_sequence_alone(family, press_name):
+    case = build_case(family, batch_size=2, left_pad=5)
+    press = make_press(press_name, case, budget=BUDGET)
+    with press(case.model):
+        batched = case.model.generate(**case.inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+        batch_kept = press.last_report.kept_tokens.clone()
+        alone, kept_alone = [], []
+        for row in case.rows:
+            alone.append(case.model.generate(**row, max_new_tokens=3, do_sample=False)[0, -3:])
+            kept_alone.append(press.last_report.kept_tokens[0])
+    assert torch.equal(batched, torch.stack(alone))
+    assert torch.equal(batch_kept, torch.stack(kept_alone))
