@@ -18,7 +18,7 @@ def random_full_cache(batch=2, kv_heads=2, length=40, head_dim=8, seed=0):
 
 def build_packed(keys, values, kept, window, window_valid=None):
     """``kept``: (B, Hkv, N - W) bool of the prefix entries to keep."""
-    batch, kv_heads, length, _ = keys.shape
+    batch, length = keys.shape[0], keys.shape[2]
     prefix = length - window
     if window_valid is None:
         window_valid = torch.ones(batch, window, dtype=torch.bool)

@@ -79,7 +79,9 @@ def test_calibrate_command_writes_a_file_for_a_local_model(tmp_path, capsys):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the cat sat on the mat and the dog sat on the log\nthe sky is blue and the grass is green\n")
+    prompts.write_text(
+        "the cat sat on the mat and the dog sat on the log\nthe sky is blue and the grass is green\n"
+    )
     out = tmp_path / "stats.json"
     assert main([str(model_dir), "--prompts", str(prompts), "--out", str(out), "--window-size", "4"]) == 0
     payload = json.loads(out.read_text())

@@ -79,7 +79,7 @@ def test_redundancy_table_of_another_model_shape_is_refused(model):
 
 def test_unsupported_model_family_is_refused_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="'gpt2'.*not supported"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*not supported"):
         mixkv.SnapKVPress(budget=64)(gpt2)
 
 
@@ -120,9 +120,12 @@ def test_importing_mixkv_changes_nothing_global():
 
 
 def test_a_second_press_on_the_same_model_is_refused(model):
-    with mixkv.SnapKVPress(budget=40, window_size=WINDOW)(model):
-        with pytest.raises(ValueError, match="already attached"), mixkv.KnormPress(budget=40)(model):
-            pass
+    with (
+        mixkv.SnapKVPress(budget=40, window_size=WINDOW)(model),
+        pytest.raises(ValueError, match="already attached"),
+        mixkv.KnormPress(budget=40)(model),
+    ):
+        pass
     assert _is_clean(model)
 
 

@@ -64,7 +64,7 @@ def test_budget_at_or_above_context_is_bit_identical_to_no_compression(family, p
             **case.inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True
         )
     assert torch.equal(out.sequences, reference.sequences)
-    for got, expected in zip(out.scores, reference.scores):
+    for got, expected in zip(out.scores, reference.scores, strict=True):
         assert torch.equal(got, expected)
     assert press.last_report is None  # nothing was compressed
 
@@ -91,7 +91,7 @@ def check_compressed_cache(layout, press, full, compressed):
         kept_entries += int(kept.sum())
         # Attention of a new token over the compressed layer == over the full one with drops masked.
         generator = torch.Generator().manual_seed(layer_idx)
-        batch, kv_heads, length, head_dim = full_keys.shape
+        batch, kv_heads, _, head_dim = full_keys.shape
         new_k = torch.randn(batch, kv_heads, 1, head_dim, generator=generator)
         new_v = torch.randn(batch, kv_heads, 1, head_dim, generator=generator)
         query = torch.randn(batch, kv_heads * group, 1, head_dim, generator=generator)

@@ -84,7 +84,8 @@ class CompressionReport:
         )
         if self.image_tokens_kept is not None and self.image_tokens_total is not None:
             pairs = ", ".join(
-                f"{kept:.1f}/{total}" for kept, total in zip(self.image_tokens_kept, self.image_tokens_total)
+                f"{kept:.1f}/{total}"
+                for kept, total in zip(self.image_tokens_kept, self.image_tokens_total, strict=True)
             )
             text += f"; image tokens kept {pairs}"
         return text

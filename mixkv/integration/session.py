@@ -338,7 +338,7 @@ class PressSession:
         press, record = self.press, self._record
         assert record is not None
         window = press.window_size
-        batch, kv_heads, length, head_dim = keys.shape
+        batch, _, length, head_dim = keys.shape
         prefix = length - window
         lengths = key_mask.sum(-1)
         ctx = ScoringContext(
@@ -431,7 +431,7 @@ class PressSession:
             image_tokens_total=None if image_total is None else [int(x) for x in image_total.tolist()],
             text_tokens_total=None
             if image_total is None
-            else [n - int(i) for n, i in zip(record.lengths, image_total.tolist())],
+            else [n - int(i) for n, i in zip(record.lengths, image_total.tolist(), strict=True)],
             image_tokens_kept=None if record.image_kept is None else (record.image_kept / layers).tolist(),
             text_tokens_kept=None if record.text_kept is None else (record.text_kept / layers).tolist(),
         )

@@ -50,7 +50,7 @@ class PyramidKVPress(SnapKVPress):
             pyramid_budgets(
                 len(ctx.compressible_layers), int(budget), ctx.window_size, int(length), beta=self.beta
             )[ctx.layer_rank]
-            for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist())
+            for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist(), strict=True)
         ]
         per_row = torch.stack(rows).to(ctx.keys.device)
         return per_row.unsqueeze(-1).expand(-1, ctx.keys.shape[1]).clone()
@@ -135,6 +135,6 @@ class SparseMMPress(SnapKVPress):
             head_score_budgets(scores, int(budget), ctx.window_size, int(length), min_ratio=self.min_ratio)[
                 ctx.layer_rank
             ]
-            for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist())
+            for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist(), strict=True)
         ]
         return torch.stack(rows).to(ctx.keys.device)
