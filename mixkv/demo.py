@@ -131,10 +131,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         from matplotlib.patches import Patch
     except ImportError:
         return False
-    labels = [r["method"] if r["budget"] is None else f"{r['method']}\n@{r['budget']}" for r in rows]
+    labels = [r["method"] if r["budget"] is None else f"{r['method']} @{r['budget']}" for r in rows]
     mem = [r["kv_bytes"] / 2**20 for r in rows]
     colors = ["tab:green" if r["score"] >= 1.0 else "tab:red" for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     bars = ax1.bar(range(len(rows)), mem, color=colors)
     for bar, r in zip(bars, rows, strict=True):
         ax1.annotate(
@@ -144,10 +144,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
             va="bottom",
             fontsize=8,
         )
-    ax1.set_yscale("log")
-    ax1.set_ylabel("KV cache after prefill (MiB, log scale)")
+    ax1.set_ylabel("KV cache after prefill (MiB)")
     ax1.set_xticks(range(len(rows)))
-    ax1.set_xticklabels(labels, fontsize=7)
+    ax1.set_xticklabels(labels, fontsize=8, rotation=35, ha="right")
     ax1.set_title("KV memory kept; green = correct answer, red = wrong")
     ax1.legend(handles=[Patch(color="tab:green", label="correct"), Patch(color="tab:red", label="wrong")])
     pre = [r["prefill_seconds"] for r in rows]
@@ -155,7 +154,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax2.bar(range(len(rows)), pre, label="prefill (+ compression)", color="tab:blue")
     ax2.bar(range(len(rows)), dec, bottom=pre, label="question + decode", color="tab:orange")
     ax2.set_xticks(range(len(rows)))
-    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_xticklabels(labels, fontsize=8, rotation=35, ha="right")
     ax2.set_ylabel("seconds")
     ax2.set_title("time")
     ax2.legend()
@@ -240,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_table(rows))
     title = (
-        f"{type(model).__name__}: {example.context_tokens}-token document, {args.protocol}; "
-        f"question: {example.question[:70]}"
+        f"{args.model or 'SmolLM2-135M-Instruct'}: {example.context_tokens}-token document with one "
+        f"hidden fact ({args.task}, {args.protocol})"
     )
     out = Path(args.out)
     if _plot(rows, out, title):

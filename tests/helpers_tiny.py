@@ -15,7 +15,8 @@ _SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 _WORDS = (
     "The grass is green . The sky is blue . The sun is yellow . Here we go . There and back again . "
-    "Some special magic number numbers uuid uuids are hidden within the following text Make sure to memorize it "
+    "Some special magic number numbers uuid uuids are hidden within the following text "
+    "Make sure to memorize it "
     "I will quiz you about the afterwards One of for : What mentioned in provided ? all Answer "
     "VAR = Find variables that assigned value above Memorize track chain assignments According "
     "Below numbered list words these some appear more often than others ones most common top "

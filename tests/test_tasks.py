@@ -6,9 +6,9 @@ import re
 from collections import Counter
 
 import pytest
-from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, word_tokenizer
 
 from mixkv.eval.tasks import TASKS, count_tokens, encode_prompt, make_examples, score_output
+from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, word_tokenizer
 
 NIAH_TASKS = [t for t in TASKS if t.startswith("niah")]
 

@@ -527,14 +527,20 @@ def _write_plots(
             panel_tasks = tasks if panel == "average" else [panel]
             for method in methods:
                 if method == "full":
-                    vals = [index[k] for t in panel_tasks if (k := ("full", None, t, length)) in index]
-                    if len(vals) == len(panel_tasks):
-                        score = sum(_cell_score(v) for v in vals) / len(vals)
+                    full_vals = [
+                        index[("full", None, t, length)]
+                        for t in panel_tasks
+                        if ("full", None, t, length) in index
+                    ]
+                    if len(full_vals) == len(panel_tasks):
+                        score = sum(_cell_score(v) for v in full_vals) / len(full_vals)
                         ax.axhline(score, color="black", linestyle="--", label="full cache")
                     continue
                 xs, ys = [], []
                 for b in budgets:
-                    vals = [index[k] for t in panel_tasks if (k := (method, b, t, length)) in index]
+                    vals = [
+                        index[(method, b, t, length)] for t in panel_tasks if (method, b, t, length) in index
+                    ]
                     if len(vals) == len(panel_tasks):
                         xs.append(b)
                         ys.append(sum(_cell_score(v) for v in vals) / len(vals))

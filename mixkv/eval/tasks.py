@@ -250,9 +250,9 @@ def stdlib_sentences() -> tuple[str, ...]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. deprecated aliases such as typing.re
                 obj = getattr(module, attr, None)
-                if inspect.isclass(obj) or inspect.isfunction(obj):
-                    if getattr(obj, "__module__", "") == name:
-                        docs.append(inspect.getdoc(obj) or "")
+                public = inspect.isclass(obj) or inspect.isfunction(obj)
+                if public and getattr(obj, "__module__", "") == name:
+                    docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
             for paragraph in doc.split("\n\n"):
                 flat = _clean_paragraph(paragraph)
@@ -428,10 +428,7 @@ def _niah(
     noun = "numbers" if value_kind == "number" else "uuids"
     singular = noun[:-1]
     draw_value = _number if value_kind == "number" else _uuid
-    if key_kind == "uuid":
-        keys = [_uuid(rng) for _ in range(n_keys)]
-    else:
-        keys = _word_keys(rng, n_keys)
+    keys = [_uuid(rng) for _ in range(n_keys)] if key_kind == "uuid" else _word_keys(rng, n_keys)
     needles: list[str] = []
     values: dict[str, list[str]] = {}
     for key in keys:

@@ -1,0 +1,641 @@
+"""Speed and memory benchmark of the presses (prefill, compression, decode, cache bytes, peak memory).
+
+Run ``python -m mixkv.bench --help``. Every cell (method, context length, budget, batch size) does
+``repeats`` timed runs after ``warmup`` untimed ones; each run is one prefill (compressed at its end
+by the press) followed by a manual greedy decode loop of ``decode_tokens`` steps inside the press
+context. Results go to ``bench.json``, ``bench.md`` and, when matplotlib is available, PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from mixkv.integration import kv_cache_bytes
+from mixkv.presses import (
+    AdaKVPress,
+    KeyDiffPress,
+    MixKVPress,
+    PyramidKVPress,
+    SnapKVPress,
+    SparseMMPress,
+    StreamingLLMPress,
+)
+
+BASES = ("snapkv", "pyramidkv", "adakv", "sparsemm")
+METHODS = (
+    "full",
+    *BASES,
+    *(f"mixkv-{b}" for b in BASES),
+    "keydiff",
+    "streamingllm",
+    "kvpress-snapkv",
+    "kvpress-adakv",
+    "kvpress-keydiff",
+)
+FIELDS = (
+    "method",
+    "context",
+    "budget",
+    "batch",
+    "prefill_s_median",
+    "prefill_s_min",
+    "prefill_s_max",
+    "compression_s_median",
+    "decode_s_per_token",
+    "decode_ms_per_token",
+    "decode_tokens_per_s",
+    "decode_steps_timed",
+    "kv_bytes",
+    "kept_entries",
+    "kept_bytes",
+    "kv_over_kept",
+    "peak_mem_bytes",
+)
+DEFAULT_METHODS = ("full", "snapkv", "mixkv-snapkv", "adakv", "mixkv-adakv", "streamingllm")
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (bytes)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is in the bench extra
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return _max_rss_bytes()
+
+
+def _max_rss_bytes() -> int:
+    """Peak RSS of the process so far (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class _PeakMemory:
+    """Peak memory during a block: CUDA ``max_memory_allocated`` on GPU, sampled RSS on CPU.
+
+    ``ru_maxrss`` never goes down, so on CPU a background thread samples the RSS every few
+    milliseconds; the larger of the sampled peak and the end RSS is reported.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+        self._stop = False
+        self._thread: Any = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import threading
+
+            self.peak = _rss_bytes()
+            self._stop = False
+
+            def sample() -> None:
+                while not self._stop:
+                    self.peak = max(self.peak, _rss_bytes())
+                    time.sleep(self.interval)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop = True
+            if self._thread is not None:
+                self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+
+# -------------------------------------------------------------------------------------------- presses
+
+
+def _cfg(model: torch.nn.Module) -> Any:
+    return model.config
+
+
+def kvpress_available() -> bool:
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _random_head_scores(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    cfg = _cfg(model)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), generator=gen)
+
+
+def make_press(method: str, model: torch.nn.Module, budget: int, window_size: int) -> Any:
+    """The press object of ``method`` (None for ``"full"``)."""
+    common: dict[str, Any] = {"budget": budget, "window_size": window_size}
+    if method == "full":
+        return None
+    if method == "snapkv":
+        return SnapKVPress(**common)
+    if method == "pyramidkv":
+        return PyramidKVPress(**common)
+    if method == "adakv":
+        return AdaKVPress(**common)
+    if method == "sparsemm":
+        return SparseMMPress(**common, head_scores=_random_head_scores(model))
+    if method.startswith("mixkv-"):
+        base = method.removeprefix("mixkv-")
+        if base not in BASES:
+            raise ValueError(f"unknown MixKV base {base!r}; choose from {BASES}")
+        extra = {"head_scores": _random_head_scores(model)} if base == "sparsemm" else {}
+        return MixKVPress(**common, base=base, **extra)  # type: ignore[arg-type]
+    if method == "keydiff":
+        return KeyDiffPress(**common)
+    if method == "streamingllm":
+        return StreamingLLMPress(**common)
+    if method.startswith("kvpress-"):
+        return _make_kvpress(method.removeprefix("kvpress-"), budget)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _make_kvpress(name: str, budget: int) -> Any:  # pragma: no cover - needs kvpress
+    import kvpress
+
+    # kvpress speaks compression ratios; the ratio is set per context in ``_press_context``.
+    if name == "snapkv":
+        return kvpress.SnapKVPress()
+    if name == "adakv":
+        return kvpress.AdaKVPress(kvpress.SnapKVPress())
+    if name == "keydiff":
+        return kvpress.KeyDiffPress()
+    raise ValueError(f"unknown kvpress method {name!r}")
+
+
+@contextlib.contextmanager
+def _press_context(
+    method: str, press: Any, model: torch.nn.Module, budget: int, context: int
+) -> Iterator[None]:
+    if press is None:
+        yield
+        return
+    if method.startswith("kvpress-"):  # pragma: no cover - needs kvpress
+        ratio = max(0.0, 1.0 - budget / context)
+        target = press.press if hasattr(press, "press") else press
+        target.compression_ratio = ratio
+        with press(model):
+            yield
+        return
+    with press(model):
+        yield
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _param_info(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _head_dim(model: torch.nn.Module) -> int:
+    cfg = _cfg(model)
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else int(cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _one_run(
+    model: torch.nn.Module,
+    method: str,
+    press: Any,
+    input_ids: torch.Tensor,
+    budget: int,
+    decode_tokens: int,
+) -> dict[str, Any]:
+    device, dtype = _param_info(model)
+    batch, context = input_ids.shape
+    elem = torch.empty((), dtype=dtype).element_size()
+    n_layers = int(_cfg(model).num_hidden_layers)
+    n_kv = int(getattr(_cfg(model), "num_key_value_heads", None) or _cfg(model).num_attention_heads)
+    cache = DynamicCache(config=_cfg(model))
+    out: dict[str, Any] = {}
+    with (
+        _PeakMemory(device) as mem,
+        torch.inference_mode(),
+        _press_context(method, press, model, budget, context),
+    ):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        _sync(device)
+        out["prefill_s"] = time.perf_counter() - t0
+        report = getattr(press, "last_report", None) if press is not None else None
+        kv_bytes = kv_cache_bytes(cache)
+        if report is not None and getattr(report, "kept_tokens", None) is not None:
+            kept = int(report.kept_tokens.sum())
+            out["compression_s"] = float(report.compression_seconds)
+        else:
+            kept = batch * n_layers * n_kv * context
+            out["compression_s"] = 0.0
+        out["kv_bytes"] = kv_bytes
+        out["kept_entries"] = kept
+        out["kept_bytes"] = kept * 2 * _head_dim(model) * elem
+        next_ids = logits[:, -1:].argmax(-1)
+        steps: list[float] = []
+        for _ in range(decode_tokens):
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = model(next_ids, past_key_values=cache, use_cache=True).logits
+            next_ids = logits[:, -1:].argmax(-1)
+            _sync(device)
+            steps.append(time.perf_counter() - t0)
+        out["decode_steps"] = steps
+    out["peak_mem_bytes"] = mem.peak
+    del cache
+    return out
+
+
+def run_bench(
+    model: torch.nn.Module,
+    *,
+    methods: Sequence[str],
+    context_lengths: Sequence[int],
+    budgets: Sequence[int],
+    batch_sizes: Sequence[int],
+    decode_tokens: int = 64,
+    repeats: int = 3,
+    warmup: int = 1,
+    window_size: int = 32,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time every (method, context, budget, batch) cell; one dict per cell.
+
+    ``"full"`` ignores the budget and is run once per (context, batch). Methods named ``kvpress-*``
+    are skipped when kvpress is not importable.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    model.eval()
+    device, _ = _param_info(model)
+    vocab = int(_cfg(model).vocab_size)
+    have_kvpress = kvpress_available()
+    rows: list[dict[str, Any]] = []
+    # One short untimed run first so lazy initialisation never lands in the first timed cell.
+    warm_ids = torch.randint(
+        0, vocab, (1, min(context_lengths)), generator=torch.Generator().manual_seed(seed)
+    )
+    _one_run(model, "full", None, warm_ids.to(device), budgets[0], 2)
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        if method.startswith("kvpress-") and not have_kvpress:
+            if log:
+                log(f"skip {method}: kvpress is not installed")
+            continue
+        for context in context_lengths:
+            for budget in [budgets[0]] if method == "full" else budgets:
+                for batch in batch_sizes:
+                    gen = torch.Generator().manual_seed(seed + context + batch)
+                    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+                    press = make_press(method, model, budget, window_size)
+                    for _ in range(warmup):
+                        _one_run(model, method, press, ids, budget, min(decode_tokens, 4))
+                    runs = []
+                    for _ in range(repeats):
+                        gc.collect()
+                        runs.append(_one_run(model, method, press, ids, budget, decode_tokens))
+                    rows.append(_summarise(method, context, budget, batch, decode_tokens, runs))
+                    if log:
+                        r = rows[-1]
+                        log(
+                            f"{method:>16} ctx={context:<6} budget={r['budget']!s:<5} batch={batch} "
+                            f"prefill={r['prefill_s_median']:.3f}s decode={r['decode_ms_per_token']:.2f}ms/tok "
+                            f"kv={r['kv_bytes'] / 2**20:.1f}MiB ratio={r['kv_over_kept']:.3f}"
+                        )
+    return rows
+
+
+def _summarise(
+    method: str, context: int, budget: int, batch: int, decode_tokens: int, runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    prefill = [r["prefill_s"] for r in runs]
+    comp = [r["compression_s"] for r in runs]
+    steps = [s for r in runs for s in r["decode_steps"]]
+    step_med = statistics.median(steps) if steps else float("nan")
+    kv_bytes = runs[-1]["kv_bytes"]
+    kept_bytes = runs[-1]["kept_bytes"]
+    return {
+        "method": method,
+        "context": context,
+        "budget": None if method == "full" else budget,
+        "batch": batch,
+        "repeats": len(runs),
+        "decode_tokens": decode_tokens,
+        "prefill_s_median": statistics.median(prefill),
+        "prefill_s_min": min(prefill),
+        "prefill_s_max": max(prefill),
+        "compression_s_median": statistics.median(comp),
+        "decode_s_per_token": step_med,
+        "decode_ms_per_token": step_med * 1e3,
+        "decode_tokens_per_s": batch / step_med if step_med > 0 else float("nan"),
+        "decode_steps_timed": len(steps),
+        "kv_bytes": kv_bytes,
+        "kept_entries": runs[-1]["kept_entries"],
+        "kept_bytes": kept_bytes,
+        "kv_over_kept": kv_bytes / kept_bytes if kept_bytes else float("nan"),
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
+    }
+
+
+def memory_flat_check(
+    model: torch.nn.Module,
+    *,
+    method: str = "mixkv-snapkv",
+    context: int = 1024,
+    budget: int = 128,
+    generations: int = 10,
+    decode_tokens: int = 16,
+    window_size: int = 32,
+    tolerance: float = 0.05,
+) -> dict[str, Any]:
+    """Run ``generations`` consecutive compressed generations; flag RSS growth above ``tolerance``."""
+    device, _ = _param_info(model)
+    ids = torch.randint(
+        0, int(_cfg(model).vocab_size), (1, context), generator=torch.Generator().manual_seed(1)
+    )
+    ids = ids.to(device)
+    press = make_press(method, model, budget, window_size)
+    _one_run(model, method, press, ids, budget, decode_tokens)  # warm-up (allocator pools, lazy init)
+    gc.collect()
+    before = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
+    for _ in range(generations):
+        _one_run(model, method, press, ids, budget, decode_tokens)
+    gc.collect()
+    after = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
+    growth = (after - before) / before if before else 0.0
+    return {
+        "method": method,
+        "context": context,
+        "budget": budget,
+        "generations": generations,
+        "decode_tokens": decode_tokens,
+        "mem_before_bytes": before,
+        "mem_after_bytes": after,
+        "growth": growth,
+        "flat": growth <= tolerance,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def random_smollm2(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised Llama with SmolLM2-135M's shape (timing needs no trained weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=16384,
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model: Any = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def load_bench_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if name == "random-smollm2":
+        return random_smollm2(dtype)
+    from mixkv.models import load_model
+
+    model, _ = load_model(None if name == "smollm2" else name, dtype=dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "kvpress": kvpress_available(),
+    }
+    return info
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| method | ctx | budget | batch | prefill s (med [min-max]) | compress s | decode ms/tok | tok/s "
+        "| KV MiB | kept MiB | KV/kept | peak RSS MiB |\n"
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['context']} | {r['budget'] if r['budget'] is not None else '-'} | {r['batch']} "
+            f"| {r['prefill_s_median']:.3f} [{r['prefill_s_min']:.3f}-{r['prefill_s_max']:.3f}] "
+            f"| {r['compression_s_median']:.3f} | {r['decode_ms_per_token']:.2f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {_mib(r['kv_bytes'])} | {_mib(r['kept_bytes'])} | {r['kv_over_kept']:.3f} "
+            f"| {_mib(r['peak_mem_bytes'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    metrics = [
+        ("prefill_s_median", "prefill (s)", "prefill"),
+        ("decode_ms_per_token", "decode (ms / token)", "decode"),
+        ("kv_bytes", "KV cache (bytes)", "kv_bytes"),
+        ("peak_mem_bytes", "peak memory (bytes)", "peak_mem"),
+    ]
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}) or [None]
+    for key, label, stem in metrics:
+        fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+        for ax, budget in zip(axes[0], budgets, strict=True):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted(
+                    (r["context"], r[key])
+                    for r in rows
+                    if r["method"] == method
+                    and r["batch"] == rows[0]["batch"]
+                    and (r["budget"] == budget or r["budget"] is None)
+                )
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length")
+            ax.set_ylabel(label)
+            ax.set_title(f"budget {budget}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"bench_{stem}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_results(
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    *,
+    machine: dict[str, Any],
+    command: str,
+    memory_check: dict[str, Any] | None = None,
+    plots: bool = True,
+) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "machine": machine, "results": list(rows), "memory_check": memory_check}
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=str))
+    md = [f"Command: `{command}`\n", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()) + "\n"]
+    md.append(markdown_table(rows))
+    if memory_check is not None:
+        mc = memory_check
+        md.append(
+            f"\nMemory stays flat: {mc['generations']} x {mc['method']} (ctx {mc['context']}, budget "
+            f"{mc['budget']}): {_mib(mc['mem_before_bytes'])} -> {_mib(mc['mem_after_bytes'])} MiB "
+            f"({mc['growth'] * 100:+.1f}%) {'OK' if mc['flat'] else 'GROWTH > 5%'}\n"
+        )
+    paths["markdown"].write_text("\n".join(md))
+    if plots:
+        for i, p in enumerate(write_plots(rows, out)):
+            paths[f"plot{i}"] = p
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixkv.bench", description=__doc__)
+    parser.add_argument(
+        "--model", default="random-smollm2", help="random-smollm2 (default), smollm2 (real weights) or a path"
+    )
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {METHODS}")
+    parser.add_argument("--context-lengths", default="1024,2048,4096")
+    parser.add_argument("--budgets", default="128,512")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--window-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-check", type=int, default=10, help="consecutive generations (0: skip)")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = load_bench_model(args.model, dtype).to(args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = run_bench(
+        model,
+        methods=methods,
+        context_lengths=_ints(args.context_lengths),
+        budgets=_ints(args.budgets),
+        batch_sizes=_ints(args.batch_sizes),
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        window_size=args.window_size,
+        log=lambda s: print(s, flush=True),
+    )
+    mem = None
+    if args.memory_check > 0:
+        mem = memory_flat_check(
+            model, budget=_ints(args.budgets)[0], generations=args.memory_check, window_size=args.window_size
+        )
+        print(f"memory check: {mem}", flush=True)
+    command = "python -m mixkv.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    paths = write_results(
+        rows,
+        Path(args.out),
+        machine=machine_info(),
+        command=command,
+        memory_check=mem,
+        plots=not args.no_plots,
+    )
+    print(markdown_table(rows))
+    for k, p in paths.items():
+        print(f"{k}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark harness on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mixkv.bench import FIELDS, machine_info, main, memory_flat_check, run_bench, write_results
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_run_bench_fields_ratios_and_files(tmp_path):
+    model = _tiny_llama()
+    rows = run_bench(
+        model,
+        methods=["full", "mixkv-adakv"],
+        context_lengths=[128],
+        budgets=[48],
+        batch_sizes=[1],
+        decode_tokens=4,
+        repeats=1,
+        warmup=0,
+        window_size=8,
+    )
+    assert [r["method"] for r in rows] == ["full", "mixkv-adakv"]
+    for r in rows:
+        for field in FIELDS:
+            assert field in r, field
+        assert r["decode_steps_timed"] >= 4
+        assert r["prefill_s_min"] <= r["prefill_s_median"] <= r["prefill_s_max"]
+        assert r["kv_over_kept"] <= 1.02
+        assert r["peak_mem_bytes"] > 0
+    full, mix = rows
+    assert full["kv_over_kept"] == 1.0
+    assert full["compression_s_median"] == 0.0
+    assert mix["kv_bytes"] < full["kv_bytes"]
+    assert mix["kept_entries"] == 48 * 2 * 2  # budget x layers x KV heads (batch 1)
+
+    paths = write_results(rows, tmp_path, machine=machine_info(), command="test", plots=False)
+    data = json.loads(paths["json"].read_text())
+    assert len(data["results"]) == 2 and "torch" in data["machine"]
+    assert "| mixkv-adakv | 128 | 48 |" in paths["markdown"].read_text()
+
+
+def test_memory_check_and_cli(tmp_path, monkeypatch):
+    model = _tiny_llama()
+    mc = memory_flat_check(model, context=64, budget=24, generations=2, decode_tokens=2, window_size=8)
+    assert {"mem_before_bytes", "mem_after_bytes", "growth", "flat"} <= mc.keys()
+
+    monkeypatch.setattr("mixkv.bench.load_bench_model", lambda name, dtype: _tiny_llama())
+    rc = main(
+        [
+            "--methods", "full,snapkv",
+            "--context-lengths", "64",
+            "--budgets", "24",
+            "--window-size", "8",
+            "--decode-tokens", "2",
+            "--repeats", "1",
+            "--warmup", "0",
+            "--memory-check", "0",
+            "--no-plots",
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()

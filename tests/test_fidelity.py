@@ -1,0 +1,68 @@
+"""Tests of the full-vs-compressed fidelity measurements on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mixkv import MixKVPress, SnapKVPress
+from mixkv.eval.fidelity import attention_modules, measure_fidelity, measure_fidelity_ids
+from tests.helpers_tiny import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_and_tokenizer(seed=0)
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n,), generator=g)
+
+
+def test_budget_at_least_context_gives_full_agreement_and_zero_kl(tiny):
+    model, tok = tiny
+    ctx, cont = _ids(100, len(tok)), _ids(16, len(tok), seed=1)
+    report = measure_fidelity_ids(model, ctx, cont, SnapKVPress(budget=128))
+    assert report.top1_agreement == 1.0
+    assert report.mean_kl == pytest.approx(0.0, abs=1e-6)
+    assert max(report.layer_relative_error) < 1e-5
+
+
+def test_no_press_compares_the_full_cache_with_itself(tiny):
+    model, tok = tiny
+    report = measure_fidelity_ids(model, _ids(60, len(tok)), _ids(8, len(tok), 1), None)
+    assert report.top1_agreement == 1.0 and report.mean_kl == 0.0
+    assert report.compressed_kv_bytes == report.full_kv_bytes
+
+
+def test_compressing_press_changes_the_predictions(tiny):
+    model, tok = tiny
+    report = measure_fidelity_ids(model, _ids(200, len(tok)), _ids(16, len(tok), 1), MixKVPress(budget=40))
+    assert report.mean_kl > 0.0
+    assert all(err > 0 for err in report.layer_relative_error)
+    assert report.compressed_kv_bytes < report.full_kv_bytes
+
+
+def test_report_has_one_error_per_layer_and_one_kl_per_position(tiny):
+    model, tok = tiny
+    report = measure_fidelity_ids(model, _ids(120, len(tok)), _ids(10, len(tok), 1), SnapKVPress(budget=48))
+    assert len(report.layer_relative_error) == len(attention_modules(model)) == 2
+    assert len(report.kl_per_position) == 10
+    assert not any(math.isnan(e) for e in report.layer_relative_error)
+
+
+def test_text_api_splits_the_last_tokens_as_continuation(tiny):
+    model, tok = tiny
+    text = " ".join(["The grass is green. The sky is blue."] * 20)
+    report = measure_fidelity(model, tok, text, SnapKVPress(budget=48), continuation_tokens=12)
+    assert report.continuation_tokens == 12
+    assert report.context_tokens == len(tok(text)["input_ids"]) - 12
+
+
+def test_text_shorter_than_the_continuation_raises(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="longer text"):
+        measure_fidelity(model, tok, "The sky is blue.", None, continuation_tokens=64)

@@ -1,0 +1,196 @@
+"""Tests of the resumable evaluation grid, on a tiny random Llama with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mixkv.eval import runner
+from mixkv.eval.cli import main as cli_main
+from mixkv.eval.runner import cell_filename, run_eval
+from tests.helpers_tiny import tiny_model_and_tokenizer
+
+GRID = {
+    "methods": ["full", "snapkv", "mixkv-snapkv"],
+    "budgets": [40],
+    "tasks": ["niah_single_1"],
+    "context_lengths": [128],
+    "n": 2,
+    "seed": 0,
+    "max_new_tokens": 3,
+}
+CELLS = [
+    cell_filename("full", None, "niah_single_1", 128),
+    cell_filename("snapkv", 40, "niah_single_1", 128),
+    cell_filename("mixkv-snapkv", 40, "niah_single_1", 128),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_and_tokenizer(seed=0)
+
+
+@pytest.fixture
+def finished(tiny, tmp_path):
+    """A grid already run once into tmp_path."""
+    run_eval(tiny, out_dir=tmp_path, **GRID)
+    return tmp_path
+
+
+def test_run_writes_one_json_file_per_cell(finished):
+    assert sorted(os.listdir(finished / "cells")) == sorted(CELLS)
+
+
+def test_cell_file_records_outputs_scores_and_configuration(finished):
+    data = json.loads((finished / "cells" / CELLS[1]).read_text())
+    assert data["complete"] is True
+    assert data["cell"] == {"method": "snapkv", "budget": 40, "task": "niah_single_1", "context_length": 128}
+    assert len(data["examples"]) == 2
+    example = data["examples"][0]
+    assert {"output", "score", "answers", "prefill_seconds", "decode_seconds", "kept_tokens_mean"} <= set(
+        example
+    )
+    assert example["kept_tokens_mean"] == pytest.approx(40)
+    assert data["config"]["budgets"] == [40] and data["seed"] == 0
+    assert {"torch", "transformers", "mixkv"} <= set(data["versions"])
+    assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
+
+
+def test_compressed_cell_keeps_less_kv_memory_than_full(finished):
+    full = json.loads((finished / "cells" / CELLS[0]).read_text())
+    snap = json.loads((finished / "cells" / CELLS[1]).read_text())
+    assert snap["examples"][0]["kv_bytes"] < full["examples"][0]["kv_bytes"]
+    assert snap["kv_fraction_mean"] < 1.0
+
+
+def test_resume_skips_finished_cells(tiny, finished, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(runner, "run_example", fail)
+    mtimes = {c: (finished / "cells" / c).stat().st_mtime_ns for c in CELLS}
+    result = run_eval(tiny, out_dir=finished, **GRID)
+    assert sorted(result.reused) == sorted(CELLS) and result.computed == []
+    assert mtimes == {c: (finished / "cells" / c).stat().st_mtime_ns for c in CELLS}
+
+
+def test_resume_computes_only_new_cells(tiny, finished):
+    grid = {**GRID, "budgets": [40, 64]}
+    result = run_eval(tiny, out_dir=finished, **grid)
+    assert sorted(result.computed) == sorted(
+        [
+            cell_filename("snapkv", 64, "niah_single_1", 128),
+            cell_filename("mixkv-snapkv", 64, "niah_single_1", 128),
+        ]
+    )
+    assert sorted(result.reused) == sorted(CELLS)
+
+
+def test_corrupt_cell_file_is_reported_kept_aside_and_recomputed(tiny, finished, caplog):
+    path = finished / "cells" / CELLS[1]
+    path.write_text(path.read_text()[:100])  # truncated, as after a crash
+    with caplog.at_level("WARNING", logger="mixkv.eval"):
+        result = run_eval(tiny, out_dir=finished, **GRID)
+    assert [name for name, _ in result.recomputed] == [CELLS[1]]
+    assert result.computed == [CELLS[1]]
+    assert CELLS[1] in caplog.text
+    assert (finished / "cells" / (CELLS[1] + ".corrupt")).exists()
+    assert json.loads(path.read_text())["complete"] is True
+    assert sorted(result.reused) == sorted([CELLS[0], CELLS[2]])
+
+
+def test_cell_without_complete_flag_is_not_used(tiny, finished):
+    path = finished / "cells" / CELLS[2]
+    data = json.loads(path.read_text())
+    data["complete"] = False
+    path.write_text(json.dumps(data))
+    result = run_eval(tiny, out_dir=finished, **GRID)
+    assert result.computed == [CELLS[2]]
+
+
+def test_cell_from_another_seed_is_stale_and_recomputed(tiny, finished):
+    path = finished / "cells" / CELLS[0]
+    data = json.loads(path.read_text())
+    data["identity"]["seed"] = 99
+    path.write_text(json.dumps(data))
+    result = run_eval(tiny, out_dir=finished, **GRID)
+    assert result.computed == [CELLS[0]]
+    assert (finished / "cells" / (CELLS[0] + ".stale")).exists()
+
+
+def test_no_resume_recomputes_everything(tiny, finished):
+    result = run_eval(tiny, out_dir=finished, resume=False, **GRID)
+    assert sorted(result.computed) == sorted(CELLS) and result.reused == []
+
+
+def test_markdown_table_has_a_row_per_method_and_budget_task_columns(finished):
+    table = (finished / "results.md").read_text()
+    assert "| method | 40 niah_single_1 |" in table
+    for method in GRID["methods"]:
+        assert f"| {method} |" in table
+
+
+def test_budget_not_below_context_is_skipped_and_shown_as_na(tiny, tmp_path):
+    result = run_eval(tiny, out_dir=tmp_path, **{**GRID, "budgets": [40, 200]})
+    skipped = [name for name, _ in result.skipped]
+    assert cell_filename("snapkv", 200, "niah_single_1", 128) in skipped
+    assert not (tmp_path / "cells" / cell_filename("snapkv", 200, "niah_single_1", 128)).exists()
+    assert "n/a" in (tmp_path / "results.md").read_text()
+
+
+def test_every_budget_above_every_context_raises(tiny, tmp_path):
+    with pytest.raises(ValueError, match="nothing would be compressed"):
+        run_eval(tiny, out_dir=tmp_path, **{**GRID, "budgets": [512]})
+
+
+def test_unknown_method_raises_listing_methods(tiny, tmp_path):
+    with pytest.raises(ValueError, match="mixkv-adakv"):
+        run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["h2o"]})
+
+
+def test_kvpress_methods_without_kvpress_raise(tiny, tmp_path):
+    if runner._kvpress_available():
+        pytest.skip("kvpress is installed")
+    with pytest.raises(ValueError, match="kvpress"):
+        run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["kvpress-snapkv"]})
+
+
+def test_query_aware_protocol_runs(tiny, tmp_path):
+    result = run_eval(tiny, out_dir=tmp_path, protocol="query_aware", **{**GRID, "methods": ["snapkv"]})
+    data = result.cells[0]
+    assert data["identity"]["protocol"] == "query_aware"
+    assert data["examples"][0]["prefill_tokens"] == data["examples"][0]["prompt_tokens"] - 1
+
+
+def test_plot_is_written_when_matplotlib_is_installed(finished):
+    pytest.importorskip("matplotlib")
+    assert (finished / "score_vs_budget_L128.png").stat().st_size > 0
+
+
+def test_cli_runs_a_grid_from_a_model_directory(tiny, tmp_path, capsys):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--methods", "full,snapkv", "--budgets", "40"]
+    argv += [
+        "--tasks",
+        "niah_single_1",
+        "--context-lengths",
+        "128",
+        "--n",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--max-new-tokens", "2"]
+    assert cli_main(argv) == 0
+    assert "2 cell(s) computed" in capsys.readouterr().out
+    assert (tmp_path / "out" / "results.md").exists()
+
+
+def test_cli_bad_budget_returns_2(capsys):
+    assert cli_main(["--budgets", "sixty"]) == 2
+    assert "--budgets" in capsys.readouterr().err
