@@ -224,8 +224,9 @@ class PressSession:
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            cache = kwargs.get("past_key_values")
-            self._caches[layer_idx] = cache if isinstance(cache, Cache) else None
+            # The argument is `past_key_values` up to transformers 5.23 and `cache` from 5.24 on.
+            found = (value for value in (*args, *kwargs.values()) if isinstance(value, Cache))
+            self._caches[layer_idx] = next(found, None)
 
         return hook
 
