@@ -1,0 +1,78 @@
+"""End to end: decoding from a compressed cache gives the logits of the full cache with the dropped
+entries masked out.
+
+A one-layer model with a single KV head makes the reference expressible with transformers' own
+4-D attention mask (one kept set per sequence), so the whole forward pass - rotary positions,
+attention, MLP, head - is compared, not only the attention kernel.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import mixkv
+from tests.reference import kept_positions
+
+WINDOW = 8
+BUDGET = 40
+
+
+def one_layer_mqa(attn_implementation):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        initializer_range=0.2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def batch(short_row_length):
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (2, 100), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, : 100 - short_row_length] = 0
+    ids[1, : 100 - short_row_length] = 0
+    return ids, mask
+
+
+PRESSES = [
+    mixkv.SnapKVPress(budget=BUDGET, window_size=WINDOW),
+    mixkv.AdaKVPress(budget=BUDGET, window_size=WINDOW),
+    mixkv.MixKVPress(budget=BUDGET, window_size=WINDOW, base="snapkv"),
+    mixkv.StreamingLLMPress(budget=BUDGET, window_size=WINDOW),
+]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("short_row_length", [80, 30], ids=["dense-layout", "packed-layout"])
+@pytest.mark.parametrize("press", PRESSES, ids=lambda p: type(p).__name__)
+def test_decoding_logits_equal_full_cache_with_dropped_entries_masked(press, short_row_length, attn_implementation):
+    model = one_layer_mqa(attn_implementation)
+    ids, mask = batch(short_row_length)
+    new_ids = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(100, 103).expand(2, -1)
+
+    full = DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, past_key_values=full)
+    compressed = DynamicCache(config=model.config)
+    with press(model):
+        model(ids, attention_mask=mask, past_key_values=compressed)
+        kept = kept_positions(compressed.layers[0], full.layers[0].keys)[:, 0] & mask.bool()
+        got = model(new_ids, position_ids=positions, past_key_values=compressed).logits
+
+    assert int(kept[0].sum()) == BUDGET
+    assert int(kept[1].sum()) == min(BUDGET, short_row_length)
+    visible = torch.cat([kept.unsqueeze(1).expand(-1, 3, -1), torch.ones(2, 3, 3, dtype=torch.bool).tril()], -1)
+    if attn_implementation == "sdpa":
+        reference_mask = visible[:, None]
+    else:
+        reference_mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    expected = model(new_ids, attention_mask=reference_mask, position_ids=positions, past_key_values=full).logits
+    assert (got - expected).abs().max() <= 1e-4
