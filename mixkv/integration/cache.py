@@ -50,9 +50,11 @@ class CompressedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a compressed layer is created already initialised")
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
         # Sizes of the uncompressed cache: the mask the model builds is the one the full cache would
         # use; compressed layers ignore it and mask by their own bookkeeping in `attend`.
+        # transformers < 5.5 passes the cache positions of the queries instead of their number.
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else query
         return self.seen_tokens + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -60,6 +62,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def get_max_cache_shape(self) -> int:
+        """Name of ``get_max_length`` before transformers 5.5."""
+        return self.get_max_length()
 
     def _check_active(self) -> None:
         if not self.active:

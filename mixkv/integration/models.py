@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import get_layer_types_and_kwargs
 
 # Top-level `config.model_type` of every family proven by the test-suite (tests/families.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -60,6 +59,19 @@ class DecoderLayout:
         return len(self.attention_modules)
 
 
+def _layer_types(text_config: PretrainedConfig) -> list[str]:
+    """Attention type of every decoder layer, as transformers' DynamicCache decides it."""
+    try:  # transformers >= 5.5 (per-layer configs, KV sharing)
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:
+        explicit = getattr(text_config, "layer_types", None)
+        if explicit is not None:
+            return list(explicit)
+        sliding = getattr(text_config, "sliding_window", None) is not None
+        return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
+    return list(get_layer_types_and_kwargs(text_config)[0])
+
+
 def _image_token_id(config: PretrainedConfig) -> int | None:
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)
@@ -111,7 +123,7 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
             f"could not locate one self-attention module per decoder layer in {type(model).__name__} "
             f"(found layers {sorted(by_layer)} of {num_layers}); this model layout is not supported"
         )
-    layer_types = get_layer_types_and_kwargs(text_config)[0]
+    layer_types = _layer_types(text_config)
     compressible = tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention")
     if not compressible:
         raise ValueError(
