@@ -71,6 +71,17 @@ class CompressedLayer(CacheLayerMixin):
         if not self.active:
             raise RuntimeError(_DETACHED_MESSAGE)
 
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new tokens to every head (to the dense part; a packed prompt part never grows)."""
+        self._check_active()
+        keys, values = self.dense()
+        self.keys = torch.cat([keys, key_states], dim=-2)
+        self.values = torch.cat([values, value_states], dim=-2)
+        self.seen_tokens += key_states.shape[-2]
+        return self.keys, self.values
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense ``(B, Hkv, L, D)`` keys and values (the whole layer, or the tail of a packed one)."""
         if self.keys is None or self.values is None:
@@ -94,16 +105,6 @@ class DenseCompressedLayer(CompressedLayer):
         super().__init__(seen_tokens)
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_active()
-        keys, values = self.dense()
-        self.keys = torch.cat([keys, key_states], dim=-2)
-        self.values = torch.cat([values, value_states], dim=-2)
-        self.seen_tokens += key_states.shape[-2]
-        return self.keys, self.values
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_active()
@@ -164,16 +165,11 @@ class PackedCompressedLayer(CompressedLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_active()
-        keys, values = self.dense()
-        self.keys = torch.cat([keys, key_states], dim=-2)
-        self.values = torch.cat([values, value_states], dim=-2)
         new = torch.ones(
             (self.tail_valid.shape[0], key_states.shape[-2]), dtype=torch.bool, device=self.tail_valid.device
         )
         self.tail_valid = torch.cat([self.tail_valid, new], dim=-1)
-        self.seen_tokens += key_states.shape[-2]
-        return self.keys, self.values
+        return super().update(key_states, value_states)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_active()

@@ -283,10 +283,9 @@ class PressSession:
             length = keys.shape[2]
             key_mask = key_mask_from_attention_mask(attention_mask, keys.shape[0], length, keys.device)
             lengths = key_mask.sum(-1)
-            if layer_idx == self.layout.compressible_layers[0] or self._record is None:
-                self._start_record(lengths, key_mask)
             record = self._record
-            assert record is not None
+            if layer_idx == self.layout.compressible_layers[0] or record is None:
+                record = self._start_record(lengths, key_mask)
             record.kept[:, layer_idx] = lengths.unsqueeze(-1).cpu()
             if type(layer) is not DynamicLayer:
                 raise ValueError(
@@ -300,7 +299,7 @@ class PressSession:
             elif bool(compress_rows.any()):
                 start = time.perf_counter()
                 self._compress(
-                    layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling
+                    record, layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling
                 )
                 record.seconds += time.perf_counter() - start
             else:
@@ -308,7 +307,7 @@ class PressSession:
         if layer_idx == self.layout.num_layers - 1:
             self._finish_record(cache)
 
-    def _start_record(self, lengths: torch.Tensor, key_mask: torch.Tensor) -> None:
+    def _start_record(self, lengths: torch.Tensor, key_mask: torch.Tensor) -> _PrefillRecord:
         batch = lengths.shape[0]
         budgets = [self.press.sequence_budget(int(n)) for n in lengths.tolist()]
         record = _PrefillRecord(
@@ -323,9 +322,11 @@ class PressSession:
             record.image_kept = torch.zeros(batch)
             record.text_kept = torch.zeros(batch)
         self._record = record
+        return record
 
     def _compress(
         self,
+        record: _PrefillRecord,
         layer_idx: int,
         cache: Cache,
         query: torch.Tensor,
@@ -336,8 +337,7 @@ class PressSession:
         compress_rows: torch.Tensor,
         scaling: float,
     ) -> None:
-        press, record = self.press, self._record
-        assert record is not None
+        press = self.press
         window = press.window_size
         batch, _, length, head_dim = keys.shape
         prefix = length - window

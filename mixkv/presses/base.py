@@ -154,8 +154,8 @@ class BasePress:
         """Budget (window included) of a sequence with ``context_length`` real tokens."""
         if self.budget is not None:
             return self.budget
-        assert self.compression_ratio is not None
-        return max(self.window_size + 1, round(context_length * (1.0 - self.compression_ratio)))
+        ratio = self.compression_ratio or 0.0  # exactly one of the two is set (__post_init__)
+        return max(self.window_size + 1, round(context_length * (1.0 - ratio)))
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         """Refuse per-head tables measured on a model of another shape (overridden where needed).
