@@ -8,7 +8,9 @@ This is a helper module for the tests (not a test file). :func:`build_case` retu
   vocab 384) so every family runs in well under a second on a CPU.
 * Vision-language models get a REAL image, drawn deterministically with Pillow, and turned into
   ``pixel_values`` by the family's own (PIL backend) image processor class, instantiated directly
-  with small size settings; torchvision is not needed.  The prompt is built by the family's own
+  with small size settings; torchvision is not needed (``*ImageProcessorPil`` where the installed
+  transformers has it, else the older releases' slow ``*ImageProcessor``, see
+  :func:`_image_processor`).  The prompt is built by the family's own
   ``*Processor`` class (image-token expansion included) around an offline word-level tokenizer,
   except for SmolVLM whose processor needs the optional ``num2words`` package: there the prompt
   string is built with the processor module's own ``get_image_prompt_string`` helper.
@@ -222,6 +224,26 @@ def _make_tokenizer(extra_special_tokens: dict[str, str] | None = None) -> Any:
     )
 
 
+def _image_processor(model_dir: str, prefix: str) -> Any:
+    """The family's PIL/numpy image processor class (no torchvision needed), e.g. ``"qwen2_vl", "Qwen2VL"``.
+
+    Recent transformers name it ``<prefix>ImageProcessorPil`` in ``image_processing_pil_<model_dir>``;
+    older releases (e.g. 5.2) have no such module and the slow class is plain ``<prefix>ImageProcessor``.
+    """
+    import importlib
+
+    import transformers as tf
+
+    module_name = f"transformers.models.{model_dir}.image_processing_pil_{model_dir}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return getattr(tf, f"{prefix}ImageProcessor")
+    return getattr(module, f"{prefix}ImageProcessorPil")
+
+
 def draw_image(seed: int, width: int, height: int) -> Image.Image:
     """A deterministic, real RGB picture: a gradient background, shapes, lines and some text."""
     rng = random.Random(seed)
@@ -385,7 +407,6 @@ class _VlmSpec:
 
 def _qwen_vl_spec(name: str) -> _VlmSpec:
     import transformers as tf
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     text: Any
     vision: dict[str, Any]
@@ -458,7 +479,7 @@ def _qwen_vl_spec(name: str) -> _VlmSpec:
     factor = patch * 2  # patch_size * merge_size
     # 12 x 16 patches -> 6 x 8 = 48 merged image tokens
     height, width = 6 * factor, 8 * factor
-    image_processor = Qwen2VLImageProcessorPil(
+    image_processor = _image_processor("qwen2_vl", "Qwen2VL")(
         patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
@@ -524,7 +545,6 @@ def _siglip_vision(image_size: int, patch: int) -> dict[str, Any]:
 
 def _llava_spec() -> _VlmSpec:
     import transformers as tf
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     side = 112  # 8 x 8 patches of 14 -> 64 image tokens (CLS dropped by the "default" strategy)
     image_id = TOKEN_IDS["<image>"]
@@ -536,7 +556,7 @@ def _llava_spec() -> _VlmSpec:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    image_processor = LlavaImageProcessorPil(
+    image_processor = _image_processor("llava", "Llava")(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
     processor = tf.LlavaProcessor(
@@ -557,7 +577,6 @@ def _llava_spec() -> _VlmSpec:
 
 def _llava_next_spec() -> _VlmSpec:
     import transformers as tf
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     side = 56  # 4 x 4 patches of 14 per crop
     pinpoints = [[56, 112], [112, 56], [112, 112]]
@@ -571,7 +590,7 @@ def _llava_next_spec() -> _VlmSpec:
         vision_feature_layer=-2,
         image_seq_length=(side // 14) ** 2,
     )
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = _image_processor("llava_next", "LlavaNext")(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_grid_pinpoints=pinpoints,
@@ -594,9 +613,6 @@ def _llava_next_spec() -> _VlmSpec:
 
 def _llava_onevision_spec() -> _VlmSpec:
     import transformers as tf
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
 
     side, patch = 56, 14  # 4 x 4 patches per crop, SigLIP has no CLS token
     pinpoints = [[56, 112], [112, 56], [112, 112]]
@@ -611,7 +627,7 @@ def _llava_onevision_spec() -> _VlmSpec:
         vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9",
     )
-    image_processor = LlavaOnevisionImageProcessorPil(
+    image_processor = _image_processor("llava_onevision", "LlavaOnevision")(
         size={"height": side, "width": side},
         crop_size={"height": side, "width": side},
         image_grid_pinpoints=pinpoints,
@@ -635,7 +651,6 @@ def _llava_onevision_spec() -> _VlmSpec:
 
 def _internvl_spec() -> _VlmSpec:
     import transformers as tf
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     side, patch = 112, 14  # 8 x 8 patches per tile, pixel-shuffled by 0.5 -> 16 tokens per tile
     image_id = TOKEN_IDS["<IMG_CONTEXT>"]
@@ -654,7 +669,7 @@ def _internvl_spec() -> _VlmSpec:
         downsample_ratio=0.5,
         vision_feature_layer=-1,
     )
-    image_processor = GotOcr2ImageProcessorPil(
+    image_processor = _image_processor("got_ocr2", "GotOcr2")(
         size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=3
     )
     tokenizer = _make_tokenizer(
@@ -694,12 +709,10 @@ def _idefics_like_spec(name: str) -> _VlmSpec:
     text = {"model_type": "llama", **_text_kwargs()}
     config: Any
     if name == "idefics3":
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
         config = tf.Idefics3Config(
             vision_config=vision, text_config=text, image_token_id=image_id, scale_factor=2
         )
-        image_processor: Any = Idefics3ImageProcessorPil(
+        image_processor: Any = _image_processor("idefics3", "Idefics3")(
             size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side}, do_image_splitting=True
         )
         processor: Any = tf.Idefics3Processor(
@@ -707,12 +720,10 @@ def _idefics_like_spec(name: str) -> _VlmSpec:
         )
         cls = "Idefics3ForConditionalGeneration"
     else:
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
         config = tf.SmolVLMConfig(
             vision_config=vision, text_config=text, image_token_id=image_id, scale_factor=2
         )
-        image_processor = SmolVLMImageProcessorPil(
+        image_processor = _image_processor("smolvlm", "SmolVLM")(
             size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side}, do_image_splitting=True
         )
         processor = None
@@ -726,16 +737,24 @@ def _idefics_like_spec(name: str) -> _VlmSpec:
             return _tensor_dict(processor(text=[text], images=[[image]], return_tensors="pt"))
         # SmolVLMProcessor needs the optional `num2words` package, so expand the prompt with the
         # processor module's own helper and tokenize it with the same tokenizer.
-        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+        try:
+            from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+        except ModuleNotFoundError as exc:
+            # transformers 5.2's module imports its torchvision video processor; Idefics3's helper
+            # expands the image the same way (its last parameter is named `global_img_token`)
+            if exc.name != "torchvision":
+                raise
+            from transformers.models.idefics3.processing_idefics3 import get_image_prompt_string
 
         img = image_processor(images=[[image]], return_row_col_info=True, return_tensors="pt")
+        # positional: (rows, cols, image_seq_len, fake_token_around_image, image_token, global token)
         image_str = get_image_prompt_string(
             img["rows"][0][0],
             img["cols"][0][0],
             seq_len,
-            fake_token_around_image="<fake_token_around_image>",
-            image_token="<image>",
-            global_image_token="<global-img>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
         )
         text = _vlm_prompt(seed, row, left_pad, image_str)
         enc = tokenizer([text], return_tensors="pt")
@@ -751,7 +770,6 @@ def _idefics_like_spec(name: str) -> _VlmSpec:
 
 def _gemma3_spec() -> _VlmSpec:
     import transformers as tf
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     side, patch = 96, 8  # 12 x 12 patches avg-pooled 2x2 -> 6 x 6 = 36 image tokens
     mm_tokens = 36
@@ -764,7 +782,9 @@ def _gemma3_spec() -> _VlmSpec:
         eoi_token_index=TOKEN_IDS["<end_of_image>"],
         image_token_index=image_id,
     )
-    image_processor = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False)
+    image_processor = _image_processor("gemma3", "Gemma3")(
+        size={"height": side, "width": side}, do_pan_and_scan=False
+    )
     tokenizer = _make_tokenizer(
         {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     )
@@ -896,3 +916,19 @@ def build_case(
         rows=rows,
         extra={"text_model_type": text_config.model_type},
     )
+
+
+def vlm_processor(name: str) -> Any:
+    """The ``*Processor`` that :func:`build_case` uses for VLM family ``name`` (offline tokenizer).
+
+    The family builders keep their processor inside the row maker, so it is read back from there.
+    Raises ``KeyError`` for families that have no processor object here (LLMs and ``smolvlm``).
+    """
+    if name not in VLM_FAMILIES:
+        raise KeyError(f"{name!r} is not a VLM family; known: {VLM_FAMILIES}")
+    make_row = _vlm_spec(name).make_row
+    cells = dict(zip(make_row.__code__.co_freevars, make_row.__closure__ or (), strict=True))
+    processor = cells["processor"].cell_contents if "processor" in cells else None
+    if processor is None:
+        raise KeyError(f"family {name!r} builds its prompts without a processor object")
+    return processor

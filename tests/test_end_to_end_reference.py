@@ -53,7 +53,9 @@ PRESSES = [
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("short_row_length", [80, 30], ids=["dense-layout", "packed-layout"])
 @pytest.mark.parametrize("press", PRESSES, ids=lambda p: type(p).__name__)
-def test_decoding_logits_equal_full_cache_with_dropped_entries_masked(press, short_row_length, attn_implementation):
+def test_decoding_logits_equal_full_cache_with_dropped_entries_masked(
+    press, short_row_length, attn_implementation
+):
     model = one_layer_mqa(attn_implementation)
     ids, mask = batch(short_row_length)
     new_ids = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(4))
@@ -69,10 +71,16 @@ def test_decoding_logits_equal_full_cache_with_dropped_entries_masked(press, sho
 
     assert int(kept[0].sum()) == BUDGET
     assert int(kept[1].sum()) == min(BUDGET, short_row_length)
-    visible = torch.cat([kept.unsqueeze(1).expand(-1, 3, -1), torch.ones(2, 3, 3, dtype=torch.bool).tril()], -1)
+    visible = torch.cat(
+        [kept.unsqueeze(1).expand(-1, 3, -1), torch.ones(2, 3, 3, dtype=torch.bool).tril()], -1
+    )
     if attn_implementation == "sdpa":
         reference_mask = visible[:, None]
     else:
-        reference_mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
-    expected = model(new_ids, attention_mask=reference_mask, position_ids=positions, past_key_values=full).logits
+        reference_mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[
+            :, None
+        ]
+    expected = model(
+        new_ids, attention_mask=reference_mask, position_ids=positions, past_key_values=full
+    ).logits
     assert (got - expected).abs().max() <= 1e-4
