@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mixkv import MixKVPress, SnapKVPress
-from mixkv.eval.fidelity import attention_modules, measure_fidelity, measure_fidelity_ids
+from mixkv.eval.fidelity import measure_fidelity, measure_fidelity_ids
+from mixkv.integration import describe_decoder
 from tests.helpers_tiny import tiny_model_and_tokenizer
 
 
@@ -49,7 +50,7 @@ def test_compressing_press_changes_the_predictions(tiny):
 def test_report_has_one_error_per_layer_and_one_kl_per_position(tiny):
     model, tok = tiny
     report = measure_fidelity_ids(model, _ids(120, len(tok)), _ids(10, len(tok), 1), SnapKVPress(budget=48))
-    assert len(report.layer_relative_error) == len(attention_modules(model)) == 2
+    assert len(report.layer_relative_error) == len(describe_decoder(model).attention_modules) == 2
     assert len(report.kl_per_position) == 10
     assert not any(math.isnan(e) for e in report.layer_relative_error)
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FidelityReport", "attention_modules", "measure_fidelity", "measure_fidelity_ids"]
+from mixkv.integration.models import describe_decoder
+
+__all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
 
 
 @dataclass
@@ -63,41 +65,6 @@ class FidelityReport:
         return dict(self.__dict__)
 
 
-def attention_modules(model: Any) -> list[torch.nn.Module]:
-    """Return the decoder's self-attention modules in layer order.
-
-    Parameters
-    ----------
-    model
-        A Hugging Face causal LM or vision-language model.
-
-    Returns
-    -------
-    list of torch.nn.Module
-
-    Raises
-    ------
-    ValueError
-        If no self-attention modules with a ``layer_idx`` are found.
-    """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    found: list[torch.nn.Module] = []
-    if layers is not None:
-        found = [layer.self_attn for layer in layers if hasattr(layer, "self_attn")]
-    if not found:
-        found = [
-            m for name, m in decoder.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")
-        ]
-        found.sort(key=lambda m: int(getattr(m, "layer_idx", 0)))
-    if not found:
-        raise ValueError(
-            f"No decoder self-attention modules found in {type(model).__name__}; expected "
-            "`model.get_decoder().layers[i].self_attn`."
-        )
-    return found
-
-
 @contextlib.contextmanager
 def _capture(modules: list[torch.nn.Module], store: list[torch.Tensor | None]) -> Iterator[None]:
     def make_hook(i: int) -> Any:
@@ -122,7 +89,7 @@ def _run(
 
     from mixkv.eval.runner import _forward_prefill, cache_bytes
 
-    modules = attention_modules(model)
+    modules = describe_decoder(model).attention_modules
     outputs: list[torch.Tensor | None] = [None] * len(modules)
     cache = DynamicCache(config=model.config)
     manager = press(model) if press is not None else contextlib.nullcontext()
