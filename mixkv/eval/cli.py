@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -27,6 +28,7 @@ def _ints(values: Sequence[str] | None, flag: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``mixkv eval``."""
+    from mixkv.eval.mm_runner import MM_TASKS
     from mixkv.eval.runner import METHODS
     from mixkv.eval.tasks import TASKS
 
@@ -34,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixkv eval",
         description=(
             "Run a resumable grid of KV-cache compression methods x budgets x long-context tasks "
-            "x context lengths; writes one JSON per finished cell, results.md and PNG plots."
+            "x context lengths, or (with a local vision-language model) methods x budgets x "
+            "multimodal tasks; writes one JSON per finished cell, results.md and PNG plots."
         ),
     )
-    p.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m, a model directory or .gguf")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (default), gemma3-270m, a model directory or .gguf; multimodal tasks need a "
+        "vision-language model directory",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -46,13 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budgets", nargs="+", default=["64,128"], help="tokens per KV head, e.g. 64,128,256")
     p.add_argument(
-        "--tasks", nargs="+", default=["niah_single_1,niah_single_2"], help=f"from: {', '.join(TASKS)}"
+        "--tasks",
+        nargs="+",
+        default=["niah_single_1,niah_single_2"],
+        help=f"text tasks from: {', '.join(TASKS)}; or multimodal tasks from: {', '.join(MM_TASKS)} "
+        "(text and multimodal tasks cannot be mixed in one run)",
     )
     p.add_argument("--context-lengths", nargs="+", default=["1024"], help="context tokens, e.g. 1024,2048")
-    p.add_argument("--n", type=int, default=5, help="examples per cell (default 5)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        help="annotation file of a multimodal benchmark: FILE when one benchmark task is run, else "
+        "TASK=FILE per task (e.g. docvqa=val_v1.0.json)",
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=[],
+        help="image folder of a multimodal benchmark: DIR or TASK=DIR (optional for docvqa: its root)",
+    )
+    p.add_argument(
+        "--coordinate-scale",
+        choices=["pixel", "normalized_1", "normalized_1000"],
+        default="pixel",
+        help="coordinates the model answers in, for screenspot / synthetic_gui_grounding",
+    )
+    p.add_argument(
+        "--n", type=int, default=5, help="examples per cell (default 5; multimodal: first n / n generated)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="mixkv_results", help="output directory (default ./mixkv_results)")
-    p.add_argument("--protocol", choices=["query_agnostic", "query_aware"], default="query_agnostic")
+    p.add_argument(
+        "--protocol",
+        choices=["query_agnostic", "query_aware"],
+        default="query_agnostic",
+        help="text tasks only; multimodal prompts are always compressed whole (query_aware)",
+    )
     p.add_argument("--no-resume", action="store_true", help="recompute and overwrite finished cells")
     p.add_argument("--window-size", type=int, default=32, help="observation window (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the tasks' answer lengths")
@@ -72,26 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     int
         0 on success, 2 on invalid input (the message says what to change).
     """
+    from mixkv.eval.mm_runner import MM_TASKS
     from mixkv.eval.runner import run_eval
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tasks = _split(args.tasks)
     try:
-        result = run_eval(
-            args.model,
-            methods=_split(args.methods),
-            budgets=_ints(args.budgets, "--budgets"),
-            tasks=_split(args.tasks),
-            context_lengths=_ints(args.context_lengths, "--context-lengths"),
-            n=args.n,
-            seed=args.seed,
-            out_dir=args.out,
-            protocol=args.protocol,
-            resume=not args.no_resume,
-            window_size=args.window_size,
-            max_new_tokens=args.max_new_tokens,
-        )
+        if any(t in MM_TASKS for t in tasks):
+            result = _run_multimodal(args, tasks)
+        else:
+            if args.data or args.images:
+                raise ValueError("--data / --images are for multimodal tasks only.")
+            result = _run_text(args, run_eval)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mixkv eval: error: {exc}", file=sys.stderr)
         return 2
@@ -107,6 +139,105 @@ def main(argv: list[str] | None = None) -> int:
     for path in result.plot_paths:
         print(f"plot: {path}")
     return 0
+
+
+def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
+    return run_eval(
+        args.model,
+        methods=_split(args.methods),
+        budgets=_ints(args.budgets, "--budgets"),
+        tasks=_split(args.tasks),
+        context_lengths=_ints(args.context_lengths, "--context-lengths"),
+        n=args.n,
+        seed=args.seed,
+        out_dir=args.out,
+        protocol=args.protocol,
+        resume=not args.no_resume,
+        window_size=args.window_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def _per_task(values: Sequence[str], flag: str, dataset_tasks: Sequence[str]) -> dict[str, str]:
+    """``TASK=PATH`` entries, or one bare ``PATH`` when exactly one benchmark task is run."""
+    from mixkv.eval.mm_runner import DATASET_TASKS
+
+    out: dict[str, str] = {}
+    if values and not dataset_tasks:
+        raise ValueError(f"{flag} is only for benchmark tasks ({', '.join(DATASET_TASKS)}); none is run.")
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task.strip() in dataset_tasks:
+            out[task.strip()] = path
+        elif sep and task.strip() and "/" not in task and "\\" not in task:
+            raise ValueError(
+                f"{flag} {value}: {task!r} is not a benchmark task being run ({', '.join(dataset_tasks) or 'none'})."
+            )
+        elif len(dataset_tasks) == 1 and not out:
+            out[dataset_tasks[0]] = value
+        else:
+            raise ValueError(
+                f"{flag} {value}: with several benchmark tasks ({', '.join(dataset_tasks)}) give TASK=PATH "
+                "for each."
+            )
+    return out
+
+
+def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
+    from pathlib import Path
+
+    from mixkv.eval.mm_runner import DATASET_TASKS, MM_TASKS, load_mm_task, run_mm_eval
+    from mixkv.eval.tasks import TASKS
+
+    text = [t for t in tasks if t in TASKS]
+    unknown = [t for t in tasks if t not in TASKS and t not in MM_TASKS]
+    if unknown:
+        raise ValueError(
+            f"Unknown task(s) {unknown}; multimodal tasks: {', '.join(MM_TASKS)}; text tasks: {', '.join(TASKS)}."
+        )
+    if text:
+        raise ValueError(
+            f"Text tasks {text} and multimodal tasks cannot be mixed in one run; run them separately "
+            "(with different --out directories)."
+        )
+    if args.model is None:
+        raise ValueError(
+            "smollm2 (the default model) is a text-only model; multimodal tasks need a vision-language "
+            "model: pass --model DIR."
+        )
+    benchmarks = [t for t in tasks if t in DATASET_TASKS]
+    data = _per_task(args.data, "--data", benchmarks)
+    images = _per_task(args.images, "--images", benchmarks)
+    synthetic_dir = Path(args.out) / "synthetic_images"
+    loaded = {}
+    sources: dict[str, Any] = {}
+    for task in dict.fromkeys(tasks):
+        loaded[task] = load_mm_task(
+            task,
+            data=data.get(task),
+            images=images.get(task),
+            limit=args.n,
+            seed=args.seed,
+            synthetic_dir=synthetic_dir,
+        )
+        sources[task] = (
+            {"data": data.get(task), "images": images.get(task)}
+            if task in DATASET_TASKS
+            else {"synthetic_seed": args.seed, "images": str(synthetic_dir)}
+        )
+    return run_mm_eval(
+        args.model,
+        loaded,
+        methods=_split(args.methods),
+        budgets=_ints(args.budgets, "--budgets"),
+        seed=args.seed,
+        out_dir=args.out,
+        resume=not args.no_resume,
+        window_size=args.window_size,
+        max_new_tokens=args.max_new_tokens,
+        coordinate_scale=args.coordinate_scale,
+        sources=sources,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import describe_decoder
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
@@ -87,7 +88,7 @@ def _run(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], int]:
     from transformers import DynamicCache
 
-    from mixkv.eval.runner import _forward_prefill, cache_bytes
+    from mixkv.eval.runner import _forward_prefill
 
     modules = describe_decoder(model).attention_modules
     outputs: list[torch.Tensor | None] = [None] * len(modules)
@@ -95,7 +96,7 @@ def _run(
     manager = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
         _forward_prefill(model, context, cache)
-        n_bytes = cache_bytes(cache)
+        n_bytes = kv_cache_bytes(cache)
         with _capture(modules, outputs):
             logits = model(input_ids=continuation, past_key_values=cache, use_cache=True).logits
     return logits[0].to(torch.float32), outputs, n_bytes

@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,13 @@ from typing import Any
 import torch
 
 from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
+from mixkv.integration.cache import kv_cache_bytes
 
 __all__ = [
     "KVPRESS_METHODS",
     "METHODS",
     "EvalResult",
     "build_press",
-    "cache_bytes",
     "cell_filename",
     "run_eval",
     "run_example",
@@ -150,21 +150,6 @@ def build_press(method: str, budget: int | None, *, context_tokens: int, window_
     return press_cls(budget=budget, window_size=window_size, **extra)
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes of tensor storage held by a cache (``mixkv.kv_cache_bytes`` when available)."""
-    mixkv = importlib.import_module("mixkv")
-    fn = getattr(mixkv, "kv_cache_bytes", None)
-    if fn is not None:
-        return int(fn(cache))
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 # --------------------------------------------------------------------------------------------
 # One example
 
@@ -225,7 +210,7 @@ def run_example(
         start = time.perf_counter()
         _forward_prefill(model, ids[:, :n_prefill], cache)
         prefill_s = time.perf_counter() - start
-        kept_bytes = cache_bytes(cache)
+        kept_bytes = kv_cache_bytes(cache)
         start = time.perf_counter()
         out = model.generate(
             input_ids=ids,
@@ -278,7 +263,7 @@ class _Cell:
     method: str
     budget: int | None
     task: str
-    context_length: int
+    context_length: int | None  # None: no context-length axis (multimodal tasks)
 
     @property
     def name(self) -> str:
@@ -293,10 +278,11 @@ class _Cell:
         }
 
 
-def cell_filename(method: str, budget: int | None, task: str, context_length: int) -> str:
-    """File name of a cell's JSON result."""
+def cell_filename(method: str, budget: int | None, task: str, context_length: int | None) -> str:
+    """File name of a cell's JSON result (no ``__L<length>`` part when ``context_length`` is None)."""
     b = "full" if budget is None else str(budget)
-    return f"{method}__b{b}__{task}__L{context_length}.json"
+    length = "" if context_length is None else f"__L{context_length}"
+    return f"{method}__b{b}__{task}{length}.json"
 
 
 @dataclass
@@ -423,6 +409,11 @@ def _cell_score(data: dict[str, Any]) -> float:
     return 100.0 * float(data["score"])
 
 
+def _not_compressed(method: str, budget: int, length: int | None) -> bool:
+    """Whether a compressed cell is skipped because its budget is not below the context length."""
+    return method != "full" and length is not None and budget >= length
+
+
 def write_markdown_table(
     cells: Sequence[dict[str, Any]],
     path: Path,
@@ -430,14 +421,15 @@ def write_markdown_table(
     methods: Sequence[str],
     budgets: Sequence[int],
     tasks: Sequence[str],
-    context_lengths: Sequence[int],
+    context_lengths: Sequence[int | None],
 ) -> Path:
     """Write the score table (rows: method; columns: budget x task) per context length.
 
     Scores are mean example scores in percent. The full-cache row repeats its score under every
     budget. ``n/a`` marks a budget not below the context length, ``-`` a missing cell. A second
     table per context length gives the mean fraction of KV bytes kept and the prefill / decode
-    times.
+    times. A context length of None (multimodal grids) drops the per-length headings and the
+    ``n/a`` rule.
 
     Returns
     -------
@@ -450,7 +442,8 @@ def write_markdown_table(
     }
     lines = ["# mixkv evaluation", ""]
     for length in context_lengths:
-        lines += [f"## Context length {length} tokens: score (%)", ""]
+        where = "" if length is None else f"Context length {length} tokens: "
+        lines += [f"## {where}score (%)", ""]
         header = ["method"] + [f"{b} {t}" for b in budgets for t in tasks]
         if len(tasks) > 1:
             header = ["method"] + [f"{b} {t}" for b in budgets for t in [*tasks, "avg"]]
@@ -462,7 +455,7 @@ def write_markdown_table(
                 vals: list[float] = []
                 for t in tasks:
                     key = (method, None if method == "full" else b, t, length)
-                    if method != "full" and b >= length:
+                    if _not_compressed(method, b, length):
                         row.append("n/a")
                     elif key in index:
                         vals.append(_cell_score(index[key]))
@@ -472,7 +465,7 @@ def write_markdown_table(
                 if len(tasks) > 1:
                     row.append(f"{sum(vals) / len(vals):.1f}" if len(vals) == len(tasks) else "-")
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"## Context length {length} tokens: KV kept (% of full), prefill s, decode s", ""]
+        lines += ["", f"## {where}KV kept (% of full), prefill s, decode s", ""]
         header = ["method"] + [f"budget {b}" for b in budgets]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
@@ -485,7 +478,7 @@ def write_markdown_table(
                     if (k := (method, None if method == "full" else b, t, length)) in index
                 ]
                 if not found:
-                    row.append("n/a" if method != "full" and b >= length else "-")
+                    row.append("n/a" if _not_compressed(method, b, length) else "-")
                     continue
                 ex = [e for c in found for e in c["examples"]]
                 frac = 100 * sum(e["kv_fraction"] for e in ex) / len(ex)
@@ -505,7 +498,7 @@ def _write_plots(
     methods: Sequence[str],
     budgets: Sequence[int],
     tasks: Sequence[str],
-    context_lengths: Sequence[int],
+    context_lengths: Sequence[int | None],
 ) -> list[Path]:
     try:
         import matplotlib
@@ -521,6 +514,9 @@ def _write_plots(
     }
     panels = [*tasks, "average"] if len(tasks) > 1 else list(tasks)
     paths: list[Path] = []
+    top = 105.0
+    for c in cells:
+        top = max(top, _cell_score(c) + 5)  # e.g. CIDEr-D x 100 can exceed 100
     for length in context_lengths:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
         for ax, panel in zip(axes[0], panels, strict=True):
@@ -549,20 +545,130 @@ def _write_plots(
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(budgets))
             ax.set_xticklabels([str(b) for b in budgets])
-            ax.set_ylim(-5, 105)
+            ax.set_ylim(-5, top)
             ax.set_xlabel("budget (tokens per KV head)")
             ax.set_ylabel("score (%)")
-            ax.set_title(f"{panel} @ {length} tokens")
+            ax.set_title(panel if length is None else f"{panel} @ {length} tokens")
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = out_dir / f"score_vs_budget_L{length}.png"
+        path = out_dir / ("score_vs_budget.png" if length is None else f"score_vs_budget_L{length}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the text grid (:func:`run_eval`) and the multimodal one (mixkv.eval.mm_runner)
+
+
+def _plan_cells(
+    cells: Sequence[_Cell],
+    cell_dir: Path,
+    expected: Callable[[_Cell], tuple[dict[str, Any], int]],
+    resume: bool,
+    result: EvalResult,
+) -> tuple[list[_Cell], dict[_Cell, dict[str, Any]]]:
+    """Split cells into those to compute and finished ones read back from ``cell_dir``.
+
+    ``expected(cell)`` gives the identity a reusable cell file must carry and its number of
+    examples. Unusable files are set aside and reported in ``result.recomputed``; reused ones are
+    listed in ``result.reused``.
+    """
+    todo: list[_Cell] = []
+    finished: dict[_Cell, dict[str, Any]] = {}
+    for cell in cells:
+        path = cell_dir / cell.name
+        if not path.exists() or not resume:
+            todo.append(cell)
+            continue
+        identity, n = expected(cell)
+        data, reason = _load_cell(path, cell, identity, n)
+        if data is None:
+            moved = _set_aside(path, reason)
+            logger.warning(
+                "Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved
+            )
+            result.recomputed.append((cell.name, reason))
+            todo.append(cell)
+        else:
+            finished[cell] = data
+            result.reused.append(cell.name)
+    return todo, finished
+
+
+def _write_cell(
+    cell_dir: Path,
+    cell: _Cell,
+    *,
+    identity: dict[str, Any],
+    config: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    score: float,
+    wall_seconds: float,
+    seed: int,
+    versions: dict[str, str],
+    machine: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one finished cell atomically and return its content.
+
+    Every record needs ``score``, ``prefill_seconds``, ``decode_seconds``, ``kept_tokens_mean`` and
+    ``kv_fraction``; ``extra`` adds top-level fields.
+    """
+    n = len(records)
+    data: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "complete": True,
+        "cell": cell.as_dict(),
+        "identity": identity,
+        "config": config,
+        "score": score,
+        "timing": {
+            "wall_seconds": wall_seconds,
+            "mean_prefill_seconds": sum(r["prefill_seconds"] for r in records) / n,
+            "mean_decode_seconds": sum(r["decode_seconds"] for r in records) / n,
+        },
+        "kept_tokens_mean": sum(r["kept_tokens_mean"] for r in records) / n,
+        "kv_fraction_mean": sum(r["kv_fraction"] for r in records) / n,
+        **(extra or {}),
+        "examples": list(records),
+        "versions": versions,
+        "machine": machine,
+        "seed": seed,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_json(cell_dir / cell.name, data)
+    return data
+
+
+def _write_summary(
+    result: EvalResult,
+    cells: Sequence[_Cell],
+    finished: dict[_Cell, dict[str, Any]],
+    out: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int | None],
+) -> None:
+    """Fill ``result.cells`` and write ``results.md`` and the plots."""
+    result.cells = [finished[c] for c in cells if c in finished]
+    result.table_path = write_markdown_table(
+        result.cells,
+        out / "results.md",
+        methods=methods,
+        budgets=budgets,
+        tasks=tasks,
+        context_lengths=context_lengths,
+    )
+    result.plot_paths = _write_plots(
+        result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,6 +681,21 @@ def _as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
     out = list(values)
     if not out:
         raise ValueError(f"{name} must not be empty.")
+    return out
+
+
+def _check_methods(methods: Sequence[str] | str) -> list[str]:
+    """Normalised method names; ValueError for unknown ones or kvpress methods without kvpress."""
+    out = [m.strip().lower() for m in _as_list("methods", methods)]
+    unknown = [m for m in out if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
+    wanted_kvpress = [m for m in out if m in KVPRESS_METHODS]
+    if wanted_kvpress and not _kvpress_available():
+        raise ValueError(
+            f"Method(s) {wanted_kvpress} need NVIDIA's kvpress, which is not importable; "
+            "`pip install kvpress` or drop them."
+        )
     return out
 
 
@@ -658,19 +779,10 @@ def run_eval(
         lengths or ``n``, or a grid where every compressed cell has a budget not below its context
         length.
     """
-    methods = [m.strip().lower() for m in _as_list("methods", methods)]
+    methods = _check_methods(methods)
     budgets = sorted({int(b) for b in _as_list("budgets", budgets)})
     tasks = _as_list("tasks", tasks)
     context_lengths = [int(x) for x in _as_list("context_lengths", context_lengths)]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
-    wanted_kvpress = [m for m in methods if m in KVPRESS_METHODS]
-    if wanted_kvpress and not _kvpress_available():
-        raise ValueError(
-            f"Method(s) {wanted_kvpress} need NVIDIA's kvpress, which is not importable; "
-            "`pip install kvpress` or drop them."
-        )
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks:
         raise ValueError(f"Unknown task(s) {bad_tasks}; choose from: {', '.join(TASKS)}.")
@@ -733,27 +845,7 @@ def run_eval(
         "max_new_tokens": max_new_tokens,
     }
 
-    todo: list[_Cell] = []
-    finished: dict[_Cell, dict[str, Any]] = {}
-    for cell in cells:
-        path = cell_dir / cell.name
-        if not path.exists():
-            todo.append(cell)
-            continue
-        if not resume:
-            todo.append(cell)
-            continue
-        data, reason = _load_cell(path, cell, identity, n)
-        if data is None:
-            moved = _set_aside(path, reason)
-            logger.warning(
-                "Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved
-            )
-            result.recomputed.append((cell.name, reason))
-            todo.append(cell)
-        else:
-            finished[cell] = data
-            result.reused.append(cell.name)
+    todo, finished = _plan_cells(cells, cell_dir, lambda cell: (identity, n), resume, result)
 
     if todo:
         if isinstance(model_spec, tuple):
@@ -766,6 +858,7 @@ def run_eval(
         versions, machine = _versions(), _machine()
         with _progress(len(todo) * n) as bar:
             for cell in todo:
+                assert cell.context_length is not None
                 key = (cell.task, cell.context_length)
                 if key not in examples:
                     examples[key] = make_examples(cell.task, tokenizer, cell.context_length, n, seed)
@@ -790,40 +883,28 @@ def run_eval(
                         )
                     )
                     bar.update(1)
-                data = {
-                    "schema": SCHEMA_VERSION,
-                    "complete": True,
-                    "cell": cell.as_dict(),
-                    "identity": identity,
-                    "config": run_config,
-                    "score": sum(r["score"] for r in records) / len(records),
-                    "timing": {
-                        "wall_seconds": time.perf_counter() - start,
-                        "mean_prefill_seconds": sum(r["prefill_seconds"] for r in records) / len(records),
-                        "mean_decode_seconds": sum(r["decode_seconds"] for r in records) / len(records),
-                    },
-                    "kept_tokens_mean": sum(r["kept_tokens_mean"] for r in records) / len(records),
-                    "kv_fraction_mean": sum(r["kv_fraction"] for r in records) / len(records),
-                    "examples": records,
-                    "versions": versions,
-                    "machine": machine,
-                    "seed": seed,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
-                _atomic_write_json(cell_dir / cell.name, data)
-                finished[cell] = data
+                finished[cell] = _write_cell(
+                    cell_dir,
+                    cell,
+                    identity=identity,
+                    config=run_config,
+                    records=records,
+                    score=sum(r["score"] for r in records) / len(records),
+                    wall_seconds=time.perf_counter() - start,
+                    seed=seed,
+                    versions=versions,
+                    machine=machine,
+                )
                 result.computed.append(cell.name)
 
-    result.cells = [finished[c] for c in cells if c in finished]
-    result.table_path = write_markdown_table(
-        result.cells,
-        out / "results.md",
+    _write_summary(
+        result,
+        cells,
+        finished,
+        out,
         methods=methods,
         budgets=budgets,
         tasks=tasks,
         context_lengths=context_lengths,
-    )
-    result.plot_paths = _write_plots(
-        result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
     )
     return result

@@ -1,0 +1,563 @@
+"""Resumable multimodal evaluation grid: methods x budgets over image question-answering tasks.
+
+A *task* is a named list of :class:`~mixkv.eval.mm_datasets.MMExample` (a benchmark read from
+local files by :mod:`mixkv.eval.mm_datasets`, or a seeded synthetic suite from
+:mod:`mixkv.eval.synthetic_images`). Each *cell* (method, budget, task) runs every example of the
+task on a vision-language model:
+
+* the prompt is built by the model's own processor: ``processor.apply_chat_template`` with one
+  user turn holding an image entry and the question (generation prompt added). When neither the
+  processor nor its tokenizer has a chat template, the prompt is the processor's image placeholder
+  (wrapped in ``<|vision_start|>...<|vision_end|>`` for Qwen-VL processors), a newline and the
+  question; the processor expands the placeholder into image tokens in both cases;
+* the answer is generated greedily with ``model.generate`` under the press, so the whole prompt
+  (image tokens and question) is prefilled and compressed at once (the ``query_aware`` protocol of
+  the text grid);
+* outputs are scored with :func:`~mixkv.eval.mm_datasets.score_examples`; a cell's ``score`` is
+  the task's metric on all its examples (in [0, 1], CIDEr-D on its toolkit scale).
+
+Cell files, resume (finished cells are read back, corrupt or stale files set aside and
+recomputed), ``results.md`` and the plot are the text grid's machinery in
+:mod:`mixkv.eval.runner`; cell files are named ``<method>__b<budget>__<task>.json``. A cell is
+stale when the model, seed, window, generation length, coordinate scale or the task's examples
+(ids, questions, answers, image files) changed. Prompts are not truncated, so an example whose
+prompt is not longer than the budget is run uncompressed (its record says ``compressed: false``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixkv.eval import runner
+from mixkv.eval.mm_datasets import (
+    MMExample,
+    load_chartqa,
+    load_docvqa,
+    load_ocrbench,
+    load_screenspot,
+    load_textcaps,
+    load_textvqa,
+    score_examples,
+)
+from mixkv.integration.cache import kv_cache_bytes
+
+__all__ = [
+    "DATASET_TASKS",
+    "MM_TASKS",
+    "SYNTHETIC_TASK_NAMES",
+    "build_mm_prompt",
+    "load_mm_task",
+    "run_mm_eval",
+    "run_mm_example",
+]
+
+logger = logging.getLogger("mixkv.eval")
+
+#: Benchmarks read from local files (``data``: annotation file, ``images``: image folder).
+DATASET_TASKS: tuple[str, ...] = ("docvqa", "textvqa", "chartqa", "ocrbench", "textcaps", "screenspot")
+#: Synthetic suites rendered on the fly (``synthetic_<name>`` for :func:`make_synthetic_suite`).
+SYNTHETIC_TASK_NAMES: tuple[str, ...] = (
+    "synthetic_text_reading",
+    "synthetic_bar_chart",
+    "synthetic_gui_grounding",
+)
+#: Every multimodal task name.
+MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES
+
+#: Generated tokens per example by metric (``max_new_tokens`` overrides).
+DEFAULT_NEW_TOKENS: dict[str, int] = {
+    "anls": 24,
+    "vqa_accuracy": 16,
+    "relaxed_accuracy": 16,
+    "ocrbench": 24,
+    "cider_d": 40,
+    "point_in_box": 24,
+}
+
+_LOADERS = {
+    "textvqa": load_textvqa,
+    "chartqa": load_chartqa,
+    "ocrbench": load_ocrbench,
+    "textcaps": load_textcaps,
+    "screenspot": load_screenspot,
+}
+_IMAGES_HINT = {
+    "docvqa": "the dataset root the 'image' paths are relative to (default: the annotation file's folder)",
+    "textvqa": "the folder with <image_id>.jpg (train_images/)",
+    "chartqa": "the chart folder (test/png/)",
+    "ocrbench": "the OCRBench_Images/ folder",
+    "textcaps": "the folder with <image_id>.jpg (train_images/)",
+    "screenspot": "the screenshot folder (screenspot_imgs/)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+def load_mm_task(
+    task: str,
+    *,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    synthetic_dir: str | Path = "mixkv_results/synthetic_images",
+) -> list[MMExample]:
+    """Resolve a multimodal task name to its examples.
+
+    Parameters
+    ----------
+    task
+        One of :data:`MM_TASKS`.
+    data
+        Annotation file of a benchmark task (see the loaders in :mod:`mixkv.eval.mm_datasets`).
+    images
+        Image folder of a benchmark task (optional for ``docvqa``, where it is the dataset root).
+    limit
+        Keep the first ``limit`` examples; for synthetic tasks the number generated (default 5).
+    seed
+        Seed of the synthetic suites.
+    synthetic_dir
+        Where synthetic images are written (``<synthetic_dir>/<task>/``).
+
+    Returns
+    -------
+    list of MMExample
+
+    Raises
+    ------
+    ValueError
+        Unknown task, or a benchmark task without the files it needs.
+    FileNotFoundError
+        Missing annotation file, image folder or image (the message names it).
+    """
+    if task in SYNTHETIC_TASK_NAMES:
+        from mixkv.eval.synthetic_images import make_synthetic_suite
+
+        name = task.removeprefix("synthetic_")
+        return make_synthetic_suite(name, limit or 5, seed, Path(synthetic_dir) / name)
+    if task not in DATASET_TASKS:
+        raise ValueError(f"Unknown multimodal task {task!r}; choose from: {', '.join(MM_TASKS)}.")
+    if data is None:
+        raise ValueError(f"Task {task!r} reads local files: pass its annotation file (--data {task}=FILE).")
+    if task == "docvqa":
+        return load_docvqa(data, images, limit=limit)
+    if images is None:
+        raise ValueError(f"Task {task!r} needs its image folder (--images {task}=DIR): {_IMAGES_HINT[task]}.")
+    return _LOADERS[task](data, images, limit=limit)
+
+
+# --------------------------------------------------------------------------------------------
+# One example
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _has_chat_template(processor: Any) -> bool:
+    return bool(getattr(processor, "chat_template", None)) or bool(
+        getattr(_tokenizer(processor), "chat_template", None)
+    )
+
+
+def _image_placeholder(processor: Any) -> str:
+    token = getattr(processor, "image_token", None)
+    if not isinstance(token, str) or not token:
+        raise ValueError(
+            f"{type(processor).__name__} has no chat template and no image_token attribute; cannot "
+            "place the image in the prompt. Give the processor a chat template."
+        )
+    vocab = _tokenizer(processor).get_vocab() if hasattr(_tokenizer(processor), "get_vocab") else {}
+    if token == "<|image_pad|>" and "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+        return f"<|vision_start|>{token}<|vision_end|>"  # Qwen-VL processors expect the wrapped pad
+    return token
+
+
+def build_mm_prompt(processor: Any, question: str) -> tuple[str, str]:
+    """The prompt text for one image and a question, and how it was built.
+
+    Returns
+    -------
+    (str, str)
+        The prompt (with the processor's image placeholder, not yet expanded) and
+        ``"chat_template"`` or ``"plain"`` (no chat template: ``<image placeholder>\\n<question>``).
+    """
+    if _has_chat_template(processor):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        owner = processor if getattr(processor, "chat_template", None) else _tokenizer(processor)
+        prompt = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return str(prompt), "chat_template"
+    return f"{_image_placeholder(processor)}\n{question}", "plain"
+
+
+def _image_token_id(model: Any) -> int | None:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _primary_score(scores: dict[str, float]) -> float:
+    values = [v for k, v in scores.items() if k != "ocrbench_correct"]
+    return sum(values) / len(values)
+
+
+def run_mm_example(
+    model: Any,
+    processor: Any,
+    example: MMExample,
+    press: Any | None,
+    *,
+    max_new_tokens: int | None = None,
+    coordinate_scale: str = "pixel",
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate an answer for one example under ``press`` (None: full cache) and score it.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable record: prompt, output, score, token counts (``image_tokens`` counted in
+        the prompt), timings (``prefill_seconds``: the first forward pass, compression included;
+        ``decode_seconds``: the rest of ``generate``), KV bytes right after prefill (``kv_bytes``)
+        and without compression (``kv_bytes_full``), ``kv_fraction``, mean kept tokens per KV head,
+        ``image_tokens_total`` / ``image_tokens_kept`` and the press's report.
+    """
+    prompt = build_mm_prompt(processor, example.question)[0]
+    if inputs is None:
+        inputs = _encode(processor, example, prompt)
+    ids = inputs["input_ids"]
+    n_prompt = int(ids.shape[1])
+    image_id = _image_token_id(model)
+    n_image = int((ids[0] == image_id).sum()) if image_id is not None else 0
+    new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
+    tok = _tokenizer(processor)
+    pad = getattr(tok, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tok, "eos_token_id", None)
+
+    prefill: dict[str, Any] = {}
+
+    def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if "start" not in prefill:
+            prefill["start"] = time.perf_counter()
+
+    def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if "bytes" not in prefill:
+            prefill["seconds"] = time.perf_counter() - prefill["start"]
+            cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+            prefill["bytes"] = kv_cache_bytes(cache) if cache is not None else 0
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), manager:
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    generated = out[0, n_prompt:]
+    text = str(tok.decode(generated, skip_special_tokens=True)).strip()
+    report = getattr(press, "last_report", None) if press is not None else None
+    kv_bytes = int(prefill.get("bytes", 0))
+    record: dict[str, Any] = {
+        "id": example.id,
+        "image": str(example.image_path),
+        "question": example.question,
+        "answers": list(example.answers),
+        "metric": example.metric,
+        "prompt": prompt,
+        "output": text,
+        "score": _primary_score(score_examples([example], [text], coordinate_scale=coordinate_scale)),
+        "prompt_tokens": n_prompt,
+        "image_tokens": n_image,
+        "new_tokens": int(generated.numel()),
+        "compressed": report is not None,
+        "prefill_seconds": float(prefill.get("seconds", 0.0)),
+        "decode_seconds": total - float(prefill.get("seconds", 0.0)),
+        "kv_bytes": kv_bytes,
+        "kv_bytes_full": kv_bytes,
+        "kept_tokens_mean": float(n_prompt),
+        "compression_seconds": 0.0,
+        "image_tokens_total": n_image,
+        "image_tokens_kept": float(n_image),
+        "report": None,
+    }
+    if report is not None:
+        kept = report.kept_tokens
+        record["kv_bytes"] = int(report.compressed_bytes)
+        record["kv_bytes_full"] = int(report.full_bytes)
+        record["kept_tokens_mean"] = float(kept.float().mean().item()) if kept.numel() else 0.0
+        record["compression_seconds"] = float(report.compression_seconds)
+        if report.image_tokens_total is not None:
+            record["image_tokens_total"] = int(report.image_tokens_total[0])
+        if report.image_tokens_kept is not None:
+            record["image_tokens_kept"] = float(report.image_tokens_kept[0])
+        record["report"] = report.to_dict()
+    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    return record
+
+
+def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+    from PIL import Image
+
+    if not example.image_path.is_file():
+        raise FileNotFoundError(f"Image file {example.image_path} of example {example.id!r} not found.")
+    with Image.open(example.image_path) as im:
+        image = im.convert("RGB")
+    batch = processor(text=[prompt], images=[image], return_tensors="pt")
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+
+
+def _fingerprint(examples: Sequence[MMExample]) -> str:
+    h = hashlib.sha1()
+    for ex in examples:
+        size = ex.image_path.stat().st_size if ex.image_path.is_file() else -1
+        h.update(repr((ex.id, ex.question, list(ex.answers), ex.metric, ex.image_path.name, size)).encode())
+    return h.hexdigest()
+
+
+def _check_vlm(model: Any, processor: Any, name: str) -> None:
+    from mixkv.models import _is_vlm_config
+
+    if not _is_vlm_config(model.config) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"{name} is a text-only model; multimodal tasks need a vision-language model "
+            "(a model directory whose config has a vision_config, with its processor files)."
+        )
+
+
+def _precheck_model_dir(model_spec: str | None) -> None:
+    """Reject text-only models named by alias or directory before loading any weights."""
+    from mixkv.models import MODEL_ALIASES, _is_vlm_config
+
+    msg = "{} is a text-only model; multimodal tasks need a vision-language model."
+    if model_spec is None or model_spec.strip().lower() in {
+        *MODEL_ALIASES,
+        "default",
+        "gemma3",
+        "gemma-3-270m",
+    }:
+        raise ValueError(msg.format(model_spec or "smollm2 (the default model)"))
+    path = Path(model_spec).expanduser()
+    if path.suffix == ".gguf":
+        raise ValueError(msg.format(model_spec))
+    if (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        if not _is_vlm_config(AutoConfig.from_pretrained(str(path))):
+            raise ValueError(msg.format(model_spec))
+
+
+def run_mm_eval(
+    model_spec: str | tuple[Any, Any],
+    tasks: Mapping[str, Sequence[MMExample]],
+    methods: Sequence[str] = ("full", "snapkv", "mixkv-snapkv"),
+    budgets: Sequence[int] = (64, 128),
+    *,
+    seed: int = 0,
+    out_dir: str | Path = "mixkv_results",
+    resume: bool = True,
+    window_size: int = 32,
+    max_new_tokens: int | None = None,
+    coordinate_scale: str = "pixel",
+    sources: Mapping[str, Any] | None = None,
+) -> runner.EvalResult:
+    """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
+
+    Parameters
+    ----------
+    model_spec
+        A local vision-language model directory (loaded with :func:`mixkv.models.load_model`, only if
+        some cell must be computed) or a loaded ``(model, processor)`` pair.
+    tasks
+        Task name -> its examples (see :func:`load_mm_task`).
+    methods, budgets
+        As for :func:`mixkv.eval.runner.run_eval` (``"full"`` runs once per task).
+    seed
+        Recorded, and ``torch``'s seed before each cell (for the random press).
+    out_dir
+        ``cells/*.json``, ``results.md``, ``score_vs_budget.png``.
+    resume
+        Reuse finished, valid cell files; with False every cell is recomputed.
+    window_size
+        Observation window of the presses.
+    max_new_tokens
+        Generated tokens per example (default: :data:`DEFAULT_NEW_TOKENS` of its metric).
+    coordinate_scale
+        Coordinate convention of ``point_in_box`` outputs (see ``score_examples``).
+    sources
+        Where each task's data came from (files, synthetic seed), recorded in the configuration.
+
+    Returns
+    -------
+    mixkv.eval.runner.EvalResult
+
+    Raises
+    ------
+    ValueError
+        Unknown method, non-positive budgets, empty task, examples without reference answers, or a
+        text-only model.
+    FileNotFoundError
+        An example's image file is missing (the message names it).
+    """
+    methods = runner._check_methods(methods)
+    budgets = sorted({int(b) for b in runner._as_list("budgets", budgets)})
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"Budgets must be positive token counts, got {budgets}.")
+    if not tasks:
+        raise ValueError("tasks must not be empty.")
+    for name, examples in tasks.items():
+        if not examples:
+            raise ValueError(f"Task {name!r} has no examples.")
+        for ex in examples:
+            if not ex.image_path.is_file():
+                raise FileNotFoundError(
+                    f"Image file {ex.image_path} of example {ex.id!r} (task {name}) not found."
+                )
+            if not ex.answers and ex.metric != "point_in_box":
+                raise ValueError(
+                    f"Task {name!r}: example {ex.id!r} has no reference answers (a test split?)."
+                )
+    if isinstance(model_spec, tuple):
+        _check_vlm(model_spec[0], model_spec[1], runner._model_id(model_spec))
+    else:
+        _precheck_model_dir(model_spec)
+    task_names = list(tasks)
+
+    cells: list[runner._Cell] = []
+    for task in task_names:
+        for method in methods:
+            if method == "full":
+                cells.append(runner._Cell(method, None, task, None))
+            else:
+                cells.extend(runner._Cell(method, b, task, None) for b in budgets)
+
+    out = Path(out_dir)
+    cell_dir = out / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    model_id = runner._model_id(model_spec)
+    base_identity = {
+        "kind": "multimodal",
+        "model": model_id,
+        "seed": seed,
+        "protocol": "query_aware",
+        "window_size": window_size,
+        "max_new_tokens": max_new_tokens,
+        "coordinate_scale": coordinate_scale,
+    }
+    identities = {
+        t: {**base_identity, "task_examples": len(tasks[t]), "task_sha1": _fingerprint(tasks[t])}
+        for t in task_names
+    }
+    run_config = {
+        **base_identity,
+        "methods": methods,
+        "budgets": budgets,
+        "tasks": task_names,
+        "n": {t: len(tasks[t]) for t in task_names},
+        "sources": json.loads(json.dumps(dict(sources or {}), default=str)),
+    }
+    result = runner.EvalResult()
+    todo, finished = runner._plan_cells(
+        cells, cell_dir, lambda c: (identities[c.task], len(tasks[c.task])), resume, result
+    )
+
+    if todo:
+        if isinstance(model_spec, tuple):
+            model, processor = model_spec
+        else:
+            from mixkv.models import load_model
+
+            model, processor = load_model(model_spec)
+            _check_vlm(model, processor, model_spec)
+        versions, machine = runner._versions(), runner._machine()
+        prompt_format = build_mm_prompt(processor, "?")[1]
+        encoded: dict[tuple[str, int], dict[str, Any]] = {}
+        with runner._progress(sum(len(tasks[c.task]) for c in todo)) as bar:
+            for cell in todo:
+                bar.set_description(cell.name.removesuffix(".json"))
+                torch.manual_seed(seed)
+                examples = list(tasks[cell.task])
+                records = []
+                start = time.perf_counter()
+                for i, example in enumerate(examples):
+                    key = (cell.task, i)
+                    if key not in encoded:
+                        encoded[key] = _encode(
+                            processor, example, build_mm_prompt(processor, example.question)[0]
+                        )
+                    inputs = encoded[key]
+                    press = runner.build_press(
+                        cell.method,
+                        cell.budget,
+                        context_tokens=int(inputs["input_ids"].shape[1]),
+                        window_size=window_size,
+                    )
+                    records.append(
+                        run_mm_example(
+                            model,
+                            processor,
+                            example,
+                            press,
+                            max_new_tokens=max_new_tokens,
+                            coordinate_scale=coordinate_scale,
+                            inputs=inputs,
+                        )
+                    )
+                    bar.update(1)
+                scores = score_examples(
+                    examples, [r["output"] for r in records], coordinate_scale=coordinate_scale
+                )
+                finished[cell] = runner._write_cell(
+                    cell_dir,
+                    cell,
+                    identity=identities[cell.task],
+                    config={**run_config, "prompt_format": prompt_format},
+                    records=records,
+                    score=_primary_score(scores),
+                    wall_seconds=time.perf_counter() - start,
+                    seed=seed,
+                    versions=versions,
+                    machine=machine,
+                    extra={
+                        "scores": scores,
+                        "image_tokens_total_mean": sum(r["image_tokens_total"] for r in records)
+                        / len(records),
+                        "image_tokens_kept_mean": sum(r["image_tokens_kept"] for r in records) / len(records),
+                    },
+                )
+                result.computed.append(cell.name)
+
+    runner._write_summary(
+        result,
+        cells,
+        finished,
+        out,
+        methods=methods,
+        budgets=budgets,
+        tasks=task_names,
+        context_lengths=[None],
+    )
+    return result

@@ -1,0 +1,217 @@
+"""End-to-end tests of the multimodal evaluation grid on tiny random Qwen2-VL and LLaVA models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mixkv.eval import mm_runner
+from mixkv.eval.cli import main as cli_main
+from mixkv.eval.mm_datasets import load_docvqa
+from mixkv.eval.mm_runner import build_mm_prompt, load_mm_task, run_mm_eval
+from mixkv.eval.runner import cell_filename
+from mixkv.eval.synthetic_images import make_synthetic_suite
+from tests.families import build_case, draw_image, vlm_processor
+from tests.helpers_tiny import tiny_model_and_tokenizer
+
+torch.set_num_threads(1)
+
+METHODS = ["full", "snapkv", "mixkv-snapkv"]
+BUDGET = 24  # prompts are ~55-75 tokens (48 / 64 image tokens): really compressed with window 8
+GRID = {"methods": METHODS, "budgets": [BUDGET], "window_size": 8, "max_new_tokens": 3, "seed": 0}
+TASKS = ("synthetic_text_reading", "docvqa")
+
+
+def _cells(task: str) -> list[str]:
+    return [cell_filename("full", None, task, None)] + [
+        cell_filename(m, BUDGET, task, None) for m in METHODS[1:]
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmdata")
+    (root / "documents").mkdir()
+    records = []
+    for i in range(2):
+        draw_image(100 + i, 160, 120).save(root / "documents" / f"doc{i}.png")
+        records.append(
+            {
+                "questionId": 10 + i,
+                "question": f"What is the total on page {i}?",
+                "image": f"documents/doc{i}.png",
+                "docId": i,
+                "answers": [f"{i + 3}.50"],
+            }
+        )
+    (root / "val_v1.0.json").write_text(json.dumps({"dataset_name": "docvqa", "data": records}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tasks(data_dir):
+    return {
+        "synthetic_text_reading": make_synthetic_suite("text_reading", 2, 0, data_dir / "synthetic"),
+        "docvqa": load_docvqa(data_dir / "val_v1.0.json"),
+    }
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
+def vlm(request):
+    return build_case(request.param).model, vlm_processor(request.param)
+
+
+@pytest.fixture(scope="module")
+def finished(vlm, tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mmout")
+    result = run_mm_eval(vlm, tasks, out_dir=out, **GRID)
+    return out, result
+
+
+def test_grid_writes_every_cell_with_image_tokens_and_less_kv(finished):
+    out, result = finished
+    expected = [c for t in TASKS for c in _cells(t)]
+    assert sorted(result.computed) == sorted(expected)
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(expected)
+    for task in TASKS:
+        full = json.loads((out / "cells" / _cells(task)[0]).read_text())
+        assert full["complete"] is True and full["cell"]["context_length"] is None
+        assert len(full["examples"]) == 2 and set(full["scores"]) == {full["examples"][0]["metric"]}
+        for name in _cells(task)[1:]:
+            data = json.loads((out / "cells" / name).read_text())
+            for ex in data["examples"]:
+                assert ex["compressed"] is True and ex["prompt_tokens"] > BUDGET
+                assert ex["report"]["image_tokens_total"][0] > 0
+                assert ex["image_tokens_total"] == ex["image_tokens"] > 0
+                assert ex["image_tokens_kept"] < ex["image_tokens_total"]
+                assert ex["kv_bytes"] < ex["kv_bytes_full"]
+                assert ex["kv_bytes_full"] == pytest.approx(full["examples"][0]["kv_bytes"], rel=0.5)
+                assert ex["new_tokens"] == 3 and 0.0 <= ex["score"] <= 1.0
+            assert data["kv_fraction_mean"] < 1.0
+            assert data["config"]["methods"] == METHODS and data["config"]["prompt_format"] == "plain"
+            assert data["seed"] == 0 and {"torch", "transformers", "mixkv"} <= set(data["versions"])
+            assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
+
+
+def test_table_and_plot(finished):
+    out, _ = finished
+    table = (out / "results.md").read_text()
+    assert f"| method | {BUDGET} synthetic_text_reading | {BUDGET} docvqa | {BUDGET} avg |" in table
+    for method in METHODS:
+        assert f"| {method} |" in table
+    assert "n/a" not in table
+    pytest.importorskip("matplotlib")
+    assert (out / "score_vs_budget.png").stat().st_size > 0
+
+
+def test_resume_skips_finished_cells(vlm, tasks, finished, monkeypatch):
+    out, _ = finished
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(mm_runner, "run_mm_example", fail)
+    result = run_mm_eval(vlm, tasks, out_dir=out, **GRID)
+    assert result.computed == [] and sorted(result.reused) == sorted(c for t in TASKS for c in _cells(t))
+
+
+def test_changed_examples_make_cells_stale(vlm, tasks, finished):
+    out, _ = finished
+    fewer = {"docvqa": tasks["docvqa"][:1]}
+    result = run_mm_eval(vlm, fewer, out_dir=out, **{**GRID, "methods": ["full"]})
+    assert result.computed == [_cells("docvqa")[0]]
+    assert [name for name, _ in result.recomputed] == [_cells("docvqa")[0]]
+
+
+def test_text_only_model_is_rejected(tasks, tmp_path):
+    text_model = tiny_model_and_tokenizer(seed=0)
+    with pytest.raises(
+        ValueError, match="is a text-only model; multimodal tasks need a vision-language model"
+    ):
+        run_mm_eval(text_model, tasks, out_dir=tmp_path, **GRID)
+    assert cli_main(["--tasks", "synthetic_bar_chart", "--n", "1", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_missing_image_is_named(vlm, tasks, tmp_path):
+    broken = tmp_path / "doc.png"
+    shutil.copy(tasks["docvqa"][0].image_path, broken)
+    examples = load_docvqa(tasks["docvqa"][0].image_path.parents[1] / "val_v1.0.json")
+    examples[1].image_path = broken
+    broken.unlink()
+    with pytest.raises(FileNotFoundError, match=r"doc\.png"):
+        run_mm_eval(vlm, {"docvqa": examples}, out_dir=tmp_path / "out", **GRID)
+
+
+def test_loader_missing_image_and_unknown_task(data_dir, tmp_path, capsys):
+    ann = json.loads((data_dir / "val_v1.0.json").read_text())
+    ann["data"][0]["image"] = "documents/nope.png"
+    (tmp_path / "val.json").write_text(json.dumps(ann))
+    shutil.copytree(data_dir / "documents", tmp_path / "documents")
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
+        load_mm_task("docvqa", data=tmp_path / "val.json")
+    with pytest.raises(ValueError, match="Unknown multimodal task 'vizwiz'"):
+        load_mm_task("vizwiz")
+    with pytest.raises(ValueError, match="--images textvqa=DIR"):
+        load_mm_task("textvqa", data=tmp_path / "val.json")
+    assert cli_main(["--model", str(tmp_path), "--tasks", "docvqa,vizwiz", "--out", str(tmp_path)]) == 2
+    assert "vizwiz" in capsys.readouterr().err
+
+
+def test_chat_template_prompt(tasks, tmp_path):
+    processor = vlm_processor("llava")
+    processor.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    prompt, how = build_mm_prompt(processor, "Read it.")
+    assert how == "chat_template" and prompt == "USER: <image>Read it. ASSISTANT:"
+    model = build_case("llava").model
+    ex = tasks["synthetic_text_reading"][0]
+    record = mm_runner.run_mm_example(model, processor, ex, None, max_new_tokens=2)
+    assert record["prompt"] == "USER: <image>What is the code written in the image? ASSISTANT:"
+    assert record["image_tokens"] == 64 and record["kv_fraction"] == 1.0
+
+
+def test_cli_synthetic_tasks_on_a_model_directory(tmp_path, capsys):
+    case = build_case("llava")
+    case.model.save_pretrained(tmp_path / "model")
+    vlm_processor("llava").save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--methods", "full,mixkv-snapkv", "--budgets", str(BUDGET)]
+    argv += ["--tasks", "synthetic_text_reading,synthetic_gui_grounding", "--n", "1", "--seed", "3"]
+    argv += ["--out", str(tmp_path / "out"), "--window-size", "8", "--max-new-tokens", "2"]
+    assert cli_main(argv) == 0
+    assert "4 cell(s) computed" in capsys.readouterr().out
+    assert (tmp_path / "out" / "synthetic_images" / "gui_grounding" / "gui_grounding_3_00000.png").is_file()
+    data = json.loads(
+        (
+            tmp_path
+            / "out"
+            / "cells"
+            / cell_filename("mixkv-snapkv", BUDGET, "synthetic_gui_grounding", None)
+        ).read_text()
+    )
+    assert data["examples"][0]["image_tokens_total"] > 0 and data["config"]["sources"]
+    assert cli_main(argv) == 0
+    assert "0 cell(s) computed, 4 reused" in capsys.readouterr().out
+
+
+def test_cli_docvqa_with_data_file(data_dir, tmp_path, capsys):
+    case = build_case("llava")
+    case.model.save_pretrained(tmp_path / "model")
+    vlm_processor("llava").save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--methods", "full", "--tasks", "docvqa"]
+    argv += ["--data", str(data_dir / "val_v1.0.json"), "--n", "1", "--out", str(tmp_path / "out")]
+    argv += ["--max-new-tokens", "2"]
+    assert cli_main(argv) == 0
+    assert "1 cell(s) computed" in capsys.readouterr().out
+    assert (tmp_path / "out" / "cells" / cell_filename("full", None, "docvqa", None)).is_file()
+
+
+def test_mixing_text_and_multimodal_tasks_is_an_error(tmp_path, capsys):
+    argv = ["--model", str(tmp_path), "--tasks", "niah_single_1,synthetic_bar_chart", "--out", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert "cannot be mixed" in capsys.readouterr().err
