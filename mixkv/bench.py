@@ -17,35 +17,16 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from mixkv.eval.runner import METHODS, build_press, kvpress_available
 from mixkv.integration import kv_cache_bytes
-from mixkv.presses import (
-    AdaKVPress,
-    KeyDiffPress,
-    MixKVPress,
-    PyramidKVPress,
-    SnapKVPress,
-    SparseMMPress,
-    StreamingLLMPress,
-)
 
-BASES = ("snapkv", "pyramidkv", "adakv", "sparsemm")
-METHODS = (
-    "full",
-    *BASES,
-    *(f"mixkv-{b}" for b in BASES),
-    "keydiff",
-    "streamingllm",
-    "kvpress-snapkv",
-    "kvpress-adakv",
-    "kvpress-keydiff",
-)
 FIELDS = (
     "method",
     "context",
@@ -144,77 +125,19 @@ def _cfg(model: torch.nn.Module) -> Any:
     return model.config
 
 
-def kvpress_available() -> bool:
-    try:
-        import kvpress  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _random_head_scores(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
     cfg = _cfg(model)
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(int(cfg.num_hidden_layers), int(cfg.num_attention_heads), generator=gen)
 
 
-def make_press(method: str, model: torch.nn.Module, budget: int, window_size: int) -> Any:
-    """The press object of ``method`` (None for ``"full"``)."""
-    common: dict[str, Any] = {"budget": budget, "window_size": window_size}
-    if method == "full":
-        return None
-    if method == "snapkv":
-        return SnapKVPress(**common)
-    if method == "pyramidkv":
-        return PyramidKVPress(**common)
-    if method == "adakv":
-        return AdaKVPress(**common)
-    if method == "sparsemm":
-        return SparseMMPress(**common, head_scores=_random_head_scores(model))
-    if method.startswith("mixkv-"):
-        base = method.removeprefix("mixkv-")
-        if base not in BASES:
-            raise ValueError(f"unknown MixKV base {base!r}; choose from {BASES}")
-        extra = {"head_scores": _random_head_scores(model)} if base == "sparsemm" else {}
-        return MixKVPress(**common, base=base, **extra)  # type: ignore[arg-type]
-    if method == "keydiff":
-        return KeyDiffPress(**common)
-    if method == "streamingllm":
-        return StreamingLLMPress(**common)
-    if method.startswith("kvpress-"):
-        return _make_kvpress(method.removeprefix("kvpress-"), budget)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-
-
-def _make_kvpress(name: str, budget: int) -> Any:  # pragma: no cover - needs kvpress
-    import kvpress
-
-    # kvpress speaks compression ratios; the ratio is set per context in ``_press_context``.
-    if name == "snapkv":
-        return kvpress.SnapKVPress()
-    if name == "adakv":
-        return kvpress.AdaKVPress(kvpress.SnapKVPress())
-    if name == "keydiff":
-        return kvpress.KeyDiffPress()
-    raise ValueError(f"unknown kvpress method {name!r}")
-
-
-@contextlib.contextmanager
-def _press_context(
-    method: str, press: Any, model: torch.nn.Module, budget: int, context: int
-) -> Iterator[None]:
-    if press is None:
-        yield
-        return
-    if method.startswith("kvpress-"):  # pragma: no cover - needs kvpress
-        ratio = max(0.0, 1.0 - budget / context)
-        target = press.press if hasattr(press, "press") else press
-        target.compression_ratio = ratio
-        with press(model):
-            yield
-        return
-    with press(model):
-        yield
+def make_press(method: str, model: torch.nn.Module, budget: int, context: int, window_size: int) -> Any:
+    """The press of ``method`` for a ``context``-token prompt (None for ``"full"``); SparseMM-based
+    methods get seeded random head scores (timing does not depend on their values)."""
+    head_scores = _random_head_scores(model) if "sparsemm" in method else None
+    return build_press(
+        method, budget, context_tokens=context, window_size=window_size, head_scores=head_scores
+    )
 
 
 # ------------------------------------------------------------------------------------------ benchmark
@@ -237,12 +160,7 @@ def _head_dim(model: torch.nn.Module) -> int:
 
 
 def _one_run(
-    model: torch.nn.Module,
-    method: str,
-    press: Any,
-    input_ids: torch.Tensor,
-    budget: int,
-    decode_tokens: int,
+    model: torch.nn.Module, press: Any, input_ids: torch.Tensor, decode_tokens: int
 ) -> dict[str, Any]:
     device, dtype = _param_info(model)
     batch, context = input_ids.shape
@@ -254,7 +172,7 @@ def _one_run(
     with (
         _PeakMemory(device) as mem,
         torch.inference_mode(),
-        _press_context(method, press, model, budget, context),
+        contextlib.nullcontext() if press is None else press(model),
     ):
         _sync(device)
         t0 = time.perf_counter()
@@ -317,7 +235,7 @@ def run_bench(
     warm_ids = torch.randint(
         0, vocab, (1, min(context_lengths)), generator=torch.Generator().manual_seed(seed)
     )
-    _one_run(model, "full", None, warm_ids.to(device), budgets[0], 2)
+    _one_run(model, None, warm_ids.to(device), 2)
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -330,13 +248,13 @@ def run_bench(
                 for batch in batch_sizes:
                     gen = torch.Generator().manual_seed(seed + context + batch)
                     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-                    press = make_press(method, model, budget, window_size)
+                    press = make_press(method, model, budget, context, window_size)
                     for _ in range(warmup):
-                        _one_run(model, method, press, ids, budget, min(decode_tokens, 4))
+                        _one_run(model, press, ids, min(decode_tokens, 4))
                     runs = []
                     for _ in range(repeats):
                         gc.collect()
-                        runs.append(_one_run(model, method, press, ids, budget, decode_tokens))
+                        runs.append(_one_run(model, press, ids, decode_tokens))
                     rows.append(_summarise(method, context, budget, batch, decode_tokens, runs))
                     if log:
                         r = rows[-1]
@@ -397,12 +315,12 @@ def memory_flat_check(
         0, int(_cfg(model).vocab_size), (1, context), generator=torch.Generator().manual_seed(1)
     )
     ids = ids.to(device)
-    press = make_press(method, model, budget, window_size)
-    _one_run(model, method, press, ids, budget, decode_tokens)  # warm-up (allocator pools, lazy init)
+    press = make_press(method, model, budget, context, window_size)
+    _one_run(model, press, ids, decode_tokens)  # warm-up (allocator pools, lazy init)
     gc.collect()
     before = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
     for _ in range(generations):
-        _one_run(model, method, press, ids, budget, decode_tokens)
+        _one_run(model, press, ids, decode_tokens)
     gc.collect()
     after = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
     growth = (after - before) / before if before else 0.0

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
+from mixkv.eval.runner import build_press
 from mixkv.integration.cache import CompressedLayer
 from tests.families import ALL_FAMILIES, VLM_FAMILIES, build_case
 from tests.reference import kept_positions, masked_reference
@@ -32,12 +33,9 @@ PRESS_NAMES = (
 def make_press(name, case, budget):
     layout = mixkv.integration.describe_decoder(case.model)
     head_scores = torch.rand(layout.num_layers, layout.num_heads, generator=torch.Generator().manual_seed(7))
-    if name.startswith("mixkv-"):
-        base = name.removeprefix("mixkv-")
-        return mixkv.MixKVPress(budget=budget, window_size=WINDOW, base=base, head_scores=head_scores)
-    if name == "sparsemm":
-        return mixkv.SparseMMPress(budget=budget, window_size=WINDOW, head_scores=head_scores)
-    return mixkv.PRESSES[name](budget=budget, window_size=WINDOW)
+    return build_press(
+        name, budget, context_tokens=case.prompt_len, window_size=WINDOW, head_scores=head_scores
+    )
 
 
 @functools.cache

@@ -152,7 +152,7 @@ def test_unknown_method_raises_listing_methods(tiny, tmp_path):
 
 
 def test_kvpress_methods_without_kvpress_raise(tiny, tmp_path):
-    if runner._kvpress_available():
+    if runner.kvpress_available():
         pytest.skip("kvpress is installed")
     with pytest.raises(ValueError, match="kvpress"):
         run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["kvpress-snapkv"]})

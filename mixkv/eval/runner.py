@@ -89,7 +89,7 @@ PROTOCOLS = ("query_agnostic", "query_aware")
 # Presses
 
 
-def _kvpress_available() -> bool:
+def kvpress_available() -> bool:
     try:
         importlib.import_module("kvpress")
     except ImportError:
@@ -97,7 +97,14 @@ def _kvpress_available() -> bool:
     return True
 
 
-def build_press(method: str, budget: int | None, *, context_tokens: int, window_size: int = 32) -> Any:
+def build_press(
+    method: str,
+    budget: int | None,
+    *,
+    context_tokens: int,
+    window_size: int = 32,
+    head_scores: torch.Tensor | None = None,
+) -> Any:
     """Create the press for a method name, or ``None`` for the full cache.
 
     Parameters
@@ -111,6 +118,9 @@ def build_press(method: str, budget: int | None, *, context_tokens: int, window_
         ratio, derived as ``1 - budget / context_tokens``.
     window_size
         Observation window of the mixkv presses.
+    head_scores
+        Per-(layer, head) visual-head table for the SparseMM-based methods (e.g. from
+        ``mixkv calibrate``).
 
     Returns
     -------
@@ -130,7 +140,7 @@ def build_press(method: str, budget: int | None, *, context_tokens: int, window_
     if budget is None:
         raise ValueError(f"Method {method!r} needs a budget.")
     if method in KVPRESS_METHODS:
-        if not _kvpress_available():
+        if not kvpress_available():
             raise ValueError(
                 f"Method {method!r} compares against NVIDIA's kvpress, which is not installed; "
                 "`pip install kvpress` or drop the kvpress-* methods."
@@ -147,6 +157,8 @@ def build_press(method: str, budget: int | None, *, context_tokens: int, window_
     press_cls = getattr(mixkv, class_name, None)
     if press_cls is None:
         raise ValueError(f"This mixkv build has no {class_name}; method {method!r} is unavailable.")
+    if "sparsemm" in method:
+        extra = {**extra, "head_scores": head_scores}
     return press_cls(budget=budget, window_size=window_size, **extra)
 
 
@@ -691,7 +703,7 @@ def _check_methods(methods: Sequence[str] | str) -> list[str]:
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
     wanted_kvpress = [m for m in out if m in KVPRESS_METHODS]
-    if wanted_kvpress and not _kvpress_available():
+    if wanted_kvpress and not kvpress_available():
         raise ValueError(
             f"Method(s) {wanted_kvpress} need NVIDIA's kvpress, which is not importable; "
             "`pip install kvpress` or drop them."
