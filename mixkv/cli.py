@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("mixkv.demo", "full cache vs SnapKV vs AdaKV vs MixKV on the embedded SmolLM2 model"),
     "eval": ("mixkv.eval.cli", "answer quality under compression: methods x budgets x tasks"),
+    "fidelity": ("mixkv.eval.fidelity", "top-1 agreement and KL vs the full cache on natural text"),
     "bench": ("mixkv.bench", "speed and memory of every method"),
     "calibrate": ("mixkv.calibration", "per-head redundancy / visual-head statistics for a model"),
 }

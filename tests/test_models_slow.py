@@ -60,3 +60,57 @@ def test_gemma3_loads_offline_when_installed():
     assert model.config.model_type == "gemma3_text"
     assert model.config.num_key_value_heads == 1
     assert tok("hello")["input_ids"]
+
+
+def test_every_press_with_a_budget_above_the_prompt_generates_exactly_as_the_full_cache(smollm2):
+    import torch
+
+    from mixkv.eval.runner import build_press
+
+    model, tok = smollm2
+    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt")
+    reference = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    head_scores = torch.ones(30, 9)
+    for method in ("snapkv", "pyramidkv", "adakv", "sparsemm", "mixkv-snapkv", "mixkv-adakv", "keydiff"):
+        press = build_press(method, 64, context_tokens=ids["input_ids"].shape[1], head_scores=head_scores)
+        with press(model):
+            out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, reference), method
+
+
+def test_mixkv_on_adakv_frees_the_memory_of_dropped_entries_on_real_weights(smollm2):
+    import torch
+    from transformers import DynamicCache
+
+    import mixkv
+
+    model, tok = smollm2
+    text = " ".join(f"Item {i} is stored in box {i * 7 % 31}." for i in range(60))
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    cache = DynamicCache(config=model.config)
+    press = mixkv.MixKVPress(budget=128, base="adakv")
+    with press(model):
+        model(ids, past_key_values=cache)
+        report = press.last_report
+        assert report is not None
+        kept_bytes = int(report.kept_tokens.sum()) * 2 * 64 * 4
+        assert kept_bytes <= mixkv.kv_cache_bytes(cache) <= 1.02 * kept_bytes
+        assert report.kept_tokens.sum().item() == 128 * 30 * 3
+        assert len({int(x) for x in report.kept_tokens.flatten()}) > 1  # head-wise budgets
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+    assert report.full_bytes == ids.shape[1] * 30 * 3 * 2 * 64 * 4
+
+
+def test_fidelity_command_reports_agreement_and_kl(smollm2, tmp_path, capsys):
+    import json
+
+    from mixkv.eval.fidelity import main
+
+    out = tmp_path / "fidelity.json"
+    args = ["--methods", "snapkv", "--budgets", "64,512", "--context-length", "300", "--texts", "1"]
+    assert main([*args, "--continuation-tokens", "16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["budget"] for row in rows] == [64, 512]
+    assert rows[1]["top1_agreement"] == 1.0 and rows[1]["mean_kl"] < 1e-6  # 512 >= context: no compression
+    assert 0.0 <= rows[0]["top1_agreement"] <= 1.0 and rows[0]["mean_kl"] > 0.0
