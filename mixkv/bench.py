@@ -160,7 +160,7 @@ def _head_dim(model: torch.nn.Module) -> int:
 
 
 def _one_run(
-    model: torch.nn.Module, press: Any, input_ids: torch.Tensor, decode_tokens: int
+    model: torch.nn.Module, press: Any, input_ids: torch.Tensor, budget: int, decode_tokens: int
 ) -> dict[str, Any]:
     device, dtype = _param_info(model)
     batch, context = input_ids.shape
@@ -184,6 +184,8 @@ def _one_run(
         if report is not None and getattr(report, "kept_tokens", None) is not None:
             kept = int(report.kept_tokens.sum())
             out["compression_s"] = float(report.compression_seconds)
+        elif press is not None:  # kvpress: it keeps `budget` entries per head (whatever it stores)
+            kept = batch * n_layers * n_kv * min(budget, context)
         else:
             kept = batch * n_layers * n_kv * context
             out["compression_s"] = 0.0
@@ -235,7 +237,7 @@ def run_bench(
     warm_ids = torch.randint(
         0, vocab, (1, min(context_lengths)), generator=torch.Generator().manual_seed(seed)
     )
-    _one_run(model, None, warm_ids.to(device), 2)
+    _one_run(model, None, warm_ids.to(device), budgets[0], 2)
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -250,11 +252,11 @@ def run_bench(
                     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
                     press = make_press(method, model, budget, context, window_size)
                     for _ in range(warmup):
-                        _one_run(model, press, ids, min(decode_tokens, 4))
+                        _one_run(model, press, ids, budget, min(decode_tokens, 4))
                     runs = []
                     for _ in range(repeats):
                         gc.collect()
-                        runs.append(_one_run(model, press, ids, decode_tokens))
+                        runs.append(_one_run(model, press, ids, budget, decode_tokens))
                     rows.append(_summarise(method, context, budget, batch, decode_tokens, runs))
                     if log:
                         r = rows[-1]
@@ -316,11 +318,11 @@ def memory_flat_check(
     )
     ids = ids.to(device)
     press = make_press(method, model, budget, context, window_size)
-    _one_run(model, press, ids, decode_tokens)  # warm-up (allocator pools, lazy init)
+    _one_run(model, press, ids, budget, decode_tokens)  # warm-up (allocator pools, lazy init)
     gc.collect()
     before = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
     for _ in range(generations):
-        _one_run(model, press, ids, decode_tokens)
+        _one_run(model, press, ids, budget, decode_tokens)
     gc.collect()
     after = _rss_bytes() if device.type != "cuda" else int(torch.cuda.memory_allocated(device))
     growth = (after - before) / before if before else 0.0
