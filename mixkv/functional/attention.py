@@ -87,7 +87,7 @@ def dense_softmax_partial(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    visible: torch.Tensor,
+    visible: torch.Tensor | None,
     scaling: float,
 ) -> SoftmaxPartial:
     """Partial softmax attention over a dense block.
@@ -96,11 +96,15 @@ def dense_softmax_partial(
     ----------
     queries : Tensor ``(S, G, D)``
     keys, values : Tensor ``(S, T, D)``
-    visible : BoolTensor broadcastable to ``(S, G, T)``
-        True where the query row may attend to the key.
+    visible : BoolTensor broadcastable to ``(S, G, T)``, or None
+        True where the query row may attend to the key; None when every key is visible.
     scaling : float
     """
     logits = torch.bmm(queries.float(), keys.float().transpose(1, 2)) * scaling
+    if visible is None:
+        row_max = logits.amax(dim=-1)
+        weights = torch.exp(logits - row_max.unsqueeze(-1))
+        return SoftmaxPartial(row_max, weights.sum(-1), torch.bmm(weights, values.float()))
     logits = logits.masked_fill(~visible, float("-inf"))
     row_max = logits.amax(dim=-1)
     safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

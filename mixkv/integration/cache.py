@@ -160,6 +160,8 @@ class PackedCompressedLayer(CompressedLayer):
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
+        # Decoded tokens are never padding, so this is decided once, here.
+        self.tail_has_padding = not bool(tail_valid.all())
         self.dtype, self.device = tail_keys.dtype, tail_keys.device
 
     def update(
@@ -183,10 +185,11 @@ class PackedCompressedLayer(CompressedLayer):
         prefix = packed_softmax_partial(
             grouped, self.packed_keys, self.packed_values, self.segment_ids(), scaling
         )
-        causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
-        visible = (
-            causal.repeat(group, 1).unsqueeze(0) & self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
-        )
+        visible = None  # a single new token over an unpadded tail sees everything: skip the mask
+        if q_len > 1 or self.tail_has_padding:
+            causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
+            padding = self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
+            visible = causal.repeat(group, 1).unsqueeze(0) & padding
         tail = dense_softmax_partial(
             grouped,
             keys.reshape(segments, tail_len, head_dim),
