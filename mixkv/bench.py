@@ -515,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-check", type=int, default=10, help="consecutive generations (0: skip)")
+    parser.add_argument(
+        "--memory-check-context", type=int, default=1024, help="prompt tokens of those generations"
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
@@ -539,7 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     mem = None
     if args.memory_check > 0:
         mem = memory_flat_check(
-            model, budget=_ints(args.budgets)[0], generations=args.memory_check, window_size=args.window_size
+            model,
+            context=args.memory_check_context,
+            budget=_ints(args.budgets)[0],
+            generations=args.memory_check,
+            window_size=args.window_size,
         )
         print(f"memory check: {mem}", flush=True)
     command = "python -m mixkv.bench " + " ".join(sys.argv[1:] if argv is None else argv)
