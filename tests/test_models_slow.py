@@ -79,7 +79,6 @@ def test_every_press_with_a_budget_above_the_prompt_generates_exactly_as_the_ful
 
 
 def test_mixkv_on_adakv_frees_the_memory_of_dropped_entries_on_real_weights(smollm2):
-    import torch
     from transformers import DynamicCache
 
     import mixkv
