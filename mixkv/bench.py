@@ -186,6 +186,7 @@ def _one_run(
             out["compression_s"] = float(report.compression_seconds)
         elif press is not None:  # kvpress: it keeps `budget` entries per head (whatever it stores)
             kept = batch * n_layers * n_kv * min(budget, context)
+            out["compression_s"] = float("nan")  # kvpress does not report it
         else:
             kept = batch * n_layers * n_kv * context
             out["compression_s"] = 0.0
