@@ -24,20 +24,8 @@ from mixkv.presses import (
 
 __version__ = "0.1.0"
 
-PRESSES = {
-    "snapkv": SnapKVPress,
-    "pyramidkv": PyramidKVPress,
-    "adakv": AdaKVPress,
-    "sparsemm": SparseMMPress,
-    "keydiff": KeyDiffPress,
-    "knorm": KnormPress,
-    "streamingllm": StreamingLLMPress,
-    "random": RandomPress,
-    "mixkv": MixKVPress,
-}
 
 __all__ = [
-    "PRESSES",
     "AdaKVPress",
     "BasePress",
     "CompressionReport",
