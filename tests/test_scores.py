@@ -427,3 +427,19 @@ TYPE_ERRORS: dict[str, Callable[[], object]] = {
 def test_non_floating_or_non_integer_arguments_raise_type_error(case: str) -> None:
     with pytest.raises(TypeError):
         TYPE_ERRORS[case]()
+
+
+def test_mixkv_scores_with_precomputed_importance_equal_the_self_contained_ones():
+    g = torch.Generator().manual_seed(11)
+    queries, keys, values = (
+        torch.randn(2, 4, 6, 8, generator=g),
+        torch.randn(2, 2, 30, 8, generator=g),
+        torch.randn(2, 2, 30, 8, generator=g),
+    )
+    importance = window_importance(queries, keys, kernel_size=3)
+    expected = mixkv_scores(queries, keys, values, window_size=6, kernel_size=3)
+    assert torch.equal(
+        mixkv_scores(queries, keys, values, window_size=6, kernel_size=3, importance=importance), expected
+    )
+    with pytest.raises(ValueError, match="importance must have shape"):
+        mixkv_scores(queries, keys, values, window_size=6, importance=importance[..., 1:])

@@ -575,6 +575,7 @@ def mixkv_scores(
     redundancy: Tensor | None = None,
     scaling: float | None = None,
     key_mask: Tensor | None = None,
+    importance: Tensor | None = None,
 ) -> Tensor:
     r"""MixKV selection score of every prefix position (spec 1 to 3).
 
@@ -600,6 +601,9 @@ def mixkv_scores(
     redundancy : Tensor, optional
         ``(Hkv,)`` or ``(B, Hkv)`` offline redundancy in ``[0, 1]``; computed online from the keys
         when omitted.
+    importance : Tensor, optional
+        ``I`` already computed by :func:`window_importance` with the same arguments (a budget
+        policy such as AdaKV needs it too); computed here when omitted.
 
     Returns
     -------
@@ -620,8 +624,14 @@ def mixkv_scores(
     weight = None if redundancy is None else _check_redundancy(redundancy, batch, kv_heads, dtype)
     valid = _valid_mask(key_mask, batch, seq_len, keys.device)
     prefix_valid = valid[..., : seq_len - window]
-    pooled = pool_scores(_window_attention(queries, keys, scale, valid).to(dtype), kernel_size, pooling)
-    importance = _mask_pads(pooled, prefix_valid)
+    if importance is None:
+        pooled = pool_scores(_window_attention(queries, keys, scale, valid).to(dtype), kernel_size, pooling)
+        importance = _mask_pads(pooled, prefix_valid)
+    elif importance.shape != (batch, kv_heads, seq_len - window):
+        raise ValueError(
+            f"importance must have shape {(batch, kv_heads, seq_len - window)} (window_importance of the same "
+            f"queries and keys), got {tuple(importance.shape)}"
+        )
     target = _masked_mean(importance, prefix_valid)
     unit = _unit_keys(keys, dtype)
     diversity = _diversity(unit, valid, window, target)

@@ -119,4 +119,5 @@ class MixKVPress(BasePress):
             redundancy=redundancy,
             scaling=ctx.scaling,
             key_mask=ctx.key_mask,
+            importance=ctx.importance,  # shared with the base's budget allocation, computed once
         )
