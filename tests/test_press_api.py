@@ -1,5 +1,6 @@
 """The press API on a tiny Llama: validation, clean attach/detach, batches, selection, ratios."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -258,3 +259,56 @@ def test_query_agnostic_decoding_continues_from_a_compressed_cache(model):
         )
     assert out.shape[1] == 130
     assert cache.get_seq_length() == 129  # positions continue from the uncompressed length
+
+
+@torch.no_grad()
+def test_a_prefix_filled_before_the_press_is_compressed_with_the_rest_like_one_prefill(model):
+    ids, split = prompt(120, seed=9), 100
+    full_one_go, full_chunked = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    model(ids, past_key_values=full_one_go)
+    model(ids[:, :split], past_key_values=full_chunked)
+    prefilled = copy.deepcopy(full_chunked)
+    model(ids[:, split:], past_key_values=full_chunked)
+    one_go, chunked = (
+        mixkv.AdaKVPress(budget=40, window_size=WINDOW),
+        mixkv.AdaKVPress(budget=40, window_size=WINDOW),
+    )
+    cache = DynamicCache(config=model.config)
+    with one_go(model):
+        expected_logits = model(ids, past_key_values=cache).logits[:, -1]
+    with chunked(model):
+        logits = model(ids[:, split:], past_key_values=prefilled).logits[:, -1]
+    assert chunked.last_report.context_lengths == [120]
+    assert torch.equal(chunked.last_report.kept_tokens, one_go.last_report.kept_tokens)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    for layer_idx in range(3):
+        assert torch.equal(
+            kept_positions(prefilled.layers[layer_idx], full_chunked.layers[layer_idx].keys),
+            kept_positions(cache.layers[layer_idx], full_one_go.layers[layer_idx].keys),
+        )
+
+
+def test_a_prefill_forward_shorter_than_the_window_is_not_compressed_and_says_why(model):
+    ids = prompt(120, seed=10)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :116], past_key_values=cache)
+    press = mixkv.SnapKVPress(budget=40, window_size=WINDOW)
+    with press(model):
+        model(ids[:, 116:], past_key_values=cache)
+    assert cache.get_seq_length() == 120 and not isinstance(
+        cache.layers[0], mixkv.integration.cache.CompressedLayer
+    )
+    assert "fewer than the observation window" in press.last_report.skipped_layers[0]
+
+
+def test_only_the_first_multi_token_forward_through_a_cache_compresses_it(model):
+    ids = prompt(140, seed=11)
+    cache = DynamicCache(config=model.config)
+    press = mixkv.SnapKVPress(budget=40, window_size=WINDOW)
+    with press(model):
+        model(ids[:, :120], past_key_values=cache)
+        model(ids[:, 120:], past_key_values=cache)
+        second = DynamicCache(config=model.config)
+        model(ids[:, :100], past_key_values=second)
+    assert cache.layers[0].keys.shape[2] == 40 + 20
+    assert second.layers[0].keys.shape[2] == 40

@@ -64,7 +64,8 @@ def test_budget_at_or_above_context_is_bit_identical_to_no_compression(family, p
     assert torch.equal(out.sequences, reference.sequences)
     for got, expected in zip(out.scores, reference.scores, strict=True):
         assert torch.equal(got, expected)
-    assert press.last_report is None  # nothing was compressed
+    assert press.last_report.compressed_layers == []  # nothing was compressed, and the report says so
+    assert press.last_report.compressed_bytes == press.last_report.full_bytes
 
 
 def prefill(case):

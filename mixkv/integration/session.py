@@ -8,9 +8,12 @@ How it works, using only transformers' extension points:
    so scoring is right for every rotary variant (Qwen-VL's multi-axis M-RoPE included) without
    re-implementing it.
 2. A forward pre-hook on each decoder attention module records the ``Cache`` object in use.
-3. At the end of prefill (first forward of a layer whose cache is a plain ``DynamicLayer``) the
-   function computes the layer's output over the full prompt, then scores the prompt and replaces
-   the layer in the model's own cache by a compressed layer that holds only the kept entries.
+3. At the end of prefill (the first multi-token forward through a given ``Cache`` while the press
+   is active) the function computes each layer's output over the full prompt, then scores the
+   prompt and replaces the layer in the model's own cache by a compressed layer that holds only the
+   kept entries. The cache may already hold a prefix filled before the ``with`` block (a cached
+   system prompt, a shared document); the whole content is then scored with the queries of the
+   forward's last ``window_size`` tokens, exactly as if it had been prefilled in one go.
 4. Afterwards, attention over compressed layers is computed by the layers themselves.
 
 On exit (also on exceptions) hooks are removed, the config is restored, the registrations are
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -163,6 +167,8 @@ class PressSession:
         self._created: list[CompressedLayer] = []
         self._input_ids: torch.Tensor | None = None
         self._record: _PrefillRecord | None = None
+        # Caches whose prefill this session has handled: later forwards through them only append.
+        self._prefilled: weakref.WeakSet[Cache] = weakref.WeakSet()
         self._entered = False
 
     # -- context management -------------------------------------------------------------------
@@ -217,6 +223,7 @@ class PressSession:
         self._caches.clear()
         self._input_ids = None
         self._record = None
+        self._prefilled = weakref.WeakSet()
         if self._entered:
             self._entered = False
             _unregister_functions()
@@ -262,7 +269,7 @@ class PressSession:
             cache is not None
             and isinstance(layer, CacheLayerMixin)
             and query.shape[2] > 1
-            and layer.get_seq_length() == query.shape[2]
+            and cache not in self._prefilled
         ):
             self._on_prefill(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
         return output
@@ -296,6 +303,10 @@ class PressSession:
             compress_rows = lengths > budgets
             if length <= self.press.window_size:
                 record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
+            elif query.shape[2] < self.press.window_size:
+                record.skipped_layers[layer_idx] = (
+                    f"the prefill forward holds {query.shape[2]} tokens, fewer than the observation window"
+                )
             elif bool(compress_rows.any()):
                 start = time.perf_counter()
                 self._compress(
@@ -305,6 +316,7 @@ class PressSession:
             else:
                 record.skipped_layers[layer_idx] = "every prompt fits in its budget"
         if layer_idx == self.layout.num_layers - 1:
+            self._prefilled.add(cache)
             self._finish_record(cache)
 
     def _start_record(self, lengths: torch.Tensor, key_mask: torch.Tensor) -> _PrefillRecord:
@@ -405,7 +417,7 @@ class PressSession:
     def _finish_record(self, cache: Cache) -> None:
         record = self._record
         self._record = None
-        if record is None or not record.compressed_layers:
+        if record is None:
             return
         lengths = torch.tensor(record.lengths)
         for layer_idx in range(self.layout.num_layers):
@@ -420,6 +432,10 @@ class PressSession:
         compressed_now = sum(layer_bytes(cache.layers[i]) for i in record.compressed_layers)
         layers = len(record.compressed_layers)
         image_total = record.image_total
+        if not layers and image_total is not None:  # nothing compressed: every token is kept
+            record.image_kept = image_total.float()
+            record.text_kept = torch.tensor(record.lengths).float() - record.image_kept
+            layers = 1
         self.press.last_report = CompressionReport(
             context_lengths=record.lengths,
             budgets=record.budgets,
