@@ -194,3 +194,21 @@ def test_cli_runs_a_grid_from_a_model_directory(tiny, tmp_path, capsys):
 def test_cli_bad_budget_returns_2(capsys):
     assert cli_main(["--budgets", "sixty"]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["query_agnostic", "query_aware"])
+def test_shared_prefill_answers_and_keeps_exactly_what_separate_prefills_do(tiny, tmp_path, protocol):
+    grid = {**GRID, "methods": ["full", "snapkv", "mixkv-adakv"], "protocol": protocol}
+    shared = run_eval(tiny, out_dir=tmp_path / "shared", **grid)
+    separate = run_eval(tiny, out_dir=tmp_path / "separate", share_prefill=False, **grid)
+    assert len(shared.cells) == len(separate.cells) == 3
+    for a, b in zip(shared.cells, separate.cells, strict=True):
+        assert a["cell"] == b["cell"]
+        for x, y in zip(a["examples"], b["examples"], strict=True):
+            assert x["shared_prefix_tokens"] == x["prefill_tokens"] - 32
+            assert y["shared_prefix_tokens"] == 0
+            assert (x["output"], x["kv_bytes"], x["kept_tokens_mean"]) == (
+                y["output"],
+                y["kv_bytes"],
+                y["kept_tokens_mean"],
+            )

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="recompute and overwrite finished cells")
     p.add_argument("--window-size", type=int, default=32, help="observation window (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the tasks' answer lengths")
+    p.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="text tasks: prefill every (method, budget) from scratch instead of copying one full-cache "
+        "prefix per example (same computation up to float rounding, many times slower)",
+    )
     return p
 
 
@@ -155,6 +161,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         resume=not args.no_resume,
         window_size=args.window_size,
         max_new_tokens=args.max_new_tokens,
+        share_prefill=not args.no_shared_prefill,
     )
 
 

@@ -25,6 +25,7 @@ shows them as ``n/a``. A grid in which every compressed cell would be skipped is
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -49,8 +50,10 @@ __all__ = [
     "KVPRESS_METHODS",
     "METHODS",
     "EvalResult",
+    "SharedPrefix",
     "build_press",
     "cell_filename",
+    "prefill_shared_prefix",
     "run_eval",
     "run_example",
     "write_markdown_table",
@@ -173,6 +176,52 @@ def _forward_prefill(model: Any, ids: torch.Tensor, cache: Any) -> None:
     model(**kwargs)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
+    into every method's run (see :func:`prefill_shared_prefix`). Never modified."""
+
+    cache: Any
+    tokens: int
+    seconds: float
+
+
+def _prompt_ids(
+    example: TextExample, tokenizer: Any, protocol: str, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """The whole prompt ``(1, N)`` and how many of its tokens are prefilled under ``protocol``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    context_ids, question_ids = encode_prompt(example, tokenizer)
+    ids = torch.tensor([context_ids + question_ids], dtype=torch.long, device=device)
+    return ids, len(context_ids) if protocol == "query_agnostic" else ids.shape[1] - 1
+
+
+def prefill_shared_prefix(
+    model: Any, tokenizer: Any, example: TextExample, *, protocol: str, tail_tokens: int
+) -> SharedPrefix | None:
+    """Prefill all but the last ``tail_tokens`` prefill tokens of an example with the full cache.
+
+    Every method then copies this cache and prefills only the tail under its press, which
+    compresses prefix and tail together exactly as it would a one-go prefill (the scores only need
+    the tail's last ``window_size`` queries). The prompt's long prefix is thus computed once per
+    example instead of once per (method, budget). None when the prefill is not longer than the
+    tail.
+    """
+    from transformers import DynamicCache
+
+    ids, n_prefill = _prompt_ids(example, tokenizer, protocol, model.device)
+    tokens = n_prefill - tail_tokens
+    if tokens < 1:
+        return None
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        _forward_prefill(model, ids[:, :tokens], cache)
+        seconds = time.perf_counter() - start
+    return SharedPrefix(cache, tokens, seconds)
+
+
 def run_example(
     model: Any,
     tokenizer: Any,
@@ -181,6 +230,7 @@ def run_example(
     *,
     protocol: str = "query_agnostic",
     max_new_tokens: int | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> dict[str, Any]:
     """Prefill one example (compressing with ``press``), decode the answer and score it.
 
@@ -196,23 +246,25 @@ def run_example(
         ``"query_agnostic"`` or ``"query_aware"`` (see the module documentation).
     max_new_tokens
         Overrides ``example.max_new_tokens``.
+    prefix
+        This example's :func:`prefill_shared_prefix`: a copy of its cache is used and only the rest
+        of the prefill runs under the press (mixkv presses only: kvpress compresses only a prefill
+        that starts at position 0).
 
     Returns
     -------
     dict
         JSON-serialisable record: output, score, token counts, timings (``prefill_seconds`` includes
-        compression; ``decode_seconds`` covers the question and the generated tokens), KV bytes
+        compression and the shared prefix's own time; ``decode_seconds`` covers the question and
+        the generated tokens), KV bytes
         after prefill (``kv_bytes``) and what the full cache would hold (``kv_bytes_full``), mean
         kept tokens per KV head and the press's report.
     """
     from transformers import DynamicCache
 
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
-    context_ids, question_ids = encode_prompt(example, tokenizer)
-    ids = torch.tensor([context_ids + question_ids], dtype=torch.long, device=model.device)
-    n_prefill = len(context_ids) if protocol == "query_agnostic" else ids.shape[1] - 1
-    cache = DynamicCache(config=model.config)
+    ids, n_prefill = _prompt_ids(example, tokenizer, protocol, model.device)
+    start_at = 0 if prefix is None else prefix.tokens
+    cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
     new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -220,8 +272,8 @@ def run_example(
     manager = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
         start = time.perf_counter()
-        _forward_prefill(model, ids[:, :n_prefill], cache)
-        prefill_s = time.perf_counter() - start
+        _forward_prefill(model, ids[:, start_at:n_prefill], cache)
+        prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         start = time.perf_counter()
         out = model.generate(
@@ -244,6 +296,7 @@ def run_example(
         "score": score_output(text, example.answers, example.metric),
         "context_tokens": example.context_tokens,
         "prefill_tokens": int(n_prefill),
+        "shared_prefix_tokens": start_at,
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": int(generated.numel()),
         "context_sha1": hashlib.sha1(example.context.encode()).hexdigest(),
@@ -747,6 +800,7 @@ def run_eval(
     *,
     window_size: int = 32,
     max_new_tokens: int | None = None,
+    share_prefill: bool = True,
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -779,6 +833,12 @@ def run_eval(
         Observation window of the presses.
     max_new_tokens
         Overrides each task's generation length.
+    share_prefill
+        Prefill each example's prompt, all but its last ``window_size`` tokens, once with the full
+        cache and give every mixkv method a copy (see :func:`prefill_shared_prefix`); the press
+        then compresses prefix and tail together, as in a one-go prefill. Up to float rounding of
+        the chunked forward this is the same computation, many times cheaper on long prompts.
+        False prefills every (method, budget) from scratch. kvpress methods always do.
 
     Returns
     -------
@@ -847,6 +907,7 @@ def run_eval(
         "protocol": protocol,
         "window_size": window_size,
         "max_new_tokens": max_new_tokens,
+        "share_prefill": share_prefill,
     }
     identity = {
         "model": run_config["model"],
@@ -866,48 +927,59 @@ def run_eval(
             from mixkv.models import load_model
 
             model, tokenizer = load_model(model_spec)
-        examples: dict[tuple[str, int], list[TextExample]] = {}
         versions, machine = _versions(), _machine()
+        # Example-major order within each (task, context length): an example's shared prefix is
+        # prefilled once and serves every pending cell; the cells are written when the group ends.
+        groups: dict[tuple[str, int], list[_Cell]] = {}
+        for cell in todo:
+            assert cell.context_length is not None
+            groups.setdefault((cell.task, cell.context_length), []).append(cell)
         with _progress(len(todo) * n) as bar:
-            for cell in todo:
-                assert cell.context_length is not None
-                key = (cell.task, cell.context_length)
-                if key not in examples:
-                    examples[key] = make_examples(cell.task, tokenizer, cell.context_length, n, seed)
-                bar.set_description(cell.name.removesuffix(".json"))
-                torch.manual_seed(seed)
-                records = []
-                start = time.perf_counter()
-                for example in examples[key]:
+            for (task, length), group in groups.items():
+                bar.set_description(f"{task} L={length}")
+                records: dict[_Cell, list[dict[str, Any]]] = {cell: [] for cell in group}
+                seconds = dict.fromkeys(group, 0.0)
+                for example in make_examples(task, tokenizer, length, n, seed):
+                    prefix = None
+                    if share_prefill and any(c.method not in KVPRESS_METHODS for c in group):
+                        prefix = prefill_shared_prefix(
+                            model, tokenizer, example, protocol=protocol, tail_tokens=window_size
+                        )
                     context_ids, question_ids = encode_prompt(example, tokenizer)
                     prefill = len(context_ids) + (len(question_ids) - 1 if protocol == "query_aware" else 0)
-                    press = build_press(
-                        cell.method, cell.budget, context_tokens=prefill, window_size=window_size
-                    )
-                    records.append(
-                        run_example(
-                            model,
-                            tokenizer,
-                            example,
-                            press,
-                            protocol=protocol,
-                            max_new_tokens=max_new_tokens,
+                    for cell in group:
+                        torch.manual_seed(seed)
+                        press = build_press(
+                            cell.method, cell.budget, context_tokens=prefill, window_size=window_size
                         )
+                        start = time.perf_counter()
+                        records[cell].append(
+                            run_example(
+                                model,
+                                tokenizer,
+                                example,
+                                press,
+                                protocol=protocol,
+                                max_new_tokens=max_new_tokens,
+                                prefix=None if cell.method in KVPRESS_METHODS else prefix,
+                            )
+                        )
+                        seconds[cell] += time.perf_counter() - start
+                        bar.update(1)
+                for cell in group:
+                    finished[cell] = _write_cell(
+                        cell_dir,
+                        cell,
+                        identity=identity,
+                        config=run_config,
+                        records=records[cell],
+                        score=sum(r["score"] for r in records[cell]) / n,
+                        wall_seconds=seconds[cell],
+                        seed=seed,
+                        versions=versions,
+                        machine=machine,
                     )
-                    bar.update(1)
-                finished[cell] = _write_cell(
-                    cell_dir,
-                    cell,
-                    identity=identity,
-                    config=run_config,
-                    records=records,
-                    score=sum(r["score"] for r in records) / len(records),
-                    wall_seconds=time.perf_counter() - start,
-                    seed=seed,
-                    versions=versions,
-                    machine=machine,
-                )
-                result.computed.append(cell.name)
+                    result.computed.append(cell.name)
 
     _write_summary(
         result,
