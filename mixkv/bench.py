@@ -122,7 +122,8 @@ class _PeakMemory:
 
 
 def _cfg(model: torch.nn.Module) -> Any:
-    return model.config
+    config: Any = model.config
+    return config.get_text_config()  # a VLM's language-model config
 
 
 def _random_head_scores(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
@@ -343,30 +344,92 @@ def memory_flat_check(
 # ---------------------------------------------------------------------------------------------- model
 
 
-def random_smollm2(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised Llama with SmolLM2-135M's shape (timing needs no trained weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: Randomly initialised models for timing (it needs no trained weights): name -> (family, shape).
+#: ``random-smollm2`` is SmolLM2-135M's shape; ``random-llama3-1b`` Llama-3.2-1B's; ``random-qwen2vl-2b``
+#: Qwen2-VL-2B's language model (M-RoPE) with a one-block vision tower, fed text tokens only: image
+#: tokens cost the decoder the same as text ones once embedded.
+RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random-smollm2": (
+        "llama",
+        {
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "head_dim": 64,
+        },
+    ),
+    "random-llama3-1b": (
+        "llama",
+        {
+            "vocab_size": 128256,
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+        },
+    ),
+    "random-qwen2vl-2b": (
+        "qwen2_vl",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [16, 24, 24],
+            },
+        },
+    ),
+}
 
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=16384,
-        tie_word_embeddings=True,
-    )
-    cfg._attn_implementation = "sdpa"
+
+def random_model(
+    name: str, dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0
+) -> torch.nn.Module:
+    """A randomly initialised model of :data:`RANDOM_MODELS`, optionally cut to its first ``layers``
+    decoder layers (timing per layer is unchanged; the whole model may not fit a CPU's time)."""
+    import transformers as tf
+
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"unknown random model {name!r}; choose from {sorted(RANDOM_MODELS)}")
+    family, shape = RANDOM_MODELS[name]
+    if layers is not None:
+        if not 1 <= layers <= shape["num_hidden_layers"]:
+            raise ValueError(f"layers must be in [1, {shape['num_hidden_layers']}] for {name}, got {layers}")
+        shape = {**shape, "num_hidden_layers": layers}
+    text = {**shape, "max_position_embeddings": 65536, "tie_word_embeddings": True}
+    config: Any
+    cls: Any
+    if family == "llama":
+        config, cls = tf.LlamaConfig(**text), tf.LlamaForCausalLM
+    else:
+        vision = {"depth": 1, "embed_dim": 32, "hidden_size": shape["hidden_size"], "num_heads": 2}
+        config = tf.Qwen2VLConfig(
+            text_config=tf.Qwen2VLTextConfig(**text).to_dict(), vision_config=vision, tie_word_embeddings=True
+        )
+        cls = tf.Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
-    model: Any = LlamaForCausalLM(cfg)
-    return model.to(dtype).eval()
+    model: Any = cls._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
 
 
-def load_bench_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    if name == "random-smollm2":
-        return random_smollm2(dtype)
+def load_bench_model(
+    name: str, dtype: torch.dtype = torch.float32, layers: int | None = None
+) -> torch.nn.Module:
+    if name in RANDOM_MODELS:
+        return random_model(name, dtype, layers)
+    if layers is not None:
+        raise ValueError("--layers only applies to the random-* models")
     from mixkv.models import load_model
 
     model, _ = load_model(None if name == "smollm2" else name, dtype=dtype)
@@ -502,7 +565,13 @@ def _ints(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixkv.bench", description=__doc__)
     parser.add_argument(
-        "--model", default="random-smollm2", help="random-smollm2 (default), smollm2 (real weights) or a path"
+        "--model",
+        default="random-smollm2",
+        help=f"{', '.join(RANDOM_MODELS)} (random weights; the first is the default), smollm2 (real "
+        "weights) or a model directory",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="random-* models: keep only the first N decoder layers"
     )
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {METHODS}")
     parser.add_argument("--context-lengths", default="1024,2048,4096")
@@ -526,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = load_bench_model(args.model, dtype).to(args.device)
+    model = load_bench_model(args.model, dtype, args.layers).to(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = run_bench(
         model,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mixkv.bench import FIELDS, machine_info, main, memory_flat_check, run_bench, write_results
+from mixkv.bench import FIELDS, machine_info, main, memory_flat_check, random_model, run_bench, write_results
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -64,7 +65,7 @@ def test_memory_check_and_cli(tmp_path, monkeypatch):
     mc = memory_flat_check(model, context=64, budget=24, generations=2, decode_tokens=2, window_size=8)
     assert {"mem_before_bytes", "mem_after_bytes", "growth", "flat"} <= mc.keys()
 
-    monkeypatch.setattr("mixkv.bench.load_bench_model", lambda name, dtype: _tiny_llama())
+    monkeypatch.setattr("mixkv.bench.load_bench_model", lambda name, dtype, layers: _tiny_llama())
     rc = main(
         [
             "--methods", "full,snapkv",
@@ -81,3 +82,38 @@ def test_memory_check_and_cli(tmp_path, monkeypatch):
     )  # fmt: skip
     assert rc == 0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+
+
+def test_random_models_keep_their_shape_when_cut_to_fewer_layers():
+    model = random_model("random-smollm2", layers=2)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.head_dim) == (2, 3, 64)
+
+
+def test_random_qwen2vl_shaped_model_is_benched_with_its_mrope_decoder(tmp_path):
+    model = random_model("random-qwen2vl-2b", layers=1)
+    text = model.config.get_text_config()
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    rows = run_bench(
+        model,
+        methods=["full", "mixkv-adakv"],
+        context_lengths=[64],
+        budgets=[40],
+        batch_sizes=[1],
+        decode_tokens=2,
+        repeats=1,
+        warmup=0,
+        window_size=8,
+    )
+    compressed = rows[1]
+    assert compressed["kept_entries"] == 1 * 1 * 2 * 40
+    assert compressed["kv_over_kept"] <= 1.02
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "message"),
+    [("random-gpt", None, "unknown random model"), ("random-smollm2", 31, "layers must be")],
+)
+def test_bad_random_model_requests_are_refused(name, layers, message):
+    with pytest.raises(ValueError, match=message):
+        random_model(name, layers=layers)
