@@ -21,12 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mixkv.functional.attention import (
-    causal_tail_visibility,
-    dense_softmax_partial,
-    merge_softmax_partials,
-    packed_softmax_partial,
-)
+from mixkv.functional.attention import causal_tail_visibility, packed_attention
 
 _DETACHED_MESSAGE = (
     "this cache layer was compressed by a mixkv press and can only be used while the press is active: "
@@ -157,6 +152,8 @@ class PackedCompressedLayer(CompressedLayer):
         super().__init__(seen_tokens)
         self.packed_keys, self.packed_values = packed_keys, packed_values
         self.segment_lengths = segment_lengths
+        # A Python int, fixed at creation (the packed part never grows): no device sync per step.
+        self.max_segment_length = int(segment_lengths.max()) if segment_lengths.numel() else 0
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
@@ -182,22 +179,22 @@ class PackedCompressedLayer(CompressedLayer):
         segments = batch * kv_heads
         # (B, H, q, D) -> (S, group * q, D): query head h*group + j belongs to KV head h.
         grouped = query.reshape(segments, group * q_len, head_dim)
-        prefix = packed_softmax_partial(
-            grouped, self.packed_keys, self.packed_values, self.segment_ids(), scaling
-        )
         visible = None  # a single new token over an unpadded tail sees everything: skip the mask
         if q_len > 1 or self.tail_has_padding:
             causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
             padding = self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
             visible = causal.repeat(group, 1).unsqueeze(0) & padding
-        tail = dense_softmax_partial(
+        out = packed_attention(
             grouped,
+            self.packed_keys,
+            self.packed_values,
+            self.segment_lengths,
+            self.max_segment_length,
             keys.reshape(segments, tail_len, head_dim),
             values.reshape(segments, tail_len, head_dim),
             visible,
             scaling,
         )
-        out = merge_softmax_partials(prefix, tail).to(query.dtype)
         return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
 
     def tensors(self) -> list[torch.Tensor]:
