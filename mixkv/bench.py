@@ -305,7 +305,7 @@ def _summarise(
 def memory_flat_check(
     model: torch.nn.Module,
     *,
-    method: str = "mixkv-snapkv",
+    method: str = "mixkv-adakv",
     context: int = 1024,
     budget: int = 128,
     generations: int = 10,
@@ -313,7 +313,9 @@ def memory_flat_check(
     window_size: int = 32,
     tolerance: float = 0.05,
 ) -> dict[str, Any]:
-    """Run ``generations`` consecutive compressed generations; flag RSS growth above ``tolerance``."""
+    """Run ``generations`` consecutive compressed generations; flag RSS growth above ``tolerance``.
+
+    The default method is head-wise (packed layers), which carries the most bookkeeping."""
     device, _ = _param_info(model)
     ids = torch.randint(
         0, int(_cfg(model).vocab_size), (1, context), generator=torch.Generator().manual_seed(1)
@@ -588,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--memory-check-context", type=int, default=1024, help="prompt tokens of those generations"
     )
+    parser.add_argument("--memory-check-method", default="mixkv-adakv", help="press of those generations")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
@@ -613,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.memory_check > 0:
         mem = memory_flat_check(
             model,
+            method=args.memory_check_method,
             context=args.memory_check_context,
             budget=_ints(args.budgets)[0],
             generations=args.memory_check,
