@@ -212,3 +212,20 @@ def test_shared_prefill_answers_and_keeps_exactly_what_separate_prefills_do(tiny
                 y["kv_bytes"],
                 y["kept_tokens_mean"],
             )
+
+
+def test_a_press_that_cannot_continue_from_a_shared_prefix_is_refused(tiny):
+    from mixkv.eval.tasks import make_examples
+
+    model, tokenizer = tiny
+    example = make_examples("niah_single_1", tokenizer, 128, 1)[0]
+    prefix = runner.prefill_shared_prefix(
+        model, tokenizer, example, protocol="query_agnostic", tail_tokens=32
+    )
+
+    class ForeignPress:
+        def __call__(self, model):
+            raise AssertionError("must be refused before use")
+
+    with pytest.raises(ValueError, match="shared prefix"):
+        runner.run_example(model, tokenizer, example, ForeignPress(), prefix=prefix)

@@ -262,6 +262,13 @@ def run_example(
     """
     from transformers import DynamicCache
 
+    from mixkv.presses.base import BasePress
+
+    if prefix is not None and press is not None and not isinstance(press, BasePress):
+        raise ValueError(
+            f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
+            "cache that already holds one); pass prefix=None"
+        )
     ids, n_prefill = _prompt_ids(example, tokenizer, protocol, model.device)
     start_at = 0 if prefix is None else prefix.tokens
     cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
