@@ -229,3 +229,14 @@ def test_a_press_that_cannot_continue_from_a_shared_prefix_is_refused(tiny):
 
     with pytest.raises(ValueError, match="shared prefix"):
         runner.run_example(model, tokenizer, example, ForeignPress(), prefix=prefix)
+
+
+def test_summary_compares_mixkv_with_its_base_cell_by_cell(finished):
+    cells = {
+        m: json.loads((finished / "cells" / cell_filename(m, 40, "niah_single_1", 128)).read_text())["score"]
+        for m in ("snapkv", "mixkv-snapkv")
+    }
+    base, mix = 100 * cells["snapkv"], 100 * cells["mixkv-snapkv"]
+    counts = f"{int(mix > base)} / {int(mix == base)} / {int(mix < base)}"
+    row = f"| mixkv-snapkv | snapkv | 40 | {base:.1f} | {mix:.1f} | {mix - base:+.1f} | {counts} |"
+    assert row in (finished / "results.md").read_text()

@@ -559,8 +559,51 @@ def write_markdown_table(
                 row.append(f"{frac:.1f}% / {pre:.2f} / {dec:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _mixkv_against_base(index, methods, budgets, tasks, context_lengths)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _mixkv_against_base(
+    index: dict[tuple[Any, ...], dict[str, Any]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int | None],
+) -> list[str]:
+    """Lines of the "MixKV against its base" table: per (mixkv-X, budget), the mean score of X and
+    of mixkv-X over the (task, context length) cells both have, and how many cells MixKV wins,
+    ties and loses."""
+    pairs = [(m, m.removeprefix("mixkv-")) for m in methods if m.startswith("mixkv-")]
+    pairs = [(m, base) for m, base in pairs if base in methods]
+    if not pairs:
+        return []
+    lines = [
+        "## MixKV against its base (cells: task x context length)",
+        "",
+        "| method | base | budget | base mean | MixKV mean | difference | wins / ties / losses |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, base in pairs:
+        for b in budgets:
+            scores = [
+                (_cell_score(index[(base, b, t, length)]), _cell_score(index[(method, b, t, length)]))
+                for length in context_lengths
+                for t in tasks
+                if (base, b, t, length) in index and (method, b, t, length) in index
+            ]
+            if not scores:
+                continue
+            base_mean = sum(x for x, _ in scores) / len(scores)
+            mix_mean = sum(y for _, y in scores) / len(scores)
+            wins = sum(y > x for x, y in scores)
+            ties = sum(y == x for x, y in scores)
+            lines.append(
+                f"| {method} | {base} | {b} | {base_mean:.1f} | {mix_mean:.1f} | {mix_mean - base_mean:+.1f} "
+                f"| {wins} / {ties} / {len(scores) - wins - ties} |"
+            )
+    lines.append("")
+    return lines
 
 
 def _write_plots(
