@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -117,3 +118,39 @@ def test_random_qwen2vl_shaped_model_is_benched_with_its_mrope_decoder(tmp_path)
 def test_bad_random_model_requests_are_refused(name, layers, message):
     with pytest.raises(ValueError, match=message):
         random_model(name, layers=layers)
+
+
+def test_kvpress_cells_get_equal_kept_counts_and_a_press_that_only_masks_shows_its_full_bytes(monkeypatch):
+    import contextlib
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass
+    class MaskingPress:  # stands in for kvpress: keeps the whole cache, whatever it selects
+        compression_ratio: float = 0.0
+        window_size: int = 64
+
+        def __call__(self, model):
+            seen.append(self.compression_ratio)
+            return contextlib.nullcontext()
+
+    seen: list[float] = []
+    fake = types.ModuleType("kvpress")
+    fake.SnapKVPress = MaskingPress
+    fake.KeyDiffPress = MaskingPress
+    fake.AdaKVPress = lambda inner: inner
+    monkeypatch.setitem(sys.modules, "kvpress", fake)
+    rows = run_bench(
+        _tiny_llama(),
+        methods=["kvpress-adakv"],
+        context_lengths=[64],
+        budgets=[16],
+        batch_sizes=[1],
+        decode_tokens=2,
+        repeats=1,
+        warmup=0,
+        window_size=8,
+    )
+    assert seen == [0.75]  # 1 - budget / context: the same kept count as mixkv's budget 16
+    assert rows[0]["kept_entries"] == 2 * 2 * 16  # layers x KV heads x budget
+    assert rows[0]["kv_over_kept"] == 4.0  # it still holds all 64 entries per head
