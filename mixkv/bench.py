@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from mixkv.eval.runner import METHODS, build_press, kvpress_available
 from mixkv.integration import kv_cache_bytes
+from mixkv.integration.models import cache_argument
 
 FIELDS = (
     "method",
@@ -177,7 +178,7 @@ def _one_run(
     ):
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids, **{cache_argument(model): cache}, use_cache=True).logits
         _sync(device)
         out["prefill_s"] = time.perf_counter() - t0
         report = getattr(press, "last_report", None) if press is not None else None
@@ -199,7 +200,7 @@ def _one_run(
         for _ in range(decode_tokens):
             _sync(device)
             t0 = time.perf_counter()
-            logits = model(next_ids, past_key_values=cache, use_cache=True).logits
+            logits = model(next_ids, **{cache_argument(model): cache}, use_cache=True).logits
             next_ids = logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - t0)

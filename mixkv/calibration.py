@@ -123,7 +123,7 @@ def calibrate(
     """
     from transformers import DynamicCache
 
-    from mixkv.integration.models import describe_decoder
+    from mixkv.integration.models import cache_argument, describe_decoder
 
     layout = describe_decoder(model)
     if layout.text_config._attn_implementation != "eager":
@@ -138,7 +138,7 @@ def calibrate(
         if input_ids is None or input_ids.shape[0] != 1:
             raise ValueError("calibration samples must hold input_ids of batch size 1")
         cache = DynamicCache(config=layout.text_config)
-        outputs = model(**sample, past_key_values=cache, use_cache=True, output_attentions=True)
+        outputs = model(**sample, **{cache_argument(model): cache}, use_cache=True, output_attentions=True)
         for layer_idx in range(layout.num_layers):
             keys = getattr(cache.layers[layer_idx], "keys", None)
             if not isinstance(keys, torch.Tensor):

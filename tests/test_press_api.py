@@ -312,3 +312,25 @@ def test_only_the_first_multi_token_forward_through_a_cache_compresses_it(model)
         model(ids[:, :100], past_key_values=second)
     assert cache.layers[0].keys.shape[2] == 40 + 20
     assert second.layers[0].keys.shape[2] == 40
+
+
+def test_the_cache_argument_is_the_one_this_transformers_release_takes(model):
+    import inspect
+
+    from mixkv.integration.models import cache_argument
+
+    name = cache_argument(model)
+    assert name in inspect.signature(model.forward).parameters
+    cache = DynamicCache(config=model.config)
+    model(prompt(20), **{name: cache})
+    assert cache.get_seq_length() == 20
+
+
+def test_find_cache_finds_the_cache_under_any_field_name(model):
+    from mixkv.integration.models import find_cache
+
+    cache = DynamicCache(config=model.config)
+    output = model(prompt(20), past_key_values=cache, use_cache=True)
+    assert find_cache(output) is cache
+    assert find_cache({"logits": None}, {"cache": cache}) is cache
+    assert find_cache({"logits": None}) is None

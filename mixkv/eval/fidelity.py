@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import describe_decoder
+from mixkv.integration.models import cache_argument, describe_decoder
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
 
@@ -98,7 +98,7 @@ def _run(
         _forward_prefill(model, context, cache)
         n_bytes = kv_cache_bytes(cache)
         with _capture(modules, outputs):
-            logits = model(input_ids=continuation, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=continuation, **{cache_argument(model): cache}, use_cache=True).logits
     return logits[0].to(torch.float32), outputs, n_bytes
 
 

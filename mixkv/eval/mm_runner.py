@@ -49,6 +49,7 @@ from mixkv.eval.mm_datasets import (
     score_examples,
 )
 from mixkv.integration.cache import kv_cache_bytes
+from mixkv.integration.models import find_cache
 
 __all__ = [
     "DATASET_TASKS",
@@ -257,7 +258,7 @@ def run_mm_example(
     def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if "bytes" not in prefill:
             prefill["seconds"] = time.perf_counter() - prefill["start"]
-            cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+            cache = find_cache(output, kwargs)
             prefill["bytes"] = kv_cache_bytes(cache) if cache is not None else 0
 
     handles = [

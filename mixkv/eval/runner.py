@@ -45,6 +45,7 @@ import torch
 
 from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
 from mixkv.integration.cache import kv_cache_bytes
+from mixkv.integration.models import cache_argument
 
 __all__ = [
     "KVPRESS_METHODS",
@@ -170,7 +171,7 @@ def build_press(
 
 
 def _forward_prefill(model: Any, ids: torch.Tensor, cache: Any) -> None:
-    kwargs: dict[str, Any] = {"input_ids": ids, "past_key_values": cache, "use_cache": True}
+    kwargs: dict[str, Any] = {"input_ids": ids, cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # only the last position's logits: saves (N, vocab) floats
     model(**kwargs)
@@ -286,7 +287,7 @@ def run_example(
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             max_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=pad,

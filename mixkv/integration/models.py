@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
 
 # Top-level `config.model_type` of every family proven by the test-suite (tests/families.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -140,3 +144,21 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
         image_token_id=_image_token_id(config),
         compressible_layers=compressible,
     )
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the argument that takes the ``Cache`` in ``model.forward`` and ``model.generate``:
+    ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated there), else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def find_cache(*places: Any) -> Cache | None:
+    """The first ``Cache`` among the values of the given mappings or model outputs (whatever the
+    field is called in this transformers release), or None."""
+    for place in places:
+        values: Iterable[Any] = place.values() if hasattr(place, "values") else ()
+        for value in values:
+            if isinstance(value, Cache):
+                return value
+    return None
