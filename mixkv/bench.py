@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from mixkv.eval.runner import METHODS, build_press, kvpress_available
 from mixkv.integration import kv_cache_bytes
-from mixkv.integration.models import cache_argument
+from mixkv.integration.models import cache_argument, prefill
 
 FIELDS = (
     "method",
@@ -178,7 +178,7 @@ def _one_run(
     ):
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(input_ids, **{cache_argument(model): cache}, use_cache=True).logits
+        logits = prefill(model, input_ids, cache)
         _sync(device)
         out["prefill_s"] = time.perf_counter() - t0
         report = getattr(press, "last_report", None) if press is not None else None
@@ -195,7 +195,7 @@ def _one_run(
         out["kv_bytes"] = kv_bytes
         out["kept_entries"] = kept
         out["kept_bytes"] = kept * 2 * _head_dim(model) * elem
-        next_ids = logits[:, -1:].argmax(-1)
+        next_ids = logits.argmax(-1, keepdim=True)
         steps: list[float] = []
         for _ in range(decode_tokens):
             _sync(device)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import cache_argument, describe_decoder
+from mixkv.integration.models import cache_argument, describe_decoder, prefill
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
 
@@ -88,14 +88,12 @@ def _run(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], int]:
     from transformers import DynamicCache
 
-    from mixkv.eval.runner import _forward_prefill
-
     modules = describe_decoder(model).attention_modules
     outputs: list[torch.Tensor | None] = [None] * len(modules)
     cache = DynamicCache(config=model.config)
     manager = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
-        _forward_prefill(model, context, cache)
+        prefill(model, context, cache)
         n_bytes = kv_cache_bytes(cache)
         with _capture(modules, outputs):
             logits = model(input_ids=continuation, **{cache_argument(model): cache}, use_cache=True).logits

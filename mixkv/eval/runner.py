@@ -29,7 +29,6 @@ import copy
 import hashlib
 import importlib
 import importlib.metadata as md
-import inspect
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ import torch
 
 from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import cache_argument
+from mixkv.integration.models import cache_argument, prefill
 
 __all__ = [
     "KVPRESS_METHODS",
@@ -170,13 +169,6 @@ def build_press(
 # One example
 
 
-def _forward_prefill(model: Any, ids: torch.Tensor, cache: Any) -> None:
-    kwargs: dict[str, Any] = {"input_ids": ids, cache_argument(model): cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits: saves (N, vocab) floats
-    model(**kwargs)
-
-
 @dataclass(frozen=True)
 class SharedPrefix:
     """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
@@ -218,7 +210,7 @@ def prefill_shared_prefix(
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         start = time.perf_counter()
-        _forward_prefill(model, ids[:, :tokens], cache)
+        prefill(model, ids[:, :tokens], cache)
         seconds = time.perf_counter() - start
     return SharedPrefix(cache, tokens, seconds)
 
@@ -280,7 +272,7 @@ def run_example(
     manager = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
         start = time.perf_counter()
-        _forward_prefill(model, ids[:, start_at:n_prefill], cache)
+        prefill(model, ids[:, start_at:n_prefill], cache)
         prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         start = time.perf_counter()
@@ -997,11 +989,13 @@ def run_eval(
                             model, tokenizer, example, protocol=protocol, tail_tokens=window_size
                         )
                     context_ids, question_ids = encode_prompt(example, tokenizer)
-                    prefill = len(context_ids) + (len(question_ids) - 1 if protocol == "query_aware" else 0)
+                    prefill_tokens = len(context_ids) + (
+                        len(question_ids) - 1 if protocol == "query_aware" else 0
+                    )
                     for cell in group:
                         torch.manual_seed(seed)
                         press = build_press(
-                            cell.method, cell.budget, context_tokens=prefill, window_size=window_size
+                            cell.method, cell.budget, context_tokens=prefill_tokens, window_size=window_size
                         )
                         start = time.perf_counter()
                         records[cell].append(
