@@ -506,7 +506,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for key, label, stem in metrics:
         fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
         for ax, budget in zip(axes[0], budgets, strict=True):
-            for method in dict.fromkeys(r["method"] for r in rows):
+            for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
                 pts = sorted(
                     (r["context"], r[key])
                     for r in rows
@@ -515,7 +515,9 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                     and (r["budget"] == budget or r["budget"] is None)
                 )
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                    # 20 colours: more than 10 methods stay distinguishable
+                    color = plt.get_cmap("tab20")(i % 20)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=color)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context length")
             ax.set_ylabel(label)

@@ -648,8 +648,14 @@ def _write_plots(
                     if len(vals) == len(panel_tasks):
                         xs.append(b)
                         ys.append(sum(_cell_score(v) for v in vals) / len(vals))
-                if xs:
-                    ax.plot(xs, ys, marker="o", label=method)
+                if xs:  # 20 colours: more than 10 methods stay distinguishable
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o",
+                        label=method,
+                        color=plt.get_cmap("tab20")(methods.index(method) % 20),
+                    )
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(budgets))
             ax.set_xticklabels([str(b) for b in budgets])
