@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -240,3 +241,50 @@ def test_summary_compares_mixkv_with_its_base_cell_by_cell(finished):
     counts = f"{int(mix > base)} / {int(mix == base)} / {int(mix < base)}"
     row = f"| mixkv-snapkv | snapkv | 40 | {base:.1f} | {mix:.1f} | {mix - base:+.1f} | {counts} |"
     assert row in (finished / "results.md").read_text()
+
+
+class _ForeignPress:
+    """A press that is not a mixkv press (like kvpress's): after the prefill forward it keeps only
+    the last ``keep`` entries of every layer, and the cache then reports ``keep`` as its length."""
+
+    def __init__(self, keep=None):
+        self.keep = keep
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        def truncate(module, args, kwargs, output):
+            cache = output.get("cache", output.get("past_key_values"))
+            if self.keep is not None and kwargs["input_ids"].shape[1] > 1:
+                for layer in cache.layers:
+                    layer.keys = layer.keys[:, :, -self.keep :].clone()  # a copy, as kvpress makes
+                    layer.values = layer.values[:, :, -self.keep :].clone()
+
+        handle = model.register_forward_hook(truncate, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _example(tokenizer):
+    from mixkv.eval.tasks import make_examples
+
+    return make_examples("niah_single_1", tokenizer, 128, 1)[0]
+
+
+def test_a_foreign_press_that_keeps_everything_answers_like_the_full_cache(tiny):
+    model, tokenizer = tiny
+    example = _example(tokenizer)
+    full = runner.run_example(model, tokenizer, example, None, max_new_tokens=6)
+    foreign = runner.run_example(model, tokenizer, example, _ForeignPress(), max_new_tokens=6)
+    assert foreign["output"] == full["output"] and foreign["new_tokens"] == full["new_tokens"]
+
+
+def test_a_foreign_press_is_charged_for_what_its_cache_holds(tiny):
+    model, tokenizer = tiny
+    example = _example(tokenizer)
+    full = runner.run_example(model, tokenizer, example, None, max_new_tokens=3)
+    record = runner.run_example(model, tokenizer, example, _ForeignPress(keep=40), max_new_tokens=3)
+    assert record["kept_tokens_mean"] == 40
+    assert record["kv_bytes_full"] == full["kv_bytes"]
+    assert record["kv_fraction"] == pytest.approx(40 / full["prefill_tokens"])

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import importlib
 import importlib.metadata as md
+import inspect
 import json
 import logging
 import os
@@ -275,17 +276,27 @@ def run_example(
         prefill(model, ids[:, start_at:n_prefill], cache)
         prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
+        held = [
+            keys for layer in cache.layers if isinstance(keys := getattr(layer, "keys", None), torch.Tensor)
+        ]
+        held_per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in held)
+        held_tokens = sum(k.shape[2] for k in held) / max(len(held), 1)
         start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **{cache_argument(model): cache},
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
+        if press is None or isinstance(press, BasePress):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **{cache_argument(model): cache},
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            generated = out[0, ids.shape[1] :]
+        else:
+            generated = _greedy_with_positions(
+                model, cache, ids, n_prefill, new_tokens, _eos_ids(model, tokenizer)
+            )
         decode_s = time.perf_counter() - start
-    generated = out[0, ids.shape[1] :]
     text = tokenizer.decode(generated, skip_special_tokens=True)
     report = getattr(press, "last_report", None) if press is not None else None
     record: dict[str, Any] = {
@@ -308,6 +319,9 @@ def run_example(
         "compression_seconds": 0.0,
         "report": None,
     }
+    if press is not None and report is None:  # kvpress: no report; what its cache held after prefill
+        record["kv_bytes_full"] = int(n_prefill * held_per_token)
+        record["kept_tokens_mean"] = held_tokens
     if report is not None:
         kept = report.kept_tokens
         record["kv_bytes_full"] = int(report.full_bytes)
@@ -317,6 +331,45 @@ def run_example(
         record["report"] = to_dict() if callable(to_dict) else None
     record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
     return record
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        found.add(int(tokenizer.eos_token_id))
+    return found
+
+
+def _greedy_with_positions(
+    model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, new_tokens: int, eos: set[int]
+) -> torch.Tensor:
+    """Greedy decoding one token per forward, with explicit positions.
+
+    For presses whose cache reports the number of entries it *keeps* as its length (kvpress):
+    ``generate`` would take that for the number of prompt tokens already seen and feed the prompt
+    again from the wrong position. Here the rest of the prompt and every generated token are fed
+    at their true positions; one token at a time, so no causal mask over a shortened cache is
+    needed.
+    """
+    step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
+    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+    position, pending = n_prefill, ids[0, n_prefill:].tolist()
+    out: list[int] = []
+    while len(out) < new_tokens:
+        for token in pending:
+            where = torch.tensor([position], device=ids.device)
+            if takes_cache_position:
+                step_kwargs["cache_position"] = where
+            logits = model(
+                input_ids=where.new_tensor([[token]]), position_ids=where[None], **step_kwargs
+            ).logits
+            position += 1
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in eos:
+            break
+        pending = out[-1:]
+    return torch.tensor(out, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------
