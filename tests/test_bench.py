@@ -28,19 +28,24 @@ def _tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_run_bench_fields_ratios_and_files(tmp_path):
-    model = _tiny_llama()
-    rows = run_bench(
+def _bench(model, methods, context, budget, decode_tokens=2):
+    """One timed run per cell at batch 1, no warm-up, an 8-token window: the harness, not the timing."""
+    return run_bench(
         model,
-        methods=["full", "mixkv-adakv"],
-        context_lengths=[128],
-        budgets=[48],
+        methods=methods,
+        context_lengths=[context],
+        budgets=[budget],
         batch_sizes=[1],
-        decode_tokens=4,
+        decode_tokens=decode_tokens,
         repeats=1,
         warmup=0,
         window_size=8,
     )
+
+
+def test_run_bench_fields_ratios_and_files(tmp_path):
+    model = _tiny_llama()
+    rows = _bench(model, ["full", "mixkv-adakv"], context=128, budget=48, decode_tokens=4)
     assert [r["method"] for r in rows] == ["full", "mixkv-adakv"]
     for r in rows:
         for field in FIELDS:
@@ -95,17 +100,7 @@ def test_random_qwen2vl_shaped_model_is_benched_with_its_mrope_decoder(tmp_path)
     model = random_model("random-qwen2vl-2b", layers=1)
     text = model.config.get_text_config()
     assert text.rope_parameters["mrope_section"] == [16, 24, 24]
-    rows = run_bench(
-        model,
-        methods=["full", "mixkv-adakv"],
-        context_lengths=[64],
-        budgets=[40],
-        batch_sizes=[1],
-        decode_tokens=2,
-        repeats=1,
-        warmup=0,
-        window_size=8,
-    )
+    rows = _bench(model, ["full", "mixkv-adakv"], context=64, budget=40)
     compressed = rows[1]
     assert compressed["kept_entries"] == 1 * 1 * 2 * 40
     assert compressed["kv_over_kept"] <= 1.02
@@ -140,17 +135,7 @@ def test_kvpress_cells_get_equal_kept_counts_and_a_press_that_only_masks_shows_i
     fake.KeyDiffPress = MaskingPress
     fake.AdaKVPress = lambda inner: inner
     monkeypatch.setitem(sys.modules, "kvpress", fake)
-    rows = run_bench(
-        _tiny_llama(),
-        methods=["kvpress-adakv"],
-        context_lengths=[64],
-        budgets=[16],
-        batch_sizes=[1],
-        decode_tokens=2,
-        repeats=1,
-        warmup=0,
-        window_size=8,
-    )
+    rows = _bench(_tiny_llama(), ["kvpress-adakv"], context=64, budget=16)
     assert seen == [0.75]  # 1 - budget / context: the same kept count as mixkv's budget 16
     assert rows[0]["kept_entries"] == 2 * 2 * 16  # layers x KV heads x budget
     assert rows[0]["kv_over_kept"] == 4.0  # it still holds all 64 entries per head
