@@ -197,10 +197,11 @@ def _one_run(
         out["kept_bytes"] = kept * 2 * _head_dim(model) * elem
         next_ids = logits.argmax(-1, keepdim=True)
         steps: list[float] = []
+        step_kwargs = {cache_argument(model): cache, "use_cache": True}  # resolved once, not per timed step
         for _ in range(decode_tokens):
             _sync(device)
             t0 = time.perf_counter()
-            logits = model(next_ids, **{cache_argument(model): cache}, use_cache=True).logits
+            logits = model(next_ids, **step_kwargs).logits
             next_ids = logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - t0)

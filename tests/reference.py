@@ -26,7 +26,10 @@ def kept_positions(layer, full_keys):
                 held = layer.keys[b, h]
             elif isinstance(layer, PackedCompressedLayer):
                 segment = b * kv_heads + h
-                held = torch.cat([layer.packed_keys[layer.segment_ids() == segment], layer.keys[b, h]])
+                segments = torch.arange(layer.segment_lengths.numel()).repeat_interleave(
+                    layer.segment_lengths
+                )
+                held = torch.cat([layer.packed_keys[segments == segment], layer.keys[b, h]])
             else:
                 raise TypeError(type(layer).__name__)
             matches = (full_keys[b, h].unsqueeze(1) == held.unsqueeze(0)).all(-1)  # (N, held)

@@ -258,7 +258,9 @@ def run_example(
 
     from mixkv.presses.base import BasePress
 
-    if prefix is not None and press is not None and not isinstance(press, BasePress):
+    # A press from another library (kvpress): no report, no prefix, and its cache reports kept entries.
+    foreign = press is not None and not isinstance(press, BasePress)
+    if prefix is not None and foreign:
         raise ValueError(
             f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
             "cache that already holds one); pass prefix=None"
@@ -276,13 +278,16 @@ def run_example(
         prefill(model, ids[:, start_at:n_prefill], cache)
         prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
-        held = [
-            keys for layer in cache.layers if isinstance(keys := getattr(layer, "keys", None), torch.Tensor)
-        ]
-        held_per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in held)
-        held_tokens = sum(k.shape[2] for k in held) / max(len(held), 1)
+        if foreign:  # what its cache holds after prefill (mixkv presses report it)
+            held = [
+                keys
+                for layer in cache.layers
+                if isinstance(keys := getattr(layer, "keys", None), torch.Tensor)
+            ]
+            held_per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in held)
+            held_tokens = sum(k.shape[2] for k in held) / max(len(held), 1)
         start = time.perf_counter()
-        if press is None or isinstance(press, BasePress):
+        if not foreign:
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -319,7 +324,7 @@ def run_example(
         "compression_seconds": 0.0,
         "report": None,
     }
-    if press is not None and report is None:  # kvpress: no report; what its cache held after prefill
+    if foreign:
         record["kv_bytes_full"] = int(n_prefill * held_per_token)
         record["kept_tokens_mean"] = held_tokens
     if report is not None:
@@ -1047,10 +1052,7 @@ def run_eval(
                         prefix = prefill_shared_prefix(
                             model, tokenizer, example, protocol=protocol, tail_tokens=window_size
                         )
-                    context_ids, question_ids = encode_prompt(example, tokenizer)
-                    prefill_tokens = len(context_ids) + (
-                        len(question_ids) - 1 if protocol == "query_aware" else 0
-                    )
+                    _, prefill_tokens = _prompt_ids(example, tokenizer, protocol, model.device)
                     for cell in group:
                         torch.manual_seed(seed)
                         press = build_press(

@@ -214,11 +214,6 @@ class PackedCompressedLayer(CompressedLayer):
             "or a uniform press such as SnapKVPress"
         )
 
-    def segment_ids(self) -> torch.Tensor:
-        """Segment of every packed entry, ``(T,)``."""
-        segments = torch.arange(self.segment_lengths.shape[0], device=self.segment_lengths.device)
-        return segments.repeat_interleave(self.segment_lengths)
-
 
 def _layer_tensors(layer: object) -> list[torch.Tensor]:
     if isinstance(layer, CompressedLayer):

@@ -223,7 +223,7 @@ class PressSession:
         self._caches.clear()
         self._input_ids = None
         self._record = None
-        self._prefilled = weakref.WeakSet()
+        self._prefilled.clear()
         if self._entered:
             self._entered = False
             _unregister_functions()
