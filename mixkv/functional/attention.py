@@ -9,8 +9,9 @@ every decoded token) are the same for every head and live in a dense ``(S, T_tai
 To attend, each segment's entries are gathered into a transient ``(S, L_max + T_tail, D)`` block
 (``L_max`` = longest segment) with a key mask, and one fused ``scaled_dot_product_attention`` call
 covers every head at once. The padding exists only for the duration of the call, one layer at a
-time; what the cache *holds* stays packed. This is 2-5x faster on a CPU than a segment-wise
-softmax built from ``scatter_reduce``/``index_add`` (measured in ``docs/benchmarks/cpu.md``).
+time; what the cache *holds* stays packed. On a CPU it brought the head-wise decoding step from
+1.31x to 1.18x the uniform one, against a segment-wise softmax built from
+``scatter_reduce``/``index_add`` (``docs/benchmarks/cpu.md``).
 """
 
 from __future__ import annotations
