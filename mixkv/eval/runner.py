@@ -4,7 +4,10 @@ Each *cell* (method, budget, task, context length) runs ``n`` seeded examples of
 :mod:`mixkv.eval.tasks`. For every example the prompt is prefilled once with the press active
 (that is when the cache is compressed) and the answer is decoded greedily from the compressed
 cache. A finished cell is written as one JSON file, atomically, in ``out_dir/cells``; on resume
-finished cells are read back instead of recomputed. A cell file that cannot be read or does not
+finished cells are read back instead of recomputed. Within a cell every finished example is
+checkpointed (``cells/.<name>.partial``), so an interrupted run resumes after the last finished
+example, not at the start of the cell; a checkpoint is used only for the same run (identity) and
+only as far as its examples' contexts match the regenerated ones. A cell file that cannot be read or does not
 match the run (corrupt, truncated, other seed, other model...) is reported, kept aside as
 ``<name>.json.corrupt`` (or ``.stale``) and recomputed; it is never used silently.
 
@@ -524,6 +527,47 @@ def _load_cell(
     return (data, "") if reason is None else (None, reason)
 
 
+def _partial_path(cell_dir: Path, cell: _Cell) -> Path:
+    return cell_dir / f".{cell.name}.partial"
+
+
+def _save_partial(
+    cell_dir: Path, cell: _Cell, identity: dict[str, Any], records: list[dict[str, Any]], seconds: float
+) -> None:
+    """Checkpoint the examples a cell has finished, so a long run resumes mid-cell."""
+    data = {"schema": SCHEMA_VERSION, "cell": cell.as_dict(), "identity": identity}
+    _atomic_write_json(_partial_path(cell_dir, cell), {**data, "seconds": seconds, "examples": records})
+
+
+def _load_partial(
+    cell_dir: Path, cell: _Cell, identity: dict[str, Any], digests: Sequence[str]
+) -> tuple[list[dict[str, Any]], float]:
+    """The finished leading examples of a cell's checkpoint, or none.
+
+    Records are kept only while they belong to this run (same schema, cell and identity) and each
+    one's context is the one regenerated for its position (``context_sha1``); the rest is recomputed.
+    """
+    path = _partial_path(cell_dir, cell)
+    if not path.exists():
+        return [], 0.0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if (data["schema"], data["cell"], data["identity"]) != (SCHEMA_VERSION, cell.as_dict(), identity):
+            raise ValueError("checkpoint of another run")
+        records = [r for r in data["examples"] if isinstance(r, dict)]
+        seconds = float(data["seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
+        return [], 0.0
+    kept = 0
+    while kept < min(len(records), len(digests)) and records[kept].get("context_sha1") == digests[kept]:
+        kept += 1
+    if kept:
+        logger.info("Resuming %s after %d finished example(s).", cell.name, kept)
+    return records[:kept], seconds if kept == len(records) else 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Summary table and plots
 
@@ -908,6 +952,7 @@ def run_eval(
     window_size: int = 32,
     max_new_tokens: int | None = None,
     share_prefill: bool = True,
+    dtype: str = "float32",
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -946,6 +991,10 @@ def run_eval(
         then compresses prefix and tail together, as in a one-go prefill. Up to float rounding of
         the chunked forward this is the same computation, many times cheaper on long prompts.
         False prefills every (method, budget) from scratch. kvpress methods always do.
+    dtype
+        ``"float32"`` or ``"bfloat16"``: parameter dtype of a model loaded by name or path (part of
+        every cell's identity, so results of different dtypes never mix). For a model passed in,
+        its own dtype is recorded.
 
     Returns
     -------
@@ -958,7 +1007,13 @@ def run_eval(
         lengths or ``n``, or a grid where every compressed cell has a budget not below its context
         length.
     """
+    from mixkv.models import parse_dtype
+
     methods = _check_methods(methods)
+    torch_dtype = parse_dtype(dtype)
+    if isinstance(model_spec, tuple):
+        torch_dtype = next(model_spec[0].parameters()).dtype
+    dtype_name = str(torch_dtype).removeprefix("torch.")
     budgets = sorted({int(b) for b in _as_list("budgets", budgets)})
     tasks = _as_list("tasks", tasks)
     context_lengths = [int(x) for x in _as_list("context_lengths", context_lengths)]
@@ -1015,9 +1070,11 @@ def run_eval(
         "window_size": window_size,
         "max_new_tokens": max_new_tokens,
         "share_prefill": share_prefill,
+        "dtype": dtype_name,
     }
     identity = {
         "model": run_config["model"],
+        "dtype": dtype_name,
         "n": n,
         "seed": seed,
         "protocol": protocol,
@@ -1033,7 +1090,7 @@ def run_eval(
         else:
             from mixkv.models import load_model
 
-            model, tokenizer = load_model(model_spec)
+            model, tokenizer = load_model(model_spec, dtype=torch_dtype)
         versions, machine = _versions(), _machine()
         # Example-major order within each (task, context length): an example's shared prefix is
         # prefilled once and serves every pending cell; the cells are written when the group ends.
@@ -1044,16 +1101,26 @@ def run_eval(
         with _progress(len(todo) * n) as bar:
             for (task, length), group in groups.items():
                 bar.set_description(f"{task} L={length}")
-                records: dict[_Cell, list[dict[str, Any]]] = {cell: [] for cell in group}
-                seconds = dict.fromkeys(group, 0.0)
-                for example in make_examples(task, tokenizer, length, n, seed):
+                examples = make_examples(task, tokenizer, length, n, seed)
+                digests = [hashlib.sha1(e.context.encode()).hexdigest() for e in examples]
+                records: dict[_Cell, list[dict[str, Any]]] = {}
+                seconds: dict[_Cell, float] = {}
+                for cell in group:
+                    records[cell], seconds[cell] = (
+                        _load_partial(cell_dir, cell, identity, digests) if resume else ([], 0.0)
+                    )
+                    bar.update(len(records[cell]))
+                for i, example in enumerate(examples):
+                    pending = [cell for cell in group if len(records[cell]) == i]
+                    if not pending:
+                        continue
                     prefix = None
-                    if share_prefill and any(c.method not in KVPRESS_METHODS for c in group):
+                    if share_prefill and any(c.method not in KVPRESS_METHODS for c in pending):
                         prefix = prefill_shared_prefix(
                             model, tokenizer, example, protocol=protocol, tail_tokens=window_size
                         )
                     _, prefill_tokens = _prompt_ids(example, tokenizer, protocol, model.device)
-                    for cell in group:
+                    for cell in pending:
                         torch.manual_seed(seed)
                         press = build_press(
                             cell.method, cell.budget, context_tokens=prefill_tokens, window_size=window_size
@@ -1072,6 +1139,8 @@ def run_eval(
                         )
                         seconds[cell] += time.perf_counter() - start
                         bar.update(1)
+                    for cell in pending:  # an interrupted run resumes after the last finished example
+                        _save_partial(cell_dir, cell, identity, records[cell], seconds[cell])
                 for cell in group:
                     finished[cell] = _write_cell(
                         cell_dir,
@@ -1085,6 +1154,7 @@ def run_eval(
                         versions=versions,
                         machine=machine,
                     )
+                    _partial_path(cell_dir, cell).unlink(missing_ok=True)
                     result.computed.append(cell.name)
 
     _write_summary(
