@@ -35,6 +35,11 @@ Tasks
 ``qa``
     Question answering over generated documents about fictional towns; one document holds the
     answer, the others are distractors.
+``agg_list``, ``agg_count``, ``multihop``
+    Coverage tasks (list every item of a kind, count, two-hop chains): see
+    :mod:`mixkv.eval.coverage_tasks`.
+``source_default``, ``source_raises``
+    Facts stated once in real standard-library source code: see :mod:`mixkv.eval.source_tasks`.
 
 The docstring haystack is read with :func:`inspect.getdoc` from a fixed list of standard-library
 modules in a fixed order, so it is deterministic for a given Python version.
@@ -123,8 +128,9 @@ def score_output(output: str, answers: Sequence[str], metric: str) -> float:
     answers
         Expected strings.
     metric
-        ``"all"``: fraction of ``answers`` contained in ``output``; ``"part"``: 1.0 if any is.
-        Matching is case-insensitive.
+        ``"all"``: fraction of ``answers`` contained in ``output``; ``"part"``: 1.0 if any is;
+        ``"word"``: 1.0 if any occurs as a whole word (so "3" does not match "13"). Matching is
+        case-insensitive.
 
     Returns
     -------
@@ -144,7 +150,9 @@ def score_output(output: str, answers: Sequence[str], metric: str) -> float:
         return sum(hits) / len(hits)
     if metric == "part":
         return 1.0 if any(hits) else 0.0
-    raise ValueError(f"Unknown metric {metric!r}; use 'all' or 'part'.")
+    if metric == "word":
+        return 1.0 if any(re.search(rf"\b{re.escape(a.lower())}\b", low) for a in answers) else 0.0
+    raise ValueError(f"Unknown metric {metric!r}; use 'all', 'part' or 'word'.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,7 +727,14 @@ def _make_one(task: str, tokenizer: Any, length: int, rng: random.Random, seed: 
         return _cwe(task, tokenizer, length, rng, seed)
     if task == "fwe":
         return _fwe(task, tokenizer, length, rng, seed)
-    return _qa(task, tokenizer, length, rng)
+    if task == "qa":
+        return _qa(task, tokenizer, length, rng)
+    from mixkv.eval.coverage_tasks import COVERAGE_TASKS, make_coverage_example
+    from mixkv.eval.source_tasks import make_source_example
+
+    if task in COVERAGE_TASKS:
+        return make_coverage_example(task, tokenizer, length, rng)
+    return make_source_example(task, tokenizer, length, rng)
 
 
 #: Names accepted by :func:`make_examples`.
@@ -736,6 +751,12 @@ TASKS: tuple[str, ...] = (
     "cwe",
     "fwe",
     "qa",
+    # beyond needles: coverage (mixkv.eval.coverage_tasks) and real source code (mixkv.eval.source_tasks)
+    "agg_list",
+    "agg_count",
+    "multihop",
+    "source_default",
+    "source_raises",
 )
 
 
