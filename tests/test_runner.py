@@ -11,6 +11,8 @@ import pytest
 from mixkv.eval import runner
 from mixkv.eval.cli import main as cli_main
 from mixkv.eval.runner import cell_filename, run_eval
+from mixkv.eval.stats import paired_comparison
+from mixkv.eval.stats_tables import format_score
 from tests.helpers_tiny import tiny_model_and_tokenizer
 
 GRID = {
@@ -277,15 +279,43 @@ def test_a_press_that_cannot_continue_from_a_shared_prefix_is_refused(tiny):
         runner.run_example(model, tokenizer, example, ForeignPress(), prefix=prefix)
 
 
-def test_summary_compares_mixkv_with_its_base_cell_by_cell(finished):
-    cells = {
-        m: json.loads((finished / "cells" / cell_filename(m, 40, "niah_single_1", 128)).read_text())["score"]
-        for m in ("snapkv", "mixkv-snapkv")
-    }
-    base, mix = 100 * cells["snapkv"], 100 * cells["mixkv-snapkv"]
-    counts = f"{int(mix > base)} / {int(mix == base)} / {int(mix < base)}"
-    row = f"| mixkv-snapkv | snapkv | 40 | {base:.1f} | {mix:.1f} | {mix - base:+.1f} | {counts} |"
+def _cell_file(directory, method, budget):
+    return json.loads((directory / "cells" / cell_filename(method, budget, "niah_single_1", 128)).read_text())
+
+
+def test_summary_shows_every_score_with_its_interval_and_n(finished):
+    table = (finished / "results.md").read_text()
+    assert f"score (%) [95% CI], n = {GRID['n']} per cell" in table
+    for method, budget in (("full", None), ("snapkv", 40), ("mixkv-snapkv", 40)):
+        assert f"| {method} | {format_score(_cell_file(finished, method, budget))} |" in table
+
+
+def test_summary_compares_mixkv_with_its_base_on_the_same_examples(finished):
+    base, mix = (
+        [e["score"] for e in _cell_file(finished, m, 40)["examples"]] for m in ("snapkv", "mixkv-snapkv")
+    )
+    c = paired_comparison(base, mix)
+    diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
+    row = (
+        f"| snapkv | mixkv-snapkv | 40 | 1 | {GRID['n']} | {100 * c.mean_a:.1f} | {100 * c.mean_b:.1f} | "
+        f"{f'**{diff}**' if c.significant else diff} | {c.wins} / {c.ties} / {c.losses} | {c.p_value:.3f} |"
+    )
     assert row in (finished / "results.md").read_text()
+
+
+def test_compare_adds_the_named_pairs_to_the_summary(tiny, finished):
+    run_eval(tiny, out_dir=finished, compare=[("full", "snapkv")], **GRID)
+    assert "| full | snapkv | 40 | 1 | 2 |" in (finished / "results.md").read_text()
+
+
+def test_compare_with_a_method_that_is_not_run_raises(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"\['keydiff'\], not among the methods run"):
+        run_eval(tiny, out_dir=tmp_path, compare=[("snapkv", "keydiff")], **GRID)
+
+
+def test_cli_compare_needs_method_pairs(capsys):
+    assert cli_main(["--compare", "snapkv"]) == 2
+    assert "--compare takes METHOD:METHOD pairs" in capsys.readouterr().err
 
 
 class _ForeignPress:

@@ -26,6 +26,19 @@ def _ints(values: Sequence[str] | None, flag: str) -> list[int]:
         raise ValueError(f"{flag} takes integers (e.g. {flag} 64,128), got {list(values or [])}") from exc
 
 
+def _pairs(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``A:B`` method pairs of ``--compare``."""
+    out: list[tuple[str, str]] = []
+    for value in _split(values):
+        a, sep, b = value.partition(":")
+        if not sep or not a.strip() or not b.strip() or ":" in b:
+            raise ValueError(
+                f"--compare takes METHOD:METHOD pairs (e.g. --compare snapkv:keydiff), got {value!r}."
+            )
+        out.append((a.strip(), b.strip()))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``mixkv eval``."""
     from mixkv.eval.mm_runner import MM_TASKS
@@ -96,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["query_agnostic", "query_aware"],
         default="query_agnostic",
         help="text tasks only; multimodal prompts are always compressed whole (query_aware)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="A:B",
+        help="method pairs to compare on the same examples in results.md (B - A with a paired-bootstrap 95%% "
+        "CI, wins/ties/losses, exact sign test), e.g. snapkv:keydiff; both must be in --methods. Every "
+        "mixkv-X is compared with X automatically when both are run",
     )
     p.add_argument("--no-resume", action="store_true", help="recompute and overwrite finished cells")
     p.add_argument("--window-size", type=int, default=32, help="observation window (default 32)")
@@ -169,6 +191,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         max_new_tokens=args.max_new_tokens,
         share_prefill=not args.no_shared_prefill,
         dtype=args.dtype,
+        compare=_pairs(args.compare),
     )
 
 
@@ -251,6 +274,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         max_new_tokens=args.max_new_tokens,
         coordinate_scale=args.coordinate_scale,
         sources=sources,
+        compare=_pairs(args.compare),
     )
 
 

@@ -384,6 +384,7 @@ def run_mm_eval(
     max_new_tokens: int | None = None,
     coordinate_scale: str = "pixel",
     sources: Mapping[str, Any] | None = None,
+    compare: Sequence[tuple[str, str]] = (),
 ) -> runner.EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
@@ -410,6 +411,9 @@ def run_mm_eval(
         Coordinate convention of ``point_in_box`` outputs (see ``score_examples``).
     sources
         Where each task's data came from (files, synthetic seed), recorded in the configuration.
+    compare
+        Method pairs compared on the same examples in ``results.md``, as for
+        :func:`mixkv.eval.runner.run_eval`.
 
     Returns
     -------
@@ -418,12 +422,13 @@ def run_mm_eval(
     Raises
     ------
     ValueError
-        Unknown method, non-positive budgets, empty task, examples without reference answers, or a
-        text-only model.
+        Unknown method, a ``compare`` pair not made of two of ``methods``, non-positive budgets,
+        empty task, examples without reference answers, or a text-only model.
     FileNotFoundError
         An example's image file is missing (the message names it).
     """
     methods = runner._check_methods(methods)
+    compare = runner._check_compare(compare, methods)
     budgets = sorted({int(b) for b in runner._as_list("budgets", budgets)})
     if any(b < 1 for b in budgets):
         raise ValueError(f"Budgets must be positive token counts, got {budgets}.")
@@ -560,5 +565,6 @@ def run_mm_eval(
         budgets=budgets,
         tasks=task_names,
         context_lengths=[None],
+        compare=compare,
     )
     return result

@@ -46,6 +46,14 @@ from typing import Any
 
 import torch
 
+from mixkv.eval.stats_tables import (
+    CORPUS_NOTE,
+    format_average,
+    format_score,
+    mixkv_base_pairs,
+    paired_lines,
+    sample_sizes,
+)
 from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill
@@ -589,14 +597,17 @@ def write_markdown_table(
     budgets: Sequence[int],
     tasks: Sequence[str],
     context_lengths: Sequence[int | None],
+    compare: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write the score table (rows: method; columns: budget x task) per context length.
 
-    Scores are mean example scores in percent. The full-cache row repeats its score under every
-    budget. ``n/a`` marks a budget not below the context length, ``-`` a missing cell. A second
-    table per context length gives the mean fraction of KV bytes kept and the prefill / decode
-    times. A context length of None (multimodal grids) drops the per-length headings and the
-    ``n/a`` rule.
+    Scores are mean example scores in percent with their 95% bootstrap interval over examples
+    (:mod:`mixkv.eval.stats_tables`); the ``avg`` column averages the tasks, each counting once. The
+    full-cache row repeats its score under every budget. ``n/a`` marks a budget not below the
+    context length, ``-`` a missing cell. A second table per context length gives the mean
+    fraction of KV bytes kept and the prefill / decode times. A context length of None (multimodal grids) drops the per-length headings and the
+    ``n/a`` rule. A last table compares, on the same examples, every MixKV method with its base
+    (when both are in ``methods``) and every ``(A, B)`` pair of ``compare``.
 
     Returns
     -------
@@ -610,7 +621,8 @@ def write_markdown_table(
     lines = ["# mixkv evaluation", ""]
     for length in context_lengths:
         where = "" if length is None else f"Context length {length} tokens: "
-        lines += [f"## {where}score (%)", ""]
+        shown = [c for c in cells if c["cell"]["context_length"] == length]
+        lines += [f"## {where}score (%) [95% CI], {sample_sizes(shown, tasks)}", ""]
         header = ["method"] + [f"{b} {t}" for b in budgets for t in tasks]
         if len(tasks) > 1:
             header = ["method"] + [f"{b} {t}" for b in budgets for t in [*tasks, "avg"]]
@@ -619,19 +631,21 @@ def write_markdown_table(
         for method in methods:
             row = [method]
             for b in budgets:
-                vals: list[float] = []
+                found: list[dict[str, Any]] = []
                 for t in tasks:
                     key = (method, None if method == "full" else b, t, length)
                     if _not_compressed(method, b, length):
                         row.append("n/a")
                     elif key in index:
-                        vals.append(_cell_score(index[key]))
-                        row.append(f"{vals[-1]:.1f}")
+                        found.append(index[key])
+                        row.append(format_score(found[-1]))
                     else:
                         row.append("-")
                 if len(tasks) > 1:
-                    row.append(f"{sum(vals) / len(vals):.1f}" if len(vals) == len(tasks) else "-")
+                    row.append(format_average(found) if len(found) == len(tasks) else "-")
             lines.append("| " + " | ".join(row) + " |")
+        if any("†" in text for text in lines[-len(methods) :]):
+            lines += ["", CORPUS_NOTE]
         lines += ["", f"## {where}KV kept (% of full), prefill s, decode s", ""]
         header = ["method"] + [f"budget {b}" for b in budgets]
         lines.append("| " + " | ".join(header) + " |")
@@ -654,51 +668,10 @@ def write_markdown_table(
                 row.append(f"{frac:.1f}% / {pre:.2f} / {dec:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines += _mixkv_against_base(index, methods, budgets, tasks, context_lengths)
+    pairs = list(dict.fromkeys([*mixkv_base_pairs(methods), *compare]))
+    lines += paired_lines(index, pairs, budgets, tasks, context_lengths)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def _mixkv_against_base(
-    index: dict[tuple[Any, ...], dict[str, Any]],
-    methods: Sequence[str],
-    budgets: Sequence[int],
-    tasks: Sequence[str],
-    context_lengths: Sequence[int | None],
-) -> list[str]:
-    """Lines of the "MixKV against its base" table: per (mixkv-X, budget), the mean score of X and
-    of mixkv-X over the (task, context length) cells both have, and how many cells MixKV wins,
-    ties and loses."""
-    pairs = [(m, m.removeprefix("mixkv-")) for m in methods if m.startswith("mixkv-")]
-    pairs = [(m, base) for m, base in pairs if base in methods]
-    if not pairs:
-        return []
-    lines = [
-        "## MixKV against its base (cells: task x context length)",
-        "",
-        "| method | base | budget | base mean | MixKV mean | difference | wins / ties / losses |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, base in pairs:
-        for b in budgets:
-            scores = [
-                (_cell_score(index[(base, b, t, length)]), _cell_score(index[(method, b, t, length)]))
-                for length in context_lengths
-                for t in tasks
-                if (base, b, t, length) in index and (method, b, t, length) in index
-            ]
-            if not scores:
-                continue
-            base_mean = sum(x for x, _ in scores) / len(scores)
-            mix_mean = sum(y for _, y in scores) / len(scores)
-            wins = sum(y > x for x, y in scores)
-            ties = sum(y == x for x, y in scores)
-            lines.append(
-                f"| {method} | {base} | {b} | {base_mean:.1f} | {mix_mean:.1f} | {mix_mean - base_mean:+.1f} "
-                f"| {wins} / {ties} / {len(scores) - wins - ties} |"
-            )
-    lines.append("")
-    return lines
 
 
 def _write_plots(
@@ -871,6 +844,7 @@ def _write_summary(
     budgets: Sequence[int],
     tasks: Sequence[str],
     context_lengths: Sequence[int | None],
+    compare: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Fill ``result.cells`` and write ``results.md`` and the plots."""
     result.cells = [finished[c] for c in cells if c in finished]
@@ -881,6 +855,7 @@ def _write_summary(
         budgets=budgets,
         tasks=tasks,
         context_lengths=context_lengths,
+        compare=compare,
     )
     result.plot_paths = _write_plots(
         result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
@@ -912,6 +887,27 @@ def _check_methods(methods: Sequence[str] | str) -> list[str]:
             f"Method(s) {wanted_kvpress} need NVIDIA's kvpress, which is not importable; "
             "`pip install kvpress` or drop them."
         )
+    return out
+
+
+def _check_compare(compare: Sequence[tuple[str, str]], methods: Sequence[str]) -> list[tuple[str, str]]:
+    """Normalised ``(A, B)`` method pairs; ValueError unless both are distinct methods of the run."""
+    out: list[tuple[str, str]] = []
+    for pair in compare:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(
+                f"compare takes (A, B) method pairs, e.g. [('snapkv', 'keydiff')]; got {pair!r}."
+            )
+        a, b = (str(m).strip().lower() for m in pair)
+        missing = [m for m in (a, b) if m not in methods]
+        if missing:
+            raise ValueError(
+                f"compare pair {a}:{b} names {missing}, not among the methods run ({', '.join(methods)}); "
+                "add them to the methods or drop the pair."
+            )
+        if a == b:
+            raise ValueError(f"compare pair {a}:{b} compares a method with itself; name two methods.")
+        out.append((a, b))
     return out
 
 
@@ -953,6 +949,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     share_prefill: bool = True,
     dtype: str = "float32",
+    compare: Sequence[tuple[str, str]] = (),
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -995,6 +992,10 @@ def run_eval(
         ``"float32"`` or ``"bfloat16"``: parameter dtype of a model loaded by name or path (part of
         every cell's identity, so results of different dtypes never mix). For a model passed in,
         its own dtype is recorded.
+    compare
+        Method pairs ``(A, B)`` to compare on the same examples in ``results.md`` (B - A with a
+        paired-bootstrap 95% CI, wins / ties / losses, exact sign test), besides every MixKV method
+        against its base, which is always compared when both are run. Both must be in ``methods``.
 
     Returns
     -------
@@ -1003,13 +1004,15 @@ def run_eval(
     Raises
     ------
     ValueError
-        Unknown method / task / protocol, kvpress methods without kvpress, non-positive budgets,
+        Unknown method / task / protocol, kvpress methods without kvpress, a ``compare`` pair not
+        made of two of ``methods``, non-positive budgets,
         lengths or ``n``, or a grid where every compressed cell has a budget not below its context
         length.
     """
     from mixkv.models import parse_dtype
 
     methods = _check_methods(methods)
+    compare = _check_compare(compare, methods)
     torch_dtype = parse_dtype(dtype)
     if isinstance(model_spec, tuple):
         torch_dtype = next(model_spec[0].parameters()).dtype
@@ -1166,5 +1169,6 @@ def run_eval(
         budgets=budgets,
         tasks=tasks,
         context_lengths=context_lengths,
+        compare=compare,
     )
     return result
