@@ -95,7 +95,7 @@ def _layer_types(text_config: PretrainedConfig) -> list[str]:
     return list(get_layer_types_and_kwargs(text_config)[0])
 
 
-def _placeholder_id(config: PretrainedConfig, modality: str) -> int | None:
+def placeholder_token_id(config: PretrainedConfig, modality: str) -> int | None:
     """``config.<modality>_token_id`` (or the older ``..._token_index``) when it is an int."""
     for name in (f"{modality}_token_id", f"{modality}_token_index"):
         value = getattr(config, name, None)
@@ -161,8 +161,8 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
         attention_modules=[by_layer[i] for i in range(num_layers)],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        image_token_id=_placeholder_id(config, "image"),
-        video_token_id=_placeholder_id(config, "video"),
+        image_token_id=placeholder_token_id(config, "image"),
+        video_token_id=placeholder_token_id(config, "video"),
         compressible_layers=compressible,
     )
 
