@@ -960,13 +960,14 @@ def screenspot_accuracy(
 # Multiple choice (Video-MME style: the answer is an option letter)
 # ----------------------------------------------------------------------------------------------
 
-_LEADING_LETTER = re.compile(r"^\W*([A-Z])(?:$|[^A-Za-z])")
+# a letter alone or closed by ")", "." or ":" ("I think" chooses nothing)
+_LEADING_LETTER = re.compile(r"^\W*([A-Z])(?:$|[).:])")
 _STATED_LETTER = re.compile(r"\b(?:answer|option)\b\W*(?:is\W*)?\(?([A-Z])\b", re.IGNORECASE)
 
 
 def multiple_choice_letter(prediction: str) -> str | None:
-    """The option letter a model output chooses: a leading capital letter (``"B"``, ``"(B) dog"``,
-    ``"B. dog"``), else the letter after "answer"/"option" (``"The answer is B"``); None if neither."""
+    """The option letter a model output chooses: a leading capital letter standing alone or closed
+    by ``)``, ``.`` or ``:`` (``"B"``, ``"(B) dog"``, ``"B. dog"``), else the letter after "answer"/"option" (``"The answer is B"``); None if neither."""
     match = _LEADING_LETTER.match(prediction.strip()) or _STATED_LETTER.search(prediction)
     return match.group(1).upper() if match else None
 

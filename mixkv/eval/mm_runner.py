@@ -488,10 +488,11 @@ def run_mm_eval(
         if not examples:
             raise ValueError(f"Task {name!r} has no examples.")
         for ex in examples:
-            if not ex.image_path.is_file():
-                raise FileNotFoundError(
-                    f"Image file {ex.image_path} of example {ex.id!r} (task {name}) not found."
-                )
+            for path in ex.frames or [ex.image_path]:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"Image file {path} of example {ex.id!r} (task {name}) not found."
+                    )
             if not ex.answers and ex.metric != "point_in_box":
                 raise ValueError(
                     f"Task {name!r}: example {ex.id!r} has no reference answers (a test split?)."
