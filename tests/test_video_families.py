@@ -104,6 +104,8 @@ def test_padded_batch_of_a_video_and_an_image_prompt_generates_like_each_alone(f
     image_row = int((case.image_inputs["input_ids"] == case.image_token_id).sum())
     assert report.video_tokens_total == [video_total, 0]
     assert report.image_tokens_total == [image_total, image_row]
+    if video_total:  # a batch holding both kinds also sums them
+        assert "video tokens kept" in report.summary() and "visual tokens kept" in report.summary()
 
 
 def test_visual_head_scores_include_the_attention_on_video_tokens():

@@ -96,23 +96,24 @@ class CompressionReport:
         }
 
     def summary(self) -> str:
-        """One human-readable line."""
+        """One human-readable line: kept tokens, memory, time, and the visual tokens kept."""
         mean_kept = self.kept_tokens.float().mean().item() if self.kept_tokens.numel() else 0.0
         text = (
             f"context {self.context_lengths} -> {mean_kept:.1f} kept tokens per KV head on average; "
             f"KV cache {self.compressed_bytes / 2**20:.2f} MiB of {self.full_bytes / 2**20:.2f} MiB "
             f"({100 * self.memory_fraction:.1f}%); compression {1000 * self.compression_seconds:.1f} ms"
         )
+        # Only the kinds a prompt holds: an image prompt reads "image tokens kept", a video prompt
+        # "video tokens kept", a prompt with both adds their sum as "visual tokens kept".
+        has_image = bool(self.image_tokens_total and any(self.image_tokens_total))
+        has_video = bool(self.video_tokens_total and any(self.video_tokens_total))
         kinds = [
-            ("image", self.image_tokens_kept, self.image_tokens_total),
-            ("video", self.video_tokens_kept, self.video_tokens_total),
+            ("image", self.image_tokens_kept, self.image_tokens_total, has_image or not has_video),
+            ("video", self.video_tokens_kept, self.video_tokens_total, has_video),
+            ("visual", self.visual_tokens_kept, self.visual_tokens_total, has_image and has_video),
         ]
-        if self.video_tokens_total is not None and any(self.video_tokens_total):
-            kinds.append(("visual", self.visual_tokens_kept, self.visual_tokens_total))
-        else:  # an image-only prompt reads as before
-            kinds = kinds[:1]
-        for kind, kept_counts, totals in kinds:
-            if kept_counts is not None and totals is not None:
+        for kind, kept_counts, totals, shown in kinds:
+            if shown and kept_counts is not None and totals is not None:
                 pairs = ", ".join(
                     f"{kept:.1f}/{total}" for kept, total in zip(kept_counts, totals, strict=True)
                 )
