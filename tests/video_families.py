@@ -9,13 +9,15 @@ transformers' video processors need torchvision, which does not install next to 
 wheel used here, so the processor gets :class:`FramesVideoProcessor` as its video processor: it
 runs the family's own (PIL) image processor on every frame and lays the frames out as the
 family's video processor does (Qwen-VL: pairs of frames stacked into temporal patches, with
-``video_grid_thw``; LLaVA-OneVision and InternVL: a ``(videos, frames, C, H, W)`` tensor). The
+``video_grid_thw``; LLaVA-NeXT-Video, LLaVA-OneVision and InternVL: a ``(videos, frames, C, H, W)``
+tensor). The
 processor itself expands the video placeholder (frame timestamps for Qwen3-VL, ``FrameN:`` image
 blocks for InternVL) and builds ``mm_token_type_ids``, so the prompt is exactly the family's.
 
 Video tokens of the row-0 prompt: qwen2_vl / qwen2_5_vl 64 (8 frames of 112 x 112, 4 temporal
-groups of 4 x 4 merged patches), qwen3_vl 64 (8 frames of 128 x 128), llava_onevision 33 (8 frames
-pooled to 2 x 2, plus one newline token), internvl 64 (4 frames of 16 tokens, image placeholders).
+groups of 4 x 4 merged patches), qwen3_vl 64 (8 frames of 128 x 128), llava_next_video 64
+(16 frames of 56 x 56 pooled to 2 x 2), llava_onevision 33 (8 frames pooled to 2 x 2, plus one
+newline token), internvl 64 (4 frames of 16 tokens, image placeholders).
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ from tests.families import (
     vlm_processor,
 )
 
-VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+VIDEO_FAMILIES: tuple[str, ...] = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava_next_video",
+    "llava_onevision",
+    "internvl",
+)
 FPS = 2.0
 
 
@@ -126,8 +135,15 @@ class VideoCase:
         return batch
 
 
-_FRAME_SIDES = {"qwen2_vl": 112, "qwen2_5_vl": 112, "qwen3_vl": 128, "llava_onevision": 56, "internvl": 112}
-_FRAME_COUNTS = {"internvl": 4}
+_FRAME_SIDES = {
+    "qwen2_vl": 112,
+    "qwen2_5_vl": 112,
+    "qwen3_vl": 128,
+    "llava_next_video": 56,
+    "llava_onevision": 56,
+    "internvl": 112,
+}
+_FRAME_COUNTS = {"internvl": 4, "llava_next_video": 16}
 
 
 def _frames(seed: int, name: str) -> list[Any]:
@@ -139,8 +155,8 @@ def _video_processor(name: str, processor: Any) -> FramesVideoProcessor:
     side = _FRAME_SIDES[name]
     if name.startswith("qwen"):
         return FramesVideoProcessor(processor.image_processor, "temporal_patches")
-    if name == "llava_onevision":
-        # the video processor resizes each frame to the crop size: no anyres tiling
+    if name in ("llava_onevision", "llava_next_video"):
+        # the video processors resize each frame to the vision tower's size: no anyres tiling
         frame_processor = _image_processor("llava", "Llava")(
             size={"height": side, "width": side},
             do_center_crop=False,

@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL",
     "llava": "LLaVA",
     "llava_next": "LLaVA-NeXT",
+    "llava_next_video": "LLaVA-NeXT-Video",
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
     "idefics3": "Idefics3",
