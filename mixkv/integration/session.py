@@ -331,9 +331,11 @@ class PressSession:
             kept=torch.zeros((batch, self.layout.num_layers, self.layout.num_kv_heads), dtype=torch.long),
         )
         ids = self._input_ids
-        masks = None if ids is None or ids.shape != key_mask.shape else self.layout.visual_token_masks(ids)
-        if masks is not None:
-            real = key_mask.to(ids.device)  # type: ignore[union-attr]
+        masks = (
+            self.layout.visual_token_masks(ids) if ids is not None and ids.shape == key_mask.shape else None
+        )
+        if ids is not None and masks is not None:
+            real = key_mask.to(ids.device)
             record.is_image, record.is_video = (mask & real for mask in masks)
             record.image_kept = torch.zeros(batch)
             record.video_kept = torch.zeros(batch)
