@@ -6,8 +6,8 @@ images), what MixKV and SparseMM can otherwise only guess:
 * ``redundancy`` ``(layers, kv_heads)``: mean over prompts of each head's mean pairwise cosine
   similarity of its (post-rotary) keys - the ``r_h`` of the MixKV score, as an offline table;
 * ``visual_head_scores`` ``(layers, heads)``: mean over prompts of the attention mass that the last
-  ``window_size`` prompt tokens put on image tokens, per query head - SparseMM's head scores. Only
-  for prompts with images.
+  ``window_size`` prompt tokens put on visual (image and video) tokens, per query head - SparseMM's
+  head scores. Only for prompts with images or videos.
 
 Files are JSON (``.json``) or safetensors (``.safetensors``) and carry the model's shape, which
 presses check before use.
@@ -147,13 +147,13 @@ def calibrate(
                 )
             redundancy[layer_idx] += head_redundancy(keys.float())[0].cpu()
         count += 1
-        image_id = layout.image_token_id
-        if image_id is not None and bool((input_ids == image_id).any()):
-            is_image = (input_ids[0] == image_id).to(outputs.attentions[0].device)
+        masks = layout.visual_token_masks(input_ids[0])
+        if masks is not None and bool((masks[0] | masks[1]).any()):
+            is_visual = (masks[0] | masks[1]).to(outputs.attentions[0].device)
             for layer_idx, attention in enumerate(outputs.attentions[: layout.num_layers]):
                 window = attention[0, :, -window_size:, :]  # (H, W, N)
-                if window.shape[-1] == is_image.shape[0]:
-                    visual[layer_idx] += window[..., is_image].sum(-1).mean(-1).float().cpu()
+                if window.shape[-1] == is_visual.shape[0]:
+                    visual[layer_idx] += window[..., is_visual].sum(-1).mean(-1).float().cpu()
             visual_count += 1
     if count == 0:
         raise ValueError("no calibration samples were given")
@@ -180,32 +180,62 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: invalid JSON ({error})") from error
             if "text" not in entry:
                 raise ValueError(
-                    f'{path}:{number}: each JSON line needs a "text" field (and optional "images")'
+                    f'{path}:{number}: each JSON line needs a "text" field (and optional "images", "videos")'
                 )
-            prompts.append({"text": entry["text"], "images": list(entry.get("images", []))})
+            videos = list(entry.get("videos", []))
+            for video in videos:
+                if not isinstance(video, str) and not (
+                    isinstance(video, list) and video and all(isinstance(frame, str) for frame in video)
+                ):
+                    raise ValueError(
+                        f'{path}:{number}: each entry of "videos" must be a video file path or a non-empty '
+                        f"list of frame image paths, got {video!r}"
+                    )
+            prompts.append({"text": entry["text"], "images": list(entry.get("images", [])), "videos": videos})
         else:
-            prompts.append({"text": line, "images": []})
+            prompts.append({"text": line, "images": [], "videos": []})
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
 
 
-def _encode(processor: Any, prompt: dict[str, Any], base: Path) -> dict[str, torch.Tensor]:
-    if not prompt["images"]:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        return dict(tokenizer(prompt["text"], return_tensors="pt"))
+def _open_image(name: str, base: Path) -> Any:
     from PIL import Image
 
-    images = []
-    for name in prompt["images"]:
-        image_path = Path(name) if Path(name).is_absolute() else base / name
-        if not image_path.is_file():
-            raise FileNotFoundError(f"image {image_path} named in the prompts file does not exist")
-        images.append(Image.open(image_path).convert("RGB"))
+    image_path = Path(name) if Path(name).is_absolute() else base / name
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image {image_path} named in the prompts file does not exist")
+    with Image.open(image_path) as image:
+        return image.convert("RGB")
+
+
+def _open_video(video: str | list[str], base: Path) -> Any:
+    """A list of frames (PIL images), or a video file's path for the processor to decode."""
+    if isinstance(video, list):
+        return [_open_image(frame, base) for frame in video]
+    video_path = Path(video) if Path(video).is_absolute() else base / video
+    if not video_path.is_file():
+        raise FileNotFoundError(f"video {video_path} named in the prompts file does not exist")
+    return str(video_path)
+
+
+def _encode(processor: Any, prompt: dict[str, Any], base: Path) -> dict[str, torch.Tensor]:
+    if not prompt["images"] and not prompt["videos"]:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        return dict(tokenizer(prompt["text"], return_tensors="pt"))
+    images = [_open_image(name, base) for name in prompt["images"]]
+    if prompt["videos"] and getattr(processor, "video_processor", None) is None:
+        raise ValueError(
+            f"{type(processor).__name__} of this model has no video processor, so it cannot encode the "
+            "prompts' videos (transformers' video processors need torchvision: install it, or drop the videos)"
+        )
+    videos = [_open_video(video, base) for video in prompt["videos"]]
     content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    content += [{"type": "video"} for _ in videos]
     content.append({"type": "text", "text": prompt["text"]})
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return dict(processor(text=text, images=images, return_tensors="pt"))
+    media: dict[str, Any] = {"images": images or None, "videos": videos or None}
+    return dict(processor(text=text, **media, return_tensors="pt"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prompts",
         required=True,
         type=Path,
-        help='text lines, or JSON lines {"text": ..., "images": [paths]}',
+        help='text lines, or JSON lines {"text": ..., "images": [paths], "videos": [[frame paths] or path]}',
     )
     parser.add_argument("--out", required=True, type=Path, help="output .json or .safetensors")
     parser.add_argument("--window-size", type=int, default=32)

@@ -44,7 +44,8 @@ the image processor that made ``pixel_values``:
   48 / 131, ``Qwen2VLImageProcessorPil`` (patch 14, or 16 for qwen3_vl); inputs also carry
   ``image_grid_thw`` and ``mm_token_type_ids`` (M-RoPE positions are the model's own).
 * llava: ``model.language_model.layers`` / llama, 64 / 145, ``LlavaImageProcessorPil``.
-* llava_next: ``model.language_model.layers`` / llama, 70 / 151, ``LlavaNextImageProcessorPil``.
+* llava_next, llava_next_video: ``model.language_model.layers`` / llama, 70 / 151,
+  ``LlavaNextImageProcessorPil`` (llava_next_video: same image path, ``<video>`` placeholder).
 * llava_onevision: ``model.language_model.layers`` / qwen2, 70 / 151,
   ``LlavaOnevisionImageProcessorPil``.
 * internvl: ``model.language_model.layers`` / qwen2, 48 / 131, ``GotOcr2ImageProcessorPil``.
@@ -128,6 +129,7 @@ VLM_FAMILIES: tuple[str, ...] = (
     "qwen3_vl",
     "llava",
     "llava_next",
+    "llava_next_video",
     "llava_onevision",
     "internvl",
     "idefics3",
@@ -575,13 +577,17 @@ def _llava_spec() -> _VlmSpec:
     return _VlmSpec(config, "LlavaForConditionalGeneration", make_row, image_id)
 
 
-def _llava_next_spec() -> _VlmSpec:
+def _llava_next_spec(name: str = "llava_next") -> _VlmSpec:
+    """LLaVA-NeXT, or LLaVA-NeXT-Video (same image path, plus a ``<video>`` placeholder)."""
     import transformers as tf
 
     side = 56  # 4 x 4 patches of 14 per crop
     pinpoints = [[56, 112], [112, 56], [112, 112]]
     image_id = TOKEN_IDS["<image>"]
-    config = tf.LlavaNextConfig(
+    video = name == "llava_next_video"
+    config_cls = tf.LlavaNextVideoConfig if video else tf.LlavaNextConfig
+    extra: dict[str, Any] = {"video_token_index": TOKEN_IDS["<video>"]} if video else {}
+    config = config_cls(
         vision_config=_clip_vision(side),
         text_config={"model_type": "llama", **_text_kwargs()},
         image_token_index=image_id,
@@ -589,26 +595,38 @@ def _llava_next_spec() -> _VlmSpec:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         image_seq_length=(side // 14) ** 2,
+        **extra,
     )
     image_processor = _image_processor("llava_next", "LlavaNext")(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_grid_pinpoints=pinpoints,
     )
-    processor = tf.LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=_make_tokenizer({"image_token": "<image>"}),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor_kwargs: dict[str, Any] = {
+        "image_processor": image_processor,
+        "patch_size": 14,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+    }
+    processor: Any
+    if video:
+        processor = _without_video_processor(tf.LlavaNextVideoProcessor)(
+            tokenizer=_make_tokenizer({"image_token": "<image>", "video_token": "<video>"}),
+            video_processor=None,
+            **processor_kwargs,
+        )
+    else:
+        processor = tf.LlavaNextProcessor(
+            tokenizer=_make_tokenizer({"image_token": "<image>"}), **processor_kwargs
+        )
 
     def make_row(seed: int, row: int, left_pad: int) -> dict[str, torch.Tensor]:
         text = _vlm_prompt(seed, row, left_pad, "<image>")
         image = draw_image(seed * 1000 + row, 120, 96)
         return _tensor_dict(processor(text=[text], images=[image], return_tensors="pt"))
 
-    return _VlmSpec(config, "LlavaNextForConditionalGeneration", make_row, image_id)
+    class_name = "LlavaNextVideoForConditionalGeneration" if video else "LlavaNextForConditionalGeneration"
+    return _VlmSpec(config, class_name, make_row, image_id)
 
 
 def _llava_onevision_spec() -> _VlmSpec:
@@ -805,8 +823,8 @@ def _vlm_spec(name: str) -> _VlmSpec:
         return _qwen_vl_spec(name)
     if name == "llava":
         return _llava_spec()
-    if name == "llava_next":
-        return _llava_next_spec()
+    if name in ("llava_next", "llava_next_video"):
+        return _llava_next_spec(name)
     if name == "llava_onevision":
         return _llava_onevision_spec()
     if name == "internvl":

@@ -89,3 +89,48 @@ def test_calibrate_command_writes_a_file_for_a_local_model(tmp_path, capsys):
     assert len(payload["redundancy"]) == model.config.num_hidden_layers
     assert payload["visual_head_scores"] is None
     assert "wrote" in capsys.readouterr().out
+
+
+VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def test_prompts_file_videos_are_frame_lists_encoded_into_video_tokens(tmp_path):
+    from mixkv.calibration import _encode, _read_prompts
+    from tests.video_families import build_video_case
+
+    case = build_video_case("qwen2_vl", attn_implementation="eager")
+    for i, frame in enumerate(case.frames):
+        frame.save(tmp_path / f"frame{i}.png")
+    frame_names = [f"frame{i}.png" for i in range(len(case.frames))]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"text": "w70 w71 w72", "videos": [frame_names]}) + "\n")
+    case.processor.chat_template = VIDEO_TEMPLATE
+    (prompt,) = _read_prompts(prompts_file)
+    sample = _encode(case.processor, prompt, tmp_path)
+    expected = int((case.video_inputs["input_ids"] == case.video_token_id).sum())
+    assert int((sample["input_ids"] == case.video_token_id).sum()) == expected
+    stats = calibrate(case.model, [sample], window_size=4)
+    assert stats.visual_head_scores is not None
+
+
+def test_prompts_file_rejects_a_video_that_is_neither_a_path_nor_frames(tmp_path):
+    from mixkv.calibration import _read_prompts
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"text": "hello", "videos": [[]]}) + "\n")
+    with pytest.raises(ValueError, match="non-empty list of frame image paths"):
+        _read_prompts(prompts_file)
+
+
+def test_videos_with_a_processor_without_video_processor_are_refused(tmp_path):
+    from mixkv.calibration import _encode
+    from tests.families import vlm_processor
+
+    processor = vlm_processor("qwen2_vl")
+    prompt = {"text": "w70", "images": [], "videos": [["frame0.png"]]}
+    with pytest.raises(ValueError, match="has no video processor"):
+        _encode(processor, prompt, tmp_path)

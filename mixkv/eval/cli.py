@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         nargs="+",
         default=[],
-        help="image folder of a multimodal benchmark: DIR or TASK=DIR (optional for docvqa: its root)",
+        help="image folder of a multimodal benchmark: DIR or TASK=DIR (optional for docvqa: its root; for "
+        "videomme the frames folder holding <videoID>/ of each video)",
     )
     p.add_argument(
         "--coordinate-scale",

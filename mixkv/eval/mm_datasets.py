@@ -25,6 +25,7 @@ __all__ = [
     "load_screenspot",
     "load_textcaps",
     "load_textvqa",
+    "load_videomme",
     "score_examples",
 ]
 
@@ -41,7 +42,7 @@ class MMExample:
     id : str
         Identifier, unique within its dataset.
     image_path : Path
-        Image file the question is about.
+        Image file the question is about; for a video example, the folder of its frames.
     question : str
         Text prompt for the model.
     answers : list of str
@@ -52,6 +53,8 @@ class MMExample:
         Name of the metric in :data:`mixkv.eval.mm_metrics.METRIC_NAMES`.
     extra : dict
         Dataset-specific fields (category, bbox, image size, ...).
+    frames : list of Path
+        Frame files, in order, of a video example (empty for an image example).
     """
 
     id: str
@@ -60,6 +63,12 @@ class MMExample:
     answers: list[str]
     metric: str
     extra: dict[str, Any] = field(default_factory=dict)
+    frames: list[Path] = field(default_factory=list)
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the example shows a clip of frames rather than one image."""
+        return bool(self.frames)
 
     def __post_init__(self) -> None:
         if self.metric not in mm_metrics.METRIC_NAMES:
@@ -556,6 +565,66 @@ def load_screenspot(
 
 
 # ----------------------------------------------------------------------------------------------
+# Video-MME (multiple-choice video QA, frames extracted beforehand)
+# ----------------------------------------------------------------------------------------------
+
+_VIDEOMME_LAYOUT = (
+    "a JSON list of Video-MME records {'videoID': ..., 'question_id': ..., 'question': ..., "
+    "'options': ['A. ...', 'B. ...', ...], 'answer': 'A', optional 'duration', 'domain', 'task_type'} "
+    "(the columns of the official test split), and a frames folder holding <frames>/<videoID>/ with "
+    "each video's frames as .jpg/.png files whose names sort in time order "
+    "(e.g. ffmpeg -i <videoID>.mp4 -vf fps=1 <frames>/<videoID>/%05d.jpg)"
+)
+_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+VIDEOMME_PROMPT = "Answer with the option's letter from the given choices directly."
+"""Instruction appended to every Video-MME question, after its options."""
+
+
+def load_videomme(
+    annotation_file: str | Path, frames_dir: str | Path, limit: int | None = None, num_frames: int = 8
+) -> list[MMExample]:
+    """Video-MME multiple-choice questions over pre-extracted frames.
+
+    Layout: see ``_VIDEOMME_LAYOUT``. ``num_frames`` frames are taken evenly spread over each
+    video's frame files (all of them when it has fewer). The question is the record's question,
+    its options one per line and :data:`VIDEOMME_PROMPT`; the answer is the option letter;
+    metric ``multiple_choice``.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}.")
+    path = Path(annotation_file)
+    root = _check_dir(Path(frames_dir), "Frames", _VIDEOMME_LAYOUT)
+    records = _limit(_records(_read_json(path, _VIDEOMME_LAYOUT), path, None, _VIDEOMME_LAYOUT), limit)
+    examples = []
+    for index, record in enumerate(records):
+        video_id = str(_field(record, "videoID", path, index, _VIDEOMME_LAYOUT))
+        options = _field(record, "options", path, index, _VIDEOMME_LAYOUT)
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{path}: record {index} 'options' must be a non-empty list of strings.")
+        answer = str(_field(record, "answer", path, index, _VIDEOMME_LAYOUT)).strip().upper()
+        video_dir = _check_dir(root / video_id, f"Frames of video {video_id!r}:", _VIDEOMME_LAYOUT)
+        files = sorted(f for f in video_dir.iterdir() if f.suffix.lower() in _FRAME_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(
+                f"{video_dir} holds no .jpg/.png frames. Expected layout: {_VIDEOMME_LAYOUT}"
+            )
+        picks = sorted({round(i * (len(files) - 1) / max(1, num_frames - 1)) for i in range(num_frames)})
+        question = str(_field(record, "question", path, index, _VIDEOMME_LAYOUT))
+        examples.append(
+            MMExample(
+                id=str(record.get("question_id", f"{video_id}-{index}")),
+                image_path=video_dir,
+                question="\n".join([question, *options, VIDEOMME_PROMPT]),
+                answers=[answer],
+                metric="multiple_choice",
+                extra={k: record[k] for k in ("videoID", "duration", "domain", "task_type") if k in record},
+                frames=[files[i] for i in picks],
+            )
+        )
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
 # Scoring
 # ----------------------------------------------------------------------------------------------
 def _image_size(example: MMExample) -> tuple[int, int] | None:
@@ -625,6 +694,8 @@ def score_examples(
             result["ocrbench_correct"] = float(ocr.correct)
         elif metric == "cider_d":
             result[metric] = mm_metrics.cider_d(preds, answers)
+        elif metric == "multiple_choice":
+            result[metric] = mm_metrics.mean_multiple_choice_accuracy(preds, answers)
         else:  # point_in_box
             bboxes = []
             for e in exs:

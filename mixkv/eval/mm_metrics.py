@@ -32,6 +32,7 @@ __all__ = [
     "cider_d_scores",
     "levenshtein_distance",
     "mean_anls",
+    "mean_multiple_choice_accuracy",
     "mean_relaxed_accuracy",
     "mean_vqa_accuracy",
     "normalize_vqa_answer",
@@ -52,6 +53,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ocrbench",
     "cider_d",
     "point_in_box",
+    "multiple_choice",
 )
 """Names of the metrics, as used in ``MMExample.metric``."""
 
@@ -952,3 +954,32 @@ def screenspot_accuracy(
         for p, b, s in zip(predictions, bboxes, sizes, strict=True)
     ]
     return float(np.mean(hits))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice (Video-MME style: the answer is an option letter)
+# ----------------------------------------------------------------------------------------------
+
+# a letter alone or closed by ")", "." or ":" ("I think" chooses nothing)
+_LEADING_LETTER = re.compile(r"^\W*([A-Z])(?:$|[).:])")
+_STATED_LETTER = re.compile(r"\b(?:answer|option)\b\W*(?:is\W*)?\(?([A-Z])\b", re.IGNORECASE)
+
+
+def multiple_choice_letter(prediction: str) -> str | None:
+    """The option letter a model output chooses: a leading capital letter standing alone or closed
+    by ``)``, ``.`` or ``:`` (``"B"``, ``"(B) dog"``, ``"B. dog"``), else the letter after "answer"/"option" (``"The answer is B"``); None if neither."""
+    match = _LEADING_LETTER.match(prediction.strip()) or _STATED_LETTER.search(prediction)
+    return match.group(1).upper() if match else None
+
+
+def mean_multiple_choice_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
+    """Fraction of outputs whose chosen letter (:func:`multiple_choice_letter`) is the reference letter."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"got {len(predictions)} predictions for {len(answers)} answer lists")
+    if not predictions:
+        return 0.0
+    correct = sum(
+        multiple_choice_letter(pred) in {a.strip().upper() for a in refs}
+        for pred, refs in zip(predictions, answers, strict=True)
+    )
+    return correct / len(predictions)

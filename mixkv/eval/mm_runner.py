@@ -1,4 +1,4 @@
-"""Resumable multimodal evaluation grid: methods x budgets over image question-answering tasks.
+"""Resumable multimodal evaluation grid: methods x budgets over image and video question answering.
 
 A *task* is a named list of :class:`~mixkv.eval.mm_datasets.MMExample` (a benchmark read from
 local files by :mod:`mixkv.eval.mm_datasets`, or a seeded synthetic suite from
@@ -13,6 +13,12 @@ task on a vision-language model:
 * the answer is generated greedily with ``model.generate`` under the press, so the whole prompt
   (image tokens and question) is prefilled and compressed at once (the ``query_aware`` protocol of
   the text grid);
+* a video example (``MMExample.frames``: Video-MME over extracted frames, the synthetic
+  ``video_needle`` clips) gets a video entry instead, and its frames go to the processor as
+  ``videos=[frames]``; that needs the processor's video processor (torchvision in transformers),
+  and a processor without one is refused with a ``ValueError``. Records hold ``video_tokens``
+  (placeholders in the prompt) and ``video_tokens_total`` / ``video_tokens_kept`` beside the image
+  counts;
 * outputs are scored with :func:`~mixkv.eval.mm_datasets.score_examples`; a cell's ``score`` is
   the task's metric on all its examples (in [0, 1], CIDEr-D on its toolkit scale).
 
@@ -46,6 +52,7 @@ from mixkv.eval.mm_datasets import (
     load_screenspot,
     load_textcaps,
     load_textvqa,
+    load_videomme,
     score_examples,
 )
 from mixkv.integration.cache import kv_cache_bytes
@@ -64,12 +71,21 @@ __all__ = [
 logger = logging.getLogger("mixkv.eval")
 
 #: Benchmarks read from local files (``data``: annotation file, ``images``: image folder).
-DATASET_TASKS: tuple[str, ...] = ("docvqa", "textvqa", "chartqa", "ocrbench", "textcaps", "screenspot")
+DATASET_TASKS: tuple[str, ...] = (
+    "docvqa",
+    "textvqa",
+    "chartqa",
+    "ocrbench",
+    "textcaps",
+    "screenspot",
+    "videomme",
+)
 #: Synthetic suites rendered on the fly (``synthetic_<name>`` for :func:`make_synthetic_suite`).
 SYNTHETIC_TASK_NAMES: tuple[str, ...] = (
     "synthetic_text_reading",
     "synthetic_bar_chart",
     "synthetic_gui_grounding",
+    "synthetic_video_needle",
 )
 #: Every multimodal task name.
 MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES
@@ -82,6 +98,7 @@ DEFAULT_NEW_TOKENS: dict[str, int] = {
     "ocrbench": 24,
     "cider_d": 40,
     "point_in_box": 24,
+    "multiple_choice": 8,
 }
 
 _LOADERS = {
@@ -90,6 +107,7 @@ _LOADERS = {
     "ocrbench": load_ocrbench,
     "textcaps": load_textcaps,
     "screenspot": load_screenspot,
+    "videomme": load_videomme,
 }
 _IMAGES_HINT = {
     "docvqa": "the dataset root the 'image' paths are relative to (default: the annotation file's folder)",
@@ -98,6 +116,7 @@ _IMAGES_HINT = {
     "ocrbench": "the OCRBench_Images/ folder",
     "textcaps": "the folder with <image_id>.jpg (train_images/)",
     "screenspot": "the screenshot folder (screenspot_imgs/)",
+    "videomme": "the frames folder holding <videoID>/ with each video's frame images",
 }
 
 
@@ -143,9 +162,11 @@ def load_mm_task(
         Missing annotation file, image folder or image (the message names it).
     """
     if task in SYNTHETIC_TASK_NAMES:
-        from mixkv.eval.synthetic_images import make_synthetic_suite
+        from mixkv.eval.synthetic_images import make_synthetic_suite, make_synthetic_video_suite
 
         name = task.removeprefix("synthetic_")
+        if name == "video_needle":
+            return make_synthetic_video_suite(limit or 5, seed, Path(synthetic_dir) / name)
         return make_synthetic_suite(name, limit or 5, seed, Path(synthetic_dir) / name)
     if task not in DATASET_TASKS:
         raise ValueError(f"Unknown multimodal task {task!r}; choose from: {', '.join(MM_TASKS)}.")
@@ -172,43 +193,51 @@ def _has_chat_template(processor: Any) -> bool:
     )
 
 
-def _image_placeholder(processor: Any) -> str:
-    token = getattr(processor, "image_token", None)
+def _visual_placeholder(processor: Any, kind: str) -> str:
+    """The processor's ``image_token`` / ``video_token`` as a prompt placeholder (``kind``)."""
+    token = getattr(processor, f"{kind}_token", None)
     if not isinstance(token, str) or not token:
         raise ValueError(
-            f"{type(processor).__name__} has no chat template and no image_token attribute; cannot "
-            "place the image in the prompt. Give the processor a chat template."
+            f"{type(processor).__name__} has no chat template and no {kind}_token attribute; cannot "
+            f"place the {kind} in the prompt. Give the processor a chat template."
         )
     vocab = _tokenizer(processor).get_vocab() if hasattr(_tokenizer(processor), "get_vocab") else {}
-    if token == "<|image_pad|>" and "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+    if (
+        token in ("<|image_pad|>", "<|video_pad|>")
+        and "<|vision_start|>" in vocab
+        and "<|vision_end|>" in vocab
+    ):
         return f"<|vision_start|>{token}<|vision_end|>"  # Qwen-VL processors expect the wrapped pad
     return token
 
 
-def build_mm_prompt(processor: Any, question: str) -> tuple[str, str]:
-    """The prompt text for one image and a question, and how it was built.
+def build_mm_prompt(processor: Any, question: str, kind: str = "image") -> tuple[str, str]:
+    """The prompt text for one image (or one video, ``kind="video"``) and a question, and how it
+    was built.
 
     Returns
     -------
     (str, str)
-        The prompt (with the processor's image placeholder, not yet expanded) and
-        ``"chat_template"`` or ``"plain"`` (no chat template: ``<image placeholder>\\n<question>``).
+        The prompt (with the processor's image or video placeholder, not yet expanded) and
+        ``"chat_template"`` or ``"plain"`` (no chat template: ``<placeholder>\\n<question>``).
     """
     if _has_chat_template(processor):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         owner = processor if getattr(processor, "chat_template", None) else _tokenizer(processor)
         prompt = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return str(prompt), "chat_template"
-    return f"{_image_placeholder(processor)}\n{question}", "plain"
+    return f"{_visual_placeholder(processor, kind)}\n{question}", "plain"
 
 
-def _image_token_id(model: Any) -> int | None:
-    config = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+def _placeholder_counts(model: Any, input_ids: torch.Tensor) -> tuple[int, int]:
+    """(image, video) placeholder tokens of a prompt, by the model's placeholder ids."""
+    from mixkv.integration.models import placeholder_token_id
+
+    counts = []
+    for kind in ("image", "video"):
+        token_id = placeholder_token_id(model.config, kind)
+        counts.append(int((input_ids == token_id).sum()) if token_id is not None else 0)
+    return counts[0], counts[1]
 
 
 def _primary_score(scores: dict[str, float]) -> float:
@@ -237,13 +266,12 @@ def run_mm_example(
         and without compression (``kv_bytes_full``), ``kv_fraction``, mean kept tokens per KV head,
         ``image_tokens_total`` / ``image_tokens_kept`` and the press's report.
     """
-    prompt = build_mm_prompt(processor, example.question)[0]
+    prompt = _example_prompt(processor, example)
     if inputs is None:
         inputs = _encode(processor, example, prompt)
     ids = inputs["input_ids"]
     n_prompt = int(ids.shape[1])
-    image_id = _image_token_id(model)
-    n_image = int((ids[0] == image_id).sum()) if image_id is not None else 0
+    n_image, n_video = _placeholder_counts(model, ids[0])
     new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
     tok = _tokenizer(processor)
     pad = getattr(tok, "pad_token_id", None)
@@ -281,6 +309,7 @@ def run_mm_example(
     record: dict[str, Any] = {
         "id": example.id,
         "image": str(example.image_path),
+        "frames": len(example.frames),
         "question": example.question,
         "answers": list(example.answers),
         "metric": example.metric,
@@ -289,6 +318,7 @@ def run_mm_example(
         "score": _primary_score(score_examples([example], [text], coordinate_scale=coordinate_scale)),
         "prompt_tokens": n_prompt,
         "image_tokens": n_image,
+        "video_tokens": n_video,
         "new_tokens": int(generated.numel()),
         "compressed": report is not None,
         "prefill_seconds": float(prefill.get("seconds", 0.0)),
@@ -299,6 +329,8 @@ def run_mm_example(
         "compression_seconds": 0.0,
         "image_tokens_total": n_image,
         "image_tokens_kept": float(n_image),
+        "video_tokens_total": n_video,
+        "video_tokens_kept": float(n_video),
         "report": None,
     }
     if report is not None:
@@ -311,19 +343,39 @@ def run_mm_example(
             record["image_tokens_total"] = int(report.image_tokens_total[0])
         if report.image_tokens_kept is not None:
             record["image_tokens_kept"] = float(report.image_tokens_kept[0])
+        if report.video_tokens_total is not None:
+            record["video_tokens_total"] = int(report.video_tokens_total[0])
+        if report.video_tokens_kept is not None:
+            record["video_tokens_kept"] = float(report.video_tokens_kept[0])
         record["report"] = report.to_dict()
     record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
     return record
 
 
-def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+def _example_prompt(processor: Any, example: MMExample) -> str:
+    return build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
+
+
+def _open_rgb(path: Path, example: MMExample) -> Any:
     from PIL import Image
 
-    if not example.image_path.is_file():
-        raise FileNotFoundError(f"Image file {example.image_path} of example {example.id!r} not found.")
-    with Image.open(example.image_path) as im:
-        image = im.convert("RGB")
-    batch = processor(text=[prompt], images=[image], return_tensors="pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file {path} of example {example.id!r} not found.")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+    if example.is_video:
+        if getattr(processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{type(processor).__name__} has no video processor, so video example {example.id!r} cannot "
+                "be encoded (transformers' video processors need torchvision); evaluate image tasks only"
+            )
+        frames = [_open_rgb(frame, example) for frame in example.frames]
+        batch = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    else:
+        batch = processor(text=[prompt], images=[_open_rgb(example.image_path, example)], return_tensors="pt")
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
@@ -335,7 +387,10 @@ def _fingerprint(examples: Sequence[MMExample]) -> str:
     h = hashlib.sha1()
     for ex in examples:
         size = ex.image_path.stat().st_size if ex.image_path.is_file() else -1
+        frames = [(f.name, f.stat().st_size if f.is_file() else -1) for f in ex.frames]
         h.update(repr((ex.id, ex.question, list(ex.answers), ex.metric, ex.image_path.name, size)).encode())
+        if frames:  # image examples keep their fingerprint (and finished cells) from before
+            h.update(repr(frames).encode())
     return h.hexdigest()
 
 
@@ -438,10 +493,11 @@ def run_mm_eval(
         if not examples:
             raise ValueError(f"Task {name!r} has no examples.")
         for ex in examples:
-            if not ex.image_path.is_file():
-                raise FileNotFoundError(
-                    f"Image file {ex.image_path} of example {ex.id!r} (task {name}) not found."
-                )
+            for path in ex.frames or [ex.image_path]:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"Image file {path} of example {ex.id!r} (task {name}) not found."
+                    )
             if not ex.answers and ex.metric != "point_in_box":
                 raise ValueError(
                     f"Task {name!r}: example {ex.id!r} has no reference answers (a test split?)."
@@ -511,9 +567,7 @@ def run_mm_eval(
                 for i, example in enumerate(examples):
                     key = (cell.task, i)
                     if key not in encoded:
-                        encoded[key] = _encode(
-                            processor, example, build_mm_prompt(processor, example.question)[0]
-                        )
+                        encoded[key] = _encode(processor, example, _example_prompt(processor, example))
                     inputs = encoded[key]
                     press = runner.build_press(
                         cell.method,
@@ -552,6 +606,9 @@ def run_mm_eval(
                         "image_tokens_total_mean": sum(r["image_tokens_total"] for r in records)
                         / len(records),
                         "image_tokens_kept_mean": sum(r["image_tokens_kept"] for r in records) / len(records),
+                        "video_tokens_total_mean": sum(r["video_tokens_total"] for r in records)
+                        / len(records),
+                        "video_tokens_kept_mean": sum(r["video_tokens_kept"] for r in records) / len(records),
                     },
                 )
                 result.computed.append(cell.name)

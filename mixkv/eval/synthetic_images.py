@@ -9,6 +9,12 @@ Three tasks need no downloaded data and only Pillow's built-in font:
 * ``"gui_grounding"`` -- a fake application window with buttons and static labels;
   "Click on the <label> button."; the answer is the button's box; metric ``point_in_box``.
 
+and one video task:
+
+* ``"video_needle"`` -- a short clip of rendered frames (distractor words on a light
+  background) where a framed code appears in one frame only; "One frame of this video shows a
+  code in a box. What is the code?"; metric ``anls`` (:func:`make_synthetic_video_suite`).
+
 Each example is drawn from its own random generator seeded with ``(task, seed, index)``, so
 the same seed always yields byte-identical PNG files, and a suite of ``n`` examples is a
 prefix of a suite of ``n + k`` examples with the same seed.
@@ -24,13 +30,22 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixkv.eval.mm_datasets import MMExample
 
-__all__ = ["SYNTHETIC_TASKS", "TEXT_READING_QUESTION", "make_synthetic_suite"]
+__all__ = [
+    "SYNTHETIC_TASKS",
+    "TEXT_READING_QUESTION",
+    "VIDEO_NEEDLE_QUESTION",
+    "make_synthetic_suite",
+    "make_synthetic_video_suite",
+]
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("text_reading", "bar_chart", "gui_grounding")
 """Names accepted by :func:`make_synthetic_suite`."""
 
 TEXT_READING_QUESTION = "What is the code written in the image?"
 """Question of every ``text_reading`` example."""
+
+VIDEO_NEEDLE_QUESTION = "One frame of this video shows a code in a box. What is the code?"
+"""Question of every ``video_needle`` example."""
 
 _MIN_SIDE = 128
 _MAX_SIDE = 4096
@@ -176,8 +191,21 @@ def _render_text_reading(rng: random.Random, width: int, height: int) -> _Render
     draw.rectangle(frame, outline=text_color, width=max(1, side // 200))
     draw.text((x, y), code, fill=text_color, font=code_font)
 
+    words = _draw_distractor_words(rng, draw, width, height, [frame])
+    extra: dict[str, object] = {
+        "code_bbox": list(code_box),
+        "distractors": words,
+        "background_color": list(background),
+    }
+    return image, TEXT_READING_QUESTION, [code], "anls", extra
+
+
+def _draw_distractor_words(
+    rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int, placed: list[Box]
+) -> list[str]:
+    """Scatter 4-8 gray lowercase words where they overlap nothing in ``placed``; return them."""
+    side = min(width, height)
     word_font = _font(max(8, side // 24))
-    placed: list[Box] = [frame]
     words: list[str] = []
     for word in rng.sample(_DISTRACTOR_WORDS, rng.randint(4, 8)):
         for _ in range(40):
@@ -191,12 +219,7 @@ def _render_text_reading(rng: random.Random, width: int, height: int) -> _Render
                 placed.append(box)
                 words.append(word)
                 break
-    extra: dict[str, object] = {
-        "code_bbox": list(code_box),
-        "distractors": words,
-        "background_color": list(background),
-    }
-    return image, TEXT_READING_QUESTION, [code], "anls", extra
+    return words
 
 
 def _render_bar_chart(rng: random.Random, width: int, height: int) -> _Rendered:
@@ -411,6 +434,80 @@ def make_synthetic_suite(
                 answers=answers,
                 metric=metric,
                 extra=extra,
+            )
+        )
+    return examples
+
+
+def make_synthetic_video_suite(
+    n: int, seed: int, out_dir: str | Path, num_frames: int = 8, frame_size: tuple[int, int] = (224, 224)
+) -> list[MMExample]:
+    """Render ``n`` ``video_needle`` clips as PNG frames and return them as video examples.
+
+    Every frame shows distractor words on its own light background; one frame, drawn at random,
+    is a ``text_reading`` image (a framed code among distractors), so the answer is visible in
+    that frame only.
+
+    Parameters
+    ----------
+    n : int
+        Number of clips, at least 1.
+    seed : int
+        Seed; the same ``(seed, num_frames, frame_size)`` gives byte-identical files.
+    out_dir : str or Path
+        Frames go to ``<out_dir>/video_needle_<seed>_<index>/frame_<k>.png``.
+    num_frames : int, default 8
+        Frames per clip, at least 2.
+    frame_size : (int, int), default (224, 224)
+        ``(width, height)`` of every frame, each between 128 and 4096.
+
+    Returns
+    -------
+    list of MMExample
+        Video examples (``frames`` set, ``image_path`` the clip's folder); ``extra`` holds
+        ``task``, ``seed``, ``index``, ``needle_frame`` and ``code_bbox``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
+        raise ValueError(f"num_frames must be an int >= 2, got {num_frames!r}.")
+    width, height = frame_size
+    if not all(_MIN_SIDE <= v <= _MAX_SIDE for v in frame_size):
+        raise ValueError(
+            f"frame_size must be (width, height) between {_MIN_SIDE} and {_MAX_SIDE}, got {frame_size!r}."
+        )
+    examples = []
+    for index in range(n):
+        rng = random.Random(f"mixkv-synthetic/video_needle/{seed}/{num_frames}/{width}x{height}/{index}")
+        needle = rng.randrange(num_frames)
+        clip_id = f"video_needle_{seed}_{index:05d}"
+        clip_dir = Path(out_dir) / clip_id
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        frames = []
+        for k in range(num_frames):
+            if k == needle:
+                image, _, answers, _, extra = _render_text_reading(rng, width, height)
+            else:
+                image = Image.new("RGB", (width, height), _light(rng))
+                _draw_distractor_words(rng, ImageDraw.Draw(image), width, height, [])
+            path = clip_dir / f"frame_{k:03d}.png"
+            image.save(path, format="PNG")
+            frames.append(path)
+        examples.append(
+            MMExample(
+                id=clip_id,
+                image_path=clip_dir,
+                question=VIDEO_NEEDLE_QUESTION,
+                answers=answers,
+                metric="anls",
+                extra={
+                    "task": "video_needle",
+                    "seed": seed,
+                    "index": index,
+                    "needle_frame": needle,
+                    "code_bbox": extra["code_bbox"],
+                },
+                frames=frames,
             )
         )
     return examples

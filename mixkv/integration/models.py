@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL",
     "llava": "LLaVA",
     "llava_next": "LLaVA-NeXT",
+    "llava_next_video": "LLaVA-NeXT-Video",
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
     "idefics3": "Idefics3",
@@ -46,6 +47,9 @@ class DecoderLayout:
     num_heads, num_kv_heads, head_dim : int
     image_token_id : int or None
         Placeholder id of image tokens in ``input_ids`` (None for text-only models).
+    video_token_id : int or None
+        Placeholder id of video tokens in ``input_ids`` (None where the model has none). InternVL
+        and SmolVLM have none: their processors expand video frames into image placeholders.
     compressible_layers : tuple[int, ...]
         Full-attention layers. Sliding-window (and chunked) layers are never compressed: their cache
         is already bounded by the window, and their decode-time mask depends on the window.
@@ -56,11 +60,27 @@ class DecoderLayout:
     num_heads: int
     num_kv_heads: int
     image_token_id: int | None
+    video_token_id: int | None
     compressible_layers: tuple[int, ...]
 
     @property
     def num_layers(self) -> int:
         return len(self.attention_modules)
+
+    def visual_token_masks(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(is_image, is_video)`` boolean masks shaped like ``input_ids``, or None for a model
+        without visual placeholders."""
+        if self.image_token_id is None and self.video_token_id is None:
+            return None
+
+        def is_token(token_id: int | None) -> torch.Tensor:
+            return (
+                input_ids == token_id
+                if token_id is not None
+                else torch.zeros_like(input_ids, dtype=torch.bool)
+            )
+
+        return is_token(self.image_token_id), is_token(self.video_token_id)
 
 
 def _layer_types(text_config: PretrainedConfig) -> list[str]:
@@ -76,8 +96,9 @@ def _layer_types(text_config: PretrainedConfig) -> list[str]:
     return list(get_layer_types_and_kwargs(text_config)[0])
 
 
-def _image_token_id(config: PretrainedConfig) -> int | None:
-    for name in ("image_token_id", "image_token_index"):
+def placeholder_token_id(config: PretrainedConfig, modality: str) -> int | None:
+    """``config.<modality>_token_id`` (or the older ``..._token_index``) when it is an int."""
+    for name in (f"{modality}_token_id", f"{modality}_token_index"):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
@@ -141,7 +162,8 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
         attention_modules=[by_layer[i] for i in range(num_layers)],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        image_token_id=_image_token_id(config),
+        image_token_id=placeholder_token_id(config, "image"),
+        video_token_id=placeholder_token_id(config, "video"),
         compressible_layers=compressible,
     )
 

@@ -1,4 +1,4 @@
-"""What a compression did, per run: kept tokens, bytes, image vs text tokens, time."""
+"""What a compression did, per run: kept tokens, bytes, image / video / text tokens, time."""
 
 from __future__ import annotations
 
@@ -31,11 +31,16 @@ class CompressionReport:
         ``kv_cache_bytes(cache)`` right after prefill.
     compression_seconds : float
         Time spent scoring and compressing (inside prefill).
-    image_tokens_total, text_tokens_total : list[int] or None
-        Image-placeholder and text tokens in each prompt (None when the model has no image token
-        or the prompt came as embeddings).
-    image_tokens_kept, text_tokens_kept : list[float] or None
-        Kept image / text entries per sequence, averaged over compressed layers and KV heads.
+    image_tokens_total, video_tokens_total, text_tokens_total : list[int] or None
+        Image-placeholder, video-placeholder and other (text) tokens in each prompt (None when the
+        model has no visual placeholder token or the prompt came as embeddings). Tokens are told
+        apart by the placeholder ids of the model's config; InternVL and SmolVLM expand video
+        frames into image placeholders, so there their video frames count as image tokens.
+    image_tokens_kept, video_tokens_kept, text_tokens_kept : list[float] or None
+        Kept image / video / text entries per sequence, averaged over compressed layers and KV
+        heads.
+    visual_tokens_total, visual_tokens_kept
+        Properties: image + video, per sequence.
     """
 
     context_lengths: list[int]
@@ -50,6 +55,18 @@ class CompressionReport:
     text_tokens_total: list[int] | None = None
     image_tokens_kept: list[float] | None = None
     text_tokens_kept: list[float] | None = None
+    video_tokens_total: list[int] | None = None
+    video_tokens_kept: list[float] | None = None
+
+    @property
+    def visual_tokens_total(self) -> list[int] | None:
+        """Image + video placeholder tokens per prompt."""
+        return _add(self.image_tokens_total, self.video_tokens_total)
+
+    @property
+    def visual_tokens_kept(self) -> list[float] | None:
+        """Kept image + video entries per sequence (mean over compressed layers and KV heads)."""
+        return _add(self.image_tokens_kept, self.video_tokens_kept)
 
     @property
     def memory_fraction(self) -> float:
@@ -72,20 +89,40 @@ class CompressionReport:
             "text_tokens_total": self.text_tokens_total,
             "image_tokens_kept": self.image_tokens_kept,
             "text_tokens_kept": self.text_tokens_kept,
+            "video_tokens_total": self.video_tokens_total,
+            "video_tokens_kept": self.video_tokens_kept,
+            "visual_tokens_total": self.visual_tokens_total,
+            "visual_tokens_kept": self.visual_tokens_kept,
         }
 
     def summary(self) -> str:
-        """One human-readable line."""
+        """One human-readable line: kept tokens, memory, time, and the visual tokens kept."""
         mean_kept = self.kept_tokens.float().mean().item() if self.kept_tokens.numel() else 0.0
         text = (
             f"context {self.context_lengths} -> {mean_kept:.1f} kept tokens per KV head on average; "
             f"KV cache {self.compressed_bytes / 2**20:.2f} MiB of {self.full_bytes / 2**20:.2f} MiB "
             f"({100 * self.memory_fraction:.1f}%); compression {1000 * self.compression_seconds:.1f} ms"
         )
-        if self.image_tokens_kept is not None and self.image_tokens_total is not None:
-            pairs = ", ".join(
-                f"{kept:.1f}/{total}"
-                for kept, total in zip(self.image_tokens_kept, self.image_tokens_total, strict=True)
-            )
-            text += f"; image tokens kept {pairs}"
+        # Only the kinds a prompt holds: an image prompt reads "image tokens kept", a video prompt
+        # "video tokens kept", a prompt with both adds their sum as "visual tokens kept".
+        has_image = bool(self.image_tokens_total and any(self.image_tokens_total))
+        has_video = bool(self.video_tokens_total and any(self.video_tokens_total))
+        kinds = [
+            ("image", self.image_tokens_kept, self.image_tokens_total, has_image or not has_video),
+            ("video", self.video_tokens_kept, self.video_tokens_total, has_video),
+            ("visual", self.visual_tokens_kept, self.visual_tokens_total, has_image and has_video),
+        ]
+        for kind, kept_counts, totals, shown in kinds:
+            if shown and kept_counts is not None and totals is not None:
+                pairs = ", ".join(
+                    f"{kept:.1f}/{total}" for kept, total in zip(kept_counts, totals, strict=True)
+                )
+                text += f"; {kind} tokens kept {pairs}"
         return text
+
+
+def _add(first: list[Any] | None, second: list[Any] | None) -> list[Any] | None:
+    """Element-wise sum of two per-sequence lists; the other list when one is None."""
+    if first is None or second is None:
+        return first if second is None else second
+    return [a + b for a, b in zip(first, second, strict=True)]

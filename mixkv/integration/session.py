@@ -147,9 +147,12 @@ class _PrefillRecord:
     skipped_layers: dict[int, str] = field(default_factory=dict)
     full_bytes_of_compressed: int = 0
     seconds: float = 0.0
-    image_total: torch.Tensor | None = None
+    # Visual placeholders of the prompt, ``(B, N)`` each (None for text-only models or embeddings).
+    is_image: torch.Tensor | None = None
+    is_video: torch.Tensor | None = None
+    # Kept image / video entries per sequence, summed over compressed layers (KV-head mean).
     image_kept: torch.Tensor | None = None
-    text_kept: torch.Tensor | None = None
+    video_kept: torch.Tensor | None = None
 
 
 class PressSession:
@@ -327,12 +330,15 @@ class PressSession:
             budgets=budgets,
             kept=torch.zeros((batch, self.layout.num_layers, self.layout.num_kv_heads), dtype=torch.long),
         )
-        image_id = self.layout.image_token_id
         ids = self._input_ids
-        if image_id is not None and ids is not None and ids.shape == key_mask.shape:
-            record.image_total = ((ids == image_id) & key_mask.to(ids.device)).sum(-1).cpu()
+        masks = (
+            self.layout.visual_token_masks(ids) if ids is not None and ids.shape == key_mask.shape else None
+        )
+        if ids is not None and masks is not None:
+            real = key_mask.to(ids.device)
+            record.is_image, record.is_video = (mask & real for mask in masks)
             record.image_kept = torch.zeros(batch)
-            record.text_kept = torch.zeros(batch)
+            record.video_kept = torch.zeros(batch)
         self._record = record
         return record
 
@@ -351,7 +357,7 @@ class PressSession:
     ) -> None:
         press = self.press
         window = press.window_size
-        batch, _, length, head_dim = keys.shape
+        _, _, length, head_dim = keys.shape
         prefix = length - window
         lengths = key_mask.sum(-1)
         ctx = ScoringContext(
@@ -405,14 +411,9 @@ class PressSession:
         record.kept[:, layer_idx] = kept.cpu()
         record.compressed_layers.append(layer_idx)
         record.full_bytes_of_compressed += full_bytes
-        image_id = self.layout.image_token_id
-        if record.image_kept is not None and record.text_kept is not None and self._input_ids is not None:
-            is_image = torch.eq(self._input_ids, -1 if image_id is None else image_id).to(keys.device)
-            image_prefix = is_image[:, :prefix].gather(1, indices.view(batch, -1)).view_as(valid) & valid
-            image_window = (is_image[:, prefix:] & window_valid).sum(-1, keepdim=True)
-            image_kept = (image_prefix.sum(-1) + image_window).float().mean(-1).cpu()
-            record.image_kept += image_kept
-            record.text_kept += kept.float().mean(-1).cpu() - image_kept
+        if record.image_kept is not None and record.video_kept is not None:
+            record.image_kept += _kept_of(record.is_image, indices, valid, prefix, window_valid)
+            record.video_kept += _kept_of(record.is_video, indices, valid, prefix, window_valid)
 
     def _finish_record(self, cache: Cache) -> None:
         record = self._record
@@ -430,12 +431,30 @@ class PressSession:
                 )
         compressed_bytes = kv_cache_bytes(cache)
         compressed_now = sum(layer_bytes(cache.layers[i]) for i in record.compressed_layers)
-        layers = len(record.compressed_layers)
-        image_total = record.image_total
-        if not layers and image_total is not None:  # nothing compressed: every token is kept
-            record.image_kept = image_total.float()
-            record.text_kept = torch.tensor(record.lengths).float() - record.image_kept
-            layers = 1
+        counts: dict[str, list[Any]] = {}
+        if (
+            record.is_image is not None
+            and record.is_video is not None
+            and record.image_kept is not None
+            and record.video_kept is not None
+        ):
+            image_total = record.is_image.sum(-1).cpu()
+            video_total = record.is_video.sum(-1).cpu()
+            if record.compressed_layers:  # means over compressed layers (and KV heads)
+                layers = len(record.compressed_layers)
+                image_kept, video_kept = record.image_kept / layers, record.video_kept / layers
+                all_kept = record.kept[:, record.compressed_layers].float().mean((1, 2))
+            else:  # nothing compressed: every token is kept
+                image_kept, video_kept = image_total.float(), video_total.float()
+                all_kept = lengths.float()
+            counts = {
+                "image_tokens_total": image_total.tolist(),
+                "video_tokens_total": video_total.tolist(),
+                "text_tokens_total": (lengths - image_total - video_total).tolist(),
+                "image_tokens_kept": image_kept.tolist(),
+                "video_tokens_kept": video_kept.tolist(),
+                "text_tokens_kept": (all_kept - image_kept - video_kept).tolist(),
+            }
         self.press.last_report = CompressionReport(
             context_lengths=record.lengths,
             budgets=record.budgets,
@@ -445,10 +464,25 @@ class PressSession:
             full_bytes=compressed_bytes - compressed_now + record.full_bytes_of_compressed,
             compressed_bytes=compressed_bytes,
             compression_seconds=record.seconds,
-            image_tokens_total=None if image_total is None else [int(x) for x in image_total.tolist()],
-            text_tokens_total=None
-            if image_total is None
-            else [n - int(i) for n, i in zip(record.lengths, image_total.tolist(), strict=True)],
-            image_tokens_kept=None if record.image_kept is None else (record.image_kept / layers).tolist(),
-            text_tokens_kept=None if record.text_kept is None else (record.text_kept / layers).tolist(),
+            **counts,
         )
+
+
+def _kept_of(
+    is_kind: torch.Tensor | None,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+    prefix: int,
+    window_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Kept entries of one kind (e.g. video tokens) per sequence, averaged over KV heads.
+
+    ``indices``/``valid`` ``(B, H, K)`` are the kept prefix positions; the window is always kept.
+    """
+    if is_kind is None:
+        return torch.zeros(indices.shape[0])
+    is_kind = is_kind.to(indices.device)
+    batch = indices.shape[0]
+    in_prefix = is_kind[:, :prefix].gather(1, indices.reshape(batch, -1)).view_as(valid) & valid
+    in_window = (is_kind[:, prefix:] & window_valid).sum(-1, keepdim=True)
+    return (in_prefix.sum(-1) + in_window).float().mean(-1).cpu()
