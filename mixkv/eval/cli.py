@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``mixkv eval``."""
     from mixkv.eval.mm_runner import MM_TASKS
     from mixkv.eval.runner import METHODS
+    from mixkv.eval.suites import SUITES
     from mixkv.eval.tasks import TASKS
 
     p = argparse.ArgumentParser(
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--n", type=int, default=5, help="examples per cell (default 5; multimodal: first n / n generated)"
+    )
+    p.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=None,
+        help="run a fixed, seeded suite instead of the grid flags (quick: the regression guard, a few "
+        "minutes on 2 cores) and compare it with its recorded reference; only --out applies",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     tasks = _split(args.tasks)
     try:
+        if args.suite is not None:
+            return _run_suite(args.suite, args.out, run_eval)
         if any(t in MM_TASKS for t in tasks):
             result = _run_multimodal(args, tasks)
         else:
@@ -173,6 +183,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"table: {result.table_path}")
     for path in result.plot_paths:
         print(f"plot: {path}")
+    return 0
+
+
+def _run_suite(name: str, out: str, run_eval: Any) -> int:
+    """Run a fixed suite, write ``suite_scores.json`` and print it against the recorded reference."""
+    import json
+    from pathlib import Path
+
+    from mixkv.eval.suites import SUITES, compare_with_reference, suite_scores
+
+    suite = SUITES[name]
+    result = run_eval(suite.model, out_dir=out, **suite.run_eval_kwargs())
+    scores = suite_scores(result.cells)
+    path = Path(out) / "suite_scores.json"
+    path.write_text(json.dumps({"suite": name, "scores": scores}, indent=1) + "\n", encoding="utf-8")
+    if result.table_path is not None:
+        print(result.table_path.read_text(encoding="utf-8"))
+    print("\n".join(compare_with_reference(name, scores)))
+    print(f"scores: {path}")
     return 0
 
 
