@@ -128,6 +128,16 @@ def test_an_interrupted_cell_resumes_after_its_last_finished_example(tiny, tmp_p
     assert {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in resumed.cells} == by_name
 
 
+def test_a_larger_n_extends_finished_cells_with_only_the_new_examples(tiny, finished, monkeypatch):
+    count = _interrupt_after(monkeypatch, 10**6)
+    extended = run_eval(tiny, out_dir=finished, **{**GRID, "n": 3})
+    assert count[0] == len(CELLS)  # one new example per cell
+    monkeypatch.undo()
+    fresh = run_eval(tiny, out_dir=finished / "fresh", **{**GRID, "n": 3})
+    outputs = {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in fresh.cells}
+    assert {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in extended.cells} == outputs
+
+
 def test_a_checkpoint_from_another_seed_is_not_used(tiny, tmp_path, monkeypatch):
     _interrupt_after(monkeypatch, len(CELLS))
     with pytest.raises(_Interrupted):

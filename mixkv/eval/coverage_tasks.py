@@ -6,8 +6,8 @@ summary-like and multi-document tasks). All are generated offline and seeded, in
 standard-library prose haystack of :mod:`mixkv.eval.tasks`, and fitted to the requested length.
 
 ``agg_list``
-    A warehouse log of deliveries of two kinds (fruit and metals) is spread over the context; the
-    question asks for every fruit. Metric ``"all"`` (recall of the fruits).
+    Warehouse log entries are spread over the context: four deliveries of fruit and four rounds of
+    the night guard; the question asks for every fruit delivered. Metric ``"all"`` (recall).
 ``agg_count``
     Visits of several people to the archive are spread over the context; the question asks how many
     times one of them came (2-4 times). The answer is that number as a word-bounded match.
@@ -40,10 +40,6 @@ COVERAGE_TASKS: tuple[str, ...] = ("agg_list", "agg_count", "multihop")
 _FRUITS = (
     "apricots", "bananas", "cherries", "mangoes", "peaches", "plums", "pears", "grapes", "lemons",
     "oranges", "figs", "melons", "limes", "dates", "quinces", "papayas",
-)  # fmt: skip
-_METALS = (
-    "copper", "iron", "tin", "zinc", "nickel", "silver", "cobalt", "lead", "bronze", "brass",
-    "steel", "chromium",
 )  # fmt: skip
 _VISITORS = (
     "Ada Moss", "Bruno Hale", "Clara Voss", "Dmitri Lane", "Elena Roth", "Farid Okoye", "Greta Lind",
@@ -79,13 +75,12 @@ def _in_docs(
 
 def _agg_list(task: str, tokenizer: Any, length: int, rng: random.Random) -> TextExample:
     fruits = rng.sample(_FRUITS, 4)
-    metals = rng.sample(_METALS, 4)
-    notes = [f"Warehouse log: a crate of {item} was delivered today." for item in fruits + metals]
-    order = list(range(len(notes)))
-    rng.shuffle(order)
-    notes = [notes[i] for i in order]
+    gates = rng.sample(range(2, 40), 4)
+    notes = [f"Warehouse log: a crate of {fruit} was delivered today." for fruit in fruits]
+    notes += [f"Warehouse log: the night guard checked gate {gate}." for gate in gates]
+    rng.shuffle(notes)
     depths = _spread(rng, len(notes))
-    preamble = "The following text contains warehouse log entries about deliveries. Keep track of them.\n"
+    preamble = "The following text contains warehouse log entries. Keep track of them.\n"
     context, n_tokens = _in_docs(task, tokenizer, length, rng, preamble, notes, depths)
     return TextExample(
         task=task,
@@ -96,7 +91,7 @@ def _agg_list(task: str, tokenizer: Any, length: int, rng: random.Random) -> Tex
         answer_prefix="The fruits delivered to the warehouse were:",
         max_new_tokens=40,
         context_tokens=n_tokens,
-        metadata={"fruits": fruits, "metals": metals, "notes": notes, "depths": depths},
+        metadata={"fruits": fruits, "gates": gates, "notes": notes, "depths": depths},
     )
 
 

@@ -764,8 +764,9 @@ def _plan_cells(
     """Split cells into those to compute and finished ones read back from ``cell_dir``.
 
     ``expected(cell)`` gives the identity a reusable cell file must carry and its number of
-    examples. Unusable files are set aside and reported in ``result.recomputed``; reused ones are
-    listed in ``result.reused``.
+    examples. A finished cell of the same run with fewer examples (an earlier, smaller ``n``)
+    becomes the cell's checkpoint and is extended. Other unusable files are set aside and reported
+    in ``result.recomputed``; reused ones are listed in ``result.reused``.
     """
     todo: list[_Cell] = []
     finished: dict[_Cell, dict[str, Any]] = {}
@@ -776,7 +777,10 @@ def _plan_cells(
             continue
         identity, n = expected(cell)
         data, reason = _load_cell(path, cell, identity, n)
-        if data is None:
+        if data is None and _extendable(path, cell, identity, n):
+            logger.info("Cell %s has fewer than %d examples; it is extended.", cell.name, n)
+            todo.append(cell)
+        elif data is None:
             moved = _set_aside(path, reason)
             logger.warning(
                 "Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved
@@ -787,6 +791,31 @@ def _plan_cells(
             finished[cell] = data
             result.reused.append(cell.name)
     return todo, finished
+
+
+def _extendable(path: Path, cell: _Cell, identity: dict[str, Any], n: int) -> bool:
+    """Whether ``path`` is a finished cell of this run with fewer than ``n`` examples; if so, its
+    examples become the cell's checkpoint (unless a longer checkpoint exists), so that a larger
+    ``n`` computes only the new examples (examples depend on their index, not on ``n``)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(examples, list) or not 0 < len(examples) < n:
+        return False
+    if _validate_cell(data, cell, identity, len(examples)) is not None:
+        return False
+    partial = _partial_path(path.parent, cell)
+    try:
+        with open(partial, encoding="utf-8") as fh:
+            longer = len(json.load(fh)["examples"]) >= len(examples)
+    except (OSError, ValueError, KeyError, TypeError):
+        longer = False
+    if not longer:
+        _save_partial(path.parent, cell, identity, examples, float(data["timing"]["wall_seconds"]))
+    return True
 
 
 def _write_cell(
@@ -1075,10 +1104,9 @@ def run_eval(
         "share_prefill": share_prefill,
         "dtype": dtype_name,
     }
-    identity = {
+    identity = {  # n is not part of it: a finished cell with fewer examples is extended, not redone
         "model": run_config["model"],
         "dtype": dtype_name,
-        "n": n,
         "seed": seed,
         "protocol": protocol,
         "window_size": window_size,
