@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from mixkv.eval.runner import METHODS, build_press, kvpress_available
 from mixkv.integration import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill
+from mixkv.presses.registry import NAMES, build_press, kvpress_available
 
 FIELDS = (
     "method",
@@ -243,8 +243,8 @@ def run_bench(
     )
     _one_run(model, None, warm_ids.to(device), budgets[0], 2)
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        if method not in NAMES:
+            raise ValueError(f"unknown method {method!r}; choose from {NAMES}")
         if method.startswith("kvpress-") and not have_kvpress:
             if log:
                 log(f"skip {method}: kvpress is not installed")
@@ -579,7 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--layers", type=int, default=None, help="random-* models: keep only the first N decoder layers"
     )
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {METHODS}")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma list from {NAMES} (`mixkv presses` describes them)",
+    )
     parser.add_argument("--context-lengths", default="1024,2048,4096")
     parser.add_argument("--budgets", default="128,512")
     parser.add_argument("--batch-sizes", default="1")

@@ -1,4 +1,4 @@
-"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate ...``."""
+"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate | presses ...``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "fidelity": ("mixkv.eval.fidelity", "top-1 agreement and KL vs the full cache on natural text"),
     "bench": ("mixkv.bench", "speed and memory of every method"),
     "calibrate": ("mixkv.calibration", "per-head redundancy / visual-head statistics for a model"),
+    "presses": ("mixkv.presses.registry", "every method name, its press, parameters and defaults"),
 }
 
 

@@ -48,7 +48,7 @@ def run_demo(
     model, tokenizer
         A causal LM and its tokenizer.
     methods
-        Method names (see :data:`mixkv.eval.runner.METHODS`); ``"full"`` runs once.
+        Method names (see ``mixkv presses``); ``"full"`` runs once.
     budgets
         Budgets in tokens per KV head.
     context_length
@@ -68,8 +68,9 @@ def run_demo(
         The example and one result row (a :func:`mixkv.eval.runner.run_example` record plus
         ``method`` and ``budget``) per run.
     """
-    from mixkv.eval.runner import build_press, run_example
+    from mixkv.eval.runner import run_example
     from mixkv.eval.tasks import encode_prompt, make_examples
+    from mixkv.presses.registry import build_press
 
     example = make_examples(task, tokenizer, context_length, 1, seed)[0]
     context_ids, question_ids = encode_prompt(example, tokenizer)
@@ -206,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
-        from mixkv.eval.runner import METHODS
         from mixkv.models import load_model
+        from mixkv.presses.registry import NAMES
 
         methods = _split(args.methods)
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in NAMES]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose from: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {bad}; choose from: {', '.join(NAMES)}")
         try:
             budgets = [int(b) for b in _split(args.budgets)]
         except ValueError as exc:

@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from mixkv.eval.runner import build_press
     from mixkv.eval.tasks import stdlib_sentences
     from mixkv.models import load_model
+    from mixkv.presses.registry import build_press
 
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)
     parser.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m or a model directory")

@@ -57,6 +57,7 @@ from mixkv.eval.mm_datasets import (
 )
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import find_cache
+from mixkv.presses.registry import build_press
 
 __all__ = [
     "DATASET_TASKS",
@@ -569,7 +570,7 @@ def run_mm_eval(
                     if key not in encoded:
                         encoded[key] = _encode(processor, example, _example_prompt(processor, example))
                     inputs = encoded[key]
-                    press = runner.build_press(
+                    press = build_press(
                         cell.method,
                         cell.budget,
                         context_tokens=int(inputs["input_ids"].shape[1]),

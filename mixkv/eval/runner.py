@@ -57,6 +57,7 @@ from mixkv.eval.stats_tables import (
 from mixkv.eval.tasks import TASKS, TextExample, encode_prompt, make_examples, score_output
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill
+from mixkv.presses.registry import KVPRESS_NAMES, NAMES, build_press, kvpress_available
 
 __all__ = [
     "KVPRESS_METHODS",
@@ -76,105 +77,13 @@ logger = logging.getLogger("mixkv.eval")
 #: Bump when the content of generated examples or cell files changes incompatibly.
 SCHEMA_VERSION = 1
 
-_MIXKV_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "snapkv": ("SnapKVPress", {}),
-    "pyramidkv": ("PyramidKVPress", {}),
-    "adakv": ("AdaKVPress", {}),
-    "sparsemm": ("SparseMMPress", {}),
-    "mixkv-snapkv": ("MixKVPress", {"base": "snapkv"}),
-    "mixkv-pyramidkv": ("MixKVPress", {"base": "pyramidkv"}),
-    "mixkv-adakv": ("MixKVPress", {"base": "adakv"}),
-    "mixkv-sparsemm": ("MixKVPress", {"base": "sparsemm"}),
-    "keydiff": ("KeyDiffPress", {}),
-    "knorm": ("KnormPress", {}),
-    "streamingllm": ("StreamingLLMPress", {}),
-    "random": ("RandomPress", {}),
-}
-
 #: Methods backed by NVIDIA's ``kvpress`` package (only when it is importable).
-KVPRESS_METHODS: tuple[str, ...] = ("kvpress-snapkv", "kvpress-adakv", "kvpress-keydiff")
+KVPRESS_METHODS: tuple[str, ...] = KVPRESS_NAMES
 
-#: Every method name :func:`run_eval` accepts.
-METHODS: tuple[str, ...] = ("full", *_MIXKV_METHODS, *KVPRESS_METHODS)
+#: Every method name :func:`run_eval` accepts (the press registry's names).
+METHODS: tuple[str, ...] = NAMES
 
 PROTOCOLS = ("query_agnostic", "query_aware")
-
-
-# --------------------------------------------------------------------------------------------
-# Presses
-
-
-def kvpress_available() -> bool:
-    try:
-        importlib.import_module("kvpress")
-    except ImportError:
-        return False
-    return True
-
-
-def build_press(
-    method: str,
-    budget: int | None,
-    *,
-    context_tokens: int,
-    window_size: int = 32,
-    head_scores: torch.Tensor | None = None,
-) -> Any:
-    """Create the press for a method name, or ``None`` for the full cache.
-
-    Parameters
-    ----------
-    method
-        One of :data:`METHODS`.
-    budget
-        Average kept prompt tokens per KV head per layer (ignored for ``"full"``).
-    context_tokens
-        Number of prompt tokens that will be prefilled; ``kvpress`` presses take a compression
-        ratio, derived as ``1 - budget / context_tokens``.
-    window_size
-        Observation window of the mixkv presses.
-    head_scores
-        Per-(layer, head) visual-head table for the SparseMM-based methods (e.g. from
-        ``mixkv calibrate``).
-
-    Returns
-    -------
-    object or None
-        A press (``press(model)`` is a context manager), or None for ``"full"``.
-
-    Raises
-    ------
-    ValueError
-        If the method is unknown, needs a budget that is missing, or needs ``kvpress`` which is not
-        installed.
-    """
-    if method == "full":
-        return None
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose from: {', '.join(METHODS)}.")
-    if budget is None:
-        raise ValueError(f"Method {method!r} needs a budget.")
-    if method in KVPRESS_METHODS:
-        if not kvpress_available():
-            raise ValueError(
-                f"Method {method!r} compares against NVIDIA's kvpress, which is not installed; "
-                "`pip install kvpress` or drop the kvpress-* methods."
-            )
-        kvpress: Any = importlib.import_module("kvpress")
-        ratio = max(0.0, 1.0 - budget / max(context_tokens, 1))
-        if method == "kvpress-snapkv":
-            return kvpress.SnapKVPress(compression_ratio=ratio, window_size=window_size)
-        if method == "kvpress-adakv":
-            return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=window_size))
-        return kvpress.KeyDiffPress(compression_ratio=ratio)
-    mixkv = importlib.import_module("mixkv")
-    class_name, extra = _MIXKV_METHODS[method]
-    press_cls = getattr(mixkv, class_name, None)
-    if press_cls is None:
-        raise ValueError(f"This mixkv build has no {class_name}; method {method!r} is unavailable.")
-    if "sparsemm" in method:
-        extra = {**extra, "head_scores": head_scores}
-    return press_cls(budget=budget, window_size=window_size, **extra)
 
 
 # --------------------------------------------------------------------------------------------

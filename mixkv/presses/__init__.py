@@ -3,18 +3,23 @@
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.mixkv import MixKVPress
+from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
 __all__ = [
+    "NAMES",
     "AdaKVPress",
     "BasePress",
     "KeyDiffPress",
     "KnormPress",
     "MixKVPress",
+    "PressEntry",
     "PyramidKVPress",
     "RandomPress",
     "ScoringContext",
     "SnapKVPress",
     "SparseMMPress",
     "StreamingLLMPress",
+    "from_name",
+    "list_presses",
 ]

@@ -1,0 +1,292 @@
+"""One registry of method names: ``from_name("mixkv-adakv", budget=128)`` builds the press.
+
+Every command (``mixkv eval | bench | demo | fidelity``) and integration (lm-evaluation-harness,
+lmms-eval, :class:`mixkv.CompressedContext`) names its methods here, so a name means the same press
+everywhere. ``mixkv presses`` lists the names with their parameters and defaults.
+
+Names
+-----
+``"full"``
+    No press: the full cache (:func:`from_name` returns None).
+``"snapkv"``, ``"pyramidkv"``, ``"adakv"``, ``"sparsemm"``, ``"keydiff"``, ``"knorm"``, ``"streamingllm"``, ``"random"``
+    The mixkv press of that name.
+``"mixkv-<base>"``
+    :class:`~mixkv.presses.MixKVPress` on the base's budget policy.
+``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
+    NVIDIA's ``kvpress`` presses (only when ``kvpress`` is installed), for side-by-side comparisons.
+    They take a compression ratio, derived from ``budget`` as ``1 - budget / context_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mixkv.presses.base import BasePress
+from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.mixkv import MixKVPress
+from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
+
+__all__ = [
+    "KVPRESS_NAMES",
+    "NAMES",
+    "PressEntry",
+    "build_press",
+    "from_name",
+    "kvpress_available",
+    "list_presses",
+]
+
+
+@dataclass(frozen=True)
+class PressEntry:
+    """One method name of the registry.
+
+    Attributes
+    ----------
+    name
+        The method name (``"mixkv-adakv"``).
+    description
+        What the press keeps, in a few words.
+    press_class
+        The mixkv press class, or None for ``"full"`` and the kvpress methods.
+    fixed
+        Constructor arguments the name fixes (``{"base": "adakv"}``); not accepted as options.
+    kvpress_options
+        For kvpress methods: the options they accept and their defaults.
+    """
+
+    name: str
+    description: str
+    press_class: type[BasePress] | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    kvpress_options: dict[str, Any] | None = None
+
+    @property
+    def is_kvpress(self) -> bool:
+        return self.kvpress_options is not None
+
+    def parameters(self) -> dict[str, Any]:
+        """Options :func:`from_name` accepts for this name, with their defaults (``budget`` and
+        ``compression_ratio`` default to None: give one of them)."""
+        if self.kvpress_options is not None:
+            return {"budget": None, "compression_ratio": None, **self.kvpress_options}
+        if self.press_class is None:
+            return {}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self.press_class):
+            if f.init and f.name not in self.fixed:
+                out[f.name] = None if f.default is dataclasses.MISSING else f.default
+        return out
+
+
+def _mixkv(base: str) -> PressEntry:
+    return PressEntry(
+        f"mixkv-{base}",
+        f"MixKV (importance + diversity by head redundancy) on {base}'s budgets",
+        MixKVPress,
+        {"base": base},
+    )
+
+
+_ENTRIES: tuple[PressEntry, ...] = (
+    PressEntry("full", "no press: the full cache"),
+    PressEntry("snapkv", "pooled window attention, uniform budget", SnapKVPress),
+    PressEntry("pyramidkv", "SnapKV scores, budgets decreasing with depth", PyramidKVPress),
+    PressEntry("adakv", "SnapKV scores, adaptive per-head budgets", AdaKVPress),
+    PressEntry("sparsemm", "SnapKV scores, per-head budgets from visual-head scores", SparseMMPress),
+    *(_mixkv(base) for base in ("snapkv", "pyramidkv", "adakv", "sparsemm")),
+    PressEntry("keydiff", "keys far from the head's mean key", KeyDiffPress),
+    PressEntry("knorm", "keys with the smallest norm", KnormPress),
+    PressEntry("streamingllm", "first n_sink tokens + the most recent", StreamingLLMPress),
+    PressEntry("random", "random eviction (baseline)", RandomPress),
+    PressEntry("kvpress-snapkv", "kvpress's SnapKVPress", kvpress_options={"window_size": 32}),
+    PressEntry(
+        "kvpress-adakv", "kvpress's AdaKVPress over its SnapKVPress", kvpress_options={"window_size": 32}
+    ),
+    PressEntry("kvpress-keydiff", "kvpress's KeyDiffPress", kvpress_options={}),
+)
+_BY_NAME = {entry.name: entry for entry in _ENTRIES}
+
+#: Every method name :func:`from_name` accepts, ``"full"`` first.
+NAMES: tuple[str, ...] = tuple(_BY_NAME)
+#: The names backed by NVIDIA's ``kvpress`` package.
+KVPRESS_NAMES: tuple[str, ...] = tuple(e.name for e in _ENTRIES if e.is_kvpress)
+
+
+def list_presses() -> tuple[PressEntry, ...]:
+    """Every registered name, in the order of :data:`NAMES`."""
+    return _ENTRIES
+
+
+def kvpress_available() -> bool:
+    """Whether NVIDIA's ``kvpress`` can be imported (the ``kvpress-*`` names need it)."""
+    try:
+        importlib.import_module("kvpress")
+    except ImportError:
+        return False
+    return True
+
+
+def from_name(
+    name: str, budget: int | None = None, *, context_tokens: int | None = None, **options: Any
+) -> Any:
+    """The press of a method name, or None for ``"full"``.
+
+    Parameters
+    ----------
+    name
+        One of :data:`NAMES` (``mixkv presses`` lists them).
+    budget
+        Average kept prompt tokens per KV head per layer, observation window included. Give it or
+        ``compression_ratio=`` (not needed for ``"full"``).
+    context_tokens
+        Prompt tokens that will be prefilled; needed only by the ``kvpress-*`` names given a
+        budget, whose compression ratio is ``max(0, 1 - budget / context_tokens)``.
+    **options
+        The press's own parameters (``window_size=16``, ``floor_ratio=0.3``, ``head_scores=...``),
+        see :meth:`PressEntry.parameters`.
+
+    Returns
+    -------
+    object or None
+        A press (``with press(model): ...``): a :class:`~mixkv.presses.BasePress`, or a kvpress
+        press for the ``kvpress-*`` names; None for ``"full"``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name, unknown option, missing budget, or a ``kvpress-*`` name without kvpress
+        installed or without ``context_tokens``.
+    """
+    if name == "full":
+        return None
+    entry = _BY_NAME.get(name)
+    if entry is None:
+        raise ValueError(f"Unknown method {name!r}; choose from: {', '.join(NAMES)}.")
+    if budget is None and options.get("compression_ratio") is None:
+        raise ValueError(f"Method {name!r} needs a budget.")
+    unknown = sorted(set(options) - set(entry.parameters()) - {"compression_ratio"})
+    if unknown:
+        raise ValueError(
+            f"Method {name!r} takes no option(s) {unknown}; its options are: "
+            f"{', '.join(k for k in entry.parameters() if k != 'budget')}."
+        )
+    if entry.kvpress_options is not None:
+        return _kvpress_press(name, budget, context_tokens, {**entry.kvpress_options, **options})
+    assert entry.press_class is not None
+    return entry.press_class(budget=budget, **entry.fixed, **options)
+
+
+def build_press(
+    method: str,
+    budget: int | None,
+    *,
+    context_tokens: int,
+    window_size: int = 32,
+    head_scores: torch.Tensor | None = None,
+) -> Any:
+    """The press a command runs on one prompt: :func:`from_name` with the commands' shared options.
+
+    ``window_size`` goes to every press that has an observation window, ``head_scores`` to the
+    SparseMM-based ones (other names ignore it), and kvpress presses get their compression ratio
+    from ``budget`` and ``context_tokens``.
+
+    Parameters
+    ----------
+    method
+        One of :data:`NAMES`.
+    budget
+        Average kept prompt tokens per KV head per layer (ignored for ``"full"``).
+    context_tokens
+        Number of prompt tokens that will be prefilled; ``kvpress`` presses take a compression
+        ratio, derived as ``1 - budget / context_tokens``.
+    window_size
+        Observation window of the mixkv presses.
+    head_scores
+        Per-(layer, head) visual-head table for the SparseMM-based methods (e.g. from
+        ``mixkv calibrate``).
+
+    Returns
+    -------
+    object or None
+        A press (``press(model)`` is a context manager), or None for ``"full"``.
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown, needs a budget that is missing, or needs ``kvpress`` which is not
+        installed.
+    """
+    options: dict[str, Any] = {"head_scores": head_scores} if "sparsemm" in method else {}
+    entry = _BY_NAME.get(method)
+    if entry is not None and "window_size" in entry.parameters():
+        options["window_size"] = window_size
+    return from_name(method, budget, context_tokens=context_tokens, **options)
+
+
+def _kvpress_press(name: str, budget: int | None, context_tokens: int | None, options: dict[str, Any]) -> Any:
+    if not kvpress_available():
+        raise ValueError(
+            f"Method {name!r} compares against NVIDIA's kvpress, which is not installed; "
+            "`pip install kvpress` or drop the kvpress-* methods."
+        )
+    ratio = options.pop("compression_ratio", None)
+    if ratio is None:
+        if context_tokens is None:
+            raise ValueError(
+                f"Method {name!r} takes a compression ratio: give compression_ratio=, or budget= with "
+                "context_tokens= (the prompt length) to derive it."
+            )
+        assert budget is not None
+        ratio = max(0.0, 1.0 - budget / max(context_tokens, 1))
+    kvpress: Any = importlib.import_module("kvpress")
+    if name == "kvpress-snapkv":
+        return kvpress.SnapKVPress(compression_ratio=ratio, **options)
+    if name == "kvpress-adakv":
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **options))
+    return kvpress.KeyDiffPress(compression_ratio=ratio)
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> int:
+    """``mixkv presses``: list every method name with its press, parameters and defaults."""
+    parser = argparse.ArgumentParser(
+        prog="mixkv presses",
+        description="List the method names accepted by every mixkv command and mixkv.presses.from_name.",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per name instead")
+    args = parser.parse_args(argv)
+    have_kvpress = kvpress_available()
+    for entry in _ENTRIES:
+        press = entry.press_class.__name__ if entry.press_class is not None else "-"
+        if entry.fixed:
+            press += "(" + ", ".join(f"{k}={v!r}" for k, v in entry.fixed.items()) + ")"
+        if entry.is_kvpress:
+            press = "kvpress" + ("" if have_kvpress else " (not installed)")
+        params = {k: v for k, v in entry.parameters().items() if k not in ("budget", "compression_ratio")}
+        if args.json:
+            record: dict[str, Any] = {"name": entry.name, "press": press, "description": entry.description}
+            record["parameters"] = {
+                k: v if isinstance(v, (int, float, str, bool)) else None for k, v in params.items()
+            }
+            print_fn(json.dumps(record))
+            continue
+        print_fn(f"{entry.name:<16} {press:<30} {entry.description}")
+        if params:
+            print_fn(" " * 17 + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+    if not args.json:
+        print_fn(
+            "\nEvery name but 'full' takes budget= (tokens per KV head, e.g. 128) or compression_ratio=; "
+            "use: mixkv.presses.from_name(NAME, budget=128, **options)."
+        )
+    return 0
