@@ -7,7 +7,7 @@ Usage::
         model.generate(**inputs, max_new_tokens=64)
 """
 
-from mixkv.integration import CompressionReport, PressSession, kv_cache_bytes
+from mixkv.integration import CompressedContext, CompressionReport, PressSession, kv_cache_bytes
 from mixkv.presses import (
     AdaKVPress,
     BasePress,
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaKVPress",
     "BasePress",
+    "CompressedContext",
     "CompressionReport",
     "KeyDiffPress",
     "KnormPress",

@@ -175,15 +175,17 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """Run ``input_ids`` through ``model`` into ``cache`` and return the last position's logits
-    ``(B, vocab)``. Like ``generate``, only that position goes through the output head when the
-    model supports ``logits_to_keep`` (the full ``(B, N, vocab)`` logits of a long prompt cost
-    seconds and gigabytes)."""
+def prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, **model_inputs: Any
+) -> torch.Tensor:
+    """Run ``input_ids`` (and ``model_inputs``: a VLM's ``pixel_values``...) through ``model`` into
+    ``cache`` and return the last position's logits ``(B, vocab)``. Like ``generate``, only that
+    position goes through the output head when the model supports ``logits_to_keep`` (the full
+    ``(B, N, vocab)`` logits of a long prompt cost seconds and gigabytes)."""
     kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
-    return model(input_ids=input_ids, **kwargs).logits[:, -1]
+    return model(input_ids=input_ids, **model_inputs, **kwargs).logits[:, -1]
 
 
 def find_cache(*places: Any) -> Cache | None:

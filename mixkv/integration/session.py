@@ -22,6 +22,7 @@ dropped when no press remains, and compressed layers refuse further use.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import weakref
@@ -167,7 +168,9 @@ class PressSession:
         self._bound: list[int] = []
         self._saved_implementation: str | None = None
         self._caches: dict[int, Cache | None] = {}
-        self._created: list[CompressedLayer] = []
+        # Layers this session made (compressions and forks): detached on exit. Weak, so that forks
+        # dropped by their user are freed before the session ends.
+        self._created: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._input_ids: torch.Tensor | None = None
         self._record: _PrefillRecord | None = None
         # Caches whose prefill this session has handled: later forwards through them only append.
@@ -220,7 +223,7 @@ class PressSession:
         if self._saved_implementation is not None:
             self.layout.text_config._attn_implementation_internal = self._saved_implementation
             self._saved_implementation = None
-        for layer in self._created:
+        for layer in list(self._created):
             layer.active = False
         self._created.clear()
         self._caches.clear()
@@ -230,6 +233,30 @@ class PressSession:
         if self._entered:
             self._entered = False
             _unregister_functions()
+
+    def fork(self, cache: Cache) -> Cache:
+        """An independent copy of a cache this session has prefilled (and compressed).
+
+        Forwards through the copy append to it as they would to the original (it is not compressed
+        again); its compressed layers detach when the session ends, like the original's. Use one
+        fork per question to ask several questions about one compressed context.
+
+        Raises
+        ------
+        ValueError
+            If this session has not prefilled ``cache``.
+        """
+        if not self._entered or cache not in self._prefilled:
+            raise ValueError(
+                "fork() copies a cache this press session has prefilled: run the context through the "
+                "model inside `with press(model) as session:` first"
+            )
+        copied = copy.deepcopy(cache)
+        self._prefilled.add(copied)
+        for layer in copied.layers:
+            if isinstance(layer, CompressedLayer):
+                self._created.add(layer)
+        return copied
 
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
@@ -406,7 +433,7 @@ class PressSession:
                 seen_tokens=length,
             )
         cache.layers[layer_idx] = new_layer
-        self._created.append(new_layer)
+        self._created.add(new_layer)
         kept = prefix_counts + window_valid.sum(-1, keepdim=True)
         record.kept[:, layer_idx] = kept.cpu()
         record.compressed_layers.append(layer_idx)
