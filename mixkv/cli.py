@@ -12,6 +12,10 @@ COMMANDS = {
     "bench": ("mixkv.bench", "speed and memory of every method"),
     "calibrate": ("mixkv.calibration", "per-head redundancy / visual-head statistics for a model"),
     "presses": ("mixkv.presses.registry", "every method name, its press, parameters and defaults"),
+    "lm-eval": (
+        "mixkv.harnesses.lm_eval_model",
+        "lm-evaluation-harness with model type `mixkv` (extra lm-eval)",
+    ),
 }
 
 
@@ -31,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mixkv: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+    except ImportError as exc:  # an optional extra that is not installed
+        print(f"mixkv {command}: {exc}", file=sys.stderr)
+        return 2
     return int(module.main(rest))
 
 

@@ -1,0 +1,163 @@
+"""lm-evaluation-harness model type ``mixkv``: the harness's own Hugging Face model with a press.
+
+Install ``pip install "mixkv[lm-eval]"`` and run::
+
+    mixkv lm-eval --model mixkv \\
+        --model_args pretrained=/models/llama-3.1-8b-instruct,press=mixkv-adakv,budget=128 \\
+        --tasks ruler --batch_size 1
+
+``mixkv lm-eval`` is the harness's own command line (every argument is passed through) with the
+``mixkv`` model type registered. From Python, ``import mixkv.harnesses.lm_eval_model`` registers it
+for ``lm_eval.simple_evaluate(model="mixkv", ...)``.
+
+Model arguments: everything the harness's ``hf`` model takes, plus ``press`` (a name from
+``mixkv presses``; default ``mixkv-snapkv``, ``full`` for no press), ``budget`` or
+``compression_ratio``, and the press's own options (``window_size=16``, ``floor_ratio=0.3``,
+``redundancy=stats.safetensors``...).
+
+How requests run under the press
+--------------------------------
+``generate_until``
+    ``generate`` inside the press: each prompt is prefilled, compressed at the end of its prefill
+    (left-padded batches included), and the answer is decoded from the compressed cache.
+``loglikelihood`` (multiple choice...)
+    Scored honestly under compression: the context without its last token is prefilled and
+    compressed, then the last context token and the continuation run through the compressed cache,
+    so every continuation token is predicted by attention over the compressed context. (Running
+    context and continuation in one forward, as the ``hf`` model does, would score them with the
+    full cache: compression happens only at the end of a prefill.) A context is compressed once
+    and each of its continuations is scored from a copy of the compressed cache. Requests run one
+    at a time.
+``loglikelihood_rolling`` (perplexity)
+    Refused: every token of the document is both context and target, so there is no context to
+    compress before scoring; use ``press=full`` for these tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from mixkv.integration.models import cache_argument, prefill
+from mixkv.presses.registry import KVPRESS_NAMES, from_name, list_presses
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'mixkv\'s lm-evaluation-harness model needs the harness: pip install "mixkv[lm-eval]"'
+    ) from exc
+
+__all__ = ["MixKVHarnessLM", "main", "split_press_arguments"]
+
+MODEL_NAME = "mixkv"
+
+
+def split_press_arguments(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Pop the press arguments (``press``, ``budget``, ``compression_ratio`` and the press's own
+    options) from a harness model's keyword arguments and build the press (None for ``full``).
+
+    Raises
+    ------
+    ValueError
+        For kvpress names (their caches need their own decoding), or what
+        :func:`mixkv.presses.from_name` refuses.
+    """
+    name = str(kwargs.pop("press", "mixkv-snapkv"))
+    if name in KVPRESS_NAMES:
+        raise ValueError(f"press={name} is a kvpress press; the harness models take mixkv presses only.")
+    entries = {e.name: e for e in list_presses()}
+    accepted = set(entries[name].parameters()) if name in entries else {"budget", "compression_ratio"}
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
+    budget = options.pop("budget", None)
+    return from_name(name, None if budget is None else int(budget), **options), kwargs
+
+
+@register_model(MODEL_NAME)
+class MixKVHarnessLM(HFLM):
+    """The harness's ``hf`` model with a mixkv press (see the module documentation).
+
+    Attributes
+    ----------
+    press
+        The press (None for ``press=full``); ``press.last_report`` describes the last prefill.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.press, hf_kwargs = split_press_arguments(kwargs)
+        super().__init__(**hf_kwargs)
+        if self.backend != "causal":
+            raise ValueError("mixkv compresses decoder-only models; this model is a seq2seq one.")
+
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[Any]:
+        if self.press is None:
+            yield None
+        else:
+            with self.press(self.model) as session:
+                yield session
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+        with self._attached():
+            return super()._model_generate(context, max_length, stop, **kwargs)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        if self.press is not None:
+            raise ValueError(
+                "loglikelihood_rolling (perplexity) tasks score every token of a document, so there is no "
+                "context to compress first; run them with press=full."
+            )
+        return list(super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm))
+
+    def _loglikelihood_tokens(
+        self,
+        requests: Sequence[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        if self.press is None:
+            return list(super()._loglikelihood_tokens(requests, disable_tqdm, override_bs))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        # Requests grouped by the part that is compressed: one compression per context.
+        groups: dict[tuple[int, ...], list[tuple[int, list[int], list[int]]]] = {}
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :]
+            head = tokens[: len(tokens) - len(continuation_enc) - 1]
+            tail = tokens[len(head) : -1]
+            groups.setdefault(tuple(head), []).append((i, tail, continuation_enc))
+        for compressed, members in groups.items():
+            with torch.inference_mode(), self._attached() as session:
+                cache = DynamicCache(config=self.model.config)
+                if compressed:
+                    prefill(self.model, torch.tensor([compressed], device=self.device), cache)
+                for i, tail, continuation in members:
+                    copy = session.fork(cache) if compressed else DynamicCache(config=self.model.config)
+                    ids = torch.tensor([tail], device=self.device)
+                    logits = self.model(input_ids=ids, **{cache_argument(self.model): copy}).logits[0]
+                    scored = logits[-len(continuation) :].float().log_softmax(-1)
+                    target = torch.tensor(continuation, device=scored.device)
+                    logprob = float(scored.gather(-1, target[:, None]).sum())
+                    results[i] = (logprob, bool((scored.argmax(-1) == target).all()))
+        for (request_str, _, _), answer in zip(requests, results, strict=True):
+            if request_str is not None and answer is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return [answer for answer in results if answer is not None]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mixkv lm-eval ARGS``: the harness's command line with the ``mixkv`` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0

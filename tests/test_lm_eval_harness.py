@@ -1,0 +1,184 @@
+"""lm-evaluation-harness model type `mixkv` on local tasks (YAML + JSON lines written here) and a
+tiny random Llama saved to disk: nothing is downloaded."""
+
+import json
+import random
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from mixkv.cli import main as cli_main  # noqa: E402
+from mixkv.harnesses.lm_eval_model import MixKVHarnessLM  # noqa: E402
+from tests.helpers_tiny import _WORDS, tiny_llama, word_tokenizer  # noqa: E402
+
+WINDOW = 8
+BUDGET = 24  # the contexts below hold ~70 tokens
+GEN_TASK = """task: mixkv_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}} Question : {{{{question}}}} Answer :"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+MC_TASK = """task: mixkv_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}} Question : {{{{question}}}} Answer :"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = word_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    words = _WORDS.split()
+    docs = [
+        {
+            "context": " ".join(rng.choice(words) for _ in range(60)),
+            "question": "What is the magic number ?",
+            "answer": str(rng.randrange(10)),
+            "choices": [" green", " blue", " yellow", " 7 3"],
+            "label": rng.randrange(4),
+        }
+        for _ in range(3)
+    ]
+    (path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (path / "gen.yaml").write_text(GEN_TASK.format(data=path / "docs.jsonl"))
+    (path / "mc.yaml").write_text(MC_TASK.format(data=path / "docs.jsonl"))
+    return TaskManager(include_path=str(path), include_defaults=False)
+
+
+def evaluate(task_manager, task, model_args, model="mixkv"):
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[task],
+        task_manager=task_manager,
+        device="cpu",
+        batch_size=1,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    return [s["resps"] for s in out["samples"][task]], out
+
+
+def args(model_dir, **press):
+    return ",".join([f"pretrained={model_dir}", "dtype=float32", *(f"{k}={v}" for k, v in press.items())])
+
+
+def test_press_full_answers_like_the_harness_hf_model(model_dir, task_manager):
+    hf, _ = evaluate(task_manager, "mixkv_tiny_gen", args(model_dir), model="hf")
+    full, _ = evaluate(task_manager, "mixkv_tiny_gen", args(model_dir, press="full"))
+    assert full == hf
+
+
+def test_generation_with_budget_above_the_context_equals_the_full_cache(model_dir, task_manager):
+    full, _ = evaluate(task_manager, "mixkv_tiny_gen", args(model_dir, press="full"))
+    kept, _ = evaluate(
+        task_manager, "mixkv_tiny_gen", args(model_dir, press="mixkv-adakv", budget=512, window_size=WINDOW)
+    )
+    assert kept == full
+
+
+def test_generation_runs_compressed(model_dir):
+    lm = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW)
+    context = " ".join(_WORDS.split()[:70])
+    lm.generate_until([_request("generate_until", (context, {"until": ["."], "max_gen_toks": 3}))])
+    report = lm.press.last_report
+    assert report.compressed_layers and report.kept_tokens.float().mean() == BUDGET
+
+
+def test_loglikelihood_with_budget_above_the_context_equals_the_full_cache(model_dir, task_manager):
+    full, _ = evaluate(task_manager, "mixkv_tiny_mc", args(model_dir, press="full"))
+    kept, _ = evaluate(
+        task_manager, "mixkv_tiny_mc", args(model_dir, press="mixkv-adakv", budget=512, window_size=WINDOW)
+    )
+    pairs = zip(scores(full), scores(kept), strict=True)
+    for (full_lp, full_greedy), (kept_lp, kept_greedy) in pairs:
+        assert kept_lp == pytest.approx(full_lp, abs=1e-4) and kept_greedy == full_greedy
+
+
+def test_loglikelihood_is_scored_through_the_compressed_context(model_dir, task_manager):
+    full, _ = evaluate(task_manager, "mixkv_tiny_mc", args(model_dir, press="full"))
+    compressed, _ = evaluate(
+        task_manager, "mixkv_tiny_mc", args(model_dir, press="snapkv", budget=BUDGET, window_size=WINDOW)
+    )
+    full_lp = [lp for lp, _ in scores(full)]
+    compressed_lp = [lp for lp, _ in scores(compressed)]
+    assert len(full_lp) == len(compressed_lp) == 12
+    assert max(abs(a - b) for a, b in zip(full_lp, compressed_lp, strict=True)) > 1e-3
+
+
+def test_perplexity_requests_are_refused_under_a_press(model_dir):
+    lm = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW)
+    with pytest.raises(ValueError, match="press=full"):
+        lm.loglikelihood_rolling([_request("loglikelihood_rolling", ("The sky is blue .",))])
+
+
+def test_kvpress_presses_are_refused(model_dir):
+    with pytest.raises(ValueError, match="mixkv presses only"):
+        MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="kvpress-snapkv", budget=BUDGET)
+
+
+def test_mixkv_lm_eval_command_runs_the_harness(model_dir, task_manager, tmp_path, capsys):
+    code = cli_main(
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "mixkv",
+            "--model_args",
+            args(model_dir, press="mixkv-snapkv", budget=BUDGET, window_size=WINDOW),
+            "--tasks",
+            "mixkv_tiny_gen",
+            "--include_path",
+            str(task_manager.include_path),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    assert "mixkv_tiny_gen" in capsys.readouterr().out
+    assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def scores(resps):
+    """(log-likelihood, is greedy) of every choice of every document."""
+    return [tuple(choice[0]) for doc in resps for choice in doc]
+
+
+def _request(request_type, arguments):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=request_type, doc={}, arguments=arguments, idx=0)
