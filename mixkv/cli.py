@@ -1,4 +1,4 @@
-"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate | presses ...``."""
+"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate | presses | lm-eval | lmms-eval ...``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
         "mixkv.harnesses.lm_eval_model",
         "lm-evaluation-harness with model type `mixkv` (extra lm-eval)",
     ),
+    "lmms-eval": ("mixkv.harnesses.lmms_eval_model", "lmms-eval with model type `mixkv` (extra lmms-eval)"),
 }
 
 

@@ -110,7 +110,9 @@ def test_generation_with_budget_above_the_context_equals_the_full_cache(model_di
 
 
 def test_generation_runs_compressed(model_dir):
-    lm = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW)
+    lm = MixKVHarnessLM(
+        pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW
+    )
     context = " ".join(_WORDS.split()[:70])
     lm.generate_until([_request("generate_until", (context, {"until": ["."], "max_gen_toks": 3}))])
     report = lm.press.last_report
@@ -139,7 +141,9 @@ def test_loglikelihood_is_scored_through_the_compressed_context(model_dir, task_
 
 
 def test_perplexity_requests_are_refused_under_a_press(model_dir):
-    lm = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW)
+    lm = MixKVHarnessLM(
+        pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW
+    )
     with pytest.raises(ValueError, match="press=full"):
         lm.loglikelihood_rolling([_request("loglikelihood_rolling", ("The sky is blue .",))])
 

@@ -35,16 +35,15 @@ How requests run under the press
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from mixkv.harnesses.press_arguments import attached, split_press_arguments
 from mixkv.integration.models import cache_argument, prefill
-from mixkv.presses.registry import KVPRESS_NAMES, from_name, list_presses
 
 try:
     from lm_eval.api.registry import register_model
@@ -54,29 +53,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'mixkv\'s lm-evaluation-harness model needs the harness: pip install "mixkv[lm-eval]"'
     ) from exc
 
-__all__ = ["MixKVHarnessLM", "main", "split_press_arguments"]
+__all__ = ["MixKVHarnessLM", "main"]
 
 MODEL_NAME = "mixkv"
-
-
-def split_press_arguments(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Pop the press arguments (``press``, ``budget``, ``compression_ratio`` and the press's own
-    options) from a harness model's keyword arguments and build the press (None for ``full``).
-
-    Raises
-    ------
-    ValueError
-        For kvpress names (their caches need their own decoding), or what
-        :func:`mixkv.presses.from_name` refuses.
-    """
-    name = str(kwargs.pop("press", "mixkv-snapkv"))
-    if name in KVPRESS_NAMES:
-        raise ValueError(f"press={name} is a kvpress press; the harness models take mixkv presses only.")
-    entries = {e.name: e for e in list_presses()}
-    accepted = set(entries[name].parameters()) if name in entries else {"budget", "compression_ratio"}
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
-    budget = options.pop("budget", None)
-    return from_name(name, None if budget is None else int(budget), **options), kwargs
 
 
 @register_model(MODEL_NAME)
@@ -95,16 +74,8 @@ class MixKVHarnessLM(HFLM):
         if self.backend != "causal":
             raise ValueError("mixkv compresses decoder-only models; this model is a seq2seq one.")
 
-    @contextlib.contextmanager
-    def _attached(self) -> Iterator[Any]:
-        if self.press is None:
-            yield None
-        else:
-            with self.press(self.model) as session:
-                yield session
-
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
-        with self._attached():
+        with attached(self.press, self.model):
             return super()._model_generate(context, max_length, stop, **kwargs)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -132,12 +103,16 @@ class MixKVHarnessLM(HFLM):
             tail = tokens[len(head) : -1]
             groups.setdefault(tuple(head), []).append((i, tail, continuation_enc))
         for compressed, members in groups.items():
-            with torch.inference_mode(), self._attached() as session:
+            with torch.inference_mode(), attached(self.press, self.model) as session:
                 cache = DynamicCache(config=self.model.config)
                 if compressed:
                     prefill(self.model, torch.tensor([compressed], device=self.device), cache)
                 for i, tail, continuation in members:
-                    copy = session.fork(cache) if compressed else DynamicCache(config=self.model.config)
+                    copy = (
+                        session.fork(cache)
+                        if session is not None and compressed
+                        else DynamicCache(config=self.model.config)
+                    )
                     ids = torch.tensor([tail], device=self.device)
                     logits = self.model(input_ids=ids, **{cache_argument(self.model): copy}).logits[0]
                     scored = logits[-len(continuation) :].float().log_softmax(-1)

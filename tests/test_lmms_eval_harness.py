@@ -1,0 +1,175 @@
+"""lmms-eval model type `mixkv` on a local image task (YAML, utils.py, JSON lines and PNGs written
+here) and a tiny random LLaVA saved to disk: nothing is downloaded."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.tasks import TaskManager
+
+from mixkv.cli import main as cli_main
+from mixkv.harnesses.lmms_eval_model import MixKVLMMs
+from tests.families import build_case, draw_image, vlm_processor
+
+WINDOW = 8
+BUDGET = 24  # prompts hold 64 image tokens and ~10 text tokens
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}w70 {% endif %}"
+)
+TASK = """task: mixkv_tiny_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+process_results: !function utils.process_results
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+UTILS = """from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llava")
+    processor = vlm_processor("llava")
+    processor.chat_template = CHAT_TEMPLATE
+    build_case("llava").model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lmms-tasks")
+    docs = []
+    for i in range(2):
+        draw_image(i, 150, 120).save(path / f"page{i}.png")
+        docs.append(
+            {"image": str(path / f"page{i}.png"), "question": "w80 w81 w82 w83 w84 w85", "answer": "w90"}
+        )
+    (path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (path / "vqa.yaml").write_text(TASK.format(data=path / "docs.jsonl"))
+    (path / "utils.py").write_text(UTILS)
+    return path
+
+
+def evaluate(model_dir, task_dir, model="mixkv", **press):
+    extra = "".join(f",{k}={v}" for k, v in press.items())
+    out = simple_evaluate(
+        model=model,
+        model_args=f"pretrained={model_dir},device_map=cpu,attn_implementation=sdpa{extra}",
+        tasks=["mixkv_tiny_vqa"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+    )
+    return [s["resps"] for s in out["samples"]["mixkv_tiny_vqa"]]
+
+
+def test_press_full_answers_like_transformers_generate(model_dir, task_dir):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    expected = []
+    for doc in map(json.loads, (task_dir / "docs.jsonl").read_text().splitlines()):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}
+        ]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[Image.open(doc["image"]).convert("RGB")], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(
+            [[processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]]
+        )
+    assert evaluate(model_dir, task_dir, press="full") == expected
+
+
+def test_budget_above_the_prompt_equals_the_full_cache(model_dir, task_dir):
+    kept = evaluate(model_dir, task_dir, press="mixkv-adakv", budget=512, window_size=WINDOW)
+    assert kept == evaluate(model_dir, task_dir, press="full")
+
+
+def test_generation_runs_compressed_on_image_tokens(model_dir, task_dir):
+    lm = MixKVLMMs(
+        pretrained=str(model_dir),
+        device="cpu",
+        device_map="cpu",
+        press="mixkv-snapkv",
+        budget=BUDGET,
+        window_size=WINDOW,
+    )
+    out = simple_evaluate(
+        model=lm,
+        tasks=["mixkv_tiny_vqa"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        batch_size=1,
+    )
+    assert len(out["samples"]["mixkv_tiny_vqa"]) == 2
+    report = lm.press.last_report
+    assert report.compressed_layers and report.kept_tokens.float().mean() == BUDGET
+    assert report.image_tokens_total == [64] and report.image_tokens_kept[0] < 64
+
+
+def test_entry_point_registers_the_model_type_for_lmms_eval():
+    code = "from lmms_eval.models import get_model; print(get_model('mixkv').__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("MixKVLMMs")
+
+
+def test_mixkv_lmms_eval_command_runs_lmms_eval(model_dir, task_dir, tmp_path, capsys):
+    code = cli_main(
+        [
+            "lmms-eval",
+            "--model",
+            "mixkv",
+            "--model_args",
+            f"pretrained={model_dir},device_map=cpu,press=snapkv,budget={BUDGET},window_size={WINDOW}",
+            "--tasks",
+            "mixkv_tiny_vqa",
+            "--include_path",
+            str(task_dir),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    assert "mixkv_tiny_vqa" in capsys.readouterr().out
+    assert list((tmp_path / "out").rglob("*results*.json"))
