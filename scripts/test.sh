@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything into .venv and runs lint, type checks and the whole test-suite
 # (slow real-weights tests on SmolLM2-135M-Instruct included), then the core tests again on the oldest
-# supported transformers.
+# supported transformers, then the harness integrations (extras lm-eval and lmms-eval) offline.
 set -euo pipefail
 source "$(dirname "$0")/install.sh" dev
 ruff check mixkv tests
@@ -16,3 +16,16 @@ python3 -m venv .venv-oldest
 .venv-oldest/bin/python -m pip install -q --no-deps -e .
 .venv-oldest/bin/python -m pytest -q tests/test_press_api.py tests/test_press_families.py \
     tests/test_end_to_end_reference.py tests/test_cache_layers.py tests/test_families.py tests/test_calibration.py
+
+# The harness integrations in their own venv: lm-evaluation-harness and lmms-eval bring heavy
+# dependencies that must not shape the dev environment. PyPI's torchvision (an lmms-eval dependency)
+# is a CUDA build that cannot load beside the CPU torch wheel, and transformers would import it and
+# fail: it is removed when it does not import (mixkv's harness models do not use it).
+python3 -m venv .venv-harnesses
+.venv-harnesses/bin/python -m pip install -q torch==2.13.0
+.venv-harnesses/bin/python -m pip install -q -c <(echo torch==2.13.0) -e ".[lm-eval,lmms-eval]" pytest
+if ! .venv-harnesses/bin/python -c "import torchvision" 2>/dev/null; then
+    .venv-harnesses/bin/python -m pip uninstall -q -y torchvision
+fi
+HF_DATASETS_OFFLINE=1 timeout 900 .venv-harnesses/bin/python -m pytest -q \
+    tests/test_lm_eval_harness.py tests/test_lmms_eval_harness.py
