@@ -65,10 +65,10 @@ def run_demo(
     Returns
     -------
     tuple
-        The example and one result row (a :func:`mixkv.eval.runner.run_example` record plus
+        The example and one result row (a :func:`mixkv.eval.example.run_example` record plus
         ``method`` and ``budget``) per run.
     """
-    from mixkv.eval.runner import run_example
+    from mixkv.eval.example import run_example
     from mixkv.eval.tasks import encode_prompt, make_examples
     from mixkv.presses.registry import build_press
 

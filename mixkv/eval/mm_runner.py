@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from mixkv.eval import runner
+from mixkv.eval import cell_store, reporting, runner
 from mixkv.eval.mm_datasets import (
     MMExample,
     load_chartqa,
@@ -441,7 +441,7 @@ def run_mm_eval(
     coordinate_scale: str = "pixel",
     sources: Mapping[str, Any] | None = None,
     compare: Sequence[tuple[str, str]] = (),
-) -> runner.EvalResult:
+) -> cell_store.EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
     Parameters
@@ -473,7 +473,7 @@ def run_mm_eval(
 
     Returns
     -------
-    mixkv.eval.runner.EvalResult
+    mixkv.eval.cell_store.EvalResult
 
     Raises
     ------
@@ -483,9 +483,9 @@ def run_mm_eval(
     FileNotFoundError
         An example's image file is missing (the message names it).
     """
-    methods = runner._check_methods(methods)
-    compare = runner._check_compare(compare, methods)
-    budgets = sorted({int(b) for b in runner._as_list("budgets", budgets)})
+    methods = runner.check_methods(methods)
+    compare = runner.check_compare(compare, methods)
+    budgets = sorted({int(b) for b in runner.as_list("budgets", budgets)})
     if any(b < 1 for b in budgets):
         raise ValueError(f"Budgets must be positive token counts, got {budgets}.")
     if not tasks:
@@ -504,23 +504,23 @@ def run_mm_eval(
                     f"Task {name!r}: example {ex.id!r} has no reference answers (a test split?)."
                 )
     if isinstance(model_spec, tuple):
-        _check_vlm(model_spec[0], model_spec[1], runner._model_id(model_spec))
+        _check_vlm(model_spec[0], model_spec[1], cell_store.model_identity(model_spec))
     else:
         _precheck_model_dir(model_spec)
     task_names = list(tasks)
 
-    cells: list[runner._Cell] = []
+    cells: list[cell_store.Cell] = []
     for task in task_names:
         for method in methods:
             if method == "full":
-                cells.append(runner._Cell(method, None, task, None))
+                cells.append(cell_store.Cell(method, None, task, None))
             else:
-                cells.extend(runner._Cell(method, b, task, None) for b in budgets)
+                cells.extend(cell_store.Cell(method, b, task, None) for b in budgets)
 
     out = Path(out_dir)
     cell_dir = out / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
-    model_id = runner._model_id(model_spec)
+    model_id = cell_store.model_identity(model_spec)
     base_identity = {
         "kind": "multimodal",
         "model": model_id,
@@ -542,8 +542,8 @@ def run_mm_eval(
         "n": {t: len(tasks[t]) for t in task_names},
         "sources": json.loads(json.dumps(dict(sources or {}), default=str)),
     }
-    result = runner.EvalResult()
-    todo, finished = runner._plan_cells(
+    result = cell_store.EvalResult()
+    todo, finished = cell_store.plan_cells(
         cells, cell_dir, lambda c: (identities[c.task], len(tasks[c.task])), resume, result
     )
 
@@ -555,10 +555,10 @@ def run_mm_eval(
 
             model, processor = load_model(model_spec)
             _check_vlm(model, processor, model_spec)
-        versions, machine = runner._versions(), runner._machine()
+        versions, machine = cell_store.software_versions(), cell_store.machine_info()
         prompt_format = build_mm_prompt(processor, "?")[1]
         encoded: dict[tuple[str, int], dict[str, Any]] = {}
-        with runner._progress(sum(len(tasks[c.task]) for c in todo)) as bar:
+        with runner.progress(sum(len(tasks[c.task]) for c in todo)) as bar:
             for cell in todo:
                 bar.set_description(cell.name.removesuffix(".json"))
                 torch.manual_seed(seed)
@@ -591,7 +591,7 @@ def run_mm_eval(
                 scores = score_examples(
                     examples, [r["output"] for r in records], coordinate_scale=coordinate_scale
                 )
-                finished[cell] = runner._write_cell(
+                finished[cell] = cell_store.write_cell(
                     cell_dir,
                     cell,
                     identity=identities[cell.task],
@@ -614,7 +614,7 @@ def run_mm_eval(
                 )
                 result.computed.append(cell.name)
 
-    runner._write_summary(
+    reporting.write_summary(
         result,
         cells,
         finished,

@@ -1,0 +1,340 @@
+"""Where evaluation results are stored: one JSON file per finished cell, checkpoints, resume.
+
+A finished cell (method, budget, task, context length) is written as one JSON file, atomically, in
+``out_dir/cells``; on resume finished cells are read back instead of recomputed. Within a cell
+every finished example is checkpointed (``cells/.<name>.partial``), so an interrupted run resumes
+after the last finished example, not at the start of the cell; a checkpoint is used only for the
+same run (identity) and only as far as its examples' contexts match the regenerated ones. A cell
+file that cannot be read or does not match the run (corrupt, truncated, other seed, other
+model...) is reported, kept aside as ``<name>.json.corrupt`` (or ``.stale``) and recomputed; it is
+never used silently. Shared by the text grid (:mod:`mixkv.eval.runner`) and the multimodal one
+(:mod:`mixkv.eval.mm_runner`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata as md
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Cell",
+    "EvalResult",
+    "cell_filename",
+    "load_partial",
+    "machine_info",
+    "model_identity",
+    "partial_path",
+    "plan_cells",
+    "save_partial",
+    "software_versions",
+    "write_cell",
+]
+
+logger = logging.getLogger("mixkv.eval")
+
+#: Bump when the content of generated examples or cell files changes incompatibly.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    budget: int | None
+    task: str
+    context_length: int | None  # None: no context-length axis (multimodal tasks)
+
+    @property
+    def name(self) -> str:
+        return cell_filename(self.method, self.budget, self.task, self.context_length)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "task": self.task,
+            "context_length": self.context_length,
+        }
+
+
+def cell_filename(method: str, budget: int | None, task: str, context_length: int | None) -> str:
+    """File name of a cell's JSON result (no ``__L<length>`` part when ``context_length`` is None)."""
+    b = "full" if budget is None else str(budget)
+    length = "" if context_length is None else f"__L{context_length}"
+    return f"{method}__b{b}__{task}{length}.json"
+
+
+@dataclass
+class EvalResult:
+    """What :func:`mixkv.eval.runner.run_eval` (or ``run_mm_eval``) did.
+
+    Attributes
+    ----------
+    cells
+        Every finished cell's JSON content (computed now or read back).
+    computed, reused
+        Names of the cell files computed in this run and read back from disk.
+    recomputed
+        ``(file name, reason)`` of cell files that were corrupt or stale and were recomputed.
+    skipped
+        ``(cell name, reason)`` of cells not run (budget not below the context length).
+    table_path
+        The Markdown summary.
+    plot_paths
+        PNG plots (empty when matplotlib is not installed).
+    """
+
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    recomputed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    table_path: Path | None = None
+    plot_paths: list[Path] = field(default_factory=list)
+
+
+def software_versions() -> dict[str, str]:
+    import transformers
+
+    try:
+        mixkv_version = md.version("mixkv")
+    except md.PackageNotFoundError:
+        mixkv_version = str(getattr(importlib.import_module("mixkv"), "__version__", "unknown"))
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mixkv": mixkv_version,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def model_identity(model_spec: str | tuple[Any, Any] | None) -> str:
+    if model_spec is None or isinstance(model_spec, str):
+        return model_spec or "smollm2"
+    model = model_spec[0]
+    digest = hashlib.sha1(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}:{digest}"
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _validate_cell(data: Any, cell: Cell, identity: dict[str, Any], n: int) -> str | None:
+    """Return why a cell file cannot be reused, or None if it can."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("schema") != SCHEMA_VERSION:
+        return f"schema {data.get('schema')!r} != {SCHEMA_VERSION}"
+    if data.get("complete") is not True:
+        return "cell not marked complete"
+    if data.get("cell") != cell.as_dict():
+        return "describes another cell"
+    if data.get("identity") != identity:
+        return "stale: produced with another model, seed, protocol or settings"
+    examples = data.get("examples")
+    if not isinstance(examples, list) or len(examples) != n:
+        return f"holds {len(examples) if isinstance(examples, list) else 'no'} examples, expected {n}"
+    if not all(isinstance(e, dict) and isinstance(e.get("score"), (int, float)) for e in examples):
+        return "an example has no numeric score"
+    return None
+
+
+def _set_aside(path: Path, reason: str) -> Path:
+    suffix = ".stale" if reason.startswith("stale") else ".corrupt"
+    target = path.with_name(path.name + suffix)
+    i = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{suffix}{i}")
+        i += 1
+    os.replace(path, target)
+    return target
+
+
+def _load_cell(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> tuple[dict[str, Any] | None, str]:
+    """Read a finished cell; returns ``(data, "")`` or ``(None, reason)``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable JSON ({exc})"
+    reason = _validate_cell(data, cell, identity, n)
+    return (data, "") if reason is None else (None, reason)
+
+
+def partial_path(cell_dir: Path, cell: Cell) -> Path:
+    return cell_dir / f".{cell.name}.partial"
+
+
+def save_partial(
+    cell_dir: Path, cell: Cell, identity: dict[str, Any], records: list[dict[str, Any]], seconds: float
+) -> None:
+    """Checkpoint the examples a cell has finished, so a long run resumes mid-cell."""
+    data = {"schema": SCHEMA_VERSION, "cell": cell.as_dict(), "identity": identity}
+    _atomic_write_json(partial_path(cell_dir, cell), {**data, "seconds": seconds, "examples": records})
+
+
+def load_partial(
+    cell_dir: Path, cell: Cell, identity: dict[str, Any], digests: Sequence[str]
+) -> tuple[list[dict[str, Any]], float]:
+    """The finished leading examples of a cell's checkpoint, or none.
+
+    Records are kept only while they belong to this run (same schema, cell and identity) and each
+    one's context is the one regenerated for its position (``context_sha1``); the rest is recomputed.
+    """
+    path = partial_path(cell_dir, cell)
+    if not path.exists():
+        return [], 0.0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if (data["schema"], data["cell"], data["identity"]) != (SCHEMA_VERSION, cell.as_dict(), identity):
+            raise ValueError("checkpoint of another run")
+        records = [r for r in data["examples"] if isinstance(r, dict)]
+        seconds = float(data["seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
+        return [], 0.0
+    kept = 0
+    while kept < min(len(records), len(digests)) and records[kept].get("context_sha1") == digests[kept]:
+        kept += 1
+    if kept:
+        logger.info("Resuming %s after %d finished example(s).", cell.name, kept)
+    return records[:kept], seconds if kept == len(records) else 0.0
+
+
+def plan_cells(
+    cells: Sequence[Cell],
+    cell_dir: Path,
+    expected: Callable[[Cell], tuple[dict[str, Any], int]],
+    resume: bool,
+    result: EvalResult,
+) -> tuple[list[Cell], dict[Cell, dict[str, Any]]]:
+    """Split cells into those to compute and finished ones read back from ``cell_dir``.
+
+    ``expected(cell)`` gives the identity a reusable cell file must carry and its number of
+    examples. A finished cell of the same run with fewer examples (an earlier, smaller ``n``)
+    becomes the cell's checkpoint and is extended. Other unusable files are set aside and reported
+    in ``result.recomputed``; reused ones are listed in ``result.reused``.
+    """
+    todo: list[Cell] = []
+    finished: dict[Cell, dict[str, Any]] = {}
+    for cell in cells:
+        path = cell_dir / cell.name
+        if not path.exists() or not resume:
+            todo.append(cell)
+            continue
+        identity, n = expected(cell)
+        data, reason = _load_cell(path, cell, identity, n)
+        if data is None and _extendable(path, cell, identity, n):
+            logger.info("Cell %s has fewer than %d examples; it is extended.", cell.name, n)
+            todo.append(cell)
+        elif data is None:
+            moved = _set_aside(path, reason)
+            logger.warning(
+                "Cell file %s cannot be used (%s); kept as %s and recomputed.", path, reason, moved
+            )
+            result.recomputed.append((cell.name, reason))
+            todo.append(cell)
+        else:
+            finished[cell] = data
+            result.reused.append(cell.name)
+    return todo, finished
+
+
+def _extendable(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> bool:
+    """Whether ``path`` is a finished cell of this run with fewer than ``n`` examples; if so, its
+    examples become the cell's checkpoint (unless a longer checkpoint exists), so that a larger
+    ``n`` computes only the new examples (examples depend on their index, not on ``n``)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(examples, list) or not 0 < len(examples) < n:
+        return False
+    if _validate_cell(data, cell, identity, len(examples)) is not None:
+        return False
+    partial = partial_path(path.parent, cell)
+    try:
+        with open(partial, encoding="utf-8") as fh:
+            longer = len(json.load(fh)["examples"]) >= len(examples)
+    except (OSError, ValueError, KeyError, TypeError):
+        longer = False
+    if not longer:
+        save_partial(path.parent, cell, identity, examples, float(data["timing"]["wall_seconds"]))
+    return True
+
+
+def write_cell(
+    cell_dir: Path,
+    cell: Cell,
+    *,
+    identity: dict[str, Any],
+    config: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    score: float,
+    wall_seconds: float,
+    seed: int,
+    versions: dict[str, str],
+    machine: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one finished cell atomically and return its content.
+
+    Every record needs ``score``, ``prefill_seconds``, ``decode_seconds``, ``kept_tokens_mean`` and
+    ``kv_fraction``; ``extra`` adds top-level fields.
+    """
+    n = len(records)
+    data: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "complete": True,
+        "cell": cell.as_dict(),
+        "identity": identity,
+        "config": config,
+        "score": score,
+        "timing": {
+            "wall_seconds": wall_seconds,
+            "mean_prefill_seconds": sum(r["prefill_seconds"] for r in records) / n,
+            "mean_decode_seconds": sum(r["decode_seconds"] for r in records) / n,
+        },
+        "kept_tokens_mean": sum(r["kept_tokens_mean"] for r in records) / n,
+        "kv_fraction_mean": sum(r["kv_fraction"] for r in records) / n,
+        **(extra or {}),
+        "examples": list(records),
+        "versions": versions,
+        "machine": machine,
+        "seed": seed,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_json(cell_dir / cell.name, data)
+    return data

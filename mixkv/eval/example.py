@@ -1,0 +1,238 @@
+"""How one example of the text grid runs: prefill (compressing under the press), decode, score.
+
+Protocols
+---------
+``"query_agnostic"`` (default)
+    Only the context is prefilled and compressed; the question arrives afterwards and is fed
+    through the compressed cache. The press cannot know what will be asked.
+``"query_aware"``
+    The whole prompt (context and question, except its last token) is prefilled and compressed,
+    so the observation window contains the question, as in the SnapKV / MixKV papers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mixkv.eval.tasks import TextExample, encode_prompt, score_output
+from mixkv.integration.cache import kv_cache_bytes
+from mixkv.integration.models import cache_argument, prefill
+
+__all__ = ["PROTOCOLS", "SharedPrefix", "prefill_shared_prefix", "prompt_ids", "run_example"]
+
+PROTOCOLS = ("query_agnostic", "query_aware")
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
+    into every method's run (see :func:`prefill_shared_prefix`). Never modified."""
+
+    cache: Any
+    tokens: int
+    seconds: float
+
+
+def prompt_ids(
+    example: TextExample, tokenizer: Any, protocol: str, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """The whole prompt ``(1, N)`` and how many of its tokens are prefilled under ``protocol``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    context_ids, question_ids = encode_prompt(example, tokenizer)
+    ids = torch.tensor([context_ids + question_ids], dtype=torch.long, device=device)
+    return ids, len(context_ids) if protocol == "query_agnostic" else ids.shape[1] - 1
+
+
+def prefill_shared_prefix(
+    model: Any, tokenizer: Any, example: TextExample, *, protocol: str, tail_tokens: int
+) -> SharedPrefix | None:
+    """Prefill all but the last ``tail_tokens`` prefill tokens of an example with the full cache.
+
+    Every method then copies this cache and prefills only the tail under its press, which
+    compresses prefix and tail together exactly as it would a one-go prefill (the scores only need
+    the tail's last ``window_size`` queries). The prompt's long prefix is thus computed once per
+    example instead of once per (method, budget). None when the prefill is not longer than the
+    tail.
+    """
+    from transformers import DynamicCache
+
+    ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    tokens = n_prefill - tail_tokens
+    if tokens < 1:
+        return None
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        prefill(model, ids[:, :tokens], cache)
+        seconds = time.perf_counter() - start
+    return SharedPrefix(cache, tokens, seconds)
+
+
+def run_example(
+    model: Any,
+    tokenizer: Any,
+    example: TextExample,
+    press: Any | None,
+    *,
+    protocol: str = "query_agnostic",
+    max_new_tokens: int | None = None,
+    prefix: SharedPrefix | None = None,
+) -> dict[str, Any]:
+    """Prefill one example (compressing with ``press``), decode the answer and score it.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    example
+        The example.
+    press
+        A press, or None for the full cache.
+    protocol
+        ``"query_agnostic"`` or ``"query_aware"`` (see the module documentation).
+    max_new_tokens
+        Overrides ``example.max_new_tokens``.
+    prefix
+        This example's :func:`prefill_shared_prefix`: a copy of its cache is used and only the rest
+        of the prefill runs under the press (mixkv presses only: kvpress compresses only a prefill
+        that starts at position 0).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable record: output, score, token counts, timings (``prefill_seconds`` includes
+        compression and the shared prefix's own time; ``decode_seconds`` covers the question and
+        the generated tokens), KV bytes
+        after prefill (``kv_bytes``) and what the full cache would hold (``kv_bytes_full``), mean
+        kept tokens per KV head and the press's report.
+    """
+    from transformers import DynamicCache
+
+    from mixkv.presses.base import BasePress
+
+    # A press from another library (kvpress): no report, no prefix, and its cache reports kept entries.
+    foreign = press is not None and not isinstance(press, BasePress)
+    if prefix is not None and foreign:
+        raise ValueError(
+            f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
+            "cache that already holds one); pass prefix=None"
+        )
+    ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    start_at = 0 if prefix is None else prefix.tokens
+    cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
+    new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else eos
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    with torch.inference_mode(), manager:
+        start = time.perf_counter()
+        prefill(model, ids[:, start_at:n_prefill], cache)
+        prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
+        kept_bytes = kv_cache_bytes(cache)
+        if foreign:  # what its cache holds after prefill (mixkv presses report it)
+            held = [
+                keys
+                for layer in cache.layers
+                if isinstance(keys := getattr(layer, "keys", None), torch.Tensor)
+            ]
+            held_per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in held)
+            held_tokens = sum(k.shape[2] for k in held) / max(len(held), 1)
+        start = time.perf_counter()
+        if not foreign:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **{cache_argument(model): cache},
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            generated = out[0, ids.shape[1] :]
+        else:
+            generated = _greedy_with_positions(
+                model, cache, ids, n_prefill, new_tokens, _eos_ids(model, tokenizer)
+            )
+        decode_s = time.perf_counter() - start
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    report = getattr(press, "last_report", None) if press is not None else None
+    record: dict[str, Any] = {
+        "question": example.question,
+        "answers": list(example.answers),
+        "metric": example.metric,
+        "output": text,
+        "score": score_output(text, example.answers, example.metric),
+        "context_tokens": example.context_tokens,
+        "prefill_tokens": int(n_prefill),
+        "shared_prefix_tokens": start_at,
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(generated.numel()),
+        "context_sha1": hashlib.sha1(example.context.encode()).hexdigest(),
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "kv_bytes": kept_bytes,
+        "kv_bytes_full": kept_bytes,
+        "kept_tokens_mean": float(n_prefill),
+        "compression_seconds": 0.0,
+        "report": None,
+    }
+    if foreign:
+        record["kv_bytes_full"] = int(n_prefill * held_per_token)
+        record["kept_tokens_mean"] = held_tokens
+    if report is not None:
+        kept = report.kept_tokens
+        record["kv_bytes_full"] = int(report.full_bytes)
+        record["kept_tokens_mean"] = float(kept.float().mean().item()) if kept.numel() else 0.0
+        record["compression_seconds"] = float(report.compression_seconds)
+        to_dict = getattr(report, "to_dict", None)
+        record["report"] = to_dict() if callable(to_dict) else None
+    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    return record
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        found.add(int(tokenizer.eos_token_id))
+    return found
+
+
+def _greedy_with_positions(
+    model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, new_tokens: int, eos: set[int]
+) -> torch.Tensor:
+    """Greedy decoding one token per forward, with explicit positions.
+
+    For presses whose cache reports the number of entries it *keeps* as its length (kvpress):
+    ``generate`` would take that for the number of prompt tokens already seen and feed the prompt
+    again from the wrong position. Here the rest of the prompt and every generated token are fed
+    at their true positions; one token at a time, so no causal mask over a shortened cache is
+    needed.
+    """
+    step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
+    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+    position, pending = n_prefill, ids[0, n_prefill:].tolist()
+    out: list[int] = []
+    while len(out) < new_tokens:
+        for token in pending:
+            where = torch.tensor([position], device=ids.device)
+            if takes_cache_position:
+                step_kwargs["cache_position"] = where
+            logits = model(
+                input_ids=where.new_tensor([[token]]), position_ids=where[None], **step_kwargs
+            ).logits
+            position += 1
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in eos:
+            break
+        pending = out[-1:]
+    return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,221 @@
+"""How evaluation results are reported: ``results.md`` (scores with confidence intervals, KV kept,
+timings, paired comparisons) and score-vs-budget plots, from the cells' JSON content."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mixkv.eval.cell_store import Cell, EvalResult
+from mixkv.eval.stats_tables import (
+    CORPUS_NOTE,
+    format_average,
+    format_score,
+    mixkv_base_pairs,
+    paired_lines,
+    sample_sizes,
+)
+
+__all__ = ["write_markdown_table", "write_summary"]
+
+logger = logging.getLogger("mixkv.eval")
+
+
+def _cell_score(data: dict[str, Any]) -> float:
+    return 100.0 * float(data["score"])
+
+
+def _not_compressed(method: str, budget: int, length: int | None) -> bool:
+    """Whether a compressed cell is skipped because its budget is not below the context length."""
+    return method != "full" and length is not None and budget >= length
+
+
+def write_markdown_table(
+    cells: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int | None],
+    compare: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the score table (rows: method; columns: budget x task) per context length.
+
+    Scores are mean example scores in percent with their 95% bootstrap interval over examples
+    (:mod:`mixkv.eval.stats_tables`); the ``avg`` column averages the tasks, each counting once. The
+    full-cache row repeats its score under every budget. ``n/a`` marks a budget not below the
+    context length, ``-`` a missing cell. A second table per context length gives the mean
+    fraction of KV bytes kept and the prefill / decode times. A context length of None (multimodal grids) drops the per-length headings and the
+    ``n/a`` rule. A last table compares, on the same examples, every MixKV method with its base
+    (when both are in ``methods``) and every ``(A, B)`` pair of ``compare``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    index = {
+        (c["cell"]["method"], c["cell"]["budget"], c["cell"]["task"], c["cell"]["context_length"]): c
+        for c in cells
+    }
+    lines = ["# mixkv evaluation", ""]
+    for length in context_lengths:
+        where = "" if length is None else f"Context length {length} tokens: "
+        shown = [c for c in cells if c["cell"]["context_length"] == length]
+        lines += [f"## {where}score (%) [95% CI], {sample_sizes(shown, tasks)}", ""]
+        header = ["method"] + [f"{b} {t}" for b in budgets for t in tasks]
+        if len(tasks) > 1:
+            header = ["method"] + [f"{b} {t}" for b in budgets for t in [*tasks, "avg"]]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for method in methods:
+            row = [method]
+            for b in budgets:
+                found: list[dict[str, Any]] = []
+                for t in tasks:
+                    key = (method, None if method == "full" else b, t, length)
+                    if _not_compressed(method, b, length):
+                        row.append("n/a")
+                    elif key in index:
+                        found.append(index[key])
+                        row.append(format_score(found[-1]))
+                    else:
+                        row.append("-")
+                if len(tasks) > 1:
+                    row.append(format_average(found) if len(found) == len(tasks) else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        if any("†" in text for text in lines[-len(methods) :]):
+            lines += ["", CORPUS_NOTE]
+        lines += ["", f"## {where}KV kept (% of full), prefill s, decode s", ""]
+        header = ["method"] + [f"budget {b}" for b in budgets]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for method in methods:
+            row = [method]
+            for b in budgets:
+                found = [
+                    index[k]
+                    for t in tasks
+                    if (k := (method, None if method == "full" else b, t, length)) in index
+                ]
+                if not found:
+                    row.append("n/a" if _not_compressed(method, b, length) else "-")
+                    continue
+                ex = [e for c in found for e in c["examples"]]
+                frac = 100 * sum(e["kv_fraction"] for e in ex) / len(ex)
+                pre = sum(e["prefill_seconds"] for e in ex) / len(ex)
+                dec = sum(e["decode_seconds"] for e in ex) / len(ex)
+                row.append(f"{frac:.1f}% / {pre:.2f} / {dec:.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    pairs = list(dict.fromkeys([*mixkv_base_pairs(methods), *compare]))
+    lines += paired_lines(index, pairs, budgets, tasks, context_lengths)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_plots(
+    cells: Sequence[dict[str, Any]],
+    out_dir: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int | None],
+) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots written (`pip install matplotlib`).")
+        return []
+    index = {
+        (c["cell"]["method"], c["cell"]["budget"], c["cell"]["task"], c["cell"]["context_length"]): c
+        for c in cells
+    }
+    panels = [*tasks, "average"] if len(tasks) > 1 else list(tasks)
+    paths: list[Path] = []
+    top = 105.0
+    for c in cells:
+        top = max(top, _cell_score(c) + 5)  # e.g. CIDEr-D x 100 can exceed 100
+    for length in context_lengths:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            panel_tasks = tasks if panel == "average" else [panel]
+            for method in methods:
+                if method == "full":
+                    full_vals = [
+                        index[("full", None, t, length)]
+                        for t in panel_tasks
+                        if ("full", None, t, length) in index
+                    ]
+                    if len(full_vals) == len(panel_tasks):
+                        score = sum(_cell_score(v) for v in full_vals) / len(full_vals)
+                        ax.axhline(score, color="black", linestyle="--", label="full cache")
+                    continue
+                xs, ys = [], []
+                for b in budgets:
+                    vals = [
+                        index[(method, b, t, length)] for t in panel_tasks if (method, b, t, length) in index
+                    ]
+                    if len(vals) == len(panel_tasks):
+                        xs.append(b)
+                        ys.append(sum(_cell_score(v) for v in vals) / len(vals))
+                if xs:  # 20 colours: more than 10 methods stay distinguishable
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o",
+                        label=method,
+                        color=plt.get_cmap("tab20")(methods.index(method) % 20),
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(budgets))
+            ax.set_xticklabels([str(b) for b in budgets])
+            ax.set_ylim(-5, top)
+            ax.set_xlabel("budget (tokens per KV head)")
+            ax.set_ylabel("score (%)")
+            ax.set_title(panel if length is None else f"{panel} @ {length} tokens")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = out_dir / ("score_vs_budget.png" if length is None else f"score_vs_budget_L{length}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_summary(
+    result: EvalResult,
+    cells: Sequence[Cell],
+    finished: dict[Cell, dict[str, Any]],
+    out: Path,
+    *,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int | None],
+    compare: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Fill ``result.cells`` and write ``results.md`` and the plots."""
+    result.cells = [finished[c] for c in cells if c in finished]
+    result.table_path = write_markdown_table(
+        result.cells,
+        out / "results.md",
+        methods=methods,
+        budgets=budgets,
+        tasks=tasks,
+        context_lengths=context_lengths,
+        compare=compare,
+    )
+    result.plot_paths = _write_plots(
+        result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
+    )
