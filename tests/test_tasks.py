@@ -103,7 +103,7 @@ def test_part_metric_needs_one_expected_string():
 
 
 def test_unknown_metric_raises():
-    with pytest.raises(ValueError, match="'all' or 'part'"):
+    with pytest.raises(ValueError, match="'all', 'part' or 'word'"):
         score_output("x", ["x"], "exact")
 
 
