@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["full,snapkv,adakv,mixkv-snapkv,mixkv-adakv"],
-        help=f"comma or space separated; from: {', '.join(METHODS)}",
+        help=f"comma or space separated; from: {', '.join(METHODS)} (`mixkv presses` describes them)",
     )
     p.add_argument("--budgets", nargs="+", default=["64,128"], help="tokens per KV head, e.g. 64,128,256")
     p.add_argument(
