@@ -11,6 +11,7 @@ from mixkv.integration import CompressionReport, PressSession, kv_cache_bytes
 from mixkv.presses import (
     AdaKVPress,
     BasePress,
+    DecodingPress,
     KeyDiffPress,
     KnormPress,
     MixKVPress,
@@ -29,6 +30,7 @@ __all__ = [
     "AdaKVPress",
     "BasePress",
     "CompressionReport",
+    "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
     "MixKVPress",

@@ -2,12 +2,14 @@
 
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
 __all__ = [
     "AdaKVPress",
     "BasePress",
+    "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
     "MixKVPress",
