@@ -14,7 +14,13 @@ How it works, using only transformers' extension points:
    kept entries. The cache may already hold a prefix filled before the ``with`` block (a cached
    system prompt, a shared document); the whole content is then scored with the queries of the
    forward's last ``window_size`` tokens, exactly as if it had been prefilled in one go.
-4. Afterwards, attention over compressed layers is computed by the layers themselves.
+   A prompt may also arrive in chunks: the forwards of ``generate(..., prefill_chunk_size=N)``
+   (recognised from ``generate``'s own chunk loop) or those inside ``session.chunked_prefill()``.
+   Each chunk is compressed at the end of its forward, scored over everything the layer holds with
+   the queries of the last ``window_size`` tokens so far, so a layer never holds more than about
+   budget + chunk entries per KV head.
+4. Afterwards, attention over compressed layers is computed by the layers themselves; under a
+   :class:`~mixkv.DecodingPress` a layer is compressed again every ``interval`` generated tokens.
 
 On exit (also on exceptions) hooks are removed, the config is restored, the registrations are
 dropped when no press remains, and compressed layers refuse further use.
