@@ -557,6 +557,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _series(row: dict[str, Any]) -> str:
+    name = str(row["method"])
+    if row.get("prefill_chunk"):
+        name += f" chunk {row['prefill_chunk']}"
+    if row.get("decoding_interval"):
+        name += f" DecodingPress interval {row['decoding_interval']}"
+    return name
+
+
 def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -575,19 +584,21 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}) or [None]
     for key, label, stem in metrics:
         fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+        # One line per method, prefill chunk size and decoding interval.
+        series = dict.fromkeys(_series(r) for r in rows)
         for ax, budget in zip(axes[0], budgets, strict=True):
-            for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            for i, name in enumerate(series):
                 pts = sorted(
                     (r["context"], r[key])
                     for r in rows
-                    if r["method"] == method
+                    if _series(r) == name
                     and r["batch"] == rows[0]["batch"]
                     and (r["budget"] == budget or r["budget"] is None)
                 )
                 if pts:
                     # 20 colours: more than 10 methods stay distinguishable
                     color = plt.get_cmap("tab20")(i % 20)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=color)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=color)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context length")
             ax.set_ylabel(label)
@@ -603,9 +614,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, r in enumerate(decoding):
             steps, held = zip(*r["kv_bytes_over_decode"], strict=True)
-            label = f"{r['method']} ctx {r['context']} budget {r['budget']}"
-            if r.get("decoding_interval"):
-                label += f" DecodingPress interval {r['decoding_interval']}"
+            label = f"{_series(r)}, ctx {r['context']}, budget {r['budget']}"
             ax.plot(steps, [b / 2**20 for b in held], label=label, color=plt.get_cmap("tab20")(i % 20))
         ax.set_xlabel("generated tokens")
         ax.set_ylabel("KV cache (MiB)")
