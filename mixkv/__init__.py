@@ -11,6 +11,7 @@ from mixkv.integration import CompressedContext, CompressionReport, PressSession
 from mixkv.presses import (
     AdaKVPress,
     BasePress,
+    DecodingPress,
     KeyDiffPress,
     KnormPress,
     MixKVPress,
@@ -30,6 +31,7 @@ __all__ = [
     "BasePress",
     "CompressedContext",
     "CompressionReport",
+    "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
     "MixKVPress",

@@ -1,9 +1,10 @@
 """Speed and memory benchmark of the presses (prefill, compression, decode, cache bytes, peak memory).
 
-Run ``python -m mixkv.bench --help``. Every cell (method, context length, budget, batch size) does
-``repeats`` timed runs after ``warmup`` untimed ones; each run is one prefill (compressed at its end
-by the press) followed by a manual greedy decode loop of ``decode_tokens`` steps inside the press
-context. Results go to ``bench.json``, ``bench.md`` and, when matplotlib is available, PNG plots.
+Run ``python -m mixkv.bench --help``. Every cell (method, context length, budget, batch size,
+prefill chunk size, decoding interval) does ``repeats`` timed runs after ``warmup`` untimed ones;
+each run is one prefill (in one go, or in chunks compressed as they arrive) followed by a manual
+greedy decode loop of ``decode_tokens`` steps inside the press context (under
+:class:`~mixkv.DecodingPress` when a decoding interval is given). Results go to ``bench.json``, ``bench.md`` and, when matplotlib is available, PNG plots.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import DynamicCache
 
 from mixkv.integration import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill
+from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import NAMES, build_press, kvpress_available
 
 FIELDS = (
@@ -33,6 +35,8 @@ FIELDS = (
     "context",
     "budget",
     "batch",
+    "prefill_chunk",
+    "decoding_interval",
     "prefill_s_median",
     "prefill_s_min",
     "prefill_s_max",
@@ -46,6 +50,7 @@ FIELDS = (
     "kept_bytes",
     "kv_over_kept",
     "peak_mem_bytes",
+    "kv_bytes_over_decode",
 )
 DEFAULT_METHODS = ("full", "snapkv", "mixkv-snapkv", "adakv", "mixkv-adakv", "streamingllm")
 
@@ -161,8 +166,30 @@ def _head_dim(model: torch.nn.Module) -> int:
     return int(hd) if hd else int(cfg.hidden_size // cfg.num_attention_heads)
 
 
+#: Decode steps between two samples of the cache's bytes (``kv_bytes_over_decode``).
+KV_SAMPLE_STEPS = 16
+
+
+def _prefill(
+    model: torch.nn.Module, session: Any, input_ids: torch.Tensor, cache: Any, chunk: int | None
+) -> Any:
+    """Prefill in one go, or ``chunk`` tokens per forward (compressed as they arrive under a press)."""
+    if chunk is None or chunk >= input_ids.shape[1]:
+        return prefill(model, input_ids, cache)
+    chunked = session.chunked_prefill() if session is not None else contextlib.nullcontext()
+    with chunked:
+        for start in range(0, input_ids.shape[1], chunk):
+            logits = prefill(model, input_ids[:, start : start + chunk], cache)
+    return logits
+
+
 def _one_run(
-    model: torch.nn.Module, press: Any, input_ids: torch.Tensor, budget: int, decode_tokens: int
+    model: torch.nn.Module,
+    press: Any,
+    input_ids: torch.Tensor,
+    budget: int,
+    decode_tokens: int,
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     device, dtype = _param_info(model)
     batch, context = input_ids.shape
@@ -171,14 +198,16 @@ def _one_run(
     n_kv = int(getattr(_cfg(model), "num_key_value_heads", None) or _cfg(model).num_attention_heads)
     cache = DynamicCache(config=_cfg(model))
     out: dict[str, Any] = {}
+    if prefill_chunk is not None and press is not None and not hasattr(press, "last_report"):
+        raise ValueError("chunked prefill is measured for mixkv presses and the full cache only")
     with (
         _PeakMemory(device) as mem,
         torch.inference_mode(),
-        contextlib.nullcontext() if press is None else press(model),
+        contextlib.nullcontext() if press is None else press(model) as session,
     ):
         _sync(device)
         t0 = time.perf_counter()
-        logits = prefill(model, input_ids, cache)
+        logits = _prefill(model, session, input_ids, cache, prefill_chunk)
         _sync(device)
         out["prefill_s"] = time.perf_counter() - t0
         report = getattr(press, "last_report", None) if press is not None else None
@@ -197,15 +226,19 @@ def _one_run(
         out["kept_bytes"] = kept * 2 * _head_dim(model) * elem
         next_ids = logits.argmax(-1, keepdim=True)
         steps: list[float] = []
+        kv_over_decode = [[0, kv_bytes]]
         step_kwargs = {cache_argument(model): cache, "use_cache": True}  # resolved once, not per timed step
-        for _ in range(decode_tokens):
+        for step in range(1, decode_tokens + 1):
             _sync(device)
             t0 = time.perf_counter()
             logits = model(next_ids, **step_kwargs).logits
             next_ids = logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - t0)
+            if step % KV_SAMPLE_STEPS == 0 or step == decode_tokens:
+                kv_over_decode.append([step, kv_cache_bytes(cache)])
         out["decode_steps"] = steps
+        out["kv_bytes_over_decode"] = kv_over_decode
     out["peak_mem_bytes"] = mem.peak
     del cache
     return out
@@ -223,12 +256,17 @@ def run_bench(
     warmup: int = 1,
     window_size: int = 32,
     seed: int = 0,
+    prefill_chunks: Sequence[int | None] = (None,),
+    decoding_intervals: Sequence[int | None] = (None,),
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Time every (method, context, budget, batch) cell; one dict per cell.
+    """Time every (method, context, budget, batch, prefill chunk, decoding interval) cell; one dict
+    per cell.
 
-    ``"full"`` ignores the budget and is run once per (context, batch). Methods named ``kvpress-*``
-    are skipped when kvpress is not importable.
+    ``"full"`` ignores the budget and the decoding interval and is run once per (context, batch,
+    chunk). A prefill chunk of None prefills in one go; a decoding interval of None decodes with
+    the plain press, an integer under ``DecodingPress(press, interval=...)``. Methods named
+    ``kvpress-*`` are skipped when kvpress is not importable (and with chunks or intervals).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -249,26 +287,38 @@ def run_bench(
             if log:
                 log(f"skip {method}: kvpress is not installed")
             continue
-        for context in context_lengths:
-            for budget in [budgets[0]] if method == "full" else budgets:
-                for batch in batch_sizes:
-                    gen = torch.Generator().manual_seed(seed + context + batch)
-                    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-                    press = make_press(method, model, budget, context, window_size)
-                    for _ in range(warmup):
-                        _one_run(model, press, ids, budget, min(decode_tokens, 4))
-                    runs = []
-                    for _ in range(repeats):
-                        gc.collect()
-                        runs.append(_one_run(model, press, ids, budget, decode_tokens))
-                    rows.append(_summarise(method, context, budget, batch, decode_tokens, runs))
-                    if log:
-                        r = rows[-1]
-                        log(
-                            f"{method:>16} ctx={context:<6} budget={r['budget']!s:<5} batch={batch} "
-                            f"prefill={r['prefill_s_median']:.3f}s decode={r['decode_ms_per_token']:.2f}ms/tok "
-                            f"kv={r['kv_bytes'] / 2**20:.1f}MiB ratio={r['kv_over_kept']:.3f}"
-                        )
+        foreign = method.startswith("kvpress-")
+        cells = [
+            (context, budget, batch, chunk, interval)
+            for context in context_lengths
+            for budget in ([budgets[0]] if method == "full" else budgets)
+            for batch in batch_sizes
+            for chunk in ([None] if foreign else prefill_chunks)
+            for interval in ([None] if method == "full" or foreign else decoding_intervals)
+        ]
+        for context, budget, batch, chunk, interval in cells:
+            gen = torch.Generator().manual_seed(seed + context + batch)
+            ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+            press = make_press(method, model, budget, context, window_size)
+            if interval is not None:
+                press = DecodingPress(press, interval=interval)
+            for _ in range(warmup):
+                _one_run(model, press, ids, budget, min(decode_tokens, 4), chunk)
+            runs = []
+            for _ in range(repeats):
+                gc.collect()
+                runs.append(_one_run(model, press, ids, budget, decode_tokens, chunk))
+            rows.append(_summarise(method, context, budget, batch, decode_tokens, runs))
+            rows[-1]["prefill_chunk"] = chunk
+            rows[-1]["decoding_interval"] = interval
+            if log:
+                r = rows[-1]
+                log(
+                    f"{method:>16} ctx={context:<6} budget={r['budget']!s:<5} batch={batch} chunk={chunk} "
+                    f"interval={interval} prefill={r['prefill_s_median']:.3f}s "
+                    f"decode={r['decode_ms_per_token']:.2f}ms/tok kv={r['kv_bytes'] / 2**20:.1f}MiB "
+                    f"ratio={r['kv_over_kept']:.3f} peak={r['peak_mem_bytes'] / 2**20:.0f}MiB"
+                )
     return rows
 
 
@@ -301,6 +351,7 @@ def _summarise(
         "kept_bytes": kept_bytes,
         "kv_over_kept": kv_bytes / kept_bytes if kept_bytes else float("nan"),
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
+        "kv_bytes_over_decode": runs[-1]["kv_bytes_over_decode"],
     }
 
 
@@ -351,7 +402,8 @@ def memory_flat_check(
 #: Randomly initialised models for timing (it needs no trained weights): name -> (family, shape).
 #: ``random-smollm2`` is SmolLM2-135M's shape; ``random-llama3-1b`` Llama-3.2-1B's; ``random-qwen2vl-2b``
 #: Qwen2-VL-2B's language model (M-RoPE) with a one-block vision tower, fed text tokens only: image
-#: tokens cost the decoder the same as text ones once embedded.
+#: tokens cost the decoder the same as text ones once embedded; ``random-qwen2.5-0.5b``
+#: Qwen2.5-0.5B's (32k context).
 RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-smollm2": (
         "llama",
@@ -375,6 +427,19 @@ RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "num_attention_heads": 32,
             "num_key_value_heads": 8,
             "head_dim": 64,
+        },
+    ),
+    "random-qwen2.5-0.5b": (
+        "qwen2",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "max_position_embeddings": 32768,
         },
     ),
     "random-qwen2vl-2b": (
@@ -411,11 +476,13 @@ def random_model(
         if not 1 <= layers <= shape["num_hidden_layers"]:
             raise ValueError(f"layers must be in [1, {shape['num_hidden_layers']}] for {name}, got {layers}")
         shape = {**shape, "num_hidden_layers": layers}
-    text = {**shape, "max_position_embeddings": 65536, "tie_word_embeddings": True}
+    text = {"max_position_embeddings": 65536, **shape, "tie_word_embeddings": True}
     config: Any
     cls: Any
     if family == "llama":
         config, cls = tf.LlamaConfig(**text), tf.LlamaForCausalLM
+    elif family == "qwen2":
+        config, cls = tf.Qwen2Config(**text), tf.Qwen2ForCausalLM
     else:
         vision = {"depth": 1, "embed_dim": 32, "hidden_size": shape["hidden_size"], "num_heads": 2}
         config = tf.Qwen2VLConfig(
@@ -472,20 +539,31 @@ def _mib(n: float) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        "| method | ctx | budget | batch | prefill s (med [min-max]) | compress s | decode ms/tok | tok/s "
-        "| KV MiB | kept MiB | KV/kept | peak RSS MiB |\n"
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | ctx | budget | batch | chunk | dec. interval | prefill s (med [min-max]) | compress s "
+        "| decode ms/tok | tok/s | KV MiB | kept MiB | KV/kept | peak RSS MiB |\n"
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
+        chunk, interval = r.get("prefill_chunk"), r.get("decoding_interval")
         lines.append(
             f"| {r['method']} | {r['context']} | {r['budget'] if r['budget'] is not None else '-'} | {r['batch']} "
+            f"| {chunk or '-'} | {interval or '-'} "
             f"| {r['prefill_s_median']:.3f} [{r['prefill_s_min']:.3f}-{r['prefill_s_max']:.3f}] "
             f"| {r['compression_s_median']:.3f} | {r['decode_ms_per_token']:.2f} | {r['decode_tokens_per_s']:.1f} "
             f"| {_mib(r['kv_bytes'])} | {_mib(r['kept_bytes'])} | {r['kv_over_kept']:.3f} "
             f"| {_mib(r['peak_mem_bytes'])} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def _series(row: dict[str, Any]) -> str:
+    name = str(row["method"])
+    if row.get("prefill_chunk"):
+        name += f" chunk {row['prefill_chunk']}"
+    if row.get("decoding_interval"):
+        name += f" DecodingPress interval {row['decoding_interval']}"
+    return name
 
 
 def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
@@ -506,19 +584,21 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}) or [None]
     for key, label, stem in metrics:
         fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+        # One line per method, prefill chunk size and decoding interval.
+        series = dict.fromkeys(_series(r) for r in rows)
         for ax, budget in zip(axes[0], budgets, strict=True):
-            for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            for i, name in enumerate(series):
                 pts = sorted(
                     (r["context"], r[key])
                     for r in rows
-                    if r["method"] == method
+                    if _series(r) == name
                     and r["batch"] == rows[0]["batch"]
                     and (r["budget"] == budget or r["budget"] is None)
                 )
                 if pts:
                     # 20 colours: more than 10 methods stay distinguishable
                     color = plt.get_cmap("tab20")(i % 20)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=color)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=color)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context length")
             ax.set_ylabel(label)
@@ -526,6 +606,21 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"bench_{stem}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    decoding = [r for r in rows if len(r.get("kv_bytes_over_decode", ())) > 2]
+    if decoding:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, r in enumerate(decoding):
+            steps, held = zip(*r["kv_bytes_over_decode"], strict=True)
+            label = f"{_series(r)}, ctx {r['context']}, budget {r['budget']}"
+            ax.plot(steps, [b / 2**20 for b in held], label=label, color=plt.get_cmap("tab20")(i % 20))
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel("KV cache (MiB)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "bench_kv_over_decode.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -591,6 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--window-size", type=int, default=32)
+    parser.add_argument(
+        "--prefill-chunk-sizes",
+        default="0",
+        help="comma list of prefill chunk sizes; 0 prefills in one go (e.g. 0,512,1024)",
+    )
+    parser.add_argument(
+        "--decoding-intervals",
+        default="0",
+        help="comma list; N decodes under DecodingPress(press, interval=N), 0 with the plain press",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -618,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         window_size=args.window_size,
+        prefill_chunks=[n or None for n in _ints(args.prefill_chunk_sizes)],
+        decoding_intervals=[n or None for n in _ints(args.decoding_intervals)],
         log=lambda s: print(s, flush=True),
     )
     mem = None

@@ -139,3 +139,34 @@ def test_kvpress_cells_get_equal_kept_counts_and_a_press_that_only_masks_shows_i
     assert seen == [0.75]  # 1 - budget / context: the same kept count as mixkv's budget 16
     assert rows[0]["kept_entries"] == 2 * 2 * 16  # layers x KV heads x budget
     assert rows[0]["kv_over_kept"] == 4.0  # it still holds all 64 entries per head
+
+
+def test_chunked_prefill_cells_hold_the_one_go_bytes_and_decoding_cells_stay_bounded():
+    rows = run_bench(
+        _tiny_llama(),
+        methods=["snapkv"],
+        context_lengths=[128],
+        budgets=[24],
+        batch_sizes=[1],
+        decode_tokens=40,
+        repeats=1,
+        warmup=0,
+        window_size=8,
+        prefill_chunks=[None, 32],
+        decoding_intervals=[None, 8],
+    )
+    by_cell = {(r["prefill_chunk"], r["decoding_interval"]): r for r in rows}
+    assert len(by_cell) == 4
+    assert by_cell[(32, None)]["kv_bytes"] == by_cell[(None, None)]["kv_bytes"]
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x KV heads x (key, value) x head_dim x float32
+    plain = [held for _, held in by_cell[(None, None)]["kv_bytes_over_decode"]]
+    bounded = [held for _, held in by_cell[(None, 8)]["kv_bytes_over_decode"]]
+    assert plain[-1] == plain[0] + 40 * per_token
+    assert max(bounded) < plain[0] + 8 * per_token
+
+
+def test_random_qwen25_shaped_model_has_its_heads_and_context():
+    with torch.device("meta"):  # the shape only: no 136M-parameter embedding to initialise
+        config = random_model("random-qwen2.5-0.5b", layers=1).config
+    shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size)
+    assert shape == (14, 2, 64, 896) and config.max_position_embeddings == 32768

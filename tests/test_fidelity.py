@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mixkv import MixKVPress, SnapKVPress
+from mixkv import DecodingPress, MixKVPress, SnapKVPress
 from mixkv.eval.fidelity import measure_fidelity, measure_fidelity_ids
 from mixkv.integration import describe_decoder
 from tests.helpers_tiny import tiny_model_and_tokenizer
@@ -67,3 +67,20 @@ def test_text_shorter_than_the_continuation_raises(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="longer text"):
         measure_fidelity(model, tok, "The sky is blue.", None, continuation_tokens=64)
+
+
+def test_a_prefill_chunk_at_least_the_context_measures_the_one_go_prefill(tiny):
+    model, tok = tiny
+    ctx, cont = _ids(200, len(tok)), _ids(16, len(tok), seed=1)
+    one_go = measure_fidelity_ids(model, ctx, cont, SnapKVPress(budget=40))
+    chunked = measure_fidelity_ids(model, ctx, cont, SnapKVPress(budget=40), prefill_chunk=200)
+    assert chunked.kl_per_position == one_go.kl_per_position
+
+
+def test_decoding_press_is_measured_token_by_token_with_the_same_layer_outputs_shape(tiny):
+    model, tok = tiny
+    ctx, cont = _ids(100, len(tok)), _ids(40, len(tok), seed=1)
+    bounded = measure_fidelity_ids(model, ctx, cont, DecodingPress(SnapKVPress(budget=128), interval=8))
+    assert len(bounded.kl_per_position) == 40
+    assert bounded.compressed_kv_bytes == bounded.full_kv_bytes  # the prompt fits its budget
+    assert bounded.mean_kl > 0.0  # the continuation went over budget + interval and was compressed

@@ -9,6 +9,10 @@ continuation tokens are compared:
 * ``mean_kl``: mean over positions of ``KL(p_full || p_compressed)`` in nats;
 * ``layer_relative_error[l]``: ``||o_c - o_f|| / ||o_f||`` of layer ``l``'s attention-module output
   (after its output projection) over all continuation tokens.
+
+The compressed side may prefill in chunks (``prefill_chunk``, compressed as they arrive) and, under
+a :class:`~mixkv.DecodingPress`, feeds the continuation one token per forward so the cache is
+compressed again every ``interval`` tokens, as while generating.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, describe_decoder, prefill
+from mixkv.presses.decoding import DecodingPress
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
 
@@ -70,8 +75,9 @@ class FidelityReport:
 def _capture(modules: list[torch.nn.Module], store: list[torch.Tensor | None]) -> Iterator[None]:
     def make_hook(i: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            store[i] = out.detach().to(torch.float32).clone()
+            out = (output[0] if isinstance(output, tuple) else output).detach().to(torch.float32)
+            previous = store[i]  # token-by-token forwards: the continuation's outputs in order
+            store[i] = out.clone() if previous is None else torch.cat([previous, out], dim=1)
 
         return hook
 
@@ -84,7 +90,11 @@ def _capture(modules: list[torch.nn.Module], store: list[torch.Tensor | None]) -
 
 
 def _run(
-    model: Any, context: torch.Tensor, continuation: torch.Tensor, press: Any | None
+    model: Any,
+    context: torch.Tensor,
+    continuation: torch.Tensor,
+    press: Any | None,
+    prefill_chunk: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], int]:
     from transformers import DynamicCache
 
@@ -92,16 +102,31 @@ def _run(
     outputs: list[torch.Tensor | None] = [None] * len(modules)
     cache = DynamicCache(config=model.config)
     manager = press(model) if press is not None else contextlib.nullcontext()
-    with torch.inference_mode(), manager:
-        prefill(model, context, cache)
+    kwargs = {cache_argument(model): cache, "use_cache": True}
+    with torch.inference_mode(), manager as session:
+        if prefill_chunk is None or session is None:
+            prefill(model, context, cache)
+        else:
+            with session.chunked_prefill():
+                for start in range(0, context.shape[1], prefill_chunk):
+                    prefill(model, context[:, start : start + prefill_chunk], cache)
         n_bytes = kv_cache_bytes(cache)
         with _capture(modules, outputs):
-            logits = model(input_ids=continuation, **{cache_argument(model): cache}, use_cache=True).logits
+            if isinstance(press, DecodingPress):
+                steps = [model(input_ids=token, **kwargs).logits for token in continuation.split(1, dim=1)]
+                logits = torch.cat(steps, dim=1)
+            else:
+                logits = model(input_ids=continuation, **kwargs).logits
     return logits[0].to(torch.float32), outputs, n_bytes
 
 
 def measure_fidelity_ids(
-    model: Any, context_ids: torch.Tensor | list[int], continuation_ids: torch.Tensor | list[int], press: Any
+    model: Any,
+    context_ids: torch.Tensor | list[int],
+    continuation_ids: torch.Tensor | list[int],
+    press: Any,
+    *,
+    prefill_chunk: int | None = None,
 ) -> FidelityReport:
     """Compare full and compressed caches on token ids (see :func:`measure_fidelity`).
 
@@ -115,7 +140,10 @@ def measure_fidelity_ids(
         Continuation tokens, ``(T,)`` or ``(1, T)``, ``T >= 1``; teacher-forced through the cache.
     press
         The press under test (``press(model)`` is a context manager), or None (compares the full
-        cache with itself).
+        cache with itself). A :class:`~mixkv.DecodingPress` gets the continuation one token per
+        forward.
+    prefill_chunk
+        Prefill the compressed side this many tokens per forward (the full cache always in one go).
 
     Returns
     -------
@@ -133,7 +161,7 @@ def measure_fidelity_ids(
             f"Need a non-empty context and continuation, got {ctx.shape[1]} and {cont.shape[1]} tokens."
         )
     full_logits, full_out, full_bytes = _run(model, ctx, cont, None)
-    comp_logits, comp_out, comp_bytes = _run(model, ctx, cont, press)
+    comp_logits, comp_out, comp_bytes = _run(model, ctx, cont, press, prefill_chunk)
     logp_f = F.log_softmax(full_logits, dim=-1)
     logp_c = F.log_softmax(comp_logits, dim=-1)
     kl = (logp_f.exp() * (logp_f - logp_c)).sum(-1).clamp_min(0.0)
@@ -235,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=2048, help="context tokens per text")
     parser.add_argument("--texts", type=int, default=2, help="how many different contexts")
     parser.add_argument("--continuation-tokens", type=int, default=64)
+    parser.add_argument(
+        "--prefill-chunk-size", type=int, default=None, help="prefill the compressed side in chunks"
+    )
+    parser.add_argument(
+        "--decoding-interval",
+        type=int,
+        default=None,
+        help="wrap the press in DecodingPress(interval=N); the continuation is fed token by token",
+    )
     parser.add_argument("--out", type=Path, default=Path("mixkv_fidelity.json"))
     args = parser.parse_args(argv)
 
@@ -256,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         for budget in [int(b) for b in args.budgets.split(",")]:
             press = build_press(method, budget, context_tokens=args.context_length)
-            reports = [measure_fidelity_ids(model, ctx, cont, press) for ctx, cont in contexts]
+            if args.decoding_interval:
+                press = DecodingPress(press, interval=args.decoding_interval)
+            reports = [
+                measure_fidelity_ids(model, ctx, cont, press, prefill_chunk=args.prefill_chunk_size)
+                for ctx, cont in contexts
+            ]
             rows.append(
                 {
                     "method": method,

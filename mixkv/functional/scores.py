@@ -8,7 +8,8 @@ is always kept). Higher scores mean "keep". Conventions shared by all functions:
 * ``keys`` / ``values``: ``(B, Hkv, N, D)`` as they sit in the cache (keys after rotary).
 * GQA: ``H`` is a multiple of ``Hkv``; query head ``i`` belongs to KV head ``i // (H // Hkv)``.
 * ``key_mask``: optional ``(B, N)`` bool (or 0/1 integer) tensor, True for real tokens and False
-  for padding. Padded positions never influence a score and every returned per-position score is
+  for padding; or ``(B, Hkv, N)`` when heads hold different entries (a head-wise compressed cache
+  being compressed again, padded per head). Padded positions never influence a score and every returned per-position score is
   ``-inf`` there (window attention, an input to pooling, is ``0`` there instead).
 * Scores are computed and returned in float32, or in float64 when an input is float64.
 
@@ -142,18 +143,21 @@ def _check_pooling(kernel_size: int, pooling: str) -> int:
 
 
 def _valid_mask(key_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
-    """Return the real-token mask as a ``(B, 1, N)`` bool tensor (all True without a mask)."""
+    """Return the real-token mask as a ``(B, 1, N)`` (or, per head, ``(B, Hkv, N)``) bool tensor."""
     if key_mask is None:
         return torch.ones(batch, 1, seq_len, dtype=torch.bool, device=device)
     if not isinstance(key_mask, Tensor):
         raise TypeError(f"key_mask must be a torch.Tensor or None, got {type(key_mask).__name__}")
     if key_mask.is_floating_point() or key_mask.is_complex():
         raise TypeError(f"key_mask must be a bool (or 0/1 integer) tensor, got dtype {key_mask.dtype}")
-    if tuple(key_mask.shape) != (batch, seq_len):
+    per_head = key_mask.dim() == 3 and key_mask.shape[0] == batch and key_mask.shape[2] == seq_len
+    if tuple(key_mask.shape) != (batch, seq_len) and not per_head:
         raise ValueError(
-            f"key_mask must have shape (batch, seq_len) = ({batch}, {seq_len}), got {tuple(key_mask.shape)}"
+            f"key_mask must have shape (batch, seq_len) = ({batch}, {seq_len}) or (batch, num_kv_heads, "
+            f"seq_len), got {tuple(key_mask.shape)}"
         )
-    return (key_mask != 0).to(device)[:, None, :]
+    mask = (key_mask != 0).to(device)
+    return mask if per_head else mask[:, None, :]
 
 
 def _check_target(target_mean: object, batch: int, kv_heads: int, dtype: torch.dtype) -> Tensor:
@@ -218,7 +222,7 @@ def _mask_pads(x: Tensor, valid: Tensor) -> Tensor:
 
 
 def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor) -> Tensor:
-    """Validated core of :func:`window_attention`; ``valid`` is ``(B, 1, N)``."""
+    """Validated core of :func:`window_attention`; ``valid`` is ``(B, 1, N)`` or ``(B, Hkv, N)``."""
     dtype = _score_dtype(queries, keys)
     batch, heads, window, head_dim = queries.shape
     kv_heads, seq_len = keys.shape[1], keys.shape[2]
@@ -227,12 +231,12 @@ def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor
     logits = torch.einsum("bkgwd,bknd->bkgwn", grouped, keys.to(dtype)) * scale
     positions = torch.arange(seq_len, device=keys.device)
     causal = positions[None, :] <= positions[seq_len - window :, None]  # (W, N)
-    query_valid = valid[:, 0, seq_len - window :]  # (B, W)
+    query_valid = valid[..., seq_len - window :]  # (B, 1 or Hkv, W)
     # A padded window query is dropped from the mean below; letting it see every key keeps its row finite.
-    visible = (causal[None] & valid) | ~query_valid[..., None]  # (B, W, N)
-    probs = logits.masked_fill(~visible[:, None, None], -math.inf).softmax(dim=-1)
-    weights = query_valid.to(dtype) / query_valid.sum(-1, keepdim=True).clamp_min(1)  # (B, W)
-    attention = torch.einsum("bkgwn,bw->bkn", probs, weights) / group
+    visible = (causal & valid[..., None, :]) | ~query_valid[..., None]  # (B, 1 or Hkv, W, N)
+    probs = logits.masked_fill(~visible[:, :, None], -math.inf).softmax(dim=-1)
+    weights = query_valid.to(dtype) / query_valid.sum(-1, keepdim=True).clamp_min(1)
+    attention = torch.einsum("bkgwn,bkw->bkn", probs, weights.expand(batch, kv_heads, window)) / group
     return attention[..., : seq_len - window]
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mixkv.functional.attention import causal_tail_visibility, packed_attention
+from mixkv.functional.attention import causal_tail_visibility, packed_attention, padded_segment_index
 
 _DETACHED_MESSAGE = (
     "this cache layer was compressed by a mixkv press and can only be used while the press is active: "
@@ -92,6 +92,19 @@ class CompressedLayer(CacheLayerMixin):
         """Every tensor the layer holds (for byte accounting)."""
         raise NotImplementedError
 
+    def held_counts(self) -> torch.Tensor:
+        """Real entries each sequence and KV head holds, ``(B, Hkv)``."""
+        raise NotImplementedError
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every held entry, to be scored and compressed again (chunked prefill, bounded decoding).
+
+        Returns ``(B, Hkv, N, D)`` keys and values, oldest first, the newest tokens last, and the
+        real-entry mask: ``(B, N)`` when every head holds the same entries' count, else
+        ``(B, Hkv, N)`` with each head padded on the left.
+        """
+        raise NotImplementedError
+
 
 class DenseCompressedLayer(CompressedLayer):
     """Kept entries of all heads in one ``(B, Hkv, L, D)`` tensor (equal counts everywhere)."""
@@ -119,6 +132,14 @@ class DenseCompressedLayer(CompressedLayer):
     def tensors(self) -> list[torch.Tensor]:
         keys, values = self.dense()
         return [keys, values]
+
+    def held_counts(self) -> torch.Tensor:
+        keys, _ = self.dense()
+        return torch.full(keys.shape[:2], keys.shape[2], dtype=torch.long)
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, values = self.dense()
+        return keys, values, torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
 
 
 class PackedCompressedLayer(CompressedLayer):
@@ -170,6 +191,34 @@ class PackedCompressedLayer(CompressedLayer):
         self.tail_valid = torch.cat([self.tail_valid, new], dim=-1)
         return super().update(key_states, value_states)
 
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """Record which of the newest ``q`` tail entries are real, ``new_valid`` ``(B, q)``: a chunk
+        of a left-padded prompt may still hold padding (decoded tokens never do)."""
+        self.tail_valid[:, -new_valid.shape[1] :] = new_valid.to(self.tail_valid.device)
+        self.tail_has_padding = not bool(self.tail_valid.all())
+
+    def held_counts(self) -> torch.Tensor:
+        keys, _ = self.dense()
+        packed = self.segment_lengths.view(keys.shape[0], keys.shape[1])
+        return (packed + self.tail_valid.sum(-1, keepdim=True).to(packed.device)).cpu()
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, values = self.dense()
+        batch, kv_heads, _, head_dim = keys.shape
+        segments, longest = batch * kv_heads, self.max_segment_length
+        index, valid = padded_segment_index(self.segment_lengths, longest)
+        # Rotate each segment's row right so its entries end where the tail begins (left padding).
+        shift = (torch.arange(longest, device=index.device) + self.segment_lengths[:, None]) % max(longest, 1)
+        index = index.view(segments, longest).gather(1, shift).flatten()
+        valid = valid.gather(1, shift).view(batch, kv_heads, longest)
+
+        def padded(packed: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+            prefix = packed.index_select(0, index).view(batch, kv_heads, longest, head_dim)
+            return torch.cat([prefix, tail], dim=2)
+
+        mask = torch.cat([valid, self.tail_valid[:, None, :].expand(-1, kv_heads, -1)], dim=2)
+        return padded(self.packed_keys, keys), padded(self.packed_values, values), mask
+
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._check_active()
         keys, values = self.dense()
@@ -183,7 +232,10 @@ class PackedCompressedLayer(CompressedLayer):
         if q_len > 1 or self.tail_has_padding:
             causal = causal_tail_visibility(tail_len, q_len, query.device)  # (q, T)
             padding = self.tail_valid.repeat_interleave(kv_heads, 0)[:, None]
-            visible = causal.repeat(group, 1).unsqueeze(0) & padding
+            # A padding query (a chunk of a left-padded prompt) sees every entry: its output is
+            # never used, and a row that sees nothing would be NaN.
+            padded_query = ~self.tail_valid[:, -q_len:].repeat_interleave(kv_heads, 0).repeat(1, group)
+            visible = (causal.repeat(group, 1).unsqueeze(0) & padding) | padded_query[..., None]
         out = packed_attention(
             grouped,
             self.packed_keys,

@@ -14,7 +14,13 @@ How it works, using only transformers' extension points:
    kept entries. The cache may already hold a prefix filled before the ``with`` block (a cached
    system prompt, a shared document); the whole content is then scored with the queries of the
    forward's last ``window_size`` tokens, exactly as if it had been prefilled in one go.
-4. Afterwards, attention over compressed layers is computed by the layers themselves.
+   A prompt may also arrive in chunks: the forwards of ``generate(..., prefill_chunk_size=N)``
+   (recognised from ``generate``'s own chunk loop) or those inside ``session.chunked_prefill()``.
+   Each chunk is compressed at the end of its forward, scored over everything the layer holds with
+   the queries of the last ``window_size`` tokens so far, so a layer never holds more than about
+   budget + chunk entries per KV head.
+4. Afterwards, attention over compressed layers is computed by the layers themselves; under a
+   :class:`~mixkv.DecodingPress` a layer is compressed again every ``interval`` generated tokens.
 
 On exit (also on exceptions) hooks are removed, the config is restored, the registrations are
 dropped when no press remains, and compressed layers refuse further use.
@@ -22,18 +28,20 @@ dropped when no press remains, and compressed layers refuse further use.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.generation.utils import GenerationMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -51,6 +59,7 @@ from mixkv.presses.base import ScoringContext
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
+    from mixkv.presses.decoding import DecodingPress
 
 _FUNCTION_NAMES = {"sdpa": "mixkv_sdpa", "eager": "mixkv_eager"}
 
@@ -139,16 +148,15 @@ def key_mask_from_attention_mask(
 
 @dataclass
 class _PrefillRecord:
-    """Bookkeeping of one compressed prefill, turned into a CompressionReport at its last layer."""
+    """Bookkeeping of one prompt forward, turned into a CompressionReport at its last layer."""
 
     lengths: list[int]
     budgets: list[int]
     kept: torch.Tensor
     compressed_layers: list[int] = field(default_factory=list)
     skipped_layers: dict[int, str] = field(default_factory=dict)
-    full_bytes_of_compressed: int = 0
-    seconds: float = 0.0
-    # Visual placeholders of the prompt, ``(B, N)`` each (None for text-only models or embeddings).
+    # Visual placeholders of the prompt, ``(B, N)`` each (None for text-only models, embeddings or
+    # chunked prompts).
     is_image: torch.Tensor | None = None
     is_video: torch.Tensor | None = None
     # Kept image / video entries per sequence, summed over compressed layers (KV-head mean).
@@ -156,11 +164,57 @@ class _PrefillRecord:
     video_kept: torch.Tensor | None = None
 
 
+@dataclass
+class _CacheState:
+    """What the session remembers about one cache between forwards."""
+
+    lengths: torch.Tensor | None = None  # real prompt tokens seen so far (B,)
+    prompt_tokens: int = 0  # positions the prompt covers (padding included)
+    seconds: float = 0.0  # time spent compressing the prompt
+    # layer -> queries of the last `window_size` tokens (a chunk may be shorter than the window)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> entries per KV head right after its last compression (bounded decoding)
+    held_after_compression: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The current forward is one chunk of a prompt; ``closes_prompt`` when it is the last."""
+
+    closes_prompt: bool
+
+
+def _generate_prefill_chunk() -> _Chunk | None:
+    """The chunk ``generate(..., prefill_chunk_size=N)`` is prefilling, read off its frame.
+
+    transformers passes nothing to the model that tells a chunk of a prompt from a later question,
+    so the press looks at the caller: ``GenerationMixin._prefill``'s loop over ``input_chunks``.
+    """
+    prefill_code = getattr(getattr(GenerationMixin, "_prefill", None), "__code__", None)
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(_GENERATE_FRAME_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code is prefill_code:
+            chunks, index = frame.f_locals.get("input_chunks"), frame.f_locals.get("chunk_idx")
+            if not isinstance(chunks, (tuple, list)) or not isinstance(index, int) or len(chunks) < 2:
+                return None
+            return _Chunk(closes_prompt=index == len(chunks) - 1)
+        frame = frame.f_back
+    return None
+
+
+_GENERATE_FRAME_DEPTH = 8
+
+
 class PressSession:
     """A press applied to one model; use as a context manager (``with press(model): ...``)."""
 
-    def __init__(self, press: BasePress, model: torch.nn.Module) -> None:
+    def __init__(
+        self, press: BasePress, model: torch.nn.Module, decoding: DecodingPress | None = None
+    ) -> None:
         self.press = press
+        self.decoding = decoding
         self.model = model
         self.layout: DecoderLayout = describe_decoder(model)
         press.check_model(self.layout.num_layers, self.layout.num_heads, self.layout.num_kv_heads)
@@ -173,8 +227,14 @@ class PressSession:
         self._created: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
         self._input_ids: torch.Tensor | None = None
         self._record: _PrefillRecord | None = None
-        # Caches whose prefill this session has handled: later forwards through them only append.
+        # Caches whose prompt this session has handled: later forwards through them only append
+        # (or, under a DecodingPress, are compressed every `interval` tokens).
         self._prefilled: weakref.WeakSet[Cache] = weakref.WeakSet()
+        # Caches whose prompt is arriving in chunks inside `chunked_prefill()`.
+        self._open: weakref.WeakSet[Cache] = weakref.WeakSet()
+        self._states: weakref.WeakKeyDictionary[Cache, _CacheState] = weakref.WeakKeyDictionary()
+        self._chunk: _Chunk | None = None
+        self._in_chunked_prefill = False
         self._entered = False
 
     # -- context management -------------------------------------------------------------------
@@ -230,6 +290,10 @@ class PressSession:
         self._input_ids = None
         self._record = None
         self._prefilled.clear()
+        self._open.clear()
+        self._states.clear()
+        self._chunk = None
+        self._in_chunked_prefill = False
         if self._entered:
             self._entered = False
             _unregister_functions()
@@ -272,6 +336,31 @@ class PressSession:
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
         self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+        self._chunk = _Chunk(closes_prompt=False) if self._in_chunked_prefill else _generate_prefill_chunk()
+
+    @contextlib.contextmanager
+    def chunked_prefill(self) -> Iterator[None]:
+        """Every forward inside this block is one more chunk of its cache's prompt.
+
+        Each chunk is compressed to the budget at the end of its forward, scored with the queries
+        of the last ``window_size`` tokens so far, so no layer holds more than about budget + chunk
+        entries per KV head; ``press.last_report`` describes the prompt so far. The prompt ends
+        with the block: later forwards are appended (a question, decoded tokens).
+        ``generate(..., prefill_chunk_size=N)`` needs no such block.
+        """
+        if self._in_chunked_prefill:
+            raise RuntimeError("chunked_prefill() blocks cannot be nested")
+        if not self._entered:
+            raise RuntimeError("use chunked_prefill() inside `with press(model) as session: ...`")
+        self._in_chunked_prefill = True
+        try:
+            yield
+        finally:
+            self._in_chunked_prefill = False
+            self._chunk = None
+            for cache in list(self._open):
+                self._prefilled.add(cache)
+            self._open.clear()
 
     # -- attention --------------------------------------------------------------------------------
     def attention(
@@ -290,19 +379,61 @@ class PressSession:
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        prompt_forward = (
+            cache is not None
+            and isinstance(layer, CacheLayerMixin)
+            and cache not in self._prefilled
+            and (query.shape[2] > 1 or self._chunk is not None)
+        )
         if isinstance(layer, CompressedLayer):
             if kwargs.get("softcap") is not None:
                 raise ValueError("attention logit softcapping is not supported on a compressed cache")
-            return layer.attend(query, float(scaling)), None
-        output = binding.original(module, query, key, value, attention_mask, **kwargs)
-        if (
-            cache is not None
-            and isinstance(layer, CacheLayerMixin)
-            and query.shape[2] > 1
-            and cache not in self._prefilled
-        ):
+            if prompt_forward and isinstance(layer, PackedCompressedLayer):
+                row = key_mask_from_attention_mask(
+                    attention_mask, query.shape[0], layer.seen_tokens, query.device
+                )
+                layer.mark_padding(row[:, -query.shape[2] :])
+            output: tuple[torch.Tensor, torch.Tensor | None] = (layer.attend(query, float(scaling)), None)
+        else:
+            output = binding.original(module, query, key, value, attention_mask, **kwargs)
+        if cache is None or not isinstance(layer, CacheLayerMixin):
+            return output
+        if prompt_forward:
             self._on_prefill(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
+        elif cache in self._prefilled and self.decoding is not None:
+            self._on_decode(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
         return output
+
+    def _state(self, cache: Cache) -> _CacheState:
+        state = self._states.get(cache)
+        if state is None:
+            state = self._states[cache] = _CacheState()
+        return state
+
+    def _window_queries(self, state: _CacheState, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
+        """The last ``window_size`` queries through this cache and layer, across forwards."""
+        window = self.press.window_size
+        previous = state.queries.get(layer_idx)
+        if previous is not None and query.shape[2] < window:
+            query = torch.cat([previous, query], dim=2)
+        recent = query[:, :, -window:]
+        state.queries[layer_idx] = recent.clone()  # a view would keep the whole forward's queries alive
+        return recent
+
+    def _held(
+        self, layer: Any, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Every entry the layer holds, its real-entry mask and the number of tokens it has seen."""
+        if isinstance(layer, CompressedLayer):
+            return (*layer.entries(), layer.seen_tokens)
+        if type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"mixkv compresses DynamicCache layers; this layer is a {type(layer).__name__} "
+                "(use the default dynamic cache, not a static or quantized one)"
+            )
+        length = keys.shape[2]
+        key_mask = key_mask_from_attention_mask(attention_mask, keys.shape[0], length, keys.device)
+        return keys, values, key_mask, length
 
     def _on_prefill(
         self,
@@ -315,41 +446,107 @@ class PressSession:
         attention_mask: torch.Tensor | None,
         scaling: float,
     ) -> None:
+        state = self._state(cache)
         if layer_idx in self.layout.compressible_layers:
             # Sliding-window layers are skipped before their mask is read: it hides more than padding.
-            length = keys.shape[2]
-            key_mask = key_mask_from_attention_mask(attention_mask, keys.shape[0], length, keys.device)
-            lengths = key_mask.sum(-1)
+            held_keys, held_values, mask, seen = self._held(layer, keys, values, attention_mask)
             record = self._record
             if layer_idx == self.layout.compressible_layers[0] or record is None:
-                record = self._start_record(lengths, key_mask)
+                row = key_mask_from_attention_mask(attention_mask, keys.shape[0], seen, keys.device)
+                # A cache's first prompt forward counts what it already held (a prefix filled
+                # before the press); later chunks add their own tokens.
+                new_tokens = row if state.lengths is None else row[:, -query.shape[2] :]
+                record = self._start_record(state, new_tokens.sum(-1).cpu(), mask)
+            lengths = torch.tensor(record.lengths, device=keys.device)
             record.kept[:, layer_idx] = lengths.unsqueeze(-1).cpu()
-            if type(layer) is not DynamicLayer:
-                raise ValueError(
-                    f"mixkv compresses DynamicCache layers; layer {layer_idx} is a {type(layer).__name__} "
-                    "(use the default dynamic cache, not a static or quantized one)"
-                )
             budgets = torch.tensor(record.budgets, device=keys.device)
             compress_rows = lengths > budgets
-            if length <= self.press.window_size:
+            window_queries = self._window_queries(state, layer_idx, query)
+            if held_keys.shape[2] <= self.press.window_size:
                 record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
-            elif query.shape[2] < self.press.window_size:
+            elif window_queries.shape[2] < self.press.window_size:
                 record.skipped_layers[layer_idx] = (
                     f"the prefill forward holds {query.shape[2]} tokens, fewer than the observation window"
                 )
             elif bool(compress_rows.any()):
                 start = time.perf_counter()
-                self._compress(
-                    record, layer_idx, cache, query, keys, values, key_mask, budgets, compress_rows, scaling
+                indices = self._compress(
+                    layer_idx,
+                    cache,
+                    window_queries,
+                    held_keys,
+                    held_values,
+                    mask,
+                    budgets,
+                    compress_rows,
+                    scaling,
+                    seen,
+                    lengths,
                 )
-                record.seconds += time.perf_counter() - start
+                record.compressed_layers.append(layer_idx)
+                self._count_visual_tokens(record, mask, indices)
+                state.seconds += time.perf_counter() - start
             else:
                 record.skipped_layers[layer_idx] = "every prompt fits in its budget"
         if layer_idx == self.layout.num_layers - 1:
-            self._prefilled.add(cache)
-            self._finish_record(cache)
+            if self._chunk is None or self._chunk.closes_prompt:
+                self._prefilled.add(cache)
+            else:
+                self._open.add(cache)
+            self._finish_record(cache, state)
 
-    def _start_record(self, lengths: torch.Tensor, key_mask: torch.Tensor) -> _PrefillRecord:
+    def _on_decode(
+        self,
+        layer_idx: int,
+        cache: Cache,
+        layer: Any,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Bounded decoding: compress a layer again once it holds ``interval`` entries per head more
+        than after its last compression (and more than the decoding budget plus ``interval``)."""
+        decoding = self.decoding
+        if decoding is None or layer_idx not in self.layout.compressible_layers:
+            return
+        state = self._state(cache)
+        window_queries = self._window_queries(state, layer_idx, query)
+        held = _mean_held(layer, keys)
+        floor = max(state.held_after_compression.get(layer_idx, 0.0), float(decoding.target))
+        if (
+            held < floor + decoding.interval
+            or window_queries.shape[2] < self.press.window_size
+            or state.lengths is None
+        ):
+            return
+        held_keys, held_values, mask, seen = self._held(layer, keys, values, attention_mask)
+        batch = held_keys.shape[0]
+        budgets = torch.full((batch,), decoding.target, dtype=torch.long, device=held_keys.device)
+        seen_real = state.lengths.to(held_keys.device) + (seen - state.prompt_tokens)
+        self._compress(
+            layer_idx,
+            cache,
+            window_queries,
+            held_keys,
+            held_values,
+            mask,
+            budgets,
+            torch.ones(batch, dtype=torch.bool, device=held_keys.device),
+            scaling,
+            seen,
+            seen_real,
+        )
+        state.held_after_compression[layer_idx] = _mean_held(cache.layers[layer_idx], keys)
+        decoding.compressions += 1
+
+    def _start_record(
+        self, state: _CacheState, new_tokens: torch.Tensor, key_mask: torch.Tensor
+    ) -> _PrefillRecord:
+        """Bookkeeping of one prompt forward; ``new_tokens`` ``(B,)`` are its real tokens."""
+        state.lengths = state.lengths + new_tokens if state.lengths is not None else new_tokens
+        lengths = state.lengths
         batch = lengths.shape[0]
         budgets = [self.press.sequence_budget(int(n)) for n in lengths.tolist()]
         record = _PrefillRecord(
@@ -358,6 +555,7 @@ class PressSession:
             kept=torch.zeros((batch, self.layout.num_layers, self.layout.num_kv_heads), dtype=torch.long),
         )
         ids = self._input_ids
+        # Visual tokens are counted when the forward holds the whole prompt (one-go prefill).
         masks = (
             self.layout.visual_token_masks(ids) if ids is not None and ids.shape == key_mask.shape else None
         )
@@ -371,24 +569,30 @@ class PressSession:
 
     def _compress(
         self,
-        record: _PrefillRecord,
         layer_idx: int,
         cache: Cache,
-        query: torch.Tensor,
+        window_queries: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         key_mask: torch.Tensor,
         budgets: torch.Tensor,
         compress_rows: torch.Tensor,
         scaling: float,
-    ) -> None:
+        seen_tokens: int,
+        context_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the layer by one holding the selected entries and the last ``window_size``.
+
+        ``keys``/``values`` ``(B, Hkv, N, D)`` are everything the layer holds, the newest tokens
+        last; ``key_mask`` is ``(B, N)`` or per head ``(B, Hkv, N)``. Returns the selected prefix
+        indices and their validity (:func:`select_top_per_head`).
+        """
         press = self.press
         window = press.window_size
-        _, _, length, head_dim = keys.shape
+        length, head_dim = keys.shape[2], keys.shape[3]
         prefix = length - window
-        lengths = key_mask.sum(-1)
         ctx = ScoringContext(
-            queries=query[:, :, -window:],
+            queries=window_queries,
             keys=keys,
             values=values,
             key_mask=key_mask,
@@ -398,29 +602,31 @@ class PressSession:
             budgets=budgets,
             kernel_size=press.kernel_size,
             pooling=press.pooling,
+            context_lengths=context_lengths,
         )
-        prefix_mask = key_mask[:, :prefix]
-        window_valid = key_mask[:, prefix:]
+        head_mask = ctx.head_mask
+        prefix_mask = head_mask[..., :prefix]
+        # The window is the newest tokens, held densely by every head: its padding is per sequence.
+        window_valid = head_mask[:, 0, prefix:]
         counts = torch.where(
-            compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), lengths[:, None]
+            compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), context_lengths[:, None]
         )
-        available = prefix_mask.sum(-1, keepdim=True)
+        available = prefix_mask.sum(-1)
         prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
         scores = press.scores(ctx).float()
         # Sequences within their budget keep every real prompt token.
         scores = torch.where(compress_rows[:, None, None], scores, torch.zeros_like(scores))
-        scores = scores.masked_fill(~prefix_mask[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~prefix_mask, float("-inf"))
         indices, valid = select_top_per_head(scores, prefix_counts)
         gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
         kept_keys = keys[:, :, :prefix].gather(2, gather_index)
         kept_values = values[:, :, :prefix].gather(2, gather_index)
-        full_bytes = layer_bytes(cache.layers[layer_idx])
         new_layer: CompressedLayer
         if bool((prefix_counts == prefix_counts.flatten()[0]).all()) and bool(window_valid.all()):
             new_layer = DenseCompressedLayer(
                 torch.cat([kept_keys, keys[:, :, prefix:]], dim=2),
                 torch.cat([kept_values, values[:, :, prefix:]], dim=2),
-                seen_tokens=length,
+                seen_tokens=seen_tokens,
             )
         else:
             new_layer = PackedCompressedLayer(
@@ -430,34 +636,57 @@ class PressSession:
                 keys[:, :, prefix:].clone(),
                 values[:, :, prefix:].clone(),
                 window_valid.clone(),
-                seen_tokens=length,
+                seen_tokens=seen_tokens,
             )
         cache.layers[layer_idx] = new_layer
         self._created.add(new_layer)
-        kept = prefix_counts + window_valid.sum(-1, keepdim=True)
-        record.kept[:, layer_idx] = kept.cpu()
-        record.compressed_layers.append(layer_idx)
-        record.full_bytes_of_compressed += full_bytes
-        if record.image_kept is not None and record.video_kept is not None:
-            record.image_kept += _kept_of(record.is_image, indices, valid, prefix, window_valid)
-            record.video_kept += _kept_of(record.is_video, indices, valid, prefix, window_valid)
+        return indices, valid
 
-    def _finish_record(self, cache: Cache) -> None:
+    def _count_visual_tokens(
+        self, record: _PrefillRecord, key_mask: torch.Tensor, selection: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Image and video entries kept by a one-go prefill (the forward's ids cover the whole cache)."""
+        if record.image_kept is None or record.video_kept is None:
+            return
+        indices, valid = selection
+        prefix = key_mask.shape[-1] - self.press.window_size
+        window_valid = key_mask[:, prefix:]
+        record.image_kept += _kept_of(record.is_image, indices, valid, prefix, window_valid)
+        record.video_kept += _kept_of(record.is_video, indices, valid, prefix, window_valid)
+
+    def _finish_record(self, cache: Cache, state: _CacheState) -> None:
         record = self._record
         self._record = None
         if record is None:
             return
+        state.prompt_tokens = cache.get_seq_length(self.layout.compressible_layers[0])
         lengths = torch.tensor(record.lengths)
-        for layer_idx in range(self.layout.num_layers):
+        full_bytes = 0
+        compressed_layers = []
+        for layer_idx, layer in enumerate(cache.layers):
+            if isinstance(layer, CompressedLayer):
+                compressed_layers.append(layer_idx)
+                record.kept[:, layer_idx] = layer.held_counts().cpu()
+                keys, _ = layer.dense()
+                # What a DynamicLayer would hold for every token seen: keys and values.
+                full_bytes += (
+                    2
+                    * keys.shape[0]
+                    * keys.shape[1]
+                    * layer.seen_tokens
+                    * keys.shape[3]
+                    * keys.element_size()
+                )
+                state.held_after_compression[layer_idx] = _mean_held(layer, keys)
+            else:
+                full_bytes += layer_bytes(layer)
             if layer_idx not in self.layout.compressible_layers:
-                held = getattr(cache.layers[layer_idx], "keys", None)
+                held = getattr(layer, "keys", None)
                 window = held.shape[-2] if isinstance(held, torch.Tensor) else 0
                 record.kept[:, layer_idx] = lengths.clamp(max=window).unsqueeze(-1)
                 record.skipped_layers[layer_idx] = (
                     "sliding-window layer (its cache is already bounded by the window)"
                 )
-        compressed_bytes = kv_cache_bytes(cache)
-        compressed_now = sum(layer_bytes(cache.layers[i]) for i in record.compressed_layers)
         counts: dict[str, list[Any]] = {}
         if (
             record.is_image is not None
@@ -486,13 +715,20 @@ class PressSession:
             context_lengths=record.lengths,
             budgets=record.budgets,
             kept_tokens=record.kept,
-            compressed_layers=record.compressed_layers,
+            compressed_layers=compressed_layers,
             skipped_layers=record.skipped_layers,
-            full_bytes=compressed_bytes - compressed_now + record.full_bytes_of_compressed,
-            compressed_bytes=compressed_bytes,
-            compression_seconds=record.seconds,
+            full_bytes=full_bytes,
+            compressed_bytes=kv_cache_bytes(cache),
+            compression_seconds=state.seconds,
             **counts,
         )
+
+
+def _mean_held(layer: Any, keys: torch.Tensor) -> float:
+    """Entries per KV head the layer holds, averaged over heads, for its fullest sequence."""
+    if isinstance(layer, CompressedLayer):
+        return float(layer.held_counts().float().mean(-1).max())
+    return float(keys.shape[2])
 
 
 def _kept_of(

@@ -2,6 +2,7 @@
 
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
@@ -10,6 +11,7 @@ __all__ = [
     "NAMES",
     "AdaKVPress",
     "BasePress",
+    "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
     "MixKVPress",

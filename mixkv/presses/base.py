@@ -16,7 +16,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ScoringContext:
-    """Everything a press sees about one layer at the end of prefill.
+    """Everything a press sees about one layer when it compresses it.
+
+    At the end of a one-go prefill the cache holds the whole prompt. When the prompt arrives in
+    chunks, or while decoding under :class:`~mixkv.DecodingPress`, it holds what earlier
+    compressions kept followed by the newest tokens; the last ``W`` entries are always the newest
+    ``W`` tokens.
 
     Attributes
     ----------
@@ -24,8 +29,9 @@ class ScoringContext:
         The model's own post-rotary queries of the last ``W`` (observation window) positions.
     keys, values : Tensor ``(B, Hkv, N, D)``
         The layer's cache (post-rotary keys), left-padded batches included.
-    key_mask : BoolTensor ``(B, N)``
-        True for real tokens, False for padding.
+    key_mask : BoolTensor ``(B, N)`` or ``(B, Hkv, N)``
+        True for real entries, False for padding; per KV head when heads hold different numbers of
+        entries (a head-wise compressed cache compressed again, each head padded on the left).
     scaling : float
         The attention module's logit scale.
     layer_idx : int
@@ -37,6 +43,9 @@ class ScoringContext:
         Each sequence's budget (average kept tokens per KV head per layer, window included).
     kernel_size, pooling
         Pooling of the window attention (see :func:`mixkv.functional.pool_scores`).
+    context_lengths : LongTensor ``(B,)``, optional
+        Real tokens each sequence has seen (the prompt so far); defaults to the real entries of
+        a ``(B, N)`` ``key_mask``.
     """
 
     queries: torch.Tensor
@@ -49,6 +58,7 @@ class ScoringContext:
     budgets: torch.Tensor
     kernel_size: int = 5
     pooling: Literal["avg", "max"] = "avg"
+    context_lengths: torch.Tensor | None = None
     _importance: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -62,8 +72,17 @@ class ScoringContext:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """Real tokens per sequence ``(B,)``."""
+        """Real tokens seen per sequence ``(B,)``."""
+        if self.context_lengths is not None:
+            return self.context_lengths
         return self.key_mask.sum(-1)
+
+    @property
+    def head_mask(self) -> torch.Tensor:
+        """``key_mask`` per KV head, ``(B, Hkv, N)``."""
+        if self.key_mask.dim() == 3:
+            return self.key_mask
+        return self.key_mask[:, None, :].expand(-1, self.keys.shape[1], -1)
 
     @property
     def importance(self) -> torch.Tensor:

@@ -54,12 +54,11 @@ class StreamingLLMPress(BasePress):
 
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         prefix = ctx.keys.shape[2] - ctx.window_size
-        mask = ctx.key_mask[:, :prefix]
-        # Position among the sequence's real tokens (left padding shifts nothing).
+        mask = ctx.head_mask[..., :prefix]
+        # Position among the head's real entries (left padding shifts nothing).
         rank = (mask.long().cumsum(-1) - 1).float()
         score = torch.where(rank < self.n_sink, torch.full_like(rank, float(ctx.keys.shape[2])), rank)
-        score = score.masked_fill(~mask, float("-inf"))
-        return score.unsqueeze(1).expand(-1, ctx.keys.shape[1], -1)
+        return score.masked_fill(~mask, float("-inf"))
 
 
 @dataclass
@@ -77,4 +76,4 @@ class RandomPress(BasePress):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + ctx.layer_idx)
         score = torch.rand((batch, kv_heads, length - ctx.window_size), generator=generator)
         score = score.to(ctx.keys.device)
-        return score.masked_fill(~ctx.key_mask[:, None, : length - ctx.window_size], float("-inf"))
+        return score.masked_fill(~ctx.head_mask[..., : length - ctx.window_size], float("-inf"))
