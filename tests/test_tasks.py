@@ -224,3 +224,11 @@ def test_source_raises_message_appears_once_inside_the_asked_function(bpe):
         message = ex.metadata["message"]
         assert ex.context.count(message) == 1
         assert message in sources[ex.answers[0]] and ex.answers[0] not in ex.question
+
+
+def test_example_digest_changes_with_the_question_not_only_the_context(bpe):
+    from dataclasses import replace
+
+    example = make_examples("multihop", bpe, 600, 1, seed=0)[0]
+    assert replace(example, question=example.question + "?").digest != example.digest
+    assert replace(example).digest == example.digest

@@ -208,7 +208,8 @@ def load_partial(
     """The finished leading examples of a cell's checkpoint, or none.
 
     Records are kept only while they belong to this run (same schema, cell and identity) and each
-    one's context is the one regenerated for its position (``context_sha1``); the rest is recomputed.
+    one's example (context, question, answers: ``example_sha1``) is the one regenerated for its
+    position; the rest is recomputed.
     """
     path = partial_path(cell_dir, cell)
     if not path.exists():
@@ -224,7 +225,7 @@ def load_partial(
         logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
         return [], 0.0
     kept = 0
-    while kept < min(len(records), len(digests)) and records[kept].get("context_sha1") == digests[kept]:
+    while kept < min(len(records), len(digests)) and records[kept].get("example_sha1") == digests[kept]:
         kept += 1
     if kept:
         logger.info("Resuming %s after %d finished example(s).", cell.name, kept)

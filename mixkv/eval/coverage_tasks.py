@@ -138,12 +138,13 @@ def _multihop(task: str, tokenizer: Any, length: int, rng: random.Random) -> Tex
         context=context,
         question=(
             f"Which number is held by the locker where the code for the {keys[0]} vault is kept? "
-            "First name the locker, then the number."
+            "Answer as: Locker <number of the locker> holds the number <the number>."
         ),
         answers=[numbers[0]],
         metric="all",
-        answer_prefix=f"The code for the {keys[0]} vault is kept in locker",
-        max_new_tokens=24,
+        answer_prefix="Locker",  # first hop, then the second note's wording (a prefix ending after the
+        # first hop makes this model stop there)
+        max_new_tokens=32,
         context_tokens=n_tokens,
         metadata={"keys": keys, "lockers": lockers, "numbers": numbers, "depths": depths},
     )

@@ -177,6 +177,7 @@ def run_example(
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": int(generated.numel()),
         "context_sha1": hashlib.sha1(example.context.encode()).hexdigest(),
+        "example_sha1": example.digest,
         "prefill_seconds": prefill_s,
         "decode_seconds": decode_s,
         "kv_bytes": kept_bytes,

@@ -14,7 +14,6 @@ shows them as ``n/a``. A grid in which every compressed cell would be skipped is
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import sys
 import time
@@ -307,7 +306,7 @@ def run_eval(
             for (task, length), group in groups.items():
                 bar.set_description(f"{task} L={length}")
                 examples = make_examples(task, tokenizer, length, n, seed)
-                digests = [hashlib.sha1(e.context.encode()).hexdigest() for e in examples]
+                digests = [e.digest for e in examples]
                 records: dict[Cell, list[dict[str, Any]]] = {}
                 seconds: dict[Cell, float] = {}
                 for cell in group:

@@ -45,7 +45,7 @@ SUITES: dict[str, Suite] = {
         budgets=(128,),
         tasks=("niah_single_2", "agg_list", "multihop"),
         context_lengths=(1024,),
-        n=15,
+        n=10,
         seed=0,
         protocol="query_aware",
     ),

@@ -48,6 +48,7 @@ modules in a fixed order, so it is deterministic for a given Python version.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
 import random
@@ -107,6 +108,13 @@ class TextExample:
     max_new_tokens: int = 32
     context_tokens: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """SHA-1 of everything that defines the example's prompt, answers and scoring; a checkpointed
+        result is reused only for an example with the same digest."""
+        parts = [self.context, self.question, self.answer_prefix, self.metric, *self.answers]
+        return hashlib.sha1("\x00".join([*parts, str(self.max_new_tokens)]).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
