@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixkv.eval.suites import compare_with_reference, suite_scores
+from mixkv.eval.suites import SUITES, compare_with_reference, suite_scores
 
 
 def _cell(method, budget, task, scores):
@@ -36,3 +36,11 @@ def test_a_method_outside_its_recorded_interval_is_flagged_moved(tmp_path):
     outside = {"snapkv@128": {"n": 30, "mean": 30.0, "low": 15.0, "high": 45.0}}
     assert "within" in compare_with_reference("quick", inside, reference)[-1]
     assert "MOVED" in compare_with_reference("quick", outside, reference)[-1]
+
+
+def test_the_quick_suite_has_a_recorded_reference_for_each_of_its_methods():
+    suite = SUITES["quick"]
+    lines = compare_with_reference("quick", {})
+    assert not lines[0].startswith("No recorded reference"), lines[0]
+    expected = {m if m == "full" else f"{m}@{b}" for m in suite.methods for b in suite.budgets}
+    assert {line.split(" | ")[0].removeprefix("| ") for line in lines[4:]} == expected
