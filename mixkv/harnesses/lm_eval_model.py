@@ -35,14 +35,13 @@ How requests run under the press
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from mixkv.harnesses.press_arguments import attached, split_press_arguments
+from mixkv.harnesses.press_arguments import attached, run_harness_cli, split_press_arguments
 from mixkv.integration.models import cache_argument, prefill
 
 try:
@@ -129,10 +128,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mixkv lm-eval ARGS``: the harness's command line with the ``mixkv`` model type registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    saved = sys.argv
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    return 0
+    return run_harness_cli("lm-eval", cli_evaluate, argv)

@@ -35,7 +35,6 @@ refuses.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mixkv.harnesses.lmms_eval_entry import manifest
-from mixkv.harnesses.press_arguments import attached, split_press_arguments
+from mixkv.harnesses.press_arguments import attached, run_harness_cli, split_press_arguments
 
 try:
     from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
@@ -163,10 +162,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmms_eval.models import MODEL_REGISTRY_V2
 
     MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
-    saved = sys.argv
-    sys.argv = ["lmms-eval", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    return 0
+    return run_harness_cli("lmms-eval", cli_evaluate, argv)

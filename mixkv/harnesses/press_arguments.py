@@ -1,9 +1,11 @@
-"""The press arguments every harness model takes (``press=mixkv-adakv,budget=128,window_size=16``)."""
+"""What every harness model shares: the press arguments it takes
+(``press=mixkv-adakv,budget=128,window_size=16``) and the ``mixkv <harness>`` command wrapper."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from mixkv.integration.session import PressSession
 from mixkv.presses.base import BasePress
 from mixkv.presses.registry import KVPRESS_NAMES, from_name, list_presses
 
-__all__ = ["attached", "split_press_arguments"]
+__all__ = ["attached", "run_harness_cli", "split_press_arguments"]
 
 
 def split_press_arguments(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -43,3 +45,14 @@ def attached(press: BasePress | None, model: torch.nn.Module) -> Iterator[PressS
     else:
         with press(model) as session:
             yield session
+
+
+def run_harness_cli(program: str, cli_evaluate: Callable[[], Any], argv: Sequence[str] | None) -> int:
+    """Run a harness's command line (which reads ``sys.argv``) with ``argv``, restoring ``sys.argv``."""
+    saved = sys.argv
+    sys.argv = [program, *(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
