@@ -7,7 +7,11 @@ images), what MixKV and SparseMM can otherwise only guess:
   similarity of its (post-rotary) keys - the ``r_h`` of the MixKV score, as an offline table;
 * ``visual_head_scores`` ``(layers, heads)``: mean over prompts of the attention mass that the last
   ``window_size`` prompt tokens put on visual (image and video) tokens, per query head - SparseMM's
-  head scores. Only for prompts with images or videos.
+  head scores. Only for prompts with images or videos;
+* ``visual_redundancy`` and ``text_redundancy`` ``(layers, kv_heads)``: the same redundancy measured
+  over the visual tokens' keys only and over the other (text) tokens' keys only - the paper's
+  motivating comparison (image tokens are more redundant than text). Only for prompts with images
+  or videos.
 
 Files are JSON (``.json``) or safetensors (``.safetensors``) and carry the model's shape, which
 presses check before use.
@@ -26,7 +30,7 @@ import torch
 
 from mixkv.functional import head_redundancy
 
-TABLE_KEYS = ("redundancy", "visual_head_scores")
+TABLE_KEYS = ("redundancy", "visual_head_scores", "visual_redundancy", "text_redundancy")
 
 
 @dataclass
@@ -37,6 +41,11 @@ class HeadStatistics:
     num_samples: int
     redundancy: torch.Tensor
     visual_head_scores: torch.Tensor | None
+    visual_redundancy: torch.Tensor | None = None
+    text_redundancy: torch.Tensor | None = None
+
+    def _tables(self) -> dict[str, torch.Tensor | None]:
+        return {key: getattr(self, key) for key in TABLE_KEYS}
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON or safetensors, by the file suffix."""
@@ -50,17 +59,13 @@ class HeadStatistics:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json":
             payload: dict[str, Any] = dict(meta)
-            payload["redundancy"] = self.redundancy.tolist()
-            payload["visual_head_scores"] = (
-                None if self.visual_head_scores is None else self.visual_head_scores.tolist()
-            )
+            for key, table in self._tables().items():
+                payload[key] = None if table is None else table.tolist()
             path.write_text(json.dumps(payload, indent=1))
         elif path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            tensors = {"redundancy": self.redundancy.contiguous()}
-            if self.visual_head_scores is not None:
-                tensors["visual_head_scores"] = self.visual_head_scores.contiguous()
+            tensors = {key: table.contiguous() for key, table in self._tables().items() if table is not None}
             save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
         else:
             raise ValueError(f"unknown statistics file type {path.suffix!r}: use .json or .safetensors")
@@ -132,6 +137,8 @@ def calibrate(
         )
     redundancy = torch.zeros(layout.num_layers, layout.num_kv_heads)
     visual = torch.zeros(layout.num_layers, layout.num_heads)
+    visual_redundancy = torch.zeros(layout.num_layers, layout.num_kv_heads)
+    text_redundancy = torch.zeros(layout.num_layers, layout.num_kv_heads)
     count = visual_count = 0
     for sample in samples:
         input_ids = sample.get("input_ids")
@@ -139,13 +146,15 @@ def calibrate(
             raise ValueError("calibration samples must hold input_ids of batch size 1")
         cache = DynamicCache(config=layout.text_config)
         outputs = model(**sample, **{cache_argument(model): cache}, use_cache=True, output_attentions=True)
+        held: list[torch.Tensor] = []
         for layer_idx in range(layout.num_layers):
             keys = getattr(cache.layers[layer_idx], "keys", None)
             if not isinstance(keys, torch.Tensor):
                 raise ValueError(
                     f"layer {layer_idx} of the cache holds no keys; this model cannot be calibrated"
                 )
-            redundancy[layer_idx] += head_redundancy(keys.float())[0].cpu()
+            held.append(keys.float())
+            redundancy[layer_idx] += head_redundancy(held[-1])[0].cpu()
         count += 1
         masks = layout.visual_token_masks(input_ids[0])
         if masks is not None and bool((masks[0] | masks[1]).any()):
@@ -154,6 +163,11 @@ def calibrate(
                 window = attention[0, :, -window_size:, :]  # (H, W, N)
                 if window.shape[-1] == is_visual.shape[0]:
                     visual[layer_idx] += window[..., is_visual].sum(-1).mean(-1).float().cpu()
+                keys = held[layer_idx]
+                if keys.shape[2] == is_visual.shape[0]:  # not a sliding-window layer
+                    on_keys = is_visual.to(keys.device)
+                    visual_redundancy[layer_idx] += head_redundancy(keys[:, :, on_keys])[0].cpu()
+                    text_redundancy[layer_idx] += head_redundancy(keys[:, :, ~on_keys])[0].cpu()
             visual_count += 1
     if count == 0:
         raise ValueError("no calibration samples were given")
@@ -163,6 +177,8 @@ def calibrate(
         num_samples=count,
         redundancy=(redundancy / count).clamp(0, 1),
         visual_head_scores=visual / visual_count if visual_count else None,
+        visual_redundancy=(visual_redundancy / visual_count).clamp(0, 1) if visual_count else None,
+        text_redundancy=(text_redundancy / visual_count).clamp(0, 1) if visual_count else None,
     )
 
 

@@ -99,7 +99,10 @@ def run_demo(
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    images = all("image_tokens_total" in r for r in rows) and any(r["image_tokens_total"] for r in rows)
     head = ["method", "budget", "answer", "correct", "KV kept (MiB)", "% of full", "prefill s", "decode s"]
+    if images:
+        head.insert(6, "image tokens kept")
     lines = [head]
     for r in rows:
         answer = " ".join(r["output"].split())
@@ -116,6 +119,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 f"{r['decode_seconds']:.2f}",
             ]
         )
+        if images:
+            total = max(1, r["image_tokens_total"])
+            lines[-1].insert(
+                6, f"{r['image_tokens_kept']:.0f} of {total} ({100 * r['image_tokens_kept'] / total:.0f}%)"
+            )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = []
     for k, row in enumerate(lines):
@@ -186,9 +194,26 @@ def main(argv: list[str] | None = None) -> int:
         prog="mixkv demo",
         description="Ask a question about a long document with full and compressed KV caches.",
     )
-    p.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m or a model directory")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma separated method names")
-    p.add_argument("--budgets", default="64,128,256,512", help="comma separated budgets (tokens per KV head)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (default), gemma3-270m, qwen2.5-coder-0.5b, a model directory, or tiny-vlm: the "
+        "image demo (a question about a picture, with a heat map of the image tokens each press kept)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma separated method names (default: " + ",".join(DEFAULT_METHODS) + ")",
+    )
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="comma separated budgets in tokens per KV head (default 64,128,256,512; 32,64,128 for tiny-vlm)",
+    )
+    p.add_argument(
+        "--family", choices=["board", "chart", "gui"], default="board", help="tiny-vlm: the image family"
+    )
+    p.add_argument("--index", type=int, default=0, help="tiny-vlm: which held-out test image of the family")
     p.add_argument("--context-length", type=int, default=1800, help="document length in tokens")
     p.add_argument(
         "--task",
@@ -205,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="mixkv_demo.png", help="PNG to write (default ./mixkv_demo.png)")
     args = p.parse_args(argv)
+    image_demo = (args.model or "").strip().lower() == "tiny-vlm"
+    if args.budgets is None:
+        args.budgets = "32,64,128" if image_demo else "64,128,256,512"
+    if args.methods is None:
+        args.methods = ",".join(DEFAULT_METHODS)
     start = time.perf_counter()
     try:
         from mixkv.models import load_model
@@ -222,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--budgets needs positive integers, got {args.budgets!r}")
         print(f"Loading {args.model or 'SmolLM2-135M-Instruct'} ...")
         model, tokenizer = load_model(args.model)
+        if image_demo:
+            return _image_demo(model, tokenizer, args, methods, budgets, start)
         example, rows = run_demo(
             model,
             tokenizer,
@@ -252,6 +284,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nPlot written to {out}")
     else:
         print("\nmatplotlib is not installed: no plot written (`pip install matplotlib`).")
+    print(f"Total wall time {time.perf_counter() - start:.1f} s on {torch.get_num_threads()} threads.")
+    return 0
+
+
+def _image_demo(
+    model: Any, processor: Any, args: argparse.Namespace, methods: list[str], budgets: list[int], start: float
+) -> int:
+    from mixkv.tiny_vlm.demo import plot_keep_maps, run_image_demo
+    from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+
+    task = {"board": "board_codes", "chart": "chart_values", "gui": "gui_marks"}[args.family]
+    out = Path(args.out)
+    example = make_tiny_vlm_suite(task, args.index + 1, args.seed, out.parent / "mixkv_demo_images")[
+        args.index
+    ]
+    rows = run_image_demo(model, processor, example, methods=methods, budgets=budgets)
+    print()
+    print(
+        f"Image: {example.image_path} ({rows[0]['image_tokens']} image tokens, {rows[0]['prompt_tokens']}-token prompt)"
+    )
+    print(f"Question: {example.question}")
+    print(f"The answer starts with: {example.answer_prefix!r}; expected: {example.answers[0]}")
+    print()
+    print(_table(rows))
+    title = (
+        f"tiny-vlm (trained here on synthetic images; frozen Qwen2.5-Coder-0.5B): image tokens kept "
+        f"per press and budget ({task} #{args.index}, seed {args.seed})"
+    )
+    if plot_keep_maps(example, rows, out, title):
+        print(f"\nHeat map written to {out}")
+    else:
+        print("\nmatplotlib is not installed: no heat map written (`pip install matplotlib`).")
     print(f"Total wall time {time.perf_counter() - start:.1f} s on {torch.get_num_threads()} threads.")
     return 0
 

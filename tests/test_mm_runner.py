@@ -215,3 +215,35 @@ def test_mixing_text_and_multimodal_tasks_is_an_error(tmp_path, capsys):
     argv = ["--model", str(tmp_path), "--tasks", "niah_single_1,synthetic_bar_chart", "--out", str(tmp_path)]
     assert cli_main(argv) == 2
     assert "cannot be mixed" in capsys.readouterr().err
+
+
+def test_observation_window_is_at_most_half_the_budget():
+    assert mm_runner.observation_window(32, 32) == 16
+    assert mm_runner.observation_window(32, 64) == 32
+    assert mm_runner.observation_window(32, 256) == 32
+    assert mm_runner.observation_window(32, None) == 32
+
+
+def test_sparsemm_without_head_scores_names_the_calibrate_command(vlm, tasks, tmp_path):
+    grid = {**GRID, "methods": ["sparsemm"]}
+    with pytest.raises(ValueError, match="mixkv calibrate"):
+        run_mm_eval(vlm, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path, **grid)
+
+
+def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks, tmp_path):
+    from mixkv.calibration import calibrate
+
+    eager = build_case("qwen2_vl", attn_implementation="eager")
+    scores = calibrate(eager.model, [eager.inputs], window_size=8).save(tmp_path / "heads.json")
+    model = build_case("qwen2_vl").model, vlm_processor("qwen2_vl")
+    grid = {**GRID, "methods": ["sparsemm", "mixkv-sparsemm"]}
+    result = run_mm_eval(
+        model, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path / "out", head_scores=scores, **grid
+    )
+    for name in ("sparsemm", "mixkv-sparsemm"):
+        cell = json.loads(
+            (tmp_path / "out" / "cells" / cell_filename(name, BUDGET, "docvqa", None)).read_text()
+        )
+        assert len(cell["identity"]["head_scores_sha1"]) == 40
+        assert all(r["compressed"] for r in cell["examples"])
+    assert result is not None

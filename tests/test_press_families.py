@@ -164,6 +164,24 @@ def test_vlm_report_counts_image_and_text_tokens(family):
     assert 0 <= report.image_tokens_kept[0] <= case.num_image_tokens
 
 
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+@pytest.mark.parametrize("press_name", ["snapkv", "mixkv-adakv"])
+def test_vlm_report_keep_fractions_per_position_add_up_to_the_kept_counts(family, press_name):
+    case = cached_case(family)
+    press = make_press(press_name, case, budget=BUDGET)
+    with press(case.model):
+        prefill(case)
+    report = press.last_report
+    fraction = report.position_keep_fraction
+    assert fraction is not None and fraction.shape == (1, case.prompt_len)
+    assert bool(((fraction >= 0) & (fraction <= 1 + 1e-6)).all())
+    assert torch.allclose(fraction[0, -press.window_size :], torch.ones(press.window_size))
+    is_image = case.inputs["input_ids"][0] == case.image_token_id
+    assert fraction[0, is_image].sum().item() == pytest.approx(report.image_tokens_kept[0], rel=1e-5)
+    kept_mean = report.kept_tokens[:, report.compressed_layers].float().mean().item()
+    assert fraction.sum().item() == pytest.approx(kept_mean, rel=1e-5)
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("press_name", ["snapkv", "mixkv-adakv"])
 def test_left_padded_batch_generates_like_each_sequence_alone(family, press_name):

@@ -129,7 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
         "mixkv-X is compared with X automatically when both are run",
     )
     p.add_argument("--no-resume", action="store_true", help="recompute and overwrite finished cells")
-    p.add_argument("--window-size", type=int, default=32, help="observation window (default 32)")
+    p.add_argument(
+        "--window-size",
+        type=int,
+        default=32,
+        help="observation window (default 32; multimodal: at most half the budget, e.g. 16 at budget 32)",
+    )
+    p.add_argument(
+        "--head-scores",
+        default=None,
+        help="multimodal: `mixkv calibrate` statistics file whose visual_head_scores the sparsemm methods use",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the tasks' answer lengths")
     p.add_argument(
         "--no-shared-prefill",
@@ -166,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(t in MM_TASKS for t in tasks):
             result = _run_multimodal(args, tasks)
         else:
-            if args.data or args.images:
-                raise ValueError("--data / --images are for multimodal tasks only.")
+            if args.data or args.images or args.head_scores:
+                raise ValueError("--data / --images / --head-scores are for multimodal tasks only.")
             result = _run_text(args, run_eval)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mixkv eval: error: {exc}", file=sys.stderr)
@@ -305,6 +315,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         coordinate_scale=args.coordinate_scale,
         sources=sources,
         compare=_pairs(args.compare),
+        head_scores=args.head_scores,
     )
 
 

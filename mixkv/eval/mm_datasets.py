@@ -55,6 +55,9 @@ class MMExample:
         Dataset-specific fields (category, bbox, image size, ...).
     frames : list of Path
         Frame files, in order, of a video example (empty for an image example).
+    answer_prefix : str
+        Text the assistant's turn starts with, appended to the prompt after the generation prompt
+        (empty for the benchmarks; the tiny VLM's tasks start the answer with the row's key).
     """
 
     id: str
@@ -64,6 +67,7 @@ class MMExample:
     metric: str
     extra: dict[str, Any] = field(default_factory=dict)
     frames: list[Path] = field(default_factory=list)
+    answer_prefix: str = ""
 
     @property
     def is_video(self) -> bool:
@@ -696,6 +700,15 @@ def score_examples(
             result[metric] = mm_metrics.cider_d(preds, answers)
         elif metric == "multiple_choice":
             result[metric] = mm_metrics.mean_multiple_choice_accuracy(preds, answers)
+        elif metric == "exact_match":
+            result[metric] = sum(
+                mm_metrics.exact_match(p, a) for p, a in zip(preds, answers, strict=True)
+            ) / len(preds)
+        elif metric == "mark_in_box":
+            result[metric] = sum(
+                mm_metrics.mark_in_box(p, e.extra["marks"], e.extra["bbox"])
+                for e, p in zip(exs, preds, strict=True)
+            ) / len(preds)
         else:  # point_in_box
             bboxes = []
             for e in exs:

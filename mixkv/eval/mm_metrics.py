@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +30,9 @@ __all__ = [
     "caption_tokenize",
     "cider_d",
     "cider_d_scores",
+    "exact_match",
     "levenshtein_distance",
+    "mark_in_box",
     "mean_anls",
     "mean_multiple_choice_accuracy",
     "mean_relaxed_accuracy",
@@ -54,6 +56,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "cider_d",
     "point_in_box",
     "multiple_choice",
+    "exact_match",
+    "mark_in_box",
 )
 """Names of the metrics, as used in ``MMExample.metric``."""
 
@@ -983,3 +987,33 @@ def mean_multiple_choice_accuracy(predictions: Sequence[str], answers: Sequence[
         for pred, refs in zip(predictions, answers, strict=True)
     )
     return correct / len(predictions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact match and set-of-marks grounding (the tiny VLM's tasks)
+# ----------------------------------------------------------------------------------------------
+_FIRST_WORD = re.compile(r"\S+")
+_FIRST_INTEGER = re.compile(r"\d+")
+
+
+def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 when the prediction's first word, without surrounding punctuation, equals a reference.
+
+    Codes and chart values are read, not estimated, so no tolerance: ``"482913."`` matches
+    ``"482913"``, ``"482918"`` does not.
+    """
+    refs = _as_answer_list(answers, "exact_match")
+    match = _FIRST_WORD.search(prediction)
+    word = match.group().strip(".,;:!?\"'()[]") if match else ""
+    return 1.0 if word and word in {r.strip() for r in refs} else 0.0
+
+
+def mark_in_box(prediction: str, marks: Mapping[str, Sequence[float]], bbox: Sequence[float]) -> float:
+    """Set-of-marks grounding: the first integer of the prediction names a mark; the answer's point is
+    the centre of that mark's box; 1.0 when the point lies in ``bbox`` (x1, y1, x2, y2, pixels)."""
+    match = _FIRST_INTEGER.search(prediction)
+    box = marks.get(match.group()) if match else None
+    if box is None:
+        return 0.0
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    return 1.0 if point_in_box(centre, bbox) else 0.0

