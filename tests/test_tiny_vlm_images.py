@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from mixkv.eval.mm_datasets import score_examples
 from mixkv.eval.mm_metrics import exact_match, mark_in_box
@@ -104,3 +105,36 @@ def test_score_examples_uses_the_new_metrics(tmp_path):
     )
     predictions = [examples[0].answers[0], "0", examples[2].answers[0], "x"]
     assert score_examples(examples, predictions) == {"mark_in_box": 0.5, "exact_match": 0.5}
+
+
+def test_calibration_prompts_come_from_the_validation_split(tmp_path):
+    import json
+
+    from mixkv.calibration import _read_prompts
+    from mixkv.tiny_vlm.tasks import write_calibration_prompts
+
+    path = write_calibration_prompts(tmp_path, 2)
+    prompts = _read_prompts(path)
+    assert len(prompts) == 6
+    first = json.loads(path.read_text().splitlines()[0])
+    assert (tmp_path / first["images"][0]).is_file()
+    test_images = {
+        e.image_path.read_bytes() for e in make_tiny_vlm_suite("board_codes", 2, 0, tmp_path / "t")
+    }
+    assert (tmp_path / first["images"][0]).read_bytes() not in test_images
+
+
+def test_the_keep_map_puts_each_image_tokens_fraction_on_its_cell():
+    from mixkv.integration.report import CompressionReport
+    from mixkv.tiny_vlm.demo import image_keep_map
+
+    image_token = 7
+    ids = torch.tensor([[1, 2] + [image_token] * (GRID * GRID) + [3, 4]])
+    fraction = torch.zeros(1, ids.shape[1])
+    fraction[0, 2 : 2 + GRID * GRID] = torch.linspace(0, 1, GRID * GRID)
+    report = CompressionReport([ids.shape[1]], [64], torch.zeros(1, 1, 1), position_keep_fraction=fraction)
+    keep = image_keep_map(report, ids, image_token)
+    assert keep.shape == (GRID, GRID)
+    assert keep[0, 0] == 0 and keep[-1, -1] == 1 and keep[1, 0] == fraction[0, 2 + GRID]
+    with pytest.raises(ValueError, match="expected 400 image tokens"):
+        image_keep_map(report, ids[:, :-3].clone().fill_(image_token)[:, :10], image_token)

@@ -159,11 +159,36 @@ def test_a_short_training_run_is_reproducible(tmp_path):
         pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
     from safetensors.torch import load_file
 
-    from mixkv.tiny_vlm.train import train
+    from mixkv.tiny_vlm.train import Phase, train
 
+    phases = (Phase(2, 1e-3, 1.0), Phase(1, 1e-4, 10.0))
     runs = []
     for name in ("a", "b"):
-        train(2, 2, 1e-3, tmp_path / name / "vision.safetensors", log_every=1, validate_every=2)
+        train(
+            tmp_path / name / "vision.safetensors", phases=phases, batch_size=2, log_every=1, validate_every=2
+        )
         runs.append(load_file(str(tmp_path / name / "vision.safetensors")))
-    assert runs[0].keys() == runs[1].keys()
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    # continuing from the first phase's weights gives the same result as running both phases
+    train(
+        tmp_path / "c" / "vision.safetensors",
+        phases=phases,
+        batch_size=2,
+        init=tmp_path / "a" / "vision.phase1.safetensors",
+        skip_phases=1,
+    )
+    runs.append(load_file(str(tmp_path / "c" / "vision.safetensors")))
+    assert runs[0].keys() == runs[1].keys() == runs[2].keys()
+    assert all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
+
+
+def test_the_image_demo_writes_a_heat_map_of_the_kept_image_tokens(tiny_vlm, tmp_path, capsys):
+    from mixkv.demo import main
+
+    out = tmp_path / "demo.png"
+    assert (
+        main(["--model", "tiny-vlm", "--methods", "full,mixkv-snapkv", "--budgets", "64", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "image tokens kept" in printed and "of 400" in printed
+    assert out.is_file() and out.stat().st_size > 10_000

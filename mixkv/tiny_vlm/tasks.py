@@ -15,7 +15,7 @@ from pathlib import Path
 from mixkv.eval.mm_datasets import MMExample
 from mixkv.tiny_vlm.images import render
 
-__all__ = ["TASK_FAMILIES", "make_tiny_vlm_suite"]
+__all__ = ["TASK_FAMILIES", "make_tiny_vlm_suite", "write_calibration_prompts"]
 
 TASK_FAMILIES: dict[str, str] = {"board_codes": "board", "chart_values": "chart", "gui_marks": "gui"}
 """Evaluation task name -> image family."""
@@ -56,3 +56,29 @@ def make_tiny_vlm_suite(task: str, n: int, seed: int, out_dir: str | Path) -> li
             )
         )
     return examples
+
+
+def write_calibration_prompts(out_dir: str | Path, n_per_family: int, seed: int = 0) -> Path:
+    """Write ``prompts.jsonl`` for ``mixkv calibrate`` from the *validation* split (never the test images).
+
+    Each line is ``{"text": question, "images": [png]}``; the PNGs are written next to it.
+
+    Returns
+    -------
+    pathlib.Path
+        The prompts file.
+    """
+    import json
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for task, family in TASK_FAMILIES.items():
+        for index in range(n_per_family):
+            cell_image = render(family, seed, index, "validation")
+            name = f"{task}_validation_{seed}_{index}.png"
+            cell_image.image.save(folder / name, format="PNG")
+            lines.append(json.dumps({"text": cell_image.question, "images": [name]}))
+    path = folder / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

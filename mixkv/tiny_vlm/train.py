@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 from mixkv.tiny_vlm.images import CHARSET, FAMILIES, render
 from mixkv.tiny_vlm.model import VISION_WEIGHTS, llava_config, pixel_values, vision_config
 
-__all__ = ["VisionPart", "charset_embeddings", "main", "train"]
+__all__ = ["PHASES", "Phase", "VisionPart", "charset_embeddings", "main", "train"]
 
 
 class VisionPart(nn.Module):
@@ -95,32 +96,62 @@ def _batch(split: str, seed: int, start: int, size: int) -> tuple[torch.Tensor, 
 COSINE_TEMPERATURE = 0.05
 
 
-def _losses(
-    tokens: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total loss, cell accuracy, image accuracy) of image tokens against the charset embeddings.
+@dataclass(frozen=True)
+class Phase:
+    """One stage of training: its own AdamW optimiser and warm-up + cosine learning-rate schedule."""
 
-    A cell counts as correct when its nearest charset embedding is its label's.
+    steps: int
+    learning_rate: float
+    squared_error_weight: float
+
+
+PHASES: tuple[Phase, ...] = (Phase(1000, 5e-4, 1.0), Phase(400, 2e-4, 10.0))
+"""Learn to classify cells, then (squared error x10) to output the embeddings exactly."""
+
+
+def _losses(
+    tokens: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, squared_error_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of image tokens against the charset embeddings, and accuracies.
+
+    ``cell_accuracy``: the nearest charset embedding (Euclidean, what the language model is most
+    likely to read) is the label's; ``cell_accuracy_cosine``: the most similar one is;
+    ``image_exact``: every cell of an image is right (Euclidean).
     """
     flat = tokens.reshape(-1, tokens.shape[-1])
+    flat_labels = labels.reshape(-1)
     cosines = nn.functional.normalize(flat, dim=-1) @ nn.functional.normalize(targets, dim=-1).T
-    cross_entropy = nn.functional.cross_entropy(cosines / COSINE_TEMPERATURE, labels.reshape(-1))
-    squared = (flat - targets[labels.reshape(-1)]).pow(2).sum(-1).mean() / targets.pow(2).sum(-1).mean()
-    correct = (torch.cdist(flat, targets).argmin(-1) == labels.reshape(-1)).reshape(labels.shape)
-    return cross_entropy + squared, correct.float().mean(), correct.all(-1).float().mean()
+    cross_entropy = nn.functional.cross_entropy(cosines / COSINE_TEMPERATURE, flat_labels)
+    squared = (flat - targets[flat_labels]).pow(2).sum(-1).mean() / targets.pow(2).sum(-1).mean()
+    correct = (torch.cdist(flat, targets).argmin(-1) == flat_labels).reshape(labels.shape)
+    figures = {
+        "cross_entropy": cross_entropy.item(),
+        "squared_error": squared.item(),
+        "cell_accuracy": correct.float().mean().item(),
+        "cell_accuracy_cosine": (cosines.argmax(-1) == flat_labels).float().mean().item(),
+        "image_exact": correct.all(-1).float().mean().item(),
+    }
+    return cross_entropy + squared_error_weight * squared, figures
 
 
 def train(
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
     out: Path,
     *,
+    phases: tuple[Phase, ...] = PHASES,
+    batch_size: int = 16,
     seed: int = 0,
-    log_every: int = 50,
-    validate_every: int = 250,
+    log_every: int = 25,
+    validate_every: int = 100,
+    init: Path | None = None,
+    skip_phases: int = 0,
 ) -> dict[str, Any]:
-    """Train and save the vision part; return the learning curve and final figures."""
+    """Train and save the vision part; return the learning curve and final figures.
+
+    ``init`` + ``skip_phases``: start from the weights a run saved after its first ``skip_phases``
+    phases (``<out>.phase<k>.safetensors``); every phase has a fresh optimiser and draws the training
+    images that follow the previous phases', so this continues that run exactly.
+    """
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
     from mixkv.models import _qwen_model_path
@@ -130,55 +161,64 @@ def train(
     language_model_dir = _qwen_model_path()
     targets = charset_embeddings(language_model_dir)
     model = VisionPart(AutoConfig.from_pretrained(language_model_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if init is not None:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in load_file(str(init)).items()})
     validation = _batch("validation", seed, 0, 48)
-    curve: list[dict[str, float]] = []
+    curve: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        pixels, labels = _batch("train", seed, (step - 1) * batch_size, batch_size)
-        loss, cell_accuracy, _ = _losses(model(pixels), labels, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        if step % log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - start
-            print(
-                f"step {step}/{steps}  loss {loss.item():.4f}  cell acc {cell_accuracy.item():.4f}  "
-                f"{elapsed / step:.2f} s/step  eta {elapsed / step * (steps - step) / 60:.1f} min",
-                flush=True,
-            )
-        if step % validate_every == 0 or step == steps:
-            with torch.no_grad():
-                v_loss, v_cells, v_images = _losses(model(validation[0]), validation[1], targets)
-            point = {
-                "step": step,
-                "seconds": round(time.perf_counter() - start, 1),
-                "train_loss": round(loss.item(), 5),
-                "validation_loss": round(v_loss.item(), 5),
-                "validation_cell_accuracy": round(v_cells.item(), 5),
-                "validation_image_exact": round(v_images.item(), 4),
-            }
-            curve.append(point)
-            print("validation", json.dumps(point), flush=True)
-    from safetensors.torch import save_file
-
+    first_image = sum(phase.steps for phase in phases[:skip_phases]) * batch_size
     out.parent.mkdir(parents=True, exist_ok=True)
+    for number, phase in enumerate(phases[skip_phases:], start=skip_phases + 1):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.01)
+        warmup = max(1, phase.steps // 20)
+
+        def schedule(step: int, warmup: int = warmup, total: int = phase.steps) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        phase_start = time.perf_counter()
+        for step in range(1, phase.steps + 1):
+            pixels, labels = _batch("train", seed, first_image, batch_size)
+            first_image += batch_size
+            loss, figures = _losses(model(pixels), labels, targets, phase.squared_error_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if step % log_every == 0 or step == phase.steps:
+                elapsed = time.perf_counter() - phase_start
+                print(
+                    f"phase {number} step {step}/{phase.steps}  loss {loss.item():.4f}  "
+                    f"cell acc {figures['cell_accuracy']:.4f}  {elapsed / step:.2f} s/step  "
+                    f"eta {elapsed / step * (phase.steps - step) / 60:.1f} min",
+                    flush=True,
+                )
+            if step % validate_every == 0 or step == phase.steps:
+                with torch.no_grad():
+                    v_loss, v_figures = _losses(
+                        model(validation[0]), validation[1], targets, phase.squared_error_weight
+                    )
+                point = {
+                    "phase": number,
+                    "step": step,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "train_loss": round(loss.item(), 5),
+                    "validation_loss": round(v_loss.item(), 5),
+                    **{f"validation_{k}": round(v, 5) for k, v in v_figures.items()},
+                }
+                curve.append(point)
+                print("validation", json.dumps(point), flush=True)
+        if number < len(phases):
+            save_file(model.llava_state_dict(), str(out.with_suffix(f".phase{number}.safetensors")))
     summary = {
-        "steps": steps,
+        "phases": [vars(phase) for phase in phases],
         "batch_size": batch_size,
-        "learning_rate": learning_rate,
         "seed": seed,
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "started_from": None if init is None else f"{init.name} (after phase {skip_phases})",
+        "train_seconds_this_run": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "curve": curve,
@@ -191,23 +231,14 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (``python -m mixkv.tiny_vlm.train --help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--out", type=Path, default=VISION_WEIGHTS, help="weights file (safetensors)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="weights saved after phase --skip-phases")
+    parser.add_argument("--skip-phases", type=int, default=0)
     args = parser.parse_args(argv)
-    train(
-        args.steps,
-        args.batch_size,
-        args.learning_rate,
-        args.out,
-        seed=args.seed,
-        log_every=args.log_every,
-        validate_every=args.validate_every,
-    )
+    if (args.init is None) != (args.skip_phases == 0):
+        parser.error("--init and --skip-phases go together")
+    train(args.out, seed=args.seed, init=args.init, skip_phases=args.skip_phases)
 
 
 if __name__ == "__main__":
