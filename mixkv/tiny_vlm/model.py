@@ -7,8 +7,8 @@ accepts a Qwen2 language model and a CLIP vision tower of any size. The vision t
 CLIP ViT with 16-pixel patches on 320 x 320 images, so one image is 400 image tokens (the CLS token
 is dropped), one per character cell of :mod:`mixkv.tiny_vlm.images`.
 
-Only the vision tower and the projector are stored in the repository
-(``mixkv/tiny_vlm/weights/vision.safetensors``, a few MB). :func:`tiny_vlm_path` joins them once
+Only the vision tower and the projector are meant to be stored in the repository
+(``mixkv/tiny_vlm/weights/vision.safetensors``, 11.7 MB; not shipped yet, see ``docs/tiny-vlm.md``). :func:`tiny_vlm_path` joins them once
 with the language model's weights from the ``mixkv[qwen]`` packages into a standard model
 directory in the mixkv cache, which ``AutoModelForImageTextToText`` and ``AutoProcessor`` load.
 """
@@ -206,8 +206,10 @@ def tiny_vlm_path() -> Path:
 
     if not VISION_WEIGHTS.is_file():
         raise FileNotFoundError(
-            f"The tiny VLM's trained vision weights {VISION_WEIGHTS} are missing; reinstall mixkv, or "
-            "train them with `python -m mixkv.tiny_vlm.train`."
+            f"The tiny VLM's vision weights ({VISION_WEIGHTS}) are not in this install: they are not "
+            "shipped yet, because the encoder trained so far does not read well enough (see "
+            "docs/tiny-vlm.md). Train them with `python -m mixkv.tiny_vlm.train` (about 45 minutes on 2 "
+            "CPU cores; it writes that file)."
         )
     out_dir = cache_root() / f"{_DIR_PREFIX}-{_weights_digest()}"
     if (out_dir / _MARKER).is_file():
