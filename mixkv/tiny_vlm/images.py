@@ -5,9 +5,10 @@ one cell per image token of the tiny VLM's vision encoder (patch size = cell siz
 at most one character; bars, button frames, title bars, rules and tinted panels are drawn across
 cells as real documents and screens have them. The renderer knows what every cell holds, so each
 image comes with its *cell labels*: the character a reader would write for that cell, in reading
-order (``" "`` for background, ``"#"`` for a bar, ``"\\n"`` for the right-margin column that ends
-every row). The vision encoder is trained to emit, for each cell, the language model's embedding
-of that label, so the frozen language model reads the image as text, one character per token.
+order (``" "`` for background and for anything drawn without text - bars, frames, bands -, and
+``"\\n"`` for the right-margin column that ends every row). The vision encoder is trained to emit,
+for each cell, the language model's embedding of that label, so the frozen language model reads the
+image as text, one character per token.
 
 Three task families (:data:`FAMILIES`):
 
@@ -55,7 +56,8 @@ FAMILIES: tuple[str, ...] = ("board", "chart", "gui")
 """Task families :func:`render` draws."""
 
 # Characters a cell may be labelled with. No capital I, capital O or "|": in Pillow's built-in font
-# they look like "l", "0" and "l", and nothing here needs them.
+# they look like "l", "0" and "l", and nothing here needs them. "#" (once the bars' label, now unused)
+# stays so that the recorded training runs (docs/tiny-vlm.md) reproduce with this charset.
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
 CHARSET: str = " \n#" + _LETTERS + "0123456789:.()[]-+/%"
 """Every cell label, in a fixed order (index = class id)."""
@@ -154,10 +156,6 @@ class _Canvas:
                 center = ((col + i) * CELL + CELL // 2 + jitter_x, row * CELL + CELL // 2 + jitter_y)
                 self.draw.text(center, char, font=self.font, fill=color, anchor="mm")
 
-    def label(self, row: int, col: int, char: str) -> None:
-        """Label a cell whose picture was drawn by other means (a bar)."""
-        self.grid[row][col] = char
-
     def result(self, question: str, prefix: str, answer: str, extra: dict[str, Any]) -> CellImage:
         labels = [char for row in self.grid for char in row]
         return CellImage(self.image, labels, question, prefix, answer, extra)
@@ -220,8 +218,6 @@ def _render_chart(rng: random.Random) -> CellImage:
         canvas.write(row, 0, category, ink)
         length = max(1, round(bar_room * value / 99))
         canvas.fill_cells(row, label_width, length, colors[i], inset=2)
-        for col in range(label_width, label_width + length):
-            canvas.label(row, col, " ")
         canvas.write(row, label_width + length + 1, str(value), ink)
     target = rng.randrange(k)
     extra = {"categories": categories, "values": values, "target": categories[target]}
