@@ -239,7 +239,7 @@ def _render_gui(rng: random.Random) -> CellImage:
     boxes: dict[str, list[int]] = {}
     mark_boxes: dict[str, list[int]] = {}
     for label, row, mark in zip(labels, rows, marks, strict=True):
-        width = len(label) + 2  # a cell of padding each side inside the button
+        width = len(label) + 2  # a padding cell, the label, its colon (inside the button)
         col = rng.randint(0, GRID - 2 - width)
         box = [col * CELL, row * CELL - 3, (col + width) * CELL - 1, (row + 1) * CELL + 2]
         canvas.draw.rounded_rectangle(box, radius=4, fill=button_fill, outline=(80, 80, 80), width=1)
