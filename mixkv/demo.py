@@ -20,9 +20,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "method_runs", "run_demo"]
 
 DEFAULT_METHODS = ("full", "snapkv", "adakv", "mixkv-snapkv", "mixkv-adakv")
+
+
+def method_runs(methods: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
+    """(method, budget) pairs in the methods' order: ``"full"`` once without a budget, every other
+    method at every budget."""
+    return [
+        (m, None) if m == "full" else (m, b) for m in methods for b in ([None] if m == "full" else budgets)
+    ]
 
 
 def _split(text: str) -> list[str]:
@@ -85,9 +93,7 @@ def run_demo(
     with torch.inference_mode():
         model(input_ids=torch.tensor([context_ids[:64]], device=model.device))
     rows: list[dict[str, Any]] = []
-    runs = [
-        (m, None) if m == "full" else (m, b) for m in methods for b in ([None] if m == "full" else budgets)
-    ]
+    runs = method_runs(methods, budgets)
     for method, budget in runs:
         press = build_press(method, budget, context_tokens=prefill_tokens)
         label = method if budget is None else f"{method} @ {budget}"
@@ -292,9 +298,9 @@ def _image_demo(
     model: Any, processor: Any, args: argparse.Namespace, methods: list[str], budgets: list[int], start: float
 ) -> int:
     from mixkv.tiny_vlm.demo import plot_keep_maps, run_image_demo
-    from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+    from mixkv.tiny_vlm.tasks import TASK_FAMILIES, make_tiny_vlm_suite
 
-    task = {"board": "board_codes", "chart": "chart_values", "gui": "gui_marks"}[args.family]
+    task = next(name for name, family in TASK_FAMILIES.items() if family == args.family)
     out = Path(args.out)
     example = make_tiny_vlm_suite(task, args.index + 1, args.seed, out.parent / "mixkv_demo_images")[
         args.index

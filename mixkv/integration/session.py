@@ -715,9 +715,8 @@ class PressSession:
                 image_kept, video_kept = image_total.float(), video_total.float()
                 all_kept = lengths.float()
             if record.position_kept is not None:
-                layers = max(1, len(record.compressed_layers))
                 fraction = (
-                    record.position_kept / layers
+                    record.position_kept / len(record.compressed_layers)
                     if record.compressed_layers
                     else torch.ones_like(record.position_kept)
                 )

@@ -60,6 +60,7 @@ def run_image_demo(
         One :func:`mixkv.eval.mm_runner.run_mm_example` record per run, plus ``method``, ``budget``
         and ``keep_map`` (:func:`image_keep_map`, None for the full cache).
     """
+    from mixkv.demo import method_runs
     from mixkv.eval.mm_runner import _encode, _example_prompt, observation_window, run_mm_example
     from mixkv.integration.models import placeholder_token_id
     from mixkv.presses.registry import build_press
@@ -74,10 +75,8 @@ def run_image_demo(
         raise ValueError(
             f"budgets {too_big} are not below the {context_tokens}-token prompt; nothing would be compressed."
         )
-    runs: list[tuple[str, int | None]] = [("full", None)] if "full" in methods else []
-    runs += [(m, b) for m in methods if m != "full" for b in budgets]
     rows = []
-    for method, budget in runs:
+    for method, budget in method_runs(methods, budgets):
         window = observation_window(32, budget)
         press = build_press(method, budget, context_tokens=context_tokens, window_size=window)
         log(f"  running {method if budget is None else f'{method} @ {budget}'} ...")

@@ -153,7 +153,7 @@ def _build_processor(language_model_dir: Path) -> Any:
     )
 
 
-def _assemble(out_dir: Path, language_model_dir: Path) -> None:
+def _assemble(out_dir: Path, language_model_dir: Path, weights_digest: str) -> None:
     """Write the joined LLaVA directory (config, processor, weights) into ``out_dir``."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
@@ -178,7 +178,7 @@ def _assemble(out_dir: Path, language_model_dir: Path) -> None:
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        marker = {"vision_weights_sha256_16": _weights_digest(), "language_model": str(language_model_dir)}
+        marker = {"vision_weights_sha256_16": weights_digest, "language_model": str(language_model_dir)}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
         try:
             os.rename(tmp, out_dir)
@@ -211,9 +211,10 @@ def tiny_vlm_path() -> Path:
             "docs/tiny-vlm.md). Train them with `python -m mixkv.tiny_vlm.train` (about 45 minutes on 2 "
             "CPU cores; it writes that file)."
         )
-    out_dir = cache_root() / f"{_DIR_PREFIX}-{_weights_digest()}"
+    digest = _weights_digest()
+    out_dir = cache_root() / f"{_DIR_PREFIX}-{digest}"
     if (out_dir / _MARKER).is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _assemble(out_dir, _qwen_model_path())
+    _assemble(out_dir, _qwen_model_path(), digest)
     return out_dir
