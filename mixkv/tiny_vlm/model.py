@@ -7,8 +7,8 @@ accepts a Qwen2 language model and a CLIP vision tower of any size. The vision t
 CLIP ViT with 16-pixel patches on 320 x 320 images, so one image is 400 image tokens (the CLS token
 is dropped), one per character cell of :mod:`mixkv.tiny_vlm.images`.
 
-Only the vision tower and the projector are meant to be stored in the repository
-(``mixkv/tiny_vlm/weights/vision.safetensors``, 11.7 MB; not shipped yet, see ``docs/tiny-vlm.md``). :func:`tiny_vlm_path` joins them once
+Only the vision tower and the projector are stored in the repository
+(``mixkv/tiny_vlm/weights/vision.safetensors``, 11.7 MB). :func:`tiny_vlm_path` joins them once
 with the language model's weights from the ``mixkv[qwen]`` packages into a standard model
 directory in the mixkv cache, which ``AutoModelForImageTextToText`` and ``AutoProcessor`` load.
 """
@@ -90,8 +90,12 @@ def image_tokens_per_image() -> int:
     return (IMAGE_SIZE // CELL) ** 2
 
 
-def llava_config(text_config: Any, image_token_id: int) -> Any:
-    """The LLaVA configuration joining :func:`vision_config` and a language model's configuration."""
+def llava_config(text_config: Any, image_token_id: int, projector_hidden_act: str = "relu6") -> Any:
+    """The LLaVA configuration joining :func:`vision_config` and a language model's configuration.
+
+    The projector's activation is ``relu6`` (LLaVA's default is GELU) because the shipped projector
+    is a saturating lookup from character logits to character embeddings (``mixkv.tiny_vlm.train``).
+    """
     from transformers import LlavaConfig
 
     return LlavaConfig(
@@ -99,7 +103,7 @@ def llava_config(text_config: Any, image_token_id: int) -> Any:
         text_config=text_config,
         image_token_index=image_token_id,
         image_seq_length=image_tokens_per_image(),
-        projector_hidden_act="gelu",
+        projector_hidden_act=projector_hidden_act,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
@@ -206,10 +210,10 @@ def tiny_vlm_path() -> Path:
 
     if not VISION_WEIGHTS.is_file():
         raise FileNotFoundError(
-            f"The tiny VLM's vision weights ({VISION_WEIGHTS}) are not in this install: they are not "
-            "shipped yet, because the encoder trained so far does not read well enough (see "
-            "docs/tiny-vlm.md). Train them with `python -m mixkv.tiny_vlm.train` (about 45 minutes on 2 "
-            "CPU cores; it writes that file)."
+            f"The tiny VLM's vision weights ({VISION_WEIGHTS}) are not in this install (a source "
+            "checkout without them, or a package built without its data files). Reinstall mixkv from "
+            "the repository, or retrain them with `python -m mixkv.tiny_vlm.train` (about 50 minutes on "
+            "2 CPU cores; it writes that file)."
         )
     digest = _weights_digest()
     out_dir = cache_root() / f"{_DIR_PREFIX}-{digest}"
