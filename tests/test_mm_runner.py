@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -105,6 +106,18 @@ def test_table_and_plot(finished):
     assert "n/a" not in table
     pytest.importorskip("matplotlib")
     assert (out / "score_vs_budget.png").stat().st_size > 0
+
+
+def test_table_reports_the_image_tokens_each_method_kept(finished):
+    out, result = finished
+    table = (out / "results.md").read_text()
+    section = table.split("## image tokens kept per KV head")[1].split("##")[0]
+    for method in METHODS:
+        examples = [e for c in result.cells if c["cell"]["method"] == method for e in c["examples"]]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {method} |"))
+        kept, total = (float(x) for x in re.search(r"(\d+) of (\d+)", row).groups())
+        assert total == round(sum(e["image_tokens"] for e in examples) / len(examples))
+        assert (kept == total) if method == "full" else (0 < kept < total)
 
 
 def test_resume_skips_finished_cells(vlm, tasks, finished, monkeypatch):

@@ -48,7 +48,8 @@ def write_markdown_table(
     (:mod:`mixkv.eval.stats_tables`); the ``avg`` column averages the tasks, each counting once. The
     full-cache row repeats its score under every budget. ``n/a`` marks a budget not below the
     context length, ``-`` a missing cell. A second table per context length gives the mean
-    fraction of KV bytes kept and the prefill / decode times. A context length of None (multimodal grids) drops the per-length headings and the
+    fraction of KV bytes kept and the prefill / decode times, and, when the prompts hold images, a
+    third the image tokens kept. A context length of None (multimodal grids) drops the per-length headings and the
     ``n/a`` rule. A last table compares, on the same examples, every MixKV method with its base
     (when both are in ``methods``) and every ``(A, B)`` pair of ``compare``.
 
@@ -111,10 +112,43 @@ def write_markdown_table(
                 row.append(f"{frac:.1f}% / {pre:.2f} / {dec:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines += _image_token_lines(index, methods, budgets, tasks, length)
     pairs = list(dict.fromkeys([*mixkv_base_pairs(methods), *compare]))
     lines += paired_lines(index, pairs, budgets, tasks, context_lengths)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _image_token_lines(
+    index: dict[tuple[Any, ...], dict[str, Any]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    length: int | None,
+) -> list[str]:
+    """Multimodal grids: mean image tokens kept per KV head, of the prompt's image tokens, and their
+    share of all kept tokens (no lines when no cell has image tokens)."""
+    rows = []
+    for method in methods:
+        row = [method]
+        for b in budgets:
+            keys = [(method, None if method == "full" else b, t, length) for t in tasks]
+            ex = [e for k in keys if k in index for e in index[k]["examples"]]
+            total = sum(e.get("image_tokens_total", 0) for e in ex)
+            if not total:
+                row.append("-")
+                continue
+            kept = sum(e["image_tokens_kept"] for e in ex)
+            share = kept / sum(e["kept_tokens_mean"] for e in ex)
+            row.append(f"{kept / len(ex):.0f} of {total / len(ex):.0f} ({100 * share:.0f}% of kept)")
+        rows.append(row)
+    if all(cell == "-" for row in rows for cell in row[1:]):
+        return []
+    header = ["method"] + [f"budget {b}" for b in budgets]
+    lines = ["## image tokens kept per KV head (mean), and their share of all kept tokens", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
 
 
 def _write_plots(
