@@ -249,7 +249,7 @@ def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks
     eager = build_case("qwen2_vl", attn_implementation="eager")
     scores = calibrate(eager.model, [eager.inputs], window_size=8).save(tmp_path / "heads.json")
     model = build_case("qwen2_vl").model, vlm_processor("qwen2_vl")
-    grid = {**GRID, "methods": ["sparsemm", "mixkv-sparsemm"]}
+    grid = {**GRID, "methods": ["snapkv", "sparsemm", "mixkv-sparsemm"]}
     result = run_mm_eval(
         model, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path / "out", head_scores=scores, **grid
     )
@@ -260,3 +260,10 @@ def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks
         assert len(cell["identity"]["head_scores_sha1"]) == 40
         assert all(r["compressed"] for r in cell["examples"])
     assert result is not None
+    # the other cells do not depend on the head scores: a run without them reuses them
+    snapkv = cell_filename("snapkv", BUDGET, "docvqa", None)
+    assert "head_scores_sha1" not in json.loads((tmp_path / "out" / "cells" / snapkv).read_text())["identity"]
+    again = run_mm_eval(
+        model, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path / "out", **{**grid, "methods": ["snapkv"]}
+    )
+    assert again.computed == [] and again.recomputed == [] and len(again.reused) == 1

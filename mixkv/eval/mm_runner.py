@@ -563,12 +563,19 @@ def run_mm_eval(
         "max_new_tokens": max_new_tokens,
         "coordinate_scale": coordinate_scale,
     }
-    if head_table is not None:
-        base_identity["head_scores_sha1"] = hashlib.sha1(head_table.numpy().tobytes()).hexdigest()
-    identities = {
+    head_digest = None if head_table is None else hashlib.sha1(head_table.numpy().tobytes()).hexdigest()
+    task_identities = {
         t: {**base_identity, "task_examples": len(tasks[t]), "task_sha1": _fingerprint(tasks[t])}
         for t in task_names
     }
+
+    def identity(cell: cell_store.Cell) -> dict[str, Any]:
+        # Only SparseMM cells depend on the head scores: other cells stay reusable across runs with
+        # and without --head-scores.
+        if head_digest is None or "sparsemm" not in cell.method:
+            return task_identities[cell.task]
+        return {**task_identities[cell.task], "head_scores_sha1": head_digest}
+
     run_config = {
         **base_identity,
         "methods": methods,
@@ -579,7 +586,7 @@ def run_mm_eval(
     }
     result = cell_store.EvalResult()
     todo, finished = cell_store.plan_cells(
-        cells, cell_dir, lambda c: (identities[c.task], len(tasks[c.task])), resume, result
+        cells, cell_dir, lambda c: (identity(c), len(tasks[c.task])), resume, result
     )
 
     if todo:
@@ -630,7 +637,7 @@ def run_mm_eval(
                 finished[cell] = cell_store.write_cell(
                     cell_dir,
                     cell,
-                    identity=identities[cell.task],
+                    identity=identity(cell),
                     config={**run_config, "prompt_format": prompt_format},
                     records=records,
                     score=_primary_score(scores),
