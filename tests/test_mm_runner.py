@@ -131,6 +131,37 @@ def test_resume_skips_finished_cells(vlm, tasks, finished, monkeypatch):
     assert result.computed == [] and sorted(result.reused) == sorted(c for t in TASKS for c in _cells(t))
 
 
+def test_an_interrupted_cell_resumes_after_its_last_finished_example(tasks, tmp_path, monkeypatch):
+    model = build_case("llava").model, vlm_processor("llava")
+    grid = {**GRID, "methods": ["snapkv"]}
+    only = {"docvqa": tasks["docvqa"]}
+    real = mm_runner.run_mm_example
+    calls: list[str] = []
+
+    def stop_after_one(model, processor, example, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(example.id)
+        return real(model, processor, example, *args, **kwargs)
+
+    monkeypatch.setattr(mm_runner, "run_mm_example", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_mm_eval(model, only, out_dir=tmp_path, **grid)
+    assert not (tmp_path / "cells" / cell_filename("snapkv", BUDGET, "docvqa", None)).exists()
+
+    def record(model, processor, example, *args, **kwargs):
+        calls.append(example.id)
+        return real(model, processor, example, *args, **kwargs)
+
+    monkeypatch.setattr(mm_runner, "run_mm_example", record)
+    run_mm_eval(model, only, out_dir=tmp_path, **grid)
+    examples = [e.id for e in tasks["docvqa"]]
+    assert calls == examples  # the second run computed only the example the first did not finish
+    cell = json.loads((tmp_path / "cells" / cell_filename("snapkv", BUDGET, "docvqa", None)).read_text())
+    assert [e["id"] for e in cell["examples"]] == examples
+    assert not list((tmp_path / "cells").glob(".*.partial"))
+
+
 def test_changed_examples_make_cells_stale(vlm, tasks, finished):
     out, _ = finished
     fewer = {"docvqa": tasks["docvqa"][:1]}

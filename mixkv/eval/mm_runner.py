@@ -603,15 +603,19 @@ def run_mm_eval(
         with runner.progress(sum(len(tasks[c.task]) for c in todo)) as bar:
             for cell in todo:
                 bar.set_description(cell.name.removesuffix(".json"))
-                torch.manual_seed(seed)
                 examples = list(tasks[cell.task])
-                records = []
-                start = time.perf_counter()
-                for i, example in enumerate(examples):
+                digests = [_fingerprint([example]) for example in examples]
+                records, seconds = (
+                    cell_store.load_partial(cell_dir, cell, identity(cell), digests) if resume else ([], 0.0)
+                )
+                bar.update(len(records))
+                for i, example in enumerate(examples[len(records) :], start=len(records)):
+                    start = time.perf_counter()
                     key = (cell.task, i)
                     if key not in encoded:
                         encoded[key] = _encode(processor, example, _example_prompt(processor, example))
                     inputs = encoded[key]
+                    torch.manual_seed(seed)  # per example, so a resumed cell draws what a whole run draws
                     press = build_press(
                         cell.method,
                         cell.budget,
@@ -619,17 +623,19 @@ def run_mm_eval(
                         window_size=observation_window(window_size, cell.budget),
                         head_scores=head_table,
                     )
-                    records.append(
-                        run_mm_example(
-                            model,
-                            processor,
-                            example,
-                            press,
-                            max_new_tokens=max_new_tokens,
-                            coordinate_scale=coordinate_scale,
-                            inputs=inputs,
-                        )
+                    record = run_mm_example(
+                        model,
+                        processor,
+                        example,
+                        press,
+                        max_new_tokens=max_new_tokens,
+                        coordinate_scale=coordinate_scale,
+                        inputs=inputs,
                     )
+                    records.append({**record, "example_sha1": digests[i]})
+                    seconds += time.perf_counter() - start
+                    # an interrupted run resumes after the last finished example
+                    cell_store.save_partial(cell_dir, cell, identity(cell), records, seconds)
                     bar.update(1)
                 scores = score_examples(
                     examples, [r["output"] for r in records], coordinate_scale=coordinate_scale
@@ -641,7 +647,7 @@ def run_mm_eval(
                     config={**run_config, "prompt_format": prompt_format},
                     records=records,
                     score=_primary_score(scores),
-                    wall_seconds=time.perf_counter() - start,
+                    wall_seconds=seconds,
                     seed=seed,
                     versions=versions,
                     machine=machine,
@@ -655,6 +661,7 @@ def run_mm_eval(
                         "video_tokens_kept_mean": sum(r["video_tokens_kept"] for r in records) / len(records),
                     },
                 )
+                cell_store.partial_path(cell_dir, cell).unlink(missing_ok=True)
                 result.computed.append(cell.name)
 
     reporting.write_summary(
