@@ -97,15 +97,10 @@ def write_markdown_table(
         for method in methods:
             row = [method]
             for b in budgets:
-                found = [
-                    index[k]
-                    for t in tasks
-                    if (k := (method, None if method == "full" else b, t, length)) in index
-                ]
-                if not found:
+                ex = _examples_at(index, method, b, tasks, length)
+                if not ex:
                     row.append("n/a" if _not_compressed(method, b, length) else "-")
                     continue
-                ex = [e for c in found for e in c["examples"]]
                 frac = 100 * sum(e["kv_fraction"] for e in ex) / len(ex)
                 pre = sum(e["prefill_seconds"] for e in ex) / len(ex)
                 dec = sum(e["decode_seconds"] for e in ex) / len(ex)
@@ -117,6 +112,18 @@ def write_markdown_table(
     lines += paired_lines(index, pairs, budgets, tasks, context_lengths)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _examples_at(
+    index: dict[tuple[Any, ...], dict[str, Any]],
+    method: str,
+    budget: int,
+    tasks: Sequence[str],
+    length: int | None,
+) -> list[dict[str, Any]]:
+    """Every example record of ``method`` at ``budget`` (the full cache at any budget) over ``tasks``."""
+    keys = [(method, None if method == "full" else budget, t, length) for t in tasks]
+    return [e for k in keys if k in index for e in index[k]["examples"]]
 
 
 def _image_token_lines(
@@ -132,8 +139,7 @@ def _image_token_lines(
     for method in methods:
         row = [method]
         for b in budgets:
-            keys = [(method, None if method == "full" else b, t, length) for t in tasks]
-            ex = [e for k in keys if k in index for e in index[k]["examples"]]
+            ex = _examples_at(index, method, b, tasks, length)
             total = sum(e.get("image_tokens_total", 0) for e in ex)
             if not total:
                 row.append("-")

@@ -23,7 +23,7 @@ the point: an encoder fitted to the embeddings by regression was 98.7% right by 
 per cell, yet its outputs were about half an embedding's norm off target and the frozen language
 model read only 2 of 8 boards; snapping the same outputs to the nearest embedding read 15 of 16
 (docs/tiny-vlm.md). The language model is never run during training, which is why this fits in
-about 45 minutes on two CPU cores.
+about 50 minutes on two CPU cores.
 
 Seeded and deterministic on a given machine (fixed seed, fixed thread count, images drawn from
 seeded generators). Progress is printed every ``--log-every`` steps; the learning curve is written
@@ -91,13 +91,16 @@ class _Trainee(nn.Module):
         from transformers import CLIPVisionModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+        # Construction order fixes the seeded initial weights: tower, then the embedding head, as the
+        # recorded phase-1 run built them.
         self.vision_tower = CLIPVisionModel(vision_config())
         self.embedding_head = LlavaMultiModalProjector(
             llava_config(text_config, 0, projector_hidden_act="gelu")
         )
         self.classifier = nn.Linear(vision_config().hidden_size, len(CHARSET))
 
-    def heads(self, phase: Phase) -> list[nn.Module]:
+    def trained_modules(self, phase: Phase) -> list[nn.Module]:
+        """What ``phase`` trains: the tower and that phase's head."""
         return [self.vision_tower, self.embedding_head if phase.objective == "embedding" else self.classifier]
 
 
@@ -270,7 +273,7 @@ def train(
     first_image = sum(phase.steps for phase in phases[:skip_phases]) * batch_size
     out.parent.mkdir(parents=True, exist_ok=True)
     for number, phase in enumerate(phases[skip_phases:], start=skip_phases + 1):
-        trained = [p for module in model.heads(phase) for p in module.parameters()]
+        trained = [p for module in model.trained_modules(phase) for p in module.parameters()]
         optimizer = torch.optim.AdamW(trained, lr=phase.learning_rate, weight_decay=0.01)
         warmup = max(1, phase.steps // 20)
 
