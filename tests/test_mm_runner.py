@@ -298,3 +298,68 @@ def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks
         model, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path / "out", **{**grid, "methods": ["snapkv"]}
     )
     assert again.computed == [] and again.recomputed == [] and len(again.reused) == 1
+
+
+def _encoded(processor, example):
+    return mm_runner._encode(processor, example, mm_runner._example_prompt(processor, example))
+
+
+def _text_after_image(model, inputs) -> int:
+    ids = inputs["input_ids"][0]
+    return int(ids.shape[0] - 1 - (ids == model.config.image_token_id).nonzero().max())
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "mixkv-adakv"])
+@pytest.mark.parametrize("split", ["in_the_text", "in_the_image"])
+def test_a_shared_image_prefix_gives_the_one_go_answer_and_counts(vlm, tasks, method, split):
+    from mixkv.presses.registry import build_press
+
+    model, processor = vlm
+    for example in tasks["docvqa"]:
+        inputs = _encoded(processor, example)
+        tail = 8 if split == "in_the_text" else _text_after_image(model, inputs) + 4
+        assert (tail <= _text_after_image(model, inputs)) == (split == "in_the_text")
+        prefix = mm_runner.prefill_image_prefix(model, inputs, tail_tokens=tail)
+        if split == "in_the_image" and model.config.model_type == "qwen2_vl":
+            assert prefix is None  # M-RoPE positions of image tokens: never split inside the image
+            continue
+        assert prefix is not None and prefix.tokens == inputs["input_ids"].shape[1] - tail
+        assert (prefix.embeddings is None) == (split == "in_the_text")
+        records = []
+        for shared in (None, prefix):
+            press = build_press(method, BUDGET, context_tokens=prefix.tokens + tail, window_size=8)
+            records.append(
+                mm_runner.run_mm_example(
+                    model, processor, example, press, max_new_tokens=3, inputs=inputs, prefix=shared
+                )
+            )
+        one_go, shared_run = records
+        assert shared_run["shared_prefix_tokens"] == prefix.tokens and one_go["shared_prefix_tokens"] == 0
+        assert shared_run["output"] == one_go["output"]
+        assert shared_run["kv_bytes"] == one_go["kv_bytes"]
+        assert shared_run["kv_bytes_full"] == one_go["kv_bytes_full"]
+        assert shared_run["image_tokens_total"] == one_go["image_tokens_total"] > 0
+        assert shared_run["image_tokens_kept"] == pytest.approx(one_go["image_tokens_kept"])
+        if method != "full":
+            assert shared_run["report"]["kept_tokens"] == one_go["report"]["kept_tokens"]
+            assert shared_run["image_tokens_kept"] < shared_run["image_tokens_total"]
+
+
+def test_no_prefix_is_shared_for_a_prompt_barely_longer_than_the_tail(vlm, tasks):
+    model, processor = vlm
+    inputs = _encoded(processor, tasks["docvqa"][0])
+    assert mm_runner.prefill_image_prefix(model, inputs, tail_tokens=inputs["input_ids"].shape[1] - 1) is None
+
+
+def test_grid_cells_share_one_prefix_per_example_unless_told_not_to(vlm, tasks, finished, tmp_path):
+    out, _ = finished
+    shared = json.loads((out / "cells" / cell_filename("mixkv-snapkv", BUDGET, "docvqa", None)).read_text())
+    assert all(r["shared_prefix_tokens"] == r["prompt_tokens"] - 8 for r in shared["examples"])
+    assert shared["config"]["share_prefill"] is True
+    grid = {**GRID, "methods": ["mixkv-snapkv"]}
+    run_mm_eval(vlm, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path, share_prefill=False, **grid)
+    one_go = json.loads(
+        (tmp_path / "cells" / cell_filename("mixkv-snapkv", BUDGET, "docvqa", None)).read_text()
+    )
+    assert all(r["shared_prefix_tokens"] == 0 for r in one_go["examples"])
+    assert [r["output"] for r in one_go["examples"]] == [r["output"] for r in shared["examples"]]

@@ -334,3 +334,15 @@ def test_find_cache_finds_the_cache_under_any_field_name(model):
     assert find_cache(output) is cache
     assert find_cache({"logits": None}, {"cache": cache}) is cache
     assert find_cache({"logits": None}) is None
+
+
+def test_a_declared_prompt_must_be_longer_than_the_cache_and_come_first(model):
+    ids = prompt(60, seed=11)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :50], past_key_values=cache)
+    with mixkv.SnapKVPress(budget=40, window_size=WINDOW)(model) as session:
+        with pytest.raises(ValueError, match="more than the 50 tokens the cache holds"):
+            session.declare_prompt(cache, ids[:, :50])
+        model(ids[:, 50:], past_key_values=cache)
+        with pytest.raises(ValueError, match="before the cache's first prompt forward"):
+            session.declare_prompt(cache, ids)

@@ -136,6 +136,28 @@ def test_mixkv_at_budget_128_still_reads_a_fixed_image(tiny_vlm, tmp_path, task,
     assert record["kv_fraction"] < 0.35
 
 
+@pytest.mark.parametrize("task", ["board_codes", "chart_values", "gui_marks"])
+def test_a_shared_image_prefix_gives_the_one_go_answer_and_kept_tokens(tiny_vlm, tmp_path, task):
+    from mixkv.eval.mm_runner import prefill_image_prefix, run_mm_example
+    from mixkv.presses.registry import build_press
+
+    model, processor = tiny_vlm
+    example = _examples(task, 1, tmp_path)[0]
+    inputs = _inputs(processor, example)
+    # the question after the image is shorter than the 32-token tail: the tail starts in the image
+    prefix = prefill_image_prefix(model, inputs, tail_tokens=32)
+    assert prefix is not None and prefix.embeddings is not None
+    records = []
+    for shared in (None, prefix):
+        press = build_press("mixkv-adakv", 64, context_tokens=int(inputs["input_ids"].shape[1]))
+        records.append(run_mm_example(model, processor, example, press, inputs=inputs, prefix=shared))
+    one_go, split = records
+    assert split["output"] == one_go["output"]
+    assert split["report"]["kept_tokens"] == one_go["report"]["kept_tokens"]
+    assert split["image_tokens_kept"] == pytest.approx(one_go["image_tokens_kept"])
+    assert split["kv_bytes"] == one_go["kv_bytes"] < one_go["kv_bytes_full"]
+
+
 def test_a_padded_batch_of_images_gives_the_answers_of_one_by_one(tiny_vlm, tmp_path):
     from PIL import Image
 

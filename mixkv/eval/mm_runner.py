@@ -33,11 +33,13 @@ prompt is not longer than the budget is run uncompressed (its record says ``comp
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,8 @@ from mixkv.eval.mm_datasets import (
     score_examples,
 )
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import find_cache
+from mixkv.integration.models import cache_argument, find_cache, prefill
+from mixkv.presses.base import BasePress
 from mixkv.presses.registry import build_press
 
 __all__ = [
@@ -64,9 +67,11 @@ __all__ = [
     "MM_TASKS",
     "SYNTHETIC_TASK_NAMES",
     "TINY_VLM_TASKS",
+    "SharedImagePrefix",
     "build_mm_prompt",
     "load_mm_task",
     "observation_window",
+    "prefill_image_prefix",
     "run_mm_eval",
     "run_mm_example",
 ]
@@ -265,15 +270,21 @@ def run_mm_example(
     max_new_tokens: int | None = None,
     coordinate_scale: str = "pixel",
     inputs: dict[str, Any] | None = None,
+    prefix: SharedImagePrefix | None = None,
 ) -> dict[str, Any]:
     """Generate an answer for one example under ``press`` (None: full cache) and score it.
+
+    With ``prefix`` (this example's :func:`prefill_image_prefix`, mixkv presses only) a copy of its
+    cache is used: ``generate`` prefills only the prompt's text tail, under the press, which
+    compresses prefix and tail together as it would a one-go prefill.
 
     Returns
     -------
     dict
         JSON-serialisable record: prompt, output, score, token counts (``image_tokens`` counted in
-        the prompt), timings (``prefill_seconds``: the first forward pass, compression included;
-        ``decode_seconds``: the rest of ``generate``), KV bytes right after prefill (``kv_bytes``)
+        the prompt, ``shared_prefix_tokens``: 0 for a one-go prefill), timings
+        (``prefill_seconds``: the first forward pass, compression included, plus the shared
+        prefix's own time; ``decode_seconds``: the rest of ``generate``), KV bytes right after prefill (``kv_bytes``)
         and without compression (``kv_bytes_full``), ``kv_fraction``, mean kept tokens per KV head,
         ``image_tokens_total`` / ``image_tokens_kept`` and the press's report.
     """
@@ -304,15 +315,39 @@ def run_mm_example(
         model.register_forward_pre_hook(before, with_kwargs=True),
         model.register_forward_hook(after, with_kwargs=True),
     ]
+    generate_inputs = inputs
+    cache = None
+    if prefix is not None:
+        if press is not None and not isinstance(press, BasePress):
+            raise ValueError(
+                f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
+                "cache that already holds one); pass prefix=None"
+            )
+        cache = copy.deepcopy(prefix.cache)
+        # M-RoPE models keep the images' position offset from the prefix's forward (rope_deltas).
+        for name, value in prefix.generation_state.items():
+            setattr(getattr(model, "model", None), name, value)
+        generate_inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            cache_argument(model): cache,
+        }
+        if prefix.embeddings is not None:
+            generate_inputs["inputs_embeds"] = prefix.embeddings
     manager = press(model) if press is not None else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), manager:
+        with torch.inference_mode(), manager as session:
+            if session is not None and cache is not None and prefix is not None:
+                session.declare_prompt(cache, ids)
             start = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            out = model.generate(
+                **generate_inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+            )
             total = time.perf_counter() - start
     finally:
         for handle in handles:
             handle.remove()
+    prefix_seconds = 0.0 if prefix is None else prefix.seconds
     generated = out[0, n_prompt:]
     text = str(tok.decode(generated, skip_special_tokens=True)).strip()
     report = getattr(press, "last_report", None) if press is not None else None
@@ -331,8 +366,9 @@ def run_mm_example(
         "image_tokens": n_image,
         "video_tokens": n_video,
         "new_tokens": int(generated.numel()),
+        "shared_prefix_tokens": 0 if prefix is None else prefix.tokens,
         "compressed": report is not None,
-        "prefill_seconds": float(prefill.get("seconds", 0.0)),
+        "prefill_seconds": float(prefill.get("seconds", 0.0)) + prefix_seconds,
         "decode_seconds": total - float(prefill.get("seconds", 0.0)),
         "kv_bytes": kv_bytes,
         "kv_bytes_full": kv_bytes,
@@ -391,6 +427,107 @@ def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+_PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class SharedImagePrefix:
+    """A prompt's first ``tokens`` tokens prefilled once with the full cache, for several presses to
+    copy.
+
+    Attributes
+    ----------
+    cache
+        The full cache of the prefix.
+    tokens, seconds
+        Its length, and the time it took (image encoding included).
+    embeddings
+        The whole prompt's input embeddings as the text decoder receives them (image features in
+        place), when the tail holds image tokens and is fed as embeddings; None when the tail is
+        text, fed as ids.
+    generation_state
+        Model attributes the continuation needs (M-RoPE's ``rope_deltas``).
+    """
+
+    cache: Any
+    tokens: int
+    seconds: float
+    embeddings: torch.Tensor | None = None
+    generation_state: dict[str, Any] = field(default_factory=dict)
+
+
+class _DecoderReached(Exception):
+    pass
+
+
+def _decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The prompt's input embeddings as the text decoder receives them, image features merged in;
+    the forward stops there (only the vision side runs)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        captured["embeddings"] = kwargs["inputs_embeds"]
+        raise _DecoderReached
+
+    handle = model.get_decoder().register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False)
+    except _DecoderReached:
+        pass
+    finally:
+        handle.remove()
+    if "embeddings" not in captured:
+        raise ValueError(f"{type(model).__name__} never called its text decoder with inputs_embeds")
+    return captured["embeddings"]
+
+
+def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int) -> SharedImagePrefix | None:
+    """Prefill all but the last ``tail_tokens`` tokens of an encoded one-example prompt with the
+    full cache.
+
+    Every press then copies this cache and prefills only the tail (see :func:`run_mm_example`); a
+    press scores only the tail's last ``window_size`` queries, so with ``tail_tokens >=
+    window_size`` this is the one-go computation up to the float rounding of a forward split in
+    two. A tail that holds image tokens (a question shorter than the tail after the image) is fed
+    as embeddings; that split is exact only where image tokens attend causally at 1-D positions,
+    so models with M-RoPE (Qwen-VL) or bidirectional image attention (Gemma 3) share nothing
+    then. None when nothing is shared: also for a batch, or a prompt not 2 tokens longer than the
+    tail.
+    """
+    from transformers import DynamicCache
+
+    ids = inputs["input_ids"]
+    tokens = int(ids.shape[1]) - tail_tokens
+    if ids.shape[0] != 1 or tokens < 2:
+        return None
+    inner: Any = getattr(model, "model", None)
+    start = time.perf_counter()
+    embeddings = None
+    if sum(_placeholder_counts(model, ids[0, tokens:])) > 0:
+        if hasattr(inner, "rope_deltas") or any(k in inputs for k in _PER_TOKEN_INPUTS):
+            return None
+        embeddings = _decoder_inputs(model, inputs)
+    cache = DynamicCache(config=model.config)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None  # computed afresh from this prompt's images
+    with torch.inference_mode():
+        if embeddings is None:
+            # Per-token inputs (Qwen-VL's mm_token_type_ids, Gemma 3's token_type_ids) cover the prefix.
+            extra = {
+                k: v[:, :tokens] if k in _PER_TOKEN_INPUTS else v
+                for k, v in inputs.items()
+                if k not in ("input_ids", "attention_mask")
+            }
+            prefill(model, ids[:, :tokens], cache, **extra)
+        else:
+            model(inputs_embeds=embeddings[:, :tokens], use_cache=True, **{cache_argument(model): cache})
+    state = {}
+    if getattr(inner, "rope_deltas", None) is not None:
+        state["rope_deltas"] = inner.rope_deltas
+    return SharedImagePrefix(cache, tokens, time.perf_counter() - start, embeddings, state)
+
+
 # --------------------------------------------------------------------------------------------
 # The grid
 
@@ -445,6 +582,11 @@ def _precheck_model_dir(model_spec: str | None) -> None:
             raise ValueError(msg.format(model_spec))
 
 
+def _visual_token_means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    keys = ("image_tokens_total", "image_tokens_kept", "video_tokens_total", "video_tokens_kept")
+    return {f"{key}_mean": sum(r[key] for r in records) / len(records) for key in keys}
+
+
 def run_mm_eval(
     model_spec: str | tuple[Any, Any],
     tasks: Mapping[str, Sequence[MMExample]],
@@ -460,6 +602,7 @@ def run_mm_eval(
     sources: Mapping[str, Any] | None = None,
     compare: Sequence[tuple[str, str]] = (),
     head_scores: str | Path | None = None,
+    share_prefill: bool = True,
 ) -> cell_store.EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
@@ -492,7 +635,15 @@ def run_mm_eval(
         :func:`mixkv.eval.runner.run_eval`.
     head_scores
         A ``mixkv calibrate`` statistics file whose ``visual_head_scores`` the SparseMM-based methods
-        use (required when one is run); its content's digest is part of the cells' identity.
+        use (required when one is run); its content's digest is part of the SparseMM cells' identity.
+    share_prefill
+        Prefill each example's prompt, all but its last ``window_size`` tokens (the image and most of
+        the text), once with the full cache and give every mixkv method a copy (see
+        :func:`prefill_image_prefix`); the press then compresses prefix and tail together, as in a
+        one-go prefill. Up to the float rounding of the split forward this is the same computation,
+        and the image is encoded and prefilled once per example instead of once per (method,
+        budget). False prefills every cell from scratch; kvpress methods, and prompts whose last
+        ``window_size`` tokens include an image token, always are.
 
     Returns
     -------
@@ -583,6 +734,7 @@ def run_mm_eval(
         "tasks": task_names,
         "n": {t: len(tasks[t]) for t in task_names},
         "sources": json.loads(json.dumps(dict(sources or {}), default=str)),
+        "share_prefill": share_prefill,
     }
     result = cell_store.EvalResult()
     todo, finished = cell_store.plan_cells(
@@ -599,70 +751,76 @@ def run_mm_eval(
             _check_vlm(model, processor, model_spec)
         versions, machine = cell_store.software_versions(), cell_store.machine_info()
         prompt_format = build_mm_prompt(processor, "?")[1]
-        encoded: dict[tuple[str, int], dict[str, Any]] = {}
+        # Example-major order within each task: an example is encoded and its shared prefix
+        # prefilled once for every pending cell; the cells are written when the task ends.
+        groups: dict[str, list[cell_store.Cell]] = {}
+        for cell in todo:
+            groups.setdefault(cell.task, []).append(cell)
         with runner.progress(sum(len(tasks[c.task]) for c in todo)) as bar:
-            for cell in todo:
-                bar.set_description(cell.name.removesuffix(".json"))
-                examples = list(tasks[cell.task])
+            for task, group in groups.items():
+                bar.set_description(task)
+                examples = list(tasks[task])
                 digests = [_fingerprint([example]) for example in examples]
-                records, seconds = (
-                    cell_store.load_partial(cell_dir, cell, identity(cell), digests) if resume else ([], 0.0)
-                )
-                bar.update(len(records))
-                for i, example in enumerate(examples[len(records) :], start=len(records)):
-                    start = time.perf_counter()
-                    key = (cell.task, i)
-                    if key not in encoded:
-                        encoded[key] = _encode(processor, example, _example_prompt(processor, example))
-                    inputs = encoded[key]
-                    torch.manual_seed(seed)  # per example, so a resumed cell draws what a whole run draws
-                    press = build_press(
-                        cell.method,
-                        cell.budget,
-                        context_tokens=int(inputs["input_ids"].shape[1]),
-                        window_size=observation_window(window_size, cell.budget),
-                        head_scores=head_table,
+                records: dict[cell_store.Cell, list[dict[str, Any]]] = {}
+                seconds: dict[cell_store.Cell, float] = {}
+                for cell in group:
+                    records[cell], seconds[cell] = (
+                        cell_store.load_partial(cell_dir, cell, identity(cell), digests)
+                        if resume
+                        else ([], 0.0)
                     )
-                    record = run_mm_example(
-                        model,
-                        processor,
-                        example,
-                        press,
-                        max_new_tokens=max_new_tokens,
-                        coordinate_scale=coordinate_scale,
-                        inputs=inputs,
+                    bar.update(len(records[cell]))
+                for i, example in enumerate(examples):
+                    pending = [cell for cell in group if len(records[cell]) == i]
+                    if not pending:
+                        continue
+                    inputs = _encode(processor, example, _example_prompt(processor, example))
+                    prefix = None
+                    if share_prefill and any(c.method not in runner.KVPRESS_METHODS for c in pending):
+                        prefix = prefill_image_prefix(model, inputs, tail_tokens=window_size)
+                    for cell in pending:
+                        start = time.perf_counter()
+                        torch.manual_seed(seed)  # per example, so a resumed cell draws what a whole run draws
+                        press = build_press(
+                            cell.method,
+                            cell.budget,
+                            context_tokens=int(inputs["input_ids"].shape[1]),
+                            window_size=observation_window(window_size, cell.budget),
+                            head_scores=head_table,
+                        )
+                        record = run_mm_example(
+                            model,
+                            processor,
+                            example,
+                            press,
+                            max_new_tokens=max_new_tokens,
+                            coordinate_scale=coordinate_scale,
+                            inputs=inputs,
+                            prefix=None if cell.method in runner.KVPRESS_METHODS else prefix,
+                        )
+                        records[cell].append({**record, "example_sha1": digests[i]})
+                        seconds[cell] += time.perf_counter() - start
+                        bar.update(1)
+                    for cell in pending:  # an interrupted run resumes after the last finished example
+                        cell_store.save_partial(cell_dir, cell, identity(cell), records[cell], seconds[cell])
+                for cell in group:
+                    outputs = [r["output"] for r in records[cell]]
+                    scores = score_examples(examples, outputs, coordinate_scale=coordinate_scale)
+                    finished[cell] = cell_store.write_cell(
+                        cell_dir,
+                        cell,
+                        identity=identity(cell),
+                        config={**run_config, "prompt_format": prompt_format},
+                        records=records[cell],
+                        score=_primary_score(scores),
+                        wall_seconds=seconds[cell],
+                        seed=seed,
+                        versions=versions,
+                        machine=machine,
+                        extra={"scores": scores, **_visual_token_means(records[cell])},
                     )
-                    records.append({**record, "example_sha1": digests[i]})
-                    seconds += time.perf_counter() - start
-                    # an interrupted run resumes after the last finished example
-                    cell_store.save_partial(cell_dir, cell, identity(cell), records, seconds)
-                    bar.update(1)
-                scores = score_examples(
-                    examples, [r["output"] for r in records], coordinate_scale=coordinate_scale
-                )
-                finished[cell] = cell_store.write_cell(
-                    cell_dir,
-                    cell,
-                    identity=identity(cell),
-                    config={**run_config, "prompt_format": prompt_format},
-                    records=records,
-                    score=_primary_score(scores),
-                    wall_seconds=seconds,
-                    seed=seed,
-                    versions=versions,
-                    machine=machine,
-                    extra={
-                        "scores": scores,
-                        "image_tokens_total_mean": sum(r["image_tokens_total"] for r in records)
-                        / len(records),
-                        "image_tokens_kept_mean": sum(r["image_tokens_kept"] for r in records) / len(records),
-                        "video_tokens_total_mean": sum(r["video_tokens_total"] for r in records)
-                        / len(records),
-                        "video_tokens_kept_mean": sum(r["video_tokens_kept"] for r in records) / len(records),
-                    },
-                )
-                cell_store.partial_path(cell_dir, cell).unlink(missing_ok=True)
-                result.computed.append(cell.name)
+                    cell_store.partial_path(cell_dir, cell).unlink(missing_ok=True)
+                    result.computed.append(cell.name)
 
     reporting.write_summary(
         result,

@@ -177,6 +177,8 @@ class _CacheState:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     # layer -> entries per KV head right after its last compression (bounded decoding)
     held_after_compression: dict[int, float] = field(default_factory=dict)
+    # ids of the whole prompt its first prompt forward completes (``declare_prompt``)
+    prompt_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,37 @@ class PressSession:
             if isinstance(layer, CompressedLayer):
                 self._created.add(layer)
         return copied
+
+    def declare_prompt(self, cache: Cache, input_ids: torch.Tensor) -> None:
+        """Give the ids of the whole prompt that the next forward through ``cache`` completes.
+
+        For prompts whose last forward does not carry all their ids: a prefix prefilled into
+        ``cache`` before the press (e.g. one full-cache prefix copied for several presses), or a
+        rest fed as ``inputs_embeds``. Compression is the same either way (prefix and rest are
+        scored together); the ids let the report count image and video tokens over the whole
+        prompt, as it does for a one-go prefill.
+
+        Raises
+        ------
+        ValueError
+            If ``input_ids`` is not ``(B, N)`` with N more than the tokens ``cache`` holds, or the
+            cache has already had a prompt forward in this session.
+        """
+        state = self._state(cache)
+        if state.lengths is not None or cache in self._prefilled:
+            raise ValueError(
+                "declare_prompt must come before the cache's first prompt forward under this press"
+            )
+        held = cache.get_seq_length()
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] <= held:
+            shape = (
+                tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            )
+            raise ValueError(
+                f"declare_prompt needs the ids of the whole prompt, shape (batch, N) with N more than the "
+                f"{held} tokens the cache holds; got {shape}"
+            )
+        state.prompt_ids = input_ids
 
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
@@ -547,6 +580,9 @@ class PressSession:
         self, state: _CacheState, new_tokens: torch.Tensor, key_mask: torch.Tensor
     ) -> _PrefillRecord:
         """Bookkeeping of one prompt forward; ``new_tokens`` ``(B,)`` are its real tokens."""
+        ids = self._input_ids
+        if state.lengths is None and state.prompt_ids is not None:
+            ids = state.prompt_ids.to(key_mask.device)
         state.lengths = state.lengths + new_tokens if state.lengths is not None else new_tokens
         lengths = state.lengths
         batch = lengths.shape[0]
@@ -556,8 +592,8 @@ class PressSession:
             budgets=budgets,
             kept=torch.zeros((batch, self.layout.num_layers, self.layout.num_kv_heads), dtype=torch.long),
         )
-        ids = self._input_ids
-        # Visual tokens are counted when the forward holds the whole prompt (one-go prefill).
+        # Visual tokens are counted when the ids cover the whole prompt (a one-go prefill, or a
+        # declared prompt).
         masks = (
             self.layout.visual_token_masks(ids) if ids is not None and ids.shape == key_mask.shape else None
         )

@@ -52,7 +52,9 @@ def run_image_demo(
 ) -> list[dict[str, Any]]:
     """Run every (method, budget) on one image example.
 
-    The observation window is 32 tokens, or half the budget below 64 (as in the evaluation).
+    The observation window is 32 tokens, or half the budget below 64 (as in the evaluation). The
+    image and most of the prompt are prefilled once with the full cache, and every run continues
+    from a copy of it (:func:`mixkv.eval.mm_runner.prefill_image_prefix`), as the evaluation does.
 
     Returns
     -------
@@ -61,7 +63,13 @@ def run_image_demo(
         and ``keep_map`` (:func:`image_keep_map`, None for the full cache).
     """
     from mixkv.demo import method_runs
-    from mixkv.eval.mm_runner import _encode, _example_prompt, observation_window, run_mm_example
+    from mixkv.eval.mm_runner import (
+        _encode,
+        _example_prompt,
+        observation_window,
+        prefill_image_prefix,
+        run_mm_example,
+    )
     from mixkv.integration.models import placeholder_token_id
     from mixkv.presses.registry import build_press
 
@@ -75,12 +83,13 @@ def run_image_demo(
         raise ValueError(
             f"budgets {too_big} are not below the {context_tokens}-token prompt; nothing would be compressed."
         )
+    prefix = prefill_image_prefix(model, inputs, tail_tokens=32)
     rows = []
     for method, budget in method_runs(methods, budgets):
         window = observation_window(32, budget)
         press = build_press(method, budget, context_tokens=context_tokens, window_size=window)
         log(f"  running {method if budget is None else f'{method} @ {budget}'} ...")
-        record = run_mm_example(model, processor, example, press, inputs=inputs)
+        record = run_mm_example(model, processor, example, press, inputs=inputs, prefix=prefix)
         keep = None
         if press is not None:
             keep = image_keep_map(press.last_report, inputs["input_ids"], image_token_id)
