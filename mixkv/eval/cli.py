@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-shared-prefill",
         action="store_true",
-        help="text tasks: prefill every (method, budget) from scratch instead of copying one full-cache "
-        "prefix per example (same computation up to float rounding, many times slower)",
+        help="prefill every (method, budget) from scratch instead of copying one full-cache prefix per "
+        "example (same computation up to float rounding, many times slower)",
     )
     return p
 
@@ -316,6 +316,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         sources=sources,
         compare=_pairs(args.compare),
         head_scores=args.head_scores,
+        share_prefill=not args.no_shared_prefill,
     )
 
 
