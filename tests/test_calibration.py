@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.calibration import calibrate, load_head_statistics, main, resolve_head_table
+from mixkv.calibration import HeadStatistics, calibrate, load_head_statistics, main, resolve_head_table
 from mixkv.functional import head_redundancy
 from tests.families import build_case
 from tests.helpers_tiny import tiny_model_and_tokenizer
@@ -54,6 +54,22 @@ def test_image_and_text_redundancy_are_measured_over_their_own_keys(vlm_case):
     assert stats.visual_redundancy is not None and stats.text_redundancy is not None
     assert torch.allclose(stats.visual_redundancy, image.clamp(0, 1), atol=1e-6)
     assert torch.allclose(stats.text_redundancy, text.clamp(0, 1), atol=1e-6)
+
+
+def test_the_redundancy_summary_compares_visual_and_text_tokens_head_by_head():
+    stats = HeadStatistics(
+        "llava",
+        3,
+        redundancy=torch.full((2, 2), 0.5),
+        visual_head_scores=None,
+        visual_redundancy=torch.tensor([[0.9, 0.4], [0.8, 0.7]]),
+        text_redundancy=torch.tensor([[0.5, 0.6], [0.2, 0.3]]),
+    )
+    assert stats.redundancy_summary() == (
+        "key redundancy over visual vs text tokens, mean of 4 KV heads: 0.700 vs 0.400; "
+        "visual higher in 3 of 4 heads"
+    )
+    assert HeadStatistics("llama", 3, torch.full((2, 2), 0.5), None).redundancy_summary() is None
 
 
 def test_text_only_prompts_have_no_image_or_text_redundancy_tables():
