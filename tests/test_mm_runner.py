@@ -162,6 +162,32 @@ def test_an_interrupted_cell_resumes_after_its_last_finished_example(tasks, tmp_
     assert not list((tmp_path / "cells").glob(".*.partial"))
 
 
+def test_report_only_reports_a_run_in_progress_from_its_checkpoints(tasks, tmp_path, monkeypatch):
+    model = build_case("llava").model, vlm_processor("llava")
+    grid = {**GRID, "methods": ["snapkv", "mixkv-snapkv"]}
+    only = {"docvqa": tasks["docvqa"]}
+    real = mm_runner.run_mm_example
+    calls: list[str] = []
+
+    def stop_after_three(*args, **kwargs):
+        if len(calls) == 3:  # the first example in both cells, the second in one
+            raise KeyboardInterrupt
+        calls.append("run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mm_runner, "run_mm_example", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_mm_eval(model, only, out_dir=tmp_path, **grid)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cells").iterdir()}
+    report = run_mm_eval(model, only, out_dir=tmp_path, report_only=True, **grid)
+    assert len(calls) == 3 and report.computed == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cells").iterdir()} == before
+    assert [len(c["examples"]) for c in report.cells] == [1, 1]
+    table = (tmp_path / "results.md").read_text()
+    assert "A run in progress" in table and "n = 1 per cell" in table
+    assert "## image tokens kept per KV head" in table
+
+
 def test_changed_examples_make_cells_stale(vlm, tasks, finished):
     out, _ = finished
     fewer = {"docvqa": tasks["docvqa"][:1]}

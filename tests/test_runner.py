@@ -128,6 +128,26 @@ def test_an_interrupted_cell_resumes_after_its_last_finished_example(tiny, tmp_p
     assert {c["cell"]["method"]: [e["output"] for e in c["examples"]] for c in resumed.cells} == by_name
 
 
+def test_report_only_shows_a_run_in_progress_without_computing_or_changing_files(tiny, tmp_path, monkeypatch):
+    grid = {**GRID, "n": 3}
+    _interrupt_after(monkeypatch, 2 * len(CELLS) + 1)  # two whole examples, and one cell of the third
+    with pytest.raises(_Interrupted):
+        run_eval(tiny, out_dir=tmp_path, **grid)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cells").iterdir()}
+    count = _interrupt_after(monkeypatch, 0)  # any computation fails
+    report = run_eval(tiny, out_dir=tmp_path, report_only=True, **grid)
+    assert count[0] == 0 and report.computed == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cells").iterdir()} == before
+    table = (tmp_path / "results.md").read_text()
+    assert "A run in progress" in table and "n = 2 per cell" in table  # cut to the examples all had
+    assert sorted(c["cell"]["method"] for c in report.cells) == ["full", "mixkv-snapkv", "snapkv"]
+    assert all(c["complete"] is False and len(c["examples"]) == 2 for c in report.cells)
+    monkeypatch.undo()
+    finished = run_eval(tiny, out_dir=tmp_path / "whole", **{**grid, "n": 2})
+    scores = {c["cell"]["method"]: c["score"] for c in finished.cells}
+    assert {c["cell"]["method"]: c["score"] for c in report.cells} == scores
+
+
 def test_a_larger_n_extends_finished_cells_with_only_the_new_examples(tiny, finished, monkeypatch):
     count = _interrupt_after(monkeypatch, 10**6)
     extended = run_eval(tiny, out_dir=finished, **{**GRID, "n": 3})

@@ -203,13 +203,13 @@ def save_partial(
 
 
 def load_partial(
-    cell_dir: Path, cell: Cell, identity: dict[str, Any], digests: Sequence[str]
+    cell_dir: Path, cell: Cell, identity: dict[str, Any], digests: Sequence[str] | None
 ) -> tuple[list[dict[str, Any]], float]:
     """The finished leading examples of a cell's checkpoint, or none.
 
     Records are kept only while they belong to this run (same schema, cell and identity) and each
     one's example (context, question, answers: ``example_sha1``) is the one regenerated for its
-    position; the rest is recomputed.
+    position (not checked when ``digests`` is None); the rest is recomputed.
     """
     path = partial_path(cell_dir, cell)
     if not path.exists():
@@ -224,12 +224,59 @@ def load_partial(
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
         return [], 0.0
-    kept = 0
-    while kept < min(len(records), len(digests)) and records[kept].get("example_sha1") == digests[kept]:
+    kept = 0 if digests is not None else len(records)
+    while (
+        digests is not None
+        and kept < min(len(records), len(digests))
+        and records[kept].get("example_sha1") == digests[kept]
+    ):
         kept += 1
     if kept:
         logger.info("Resuming %s after %d finished example(s).", cell.name, kept)
     return records[:kept], seconds if kept == len(records) else 0.0
+
+
+def cells_so_far(
+    cells: Sequence[Cell],
+    cell_dir: Path,
+    expected: Callable[[Cell], tuple[dict[str, Any], int]],
+    score: Callable[[Cell, list[dict[str, Any]]], float],
+) -> dict[Cell, dict[str, Any]]:
+    """Finished cells, and unfinished ones as far as their checkpoints go: a run in progress, read
+    without changing any file.
+
+    ``expected`` is as for :func:`plan_cells`; ``score(cell, records)`` is a cell's score on its
+    records. The checkpointed cells of one (task, context length) are cut to the examples every
+    one of them has finished, so that they are compared on the same examples; cells with neither
+    a valid file nor a checkpoint are left out. Checkpointed cells carry ``"complete": False``.
+    """
+    out: dict[Cell, dict[str, Any]] = {}
+    held: dict[Cell, list[dict[str, Any]]] = {}
+    for cell in cells:
+        identity, n = expected(cell)
+        path = cell_dir / cell.name
+        data = _load_cell(path, cell, identity, n)[0] if path.exists() else None
+        if data is not None:
+            out[cell] = data
+            continue
+        records, _ = load_partial(cell_dir, cell, identity, None)
+        if records:
+            held[cell] = records[:n]
+    common: dict[tuple[str, int | None], int] = {}
+    for cell, records in held.items():
+        key = (cell.task, cell.context_length)
+        common[key] = min(common.get(key, len(records)), len(records))
+    for cell, records in held.items():
+        kept = records[: common[(cell.task, cell.context_length)]]
+        out[cell] = {
+            "schema": SCHEMA_VERSION,
+            "complete": False,
+            "cell": cell.as_dict(),
+            "identity": expected(cell)[0],
+            "score": score(cell, kept),
+            "examples": kept,
+        }
+    return out
 
 
 def plan_cells(

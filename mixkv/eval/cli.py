@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefill every (method, budget) from scratch instead of copying one full-cache prefix per "
         "example (same computation up to float rounding, many times slower)",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: write results.md and the plots from the finished cells and the "
+        "checkpoints of unfinished ones (a long run in progress; n per task in the headings)",
+    )
     return p
 
 
@@ -232,6 +238,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         share_prefill=not args.no_shared_prefill,
         dtype=args.dtype,
         compare=_pairs(args.compare),
+        report_only=args.report_only,
     )
 
 
@@ -317,6 +324,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         compare=_pairs(args.compare),
         head_scores=args.head_scores,
         share_prefill=not args.no_shared_prefill,
+        report_only=args.report_only,
     )
 
 

@@ -603,6 +603,7 @@ def run_mm_eval(
     compare: Sequence[tuple[str, str]] = (),
     head_scores: str | Path | None = None,
     share_prefill: bool = True,
+    report_only: bool = False,
 ) -> cell_store.EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
@@ -644,6 +645,9 @@ def run_mm_eval(
         and the image is encoded and prefilled once per example instead of once per (method,
         budget). False prefills every cell from scratch; kvpress methods, and prompts whose last
         ``window_size`` tokens include an image token, always are.
+    report_only
+        Compute nothing and load no model: report the finished cells and the checkpoints of
+        unfinished ones, as for :func:`mixkv.eval.runner.run_eval`.
 
     Returns
     -------
@@ -737,9 +741,20 @@ def run_mm_eval(
         "share_prefill": share_prefill,
     }
     result = cell_store.EvalResult()
-    todo, finished = cell_store.plan_cells(
-        cells, cell_dir, lambda c: (identity(c), len(tasks[c.task])), resume, result
-    )
+
+    def expected(cell: cell_store.Cell) -> tuple[dict[str, Any], int]:
+        return identity(cell), len(tasks[cell.task])
+
+    def score_on(cell: cell_store.Cell, records: list[dict[str, Any]]) -> float:
+        outputs = [r["output"] for r in records]
+        examples = tasks[cell.task][: len(records)]
+        return _primary_score(score_examples(examples, outputs, coordinate_scale=coordinate_scale))
+
+    if report_only:
+        todo: list[cell_store.Cell] = []
+        finished = cell_store.cells_so_far(cells, cell_dir, expected, score_on)
+    else:
+        todo, finished = cell_store.plan_cells(cells, cell_dir, expected, resume, result)
 
     if todo:
         if isinstance(model_spec, tuple):

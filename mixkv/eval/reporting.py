@@ -63,6 +63,14 @@ def write_markdown_table(
         for c in cells
     }
     lines = ["# mixkv evaluation", ""]
+    unfinished = [c for c in cells if c.get("complete") is False]
+    if unfinished:
+        lines += [
+            f"**A run in progress** (`--report-only`): {len(unfinished)} of these {len(cells)} cells are "
+            "unfinished and hold the examples their checkpoints had, cut per task to the examples all of "
+            "them had (n below).",
+            "",
+        ]
     for length in context_lengths:
         where = "" if length is None else f"Context length {length} tokens: "
         shown = [c for c in cells if c["cell"]["context_length"] == length]

@@ -27,6 +27,7 @@ from mixkv.eval.cell_store import (
     Cell,
     EvalResult,
     cell_filename,
+    cells_so_far,
     load_partial,
     machine_info,
     model_identity,
@@ -135,6 +136,10 @@ def progress(total: int) -> Iterator[Any]:
         bar.close()
 
 
+def _mean_score(records: Sequence[dict[str, Any]]) -> float:
+    return sum(r["score"] for r in records) / len(records)
+
+
 def run_eval(
     model_spec: str | tuple[Any, Any] | None = None,
     methods: Sequence[str] = ("full", "snapkv", "mixkv-snapkv"),
@@ -152,6 +157,7 @@ def run_eval(
     share_prefill: bool = True,
     dtype: str = "float32",
     compare: Sequence[tuple[str, str]] = (),
+    report_only: bool = False,
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -198,6 +204,10 @@ def run_eval(
         Method pairs ``(A, B)`` to compare on the same examples in ``results.md`` (B - A with a
         paired-bootstrap 95% CI, wins / ties / losses, exact sign test), besides every MixKV method
         against its base, which is always compared when both are run. Both must be in ``methods``.
+    report_only
+        Compute nothing and load no model: write ``results.md`` and the plots from the finished
+        cells and the checkpoints of unfinished ones (:func:`~mixkv.eval.cell_store.cells_so_far`),
+        e.g. to look at a long run in progress. No file is changed besides the report.
 
     Returns
     -------
@@ -286,7 +296,13 @@ def run_eval(
         "max_new_tokens": max_new_tokens,
     }
 
-    todo, finished = plan_cells(cells, cell_dir, lambda cell: (identity, n), resume, result)
+    if report_only:
+        todo: list[Cell] = []
+        finished = cells_so_far(
+            cells, cell_dir, lambda cell: (identity, n), lambda cell, records: _mean_score(records)
+        )
+    else:
+        todo, finished = plan_cells(cells, cell_dir, lambda cell: (identity, n), resume, result)
 
     if todo:
         if isinstance(model_spec, tuple):
@@ -352,7 +368,7 @@ def run_eval(
                         identity=identity,
                         config=run_config,
                         records=records[cell],
-                        score=sum(r["score"] for r in records[cell]) / n,
+                        score=_mean_score(records[cell]),
                         wall_seconds=seconds[cell],
                         seed=seed,
                         versions=versions,
