@@ -275,8 +275,9 @@ def run_mm_example(
     """Generate an answer for one example under ``press`` (None: full cache) and score it.
 
     With ``prefix`` (this example's :func:`prefill_image_prefix`, mixkv presses only) a copy of its
-    cache is used: ``generate`` prefills only the prompt's text tail, under the press, which
-    compresses prefix and tail together as it would a one-go prefill.
+    cache is used: ``generate`` prefills only the prompt's tail (as ids, or as embeddings when it
+    starts inside the image), under the press, which compresses prefix and tail together as it
+    would a one-go prefill.
 
     Returns
     -------
@@ -337,7 +338,7 @@ def run_mm_example(
     manager = press(model) if press is not None else contextlib.nullcontext()
     try:
         with torch.inference_mode(), manager as session:
-            if session is not None and cache is not None and prefix is not None:
+            if session is not None and cache is not None:
                 session.declare_prompt(cache, ids)
             start = time.perf_counter()
             out = model.generate(
