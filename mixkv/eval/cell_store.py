@@ -224,13 +224,12 @@ def load_partial(
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
         return [], 0.0
-    kept = 0 if digests is not None else len(records)
-    while (
-        digests is not None
-        and kept < min(len(records), len(digests))
-        and records[kept].get("example_sha1") == digests[kept]
-    ):
-        kept += 1
+    if digests is None:
+        kept = len(records)
+    else:
+        kept = 0
+        while kept < min(len(records), len(digests)) and records[kept].get("example_sha1") == digests[kept]:
+            kept += 1
     if kept:
         logger.info("Resuming %s after %d finished example(s).", cell.name, kept)
     return records[:kept], seconds if kept == len(records) else 0.0
@@ -251,7 +250,7 @@ def cells_so_far(
     a valid file nor a checkpoint are left out. Checkpointed cells carry ``"complete": False``.
     """
     out: dict[Cell, dict[str, Any]] = {}
-    held: dict[Cell, list[dict[str, Any]]] = {}
+    held: dict[Cell, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for cell in cells:
         identity, n = expected(cell)
         path = cell_dir / cell.name
@@ -261,18 +260,18 @@ def cells_so_far(
             continue
         records, _ = load_partial(cell_dir, cell, identity, None)
         if records:
-            held[cell] = records[:n]
+            held[cell] = identity, records[:n]
     common: dict[tuple[str, int | None], int] = {}
-    for cell, records in held.items():
+    for cell, (_, records) in held.items():
         key = (cell.task, cell.context_length)
         common[key] = min(common.get(key, len(records)), len(records))
-    for cell, records in held.items():
+    for cell, (identity, records) in held.items():
         kept = records[: common[(cell.task, cell.context_length)]]
         out[cell] = {
             "schema": SCHEMA_VERSION,
             "complete": False,
             "cell": cell.as_dict(),
-            "identity": expected(cell)[0],
+            "identity": identity,
             "score": score(cell, kept),
             "examples": kept,
         }

@@ -17,7 +17,7 @@ import copy
 import hashlib
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,11 +34,19 @@ PROTOCOLS = ("query_agnostic", "query_aware")
 @dataclass(frozen=True)
 class SharedPrefix:
     """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
-    into every method's run (see :func:`prefill_shared_prefix`). Never modified."""
+    into every method's run (see :func:`prefill_shared_prefix` and, for images,
+    :func:`mixkv.eval.mm_runner.prefill_image_prefix`). Never modified.
+
+    ``embeddings``: the whole prompt's input embeddings as the text decoder receives them, when the
+    rest is fed as embeddings (a tail that starts inside an image); ``generation_state``: model
+    attributes the continuation needs (:func:`mixkv.integration.models.generation_state`).
+    """
 
     cache: Any
     tokens: int
     seconds: float
+    embeddings: torch.Tensor | None = None
+    generation_state: dict[str, Any] = field(default_factory=dict)
 
 
 def prompt_ids(

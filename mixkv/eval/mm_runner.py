@@ -39,13 +39,13 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mixkv.eval import cell_store, reporting, runner
+from mixkv.eval.example import SharedPrefix
 from mixkv.eval.mm_datasets import (
     MMExample,
     load_chartqa,
@@ -58,7 +58,13 @@ from mixkv.eval.mm_datasets import (
     score_examples,
 )
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import cache_argument, find_cache, prefill
+from mixkv.integration.models import (
+    cache_argument,
+    find_cache,
+    generation_state,
+    prefill,
+    restore_generation_state,
+)
 from mixkv.presses.base import BasePress
 from mixkv.presses.registry import build_press
 
@@ -67,7 +73,6 @@ __all__ = [
     "MM_TASKS",
     "SYNTHETIC_TASK_NAMES",
     "TINY_VLM_TASKS",
-    "SharedImagePrefix",
     "build_mm_prompt",
     "load_mm_task",
     "observation_window",
@@ -270,7 +275,7 @@ def run_mm_example(
     max_new_tokens: int | None = None,
     coordinate_scale: str = "pixel",
     inputs: dict[str, Any] | None = None,
-    prefix: SharedImagePrefix | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> dict[str, Any]:
     """Generate an answer for one example under ``press`` (None: full cache) and score it.
 
@@ -325,9 +330,7 @@ def run_mm_example(
                 "cache that already holds one); pass prefix=None"
             )
         cache = copy.deepcopy(prefix.cache)
-        # M-RoPE models keep the images' position offset from the prefix's forward (rope_deltas).
-        for name, value in prefix.generation_state.items():
-            setattr(getattr(model, "model", None), name, value)
+        restore_generation_state(model, prefix.generation_state)
         generate_inputs = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
@@ -431,32 +434,6 @@ def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
 _PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 
-@dataclass
-class SharedImagePrefix:
-    """A prompt's first ``tokens`` tokens prefilled once with the full cache, for several presses to
-    copy.
-
-    Attributes
-    ----------
-    cache
-        The full cache of the prefix.
-    tokens, seconds
-        Its length, and the time it took (image encoding included).
-    embeddings
-        The whole prompt's input embeddings as the text decoder receives them (image features in
-        place), when the tail holds image tokens and is fed as embeddings; None when the tail is
-        text, fed as ids.
-    generation_state
-        Model attributes the continuation needs (M-RoPE's ``rope_deltas``).
-    """
-
-    cache: Any
-    tokens: int
-    seconds: float
-    embeddings: torch.Tensor | None = None
-    generation_state: dict[str, Any] = field(default_factory=dict)
-
-
 class _DecoderReached(Exception):
     pass
 
@@ -483,7 +460,7 @@ def _decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     return captured["embeddings"]
 
 
-def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int) -> SharedImagePrefix | None:
+def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int) -> SharedPrefix | None:
     """Prefill all but the last ``tail_tokens`` tokens of an encoded one-example prompt with the
     full cache.
 
@@ -523,10 +500,8 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
             prefill(model, ids[:, :tokens], cache, **extra)
         else:
             model(inputs_embeds=embeddings[:, :tokens], use_cache=True, **{cache_argument(model): cache})
-    state = {}
-    if getattr(inner, "rope_deltas", None) is not None:
-        state["rope_deltas"] = inner.rope_deltas
-    return SharedImagePrefix(cache, tokens, time.perf_counter() - start, embeddings, state)
+    seconds = time.perf_counter() - start
+    return SharedPrefix(cache, tokens, seconds, embeddings, generation_state(model))
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from mixkv.integration.models import cache_argument, prefill
+from mixkv.integration.models import cache_argument, generation_state, prefill, restore_generation_state
 from mixkv.integration.session import PressSession
 from mixkv.presses.base import BasePress
 
@@ -179,11 +179,7 @@ class CompressedContext:
             with torch.inference_mode():
                 prefill(self.model, self._context_ids, cache, **extra)
             self._cache = cache
-            # M-RoPE models (Qwen2/2.5/3-VL) keep the position offset of the images from the prefill
-            # in `rope_deltas`; generation after the context needs it, whatever ran in between.
-            rope_deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-            if rope_deltas is not None:
-                self._generation_state["rope_deltas"] = rope_deltas
+            self._generation_state = generation_state(self.model)
         except BaseException:
             self.close()
             raise
@@ -226,9 +222,7 @@ class CompressedContext:
             raise ValueError("the question must hold at least one token")
         ids = torch.cat([self._context_ids, question.to(self._context_ids.device)], dim=1)
         cache = self._session.fork(self._cache) if self._session is not None else copy.deepcopy(self._cache)
-        inner = getattr(self.model, "model", None)
-        for name, value in self._generation_state.items():
-            setattr(inner, name, value)
+        restore_generation_state(self.model, self._generation_state)
         options: dict[str, Any] = {"do_sample": False, **generate_kwargs}
         tokenizer = _tokenizer(self.processor) if self.processor is not None else None
         pad = getattr(tokenizer, "pad_token_id", None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,20 @@ def prefill(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     return model(input_ids=input_ids, **model_inputs, **kwargs).logits[:, -1]
+
+
+def generation_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Model attributes that a generation continuing from a prefilled cache needs, whatever ran in
+    between: M-RoPE models (Qwen2/2.5/3-VL) keep the images' position offset from the prefill in
+    ``rope_deltas``. Empty for other models."""
+    rope_deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    return {} if rope_deltas is None else {"rope_deltas": rope_deltas}
+
+
+def restore_generation_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Set what :func:`generation_state` saved back on the model."""
+    for name, value in state.items():
+        setattr(getattr(model, "model", None), name, value)
 
 
 def find_cache(*places: Any) -> Cache | None:
