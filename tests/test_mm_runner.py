@@ -389,3 +389,16 @@ def test_grid_cells_share_one_prefix_per_example_unless_told_not_to(vlm, tasks, 
     )
     assert all(r["shared_prefix_tokens"] == 0 for r in one_go["examples"])
     assert [r["output"] for r in one_go["examples"]] == [r["output"] for r in shared["examples"]]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+def test_no_prefix_is_shared_inside_the_image_where_image_tokens_are_not_plain_causal(family):
+    # Gemma 3 attends bidirectionally within an image (token_type_ids), Qwen2-VL places image
+    # tokens with M-RoPE: a forward split inside the image would not be the one-go computation.
+    case = build_case(family)
+    ids = case.inputs["input_ids"][0]
+    after_image = int(ids.shape[0] - 1 - (ids == case.image_token_id).nonzero().max())
+    inside = mm_runner.prefill_image_prefix(case.model, case.inputs, tail_tokens=after_image + 2)
+    in_the_text = mm_runner.prefill_image_prefix(case.model, case.inputs, tail_tokens=after_image)
+    assert inside is None
+    assert in_the_text is not None and in_the_text.embeddings is None
