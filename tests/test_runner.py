@@ -393,3 +393,97 @@ def test_a_foreign_press_is_charged_for_what_its_cache_holds(tiny):
     assert record["kept_tokens_mean"] == 40
     assert record["kv_bytes_full"] == full["kv_bytes"]
     assert record["kv_fraction"] == pytest.approx(40 / full["prefill_tokens"])
+
+
+# -- method variants: chunked prefill (+chunkN) and bounded decoding (+decodeN) ----------------
+
+
+def test_a_method_variant_names_its_press_and_how_it_runs():
+    assert runner.parse_method("MixKV-AdaKV+chunk512+decode16") == runner.MethodVariant(
+        "mixkv-adakv", 512, 16
+    )
+    assert runner.parse_method("snapkv") == runner.MethodVariant("snapkv")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("snapkv+chunk", "modifiers are"),
+        ("snapkv+chunk0", "modifiers are"),
+        ("snapkv+tile8", "modifiers are"),
+        ("snapkv+chunk8+chunk16", "modifiers are"),
+        ("full+chunk8", "apply to mixkv presses"),
+        ("kvpress-snapkv+decode8", "apply to mixkv presses"),
+        ("nope+chunk8", "Unknown method"),
+    ],
+)
+def test_a_bad_method_variant_is_refused_saying_what_to_write(name, message):
+    with pytest.raises(ValueError, match=message):
+        runner.check_methods([name], variants=True)
+
+
+def test_method_variants_are_refused_outside_the_text_grid():
+    with pytest.raises(ValueError, match="text grid only"):
+        runner.check_methods(["snapkv+chunk64"])
+
+
+@pytest.mark.parametrize("method", ["mixkv-snapkv", "mixkv-adakv"])
+def test_a_chunk_as_long_as_the_prompt_gives_the_one_go_record(tiny, method):
+    model, tokenizer = tiny
+    example = _example(tokenizer)
+    records = [
+        runner.run_example(
+            model,
+            tokenizer,
+            example,
+            runner.build_press(method, 40, context_tokens=128),
+            max_new_tokens=4,
+            prefill_chunk_size=chunk,
+        )
+        for chunk in (None, 10_000)
+    ]
+    one_go, chunked = records
+    for key in ("output", "kv_bytes", "kv_bytes_full", "kv_bytes_after_decoding"):
+        assert chunked[key] == one_go[key]
+    assert chunked["report"]["kept_tokens"] == one_go["report"]["kept_tokens"]
+
+
+def test_a_chunked_variant_runs_from_position_0_holds_the_one_go_bytes_and_is_compared_paired(tiny, tmp_path):
+    pair = ("mixkv-snapkv", "mixkv-snapkv+chunk48")
+    grid = {**GRID, "methods": list(pair)}
+    run_eval(tiny, out_dir=tmp_path, compare=[pair], **grid)
+    one_go, chunked = (_cell_file(tmp_path, m, 40)["examples"] for m in pair)
+    for a, b in zip(one_go, chunked, strict=True):
+        assert a["shared_prefix_tokens"] > 0 and b["shared_prefix_tokens"] == 0
+        assert b["kv_bytes"] == a["kv_bytes"] < b["kv_bytes_full"]
+    assert "| mixkv-snapkv | mixkv-snapkv+chunk48 | 40 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_decode_variant_is_the_plain_press_until_its_interval_then_stays_bounded(tiny):
+    from mixkv import DecodingPress
+
+    model, tokenizer = tiny
+    example = _example(tokenizer)
+
+    def run(decoding_interval, new_tokens):
+        press = runner.build_press("snapkv", 40, context_tokens=128)
+        if decoding_interval is not None:
+            press = DecodingPress(press, interval=decoding_interval)
+        return runner.run_example(
+            model, tokenizer, example, press, protocol="query_aware", max_new_tokens=new_tokens
+        )
+
+    # query-aware: every forward after the prompt adds one entry per KV head (the prompt's last
+    # token, then the generated ones); a bound of 40 + 4 is first reached on the 4th.
+    assert run(4, 3)["output"] == run(None, 3)["output"]
+    assert run(4, 3)["decoding_compressions"] == 0
+    plain, bounded = run(None, 12), run(4, 12)
+    assert bounded["decoding_compressions"] > 0
+    assert bounded["kv_bytes"] == plain["kv_bytes"]
+    assert bounded["kv_bytes_after_decoding"] <= bounded["kv_bytes"] * (40 + 4) / 40
+    assert plain["kv_bytes_after_decoding"] == plain["kv_bytes"] * (40 + plain["new_tokens"]) / 40
+
+
+def test_decode_variants_need_budgets_above_the_observation_window(tiny, tmp_path):
+    with pytest.raises(ValueError, match="must exceed the observation window"):
+        run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["snapkv+decode8"]}, window_size=40)

@@ -94,6 +94,7 @@ def run_example(
     protocol: str = "query_agnostic",
     max_new_tokens: int | None = None,
     prefix: SharedPrefix | None = None,
+    prefill_chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Prefill one example (compressing with ``press``), decode the answer and score it.
 
@@ -113,6 +114,10 @@ def run_example(
         This example's :func:`prefill_shared_prefix`: a copy of its cache is used and only the rest
         of the prefill runs under the press (mixkv presses only: kvpress compresses only a prefill
         that starts at position 0).
+    prefill_chunk_size
+        Prefill the prompt in chunks of this many tokens inside the press's
+        :meth:`~mixkv.integration.session.PressSession.chunked_prefill`, so it is compressed as it
+        goes (a mixkv press, no ``prefix``). None: one forward.
 
     Returns
     -------
@@ -120,20 +125,29 @@ def run_example(
         JSON-serialisable record: output, score, token counts, timings (``prefill_seconds`` includes
         compression and the shared prefix's own time; ``decode_seconds`` covers the question and
         the generated tokens), KV bytes
-        after prefill (``kv_bytes``) and what the full cache would hold (``kv_bytes_full``), mean
-        kept tokens per KV head and the press's report.
+        after prefill (``kv_bytes``), after decoding (``kv_bytes_after_decoding``) and what the full
+        cache would hold (``kv_bytes_full``), mean kept tokens per KV head and the press's report
+        (under a :class:`~mixkv.DecodingPress` also ``decoding_compressions``, the layer
+        compressions done after the prompt).
     """
     from transformers import DynamicCache
 
     from mixkv.presses.base import BasePress
+    from mixkv.presses.decoding import DecodingPress
 
     # A press from another library (kvpress): no report, no prefix, and its cache reports kept entries.
-    foreign = press is not None and not isinstance(press, BasePress)
+    foreign = press is not None and not isinstance(press, (BasePress, DecodingPress))
     if prefix is not None and foreign:
         raise ValueError(
             f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
             "cache that already holds one); pass prefix=None"
         )
+    if prefill_chunk_size is not None and (press is None or foreign or prefix is not None):
+        raise ValueError(
+            "prefill_chunk_size needs a mixkv press and no shared prefix (the chunks are compressed as they "
+            "come, from position 0)"
+        )
+    compressions_before = press.compressions if isinstance(press, DecodingPress) else 0
     ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
     start_at = 0 if prefix is None else prefix.tokens
     cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
@@ -141,10 +155,15 @@ def run_example(
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else eos
-    manager = press(model) if press is not None else contextlib.nullcontext()
+    manager: Any = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
         start = time.perf_counter()
-        prefill(model, ids[:, start_at:n_prefill], cache)
+        if prefill_chunk_size is None:
+            prefill(model, ids[:, start_at:n_prefill], cache)
+        else:
+            with manager.chunked_prefill():
+                for begin in range(0, n_prefill, prefill_chunk_size):
+                    prefill(model, ids[:, begin : min(begin + prefill_chunk_size, n_prefill)], cache)
         prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         if foreign:  # what its cache holds after prefill (mixkv presses report it)
@@ -171,6 +190,7 @@ def run_example(
                 model, cache, ids, n_prefill, new_tokens, _eos_ids(model, tokenizer)
             )
         decode_s = time.perf_counter() - start
+        bytes_after_decoding = kv_cache_bytes(cache)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     report = getattr(press, "last_report", None) if press is not None else None
     record: dict[str, Any] = {
@@ -190,10 +210,13 @@ def run_example(
         "decode_seconds": decode_s,
         "kv_bytes": kept_bytes,
         "kv_bytes_full": kept_bytes,
+        "kv_bytes_after_decoding": bytes_after_decoding,
         "kept_tokens_mean": float(n_prefill),
         "compression_seconds": 0.0,
         "report": None,
     }
+    if isinstance(press, DecodingPress):
+        record["decoding_compressions"] = press.compressions - compressions_before
     if foreign:
         record["kv_bytes_full"] = int(n_prefill * held_per_token)
         record["kept_tokens_mean"] = held_tokens

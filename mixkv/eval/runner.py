@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from mixkv.eval.cell_store import (
 from mixkv.eval.example import PROTOCOLS, prefill_shared_prefix, prompt_ids, run_example
 from mixkv.eval.reporting import write_summary
 from mixkv.eval.tasks import TASKS, make_examples
+from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import KVPRESS_NAMES, NAMES, build_press, kvpress_available
 
 # build_press, cell_filename, kvpress_available, prefill_shared_prefix and run_example stay
@@ -48,12 +50,14 @@ __all__ = [
     "KVPRESS_METHODS",
     "METHODS",
     "EvalResult",
+    "MethodVariant",
     "as_list",
     "build_press",
     "cell_filename",
     "check_compare",
     "check_methods",
     "kvpress_available",
+    "parse_method",
     "prefill_shared_prefix",
     "progress",
     "run_eval",
@@ -78,12 +82,75 @@ def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
     return out
 
 
-def check_methods(methods: Sequence[str] | str) -> list[str]:
-    """Normalised method names; ValueError for unknown ones or kvpress methods without kvpress."""
+@dataclass(frozen=True)
+class MethodVariant:
+    """A grid method name split into its press and how the press runs.
+
+    A text grid's method is a registry name, optionally followed by ``+chunkN`` (the prompt is
+    prefilled in chunks of ``N`` tokens and compressed as it goes, see
+    :meth:`~mixkv.integration.session.PressSession.chunked_prefill`) and/or ``+decodeN`` (the
+    press is wrapped in :class:`~mixkv.DecodingPress` with ``interval=N``, so the cache is cut
+    back to the budget every ``N`` tokens fed after the prompt), e.g.
+    ``"mixkv-snapkv+chunk512+decode16"``. Such variants run on the same examples as their
+    plain method, so ``compare=[("mixkv-snapkv", "mixkv-snapkv+chunk512")]`` measures what the
+    mode costs, paired. A chunked variant prefills every example from position 0 (it shares no
+    prefix).
+    """
+
+    press_method: str
+    prefill_chunk_size: int | None = None
+    decoding_interval: int | None = None
+
+
+_MODIFIERS = {"chunk": "prefill_chunk_size", "decode": "decoding_interval"}
+
+
+def parse_method(name: str) -> MethodVariant:
+    """Split ``"<method>[+chunkN][+decodeN]"`` (see :class:`MethodVariant`); ValueError for an
+    unknown method or modifier, or a modifier on ``full`` or a kvpress method."""
+    press_method, *modifiers = name.strip().lower().split("+")
+    if press_method not in METHODS:
+        raise ValueError(f"Unknown method {press_method!r}; choose from: {', '.join(METHODS)}.")
+    found: dict[str, int] = {}
+    for modifier in modifiers:
+        kind = modifier.rstrip("0123456789")
+        size = modifier[len(kind) :]
+        if kind not in _MODIFIERS or not size or int(size) < 1 or _MODIFIERS[kind] in found:
+            raise ValueError(
+                f"Method {name!r}: modifiers are +chunkN (prefill in chunks of N tokens) and +decodeN "
+                "(re-compress every N tokens after the prompt), each at most once with N >= 1, e.g. "
+                "mixkv-snapkv+chunk512."
+            )
+        found[_MODIFIERS[kind]] = int(size)
+    if found and (press_method == "full" or press_method in KVPRESS_METHODS):
+        raise ValueError(
+            f"Method {name!r}: +chunk / +decode apply to mixkv presses, not to {press_method!r}."
+        )
+    return MethodVariant(press_method, **found)
+
+
+def _continues_a_prefix(variant: MethodVariant) -> bool:
+    """Whether the method compresses a copy of an example's shared full-cache prefix (kvpress
+    presses and chunked prefills start from position 0)."""
+    return variant.press_method not in KVPRESS_METHODS and variant.prefill_chunk_size is None
+
+
+def check_methods(methods: Sequence[str] | str, *, variants: bool = False) -> list[str]:
+    """Normalised method names; ValueError for unknown ones or kvpress methods without kvpress.
+
+    With ``variants`` (the text grid) a name may carry ``+chunkN`` / ``+decodeN``
+    (:func:`parse_method`); otherwise those are refused."""
     out = [m.strip().lower() for m in as_list("methods", methods)]
-    unknown = [m for m in out if m not in METHODS]
+    unknown = [m for m in out if m.split("+")[0] not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
+    for m in (m for m in out if "+" in m):
+        if not variants:
+            raise ValueError(
+                f"Method {m!r}: +chunk / +decode variants are supported by the text grid only; "
+                "drop the modifier."
+            )
+        parse_method(m)
     wanted_kvpress = [m for m in out if m in KVPRESS_METHODS]
     if wanted_kvpress and not kvpress_available():
         raise ValueError(
@@ -167,7 +234,9 @@ def run_eval(
         What :func:`mixkv.models.load_model` accepts (None = SmolLM2-135M-Instruct), or an already
         loaded ``(model, tokenizer)`` pair. The model is loaded only if some cell must be computed.
     methods
-        Names from :data:`METHODS`. ``"full"`` runs once per (task, context length).
+        Names from :data:`METHODS`. ``"full"`` runs once per (task, context length). A mixkv press's
+        name may carry ``+chunkN`` / ``+decodeN`` (chunked prefill, bounded decoding; see
+        :class:`MethodVariant`).
     budgets
         Positive budgets (average kept prompt tokens per KV head per layer, window included).
     tasks
@@ -223,7 +292,8 @@ def run_eval(
     """
     from mixkv.models import parse_dtype
 
-    methods = check_methods(methods)
+    methods = check_methods(methods, variants=True)
+    variants = {m: parse_method(m) for m in methods}
     compare = check_compare(compare, methods)
     torch_dtype = parse_dtype(dtype)
     if isinstance(model_spec, tuple):
@@ -243,6 +313,12 @@ def run_eval(
         raise ValueError(f"Context lengths must be at least 16 tokens, got {context_lengths}.")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
+    if any(v.decoding_interval for v in variants.values()) and budgets[0] <= window_size:
+        raise ValueError(
+            f"+decode methods cut the cache back to the budget while decoding, which must exceed the "
+            f"observation window ({window_size}); got budget {budgets[0]}. Use larger budgets or a smaller "
+            "window_size."
+        )
 
     result = EvalResult()
     cells: list[Cell] = []
@@ -335,16 +411,22 @@ def run_eval(
                     if not pending:
                         continue
                     prefix = None
-                    if share_prefill and any(c.method not in KVPRESS_METHODS for c in pending):
+                    if share_prefill and any(_continues_a_prefix(variants[c.method]) for c in pending):
                         prefix = prefill_shared_prefix(
                             model, tokenizer, example, protocol=protocol, tail_tokens=window_size
                         )
                     _, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
                     for cell in pending:
                         torch.manual_seed(seed)
+                        variant = variants[cell.method]
                         press = build_press(
-                            cell.method, cell.budget, context_tokens=prefill_tokens, window_size=window_size
+                            variant.press_method,
+                            cell.budget,
+                            context_tokens=prefill_tokens,
+                            window_size=window_size,
                         )
+                        if variant.decoding_interval is not None:
+                            press = DecodingPress(press, interval=variant.decoding_interval)
                         start = time.perf_counter()
                         records[cell].append(
                             run_example(
@@ -354,7 +436,8 @@ def run_eval(
                                 press,
                                 protocol=protocol,
                                 max_new_tokens=max_new_tokens,
-                                prefix=None if cell.method in KVPRESS_METHODS else prefix,
+                                prefix=prefix if _continues_a_prefix(variant) else None,
+                                prefill_chunk_size=variant.prefill_chunk_size,
                             )
                         )
                         seconds[cell] += time.perf_counter() - start
