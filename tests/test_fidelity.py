@@ -84,3 +84,47 @@ def test_decoding_press_is_measured_token_by_token_with_the_same_layer_outputs_s
     assert len(bounded.kl_per_position) == 40
     assert bounded.compressed_kv_bytes == bounded.full_kv_bytes  # the prompt fits its budget
     assert bounded.mean_kl > 0.0  # the continuation went over budget + interval and was compressed
+
+
+def _command(tiny, tmp_path, methods: str) -> dict:
+    import json
+
+    from mixkv.eval.fidelity import main
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "fidelity.json"
+    argv = ["--model", str(tmp_path / "model"), "--methods", methods, "--budgets", "40"]
+    argv += ["--context-length", "120", "--continuation-tokens", "12", "--texts", "3", "--out", str(out)]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_command_gives_every_figure_with_its_interval_over_the_texts(tiny, tmp_path):
+    from mixkv.eval.stats import bootstrap_ci
+
+    result = _command(tiny, tmp_path, "snapkv,mixkv-snapkv")
+    for row in result["rows"]:
+        assert row["texts"] == len(row["reports"]) == 3
+        kl = [r["mean_kl"] for r in row["reports"]]
+        assert [row["mean_kl"], *row["mean_kl_ci"]] == pytest.approx(list(bootstrap_ci(kl)))
+
+
+def test_the_command_compares_variants_and_mixkv_with_their_plain_method_on_the_same_texts(tiny, tmp_path):
+    result = _command(tiny, tmp_path, "snapkv,mixkv-snapkv,snapkv+chunk40,snapkv+decode4")
+    pairs = {(c["a"], c["b"], c["metric"]) for c in result["comparisons"]}
+    for a, b in [("snapkv", "mixkv-snapkv"), ("snapkv", "snapkv+chunk40"), ("snapkv", "snapkv+decode4")]:
+        assert {(a, b, "top1_agreement"), (a, b, "mean_kl")} <= pairs
+    rows = {row["method"]: row for row in result["rows"]}
+    chunked = next(c for c in result["comparisons"] if c["b"] == "snapkv+chunk40" and c["metric"] == "mean_kl")
+    assert chunked["difference"] == pytest.approx(rows["snapkv+chunk40"]["mean_kl"] - rows["snapkv"]["mean_kl"])
+    assert chunked["n"] == 3
+
+
+def test_the_command_refuses_an_unknown_variant(tiny, tmp_path, capsys):
+    from mixkv.eval.fidelity import main
+
+    with pytest.raises(SystemExit):
+        main(["--methods", "snapkv+tile4"])
+    assert "modifiers are +chunkN" in capsys.readouterr().err

@@ -160,8 +160,15 @@ def measure_fidelity_ids(
         raise ValueError(
             f"Need a non-empty context and continuation, got {ctx.shape[1]} and {cont.shape[1]} tokens."
         )
-    full_logits, full_out, full_bytes = _run(model, ctx, cont, None)
-    comp_logits, comp_out, comp_bytes = _run(model, ctx, cont, press, prefill_chunk)
+    return _compare(_run(model, ctx, cont, None), _run(model, ctx, cont, press, prefill_chunk), ctx, cont)
+
+
+_Run = tuple[torch.Tensor, list[torch.Tensor | None], int]
+
+
+def _compare(full: _Run, compressed: _Run, ctx: torch.Tensor, cont: torch.Tensor) -> FidelityReport:
+    """The report of one compressed run against the full-cache run of the same context."""
+    (full_logits, full_out, full_bytes), (comp_logits, comp_out, comp_bytes) = full, compressed
     logp_f = F.log_softmax(full_logits, dim=-1)
     logp_c = F.log_softmax(comp_logits, dim=-1)
     kl = (logp_f.exp() * (logp_f - logp_c)).sum(-1).clamp_min(0.0)
@@ -244,12 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     """``mixkv fidelity``: top-1 agreement and KL of every method x budget on natural text.
 
     Contexts are consecutive stretches of the Python standard library's documentation (offline,
-    deterministic), each followed by a teacher-forced continuation of the same text.
+    deterministic), each followed by a teacher-forced continuation of the same text. Every figure
+    is a mean over the texts with its 95% bootstrap interval; each MixKV method is compared with
+    its base, and each ``+chunkN`` / ``+decodeN`` variant with its plain method, on the same texts
+    (paired-bootstrap interval of the difference, exact sign test).
     """
     import argparse
+    import dataclasses
     import json
     from pathlib import Path
 
+    from mixkv.eval.runner import check_methods, parse_method
+    from mixkv.eval.stats import bootstrap_ci, paired_comparison
+    from mixkv.eval.stats_tables import mixkv_base_pairs
     from mixkv.eval.tasks import stdlib_sentences
     from mixkv.models import load_model
     from mixkv.presses.registry import build_press
@@ -257,23 +271,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)
     parser.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m or a model directory")
     parser.add_argument(
-        "--methods", default="snapkv,mixkv-snapkv,adakv,mixkv-adakv,pyramidkv,mixkv-pyramidkv"
+        "--methods",
+        default="snapkv,mixkv-snapkv,adakv,mixkv-adakv,pyramidkv,mixkv-pyramidkv",
+        help="comma separated; a mixkv press may end in +chunkN (the compressed side is prefilled in "
+        "chunks of N tokens) and/or +decodeN (DecodingPress(interval=N); the continuation is then fed "
+        "token by token), e.g. mixkv-snapkv,mixkv-snapkv+chunk512",
     )
     parser.add_argument("--budgets", default="64,128,256,512")
     parser.add_argument("--context-length", type=int, default=2048, help="context tokens per text")
     parser.add_argument("--texts", type=int, default=2, help="how many different contexts")
     parser.add_argument("--continuation-tokens", type=int, default=64)
-    parser.add_argument(
-        "--prefill-chunk-size", type=int, default=None, help="prefill the compressed side in chunks"
-    )
-    parser.add_argument(
-        "--decoding-interval",
-        type=int,
-        default=None,
-        help="wrap the press in DecodingPress(interval=N); the continuation is fed token by token",
-    )
     parser.add_argument("--out", type=Path, default=Path("mixkv_fidelity.json"))
     args = parser.parse_args(argv)
+    try:
+        methods = check_methods([m for m in args.methods.split(",") if m.strip()], variants=True)
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
+    if "full" in methods:
+        parser.error("full compares the full cache with itself; leave it out of --methods")
 
     model, tokenizer = load_model(args.model)
     sentences = stdlib_sentences()
@@ -289,29 +305,62 @@ def main(argv: list[str] | None = None) -> int:
                 break
     if len(contexts) < args.texts:
         raise ValueError(f"the offline corpus holds only {len(contexts)} contexts of {need} tokens")
+
+    reports: dict[tuple[str, int], list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
+    for number, (context, continuation) in enumerate(contexts, 1):
+        ctx = torch.tensor([context], device=model.device)
+        cont = torch.tensor([continuation], device=model.device)
+        full = _run(model, ctx, cont, None)  # the reference, once per text
+        for method, budget in reports:
+            variant = parse_method(method)
+            press = build_press(variant.press_method, budget, context_tokens=args.context_length)
+            if variant.decoding_interval is not None:
+                press = DecodingPress(press, interval=variant.decoding_interval)
+            compressed = _run(model, ctx, cont, press, variant.prefill_chunk_size)
+            reports[method, budget].append(_compare(full, compressed, ctx, cont))
+        print(f"text {number} of {len(contexts)} done", flush=True)
+
     rows = []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        for budget in [int(b) for b in args.budgets.split(",")]:
-            press = build_press(method, budget, context_tokens=args.context_length)
-            if args.decoding_interval:
-                press = DecodingPress(press, interval=args.decoding_interval)
-            reports = [
-                measure_fidelity_ids(model, ctx, cont, press, prefill_chunk=args.prefill_chunk_size)
-                for ctx, cont in contexts
-            ]
-            rows.append(
-                {
-                    "method": method,
-                    "budget": budget,
-                    "top1_agreement": sum(r.top1_agreement for r in reports) / len(reports),
-                    "mean_kl": sum(r.mean_kl for r in reports) / len(reports),
-                    "reports": [r.to_dict() for r in reports],
-                }
-            )
-            print(
-                f"{method:>16} budget {budget:>4}: top-1 agreement {rows[-1]['top1_agreement']:.3f}, "
-                f"mean KL {rows[-1]['mean_kl']:.3f}"
-            )
-    args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
+    for (method, budget), found in reports.items():
+        top1 = bootstrap_ci([r.top1_agreement for r in found])
+        kl = bootstrap_ci([r.mean_kl for r in found])
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "texts": len(found),
+                "top1_agreement": top1[0],
+                "top1_agreement_ci": list(top1[1:]),
+                "mean_kl": kl[0],
+                "mean_kl_ci": list(kl[1:]),
+                "reports": [r.to_dict() for r in found],
+            }
+        )
+        print(
+            f"{method:>24} budget {budget:>4}: top-1 agreement {top1[0]:.3f} [{top1[1]:.3f}, {top1[2]:.3f}], "
+            f"mean KL {kl[0]:.3f} [{kl[1]:.3f}, {kl[2]:.3f}] (n = {len(found)} texts)"
+        )
+    pairs = mixkv_base_pairs(methods) + [
+        (plain, m) for m in methods if (plain := parse_method(m).press_method) != m and plain in methods
+    ]
+    comparisons = []
+    for a, b in pairs:
+        for budget in budgets:
+            line = f"{b} - {a}, budget {budget}:"
+            for metric in ("top1_agreement", "mean_kl"):
+                c = paired_comparison(
+                    [getattr(r, metric) for r in reports[a, budget]],
+                    [getattr(r, metric) for r in reports[b, budget]],
+                )
+                comparisons.append(
+                    {"a": a, "b": b, "budget": budget, "metric": metric, **dataclasses.asdict(c)}
+                )
+                line += (
+                    f" {metric} {c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
+                    f" (higher / equal / lower {c.wins} / {c.ties} / {c.losses}, sign-test p {c.p_value:.3f});"
+                )
+            print(line.rstrip(";"))
+    config = vars(args) | {"out": str(args.out), "methods": methods, "budgets": budgets}
+    args.out.write_text(json.dumps({"config": config, "rows": rows, "comparisons": comparisons}, indent=1))
     print(f"wrote {args.out}")
     return 0
