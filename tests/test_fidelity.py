@@ -117,8 +117,12 @@ def test_the_command_compares_variants_and_mixkv_with_their_plain_method_on_the_
     for a, b in [("snapkv", "mixkv-snapkv"), ("snapkv", "snapkv+chunk40"), ("snapkv", "snapkv+decode4")]:
         assert {(a, b, "top1_agreement"), (a, b, "mean_kl")} <= pairs
     rows = {row["method"]: row for row in result["rows"]}
-    chunked = next(c for c in result["comparisons"] if c["b"] == "snapkv+chunk40" and c["metric"] == "mean_kl")
-    assert chunked["difference"] == pytest.approx(rows["snapkv+chunk40"]["mean_kl"] - rows["snapkv"]["mean_kl"])
+    chunked = next(
+        c for c in result["comparisons"] if c["b"] == "snapkv+chunk40" and c["metric"] == "mean_kl"
+    )
+    assert chunked["difference"] == pytest.approx(
+        rows["snapkv+chunk40"]["mean_kl"] - rows["snapkv"]["mean_kl"]
+    )
     assert chunked["n"] == 3
 
 
