@@ -304,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(contexts) == args.texts:
                 break
     if len(contexts) < args.texts:
-        raise ValueError(f"the offline corpus holds only {len(contexts)} contexts of {need} tokens")
+        raise ValueError(
+            f"the offline corpus holds only {len(contexts)} contexts of {need} tokens (context + continuation); "
+            f"ask for at most {len(contexts)} --texts or use a shorter --context-length"
+        )
 
     reports: dict[tuple[str, int], list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
     for number, (context, continuation) in enumerate(contexts, 1):
