@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mixkv.eval.runner import check_methods, parse_method
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
-    from mixkv.eval.stats_tables import mixkv_base_pairs
+    from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
     from mixkv.eval.tasks import stdlib_sentences
     from mixkv.models import load_model
     from mixkv.presses.registry import build_press
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 line += (
                     f" {metric} {c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
-                    f" (higher / equal / lower {c.wins} / {c.ties} / {c.losses}, sign-test p {c.p_value:.3f});"
+                    f" (higher / equal / lower {c.wins} / {c.ties} / {c.losses}, sign-test p {format_p(c.p_value)});"
                 )
             print(line.rstrip(";"))
     config = vars(args) | {"out": str(args.out), "methods": methods, "budgets": budgets}

@@ -22,6 +22,7 @@ __all__ = [
     "CORPUS_NOTE",
     "example_scores",
     "format_average",
+    "format_p",
     "format_score",
     "mixkv_base_pairs",
     "paired_lines",
@@ -115,9 +116,14 @@ def _paired_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[np.ndarr
     return None if sa is None or sb is None else (sa, sb)
 
 
+def format_p(p_value: float) -> str:
+    """A p-value as the tables print it: three decimals, ``<0.001`` below that."""
+    return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
 def _row(c: PairedComparison) -> list[str]:
     diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
-    p = "<0.001" if c.p_value < 0.001 else f"{c.p_value:.3f}"
+    p = format_p(c.p_value)
     return [
         str(c.n),
         f"{100 * c.mean_a:.1f}",
