@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from mixkv.integration import kv_cache_bytes
-from mixkv.integration.models import cache_argument, prefill
+from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import NAMES, build_press, kvpress_available
 
@@ -176,11 +176,7 @@ def _prefill(
     """Prefill in one go, or ``chunk`` tokens per forward (compressed as they arrive under a press)."""
     if chunk is None or chunk >= input_ids.shape[1]:
         return prefill(model, input_ids, cache)
-    chunked = session.chunked_prefill() if session is not None else contextlib.nullcontext()
-    with chunked:
-        for start in range(0, input_ids.shape[1], chunk):
-            logits = prefill(model, input_ids[:, start : start + chunk], cache)
-    return logits
+    return prefill_in_chunks(model, input_ids, cache, chunk, session)
 
 
 def _one_run(

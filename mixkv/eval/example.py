@@ -24,7 +24,7 @@ import torch
 
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import cache_argument, prefill
+from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
 
 __all__ = ["PROTOCOLS", "SharedPrefix", "prefill_shared_prefix", "prompt_ids", "run_example"]
 
@@ -155,15 +155,13 @@ def run_example(
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else eos
-    manager: Any = press(model) if press is not None else contextlib.nullcontext()
+    manager = press(model) if press is not None else contextlib.nullcontext()
     with torch.inference_mode(), manager:
         start = time.perf_counter()
         if prefill_chunk_size is None:
             prefill(model, ids[:, start_at:n_prefill], cache)
         else:
-            with manager.chunked_prefill():
-                for begin in range(0, n_prefill, prefill_chunk_size):
-                    prefill(model, ids[:, begin : min(begin + prefill_chunk_size, n_prefill)], cache)
+            prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, manager)
         prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         if foreign:  # what its cache holds after prefill (mixkv presses report it)

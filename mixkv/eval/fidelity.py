@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import cache_argument, describe_decoder, prefill
+from mixkv.integration.models import cache_argument, describe_decoder, prefill, prefill_in_chunks
 from mixkv.presses.decoding import DecodingPress
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
@@ -107,9 +107,7 @@ def _run(
         if prefill_chunk is None or session is None:
             prefill(model, context, cache)
         else:
-            with session.chunked_prefill():
-                for start in range(0, context.shape[1], prefill_chunk):
-                    prefill(model, context[:, start : start + prefill_chunk], cache)
+            prefill_in_chunks(model, context, cache, prefill_chunk, session)
         n_bytes = kv_cache_bytes(cache)
         with _capture(modules, outputs):
             if isinstance(press, DecodingPress):
@@ -266,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
     from mixkv.eval.tasks import stdlib_sentences
     from mixkv.models import load_model
-    from mixkv.presses.registry import build_press
 
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)
     parser.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m or a model directory")
@@ -290,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if "full" in methods:
         parser.error("full compares the full cache with itself; leave it out of --methods")
+    variants = {m: parse_method(m) for m in methods}
 
     model, tokenizer = load_model(args.model)
     sentences = stdlib_sentences()
@@ -315,10 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         cont = torch.tensor([continuation], device=model.device)
         full = _run(model, ctx, cont, None)  # the reference, once per text
         for method, budget in reports:
-            variant = parse_method(method)
-            press = build_press(variant.press_method, budget, context_tokens=args.context_length)
-            if variant.decoding_interval is not None:
-                press = DecodingPress(press, interval=variant.decoding_interval)
+            variant = variants[method]
+            press = variant.press(budget, context_tokens=args.context_length)
             compressed = _run(model, ctx, cont, press, variant.prefill_chunk_size)
             reports[method, budget].append(_compare(full, compressed, ctx, cont))
         print(f"text {number} of {len(contexts)} done", flush=True)
@@ -344,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             f"mean KL {kl[0]:.3f} [{kl[1]:.3f}, {kl[2]:.3f}] (n = {len(found)} texts)"
         )
     pairs = mixkv_base_pairs(methods) + [
-        (plain, m) for m in methods if (plain := parse_method(m).press_method) != m and plain in methods
+        (plain, m) for m in methods if (plain := variants[m].press_method) != m and plain in methods
     ]
     comparisons = []
     for a, b in pairs:

@@ -101,6 +101,14 @@ class MethodVariant:
     prefill_chunk_size: int | None = None
     decoding_interval: int | None = None
 
+    def press(self, budget: int | None, *, context_tokens: int, window_size: int = 32) -> Any:
+        """:func:`~mixkv.presses.registry.build_press` of ``press_method``, inside a
+        :class:`~mixkv.DecodingPress` when the variant has a decoding interval."""
+        press = build_press(self.press_method, budget, context_tokens=context_tokens, window_size=window_size)
+        if self.decoding_interval is None:
+            return press
+        return DecodingPress(press, interval=self.decoding_interval)
+
 
 _MODIFIERS = {"chunk": "prefill_chunk_size", "decode": "decoding_interval"}
 
@@ -419,14 +427,9 @@ def run_eval(
                     for cell in pending:
                         torch.manual_seed(seed)
                         variant = variants[cell.method]
-                        press = build_press(
-                            variant.press_method,
-                            cell.budget,
-                            context_tokens=prefill_tokens,
-                            window_size=window_size,
+                        press = variant.press(
+                            cell.budget, context_tokens=prefill_tokens, window_size=window_size
                         )
-                        if variant.decoding_interval is not None:
-                            press = DecodingPress(press, interval=variant.decoding_interval)
                         start = time.perf_counter()
                         records[cell].append(
                             run_example(

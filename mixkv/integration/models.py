@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -186,6 +187,20 @@ def prefill(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     return model(input_ids=input_ids, **model_inputs, **kwargs).logits[:, -1]
+
+
+def prefill_in_chunks(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, chunk_size: int, session: Any = None
+) -> torch.Tensor:
+    """:func:`prefill` ``chunk_size`` tokens per forward and return the last position's logits.
+
+    Under a press, pass its session (what ``with press(model) as session`` gives): the forwards
+    then run inside ``session.chunked_prefill()``, so each chunk is compressed as it arrives."""
+    block = session.chunked_prefill() if session is not None else contextlib.nullcontext()
+    with block:
+        for start in range(0, input_ids.shape[1], chunk_size):
+            logits = prefill(model, input_ids[:, start : start + chunk_size], cache)
+    return logits
 
 
 def generation_state(model: torch.nn.Module) -> dict[str, Any]:
