@@ -12,10 +12,13 @@ python -m pytest -q
 # The oldest supported transformers (5.2): the core and every model family again.
 python3 -m venv .venv-oldest
 .venv-oldest/bin/python -m pip install -q torch==2.13.0
-.venv-oldest/bin/python -m pip install -q "transformers==5.2.0" numpy pillow pytest safetensors
+# kvpress 0.5 (which needs transformers < 5.3) joins it, so the kvpress side-by-side is checked too.
+.venv-oldest/bin/python -m pip install -q -c <(echo torch==2.13.0) "transformers==5.2.0" "kvpress==0.5.5" \
+    numpy pillow pytest safetensors
 .venv-oldest/bin/python -m pip install -q --no-deps -e .
 .venv-oldest/bin/python -m pytest -q tests/test_press_api.py tests/test_press_families.py \
-    tests/test_end_to_end_reference.py tests/test_cache_layers.py tests/test_families.py tests/test_calibration.py
+    tests/test_end_to_end_reference.py tests/test_cache_layers.py tests/test_families.py tests/test_calibration.py \
+    tests/test_replay.py
 
 # The harness integrations in their own venv: lm-evaluation-harness and lmms-eval bring heavy
 # dependencies that must not shape the dev environment. PyPI's torchvision (an lmms-eval dependency)

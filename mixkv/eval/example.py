@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
@@ -39,7 +40,9 @@ class SharedPrefix:
 
     ``embeddings``: the whole prompt's input embeddings as the text decoder receives them, when the
     rest is fed as embeddings (a tail that starts inside an image); ``generation_state``: model
-    attributes the continuation needs (:func:`mixkv.integration.models.generation_state`).
+    attributes the continuation needs (:func:`mixkv.integration.models.generation_state`);
+    ``attention_inputs``: every attention module's keyword inputs, per forward, when recorded for
+    a kvpress replay (:func:`mixkv.eval.replay.prefill_with_inputs`).
     """
 
     cache: Any
@@ -47,6 +50,7 @@ class SharedPrefix:
     seconds: float
     embeddings: torch.Tensor | None = None
     generation_state: dict[str, Any] = field(default_factory=dict)
+    attention_inputs: dict[torch.nn.Module, list[dict[str, Any]]] | None = None
 
 
 def prompt_ids(
@@ -61,7 +65,13 @@ def prompt_ids(
 
 
 def prefill_shared_prefix(
-    model: Any, tokenizer: Any, example: TextExample, *, protocol: str, tail_tokens: int
+    model: Any,
+    tokenizer: Any,
+    example: TextExample,
+    *,
+    protocol: str,
+    tail_tokens: int,
+    record_inputs: bool = False,
 ) -> SharedPrefix | None:
     """Prefill all but the last ``tail_tokens`` prefill tokens of an example with the full cache.
 
@@ -69,7 +79,8 @@ def prefill_shared_prefix(
     compresses prefix and tail together exactly as it would a one-go prefill (the scores only need
     the tail's last ``window_size`` queries). The prompt's long prefix is thus computed once per
     example instead of once per (method, budget). None when the prefill is not longer than the
-    tail.
+    tail. ``record_inputs`` also keeps every attention module's inputs, from which
+    :func:`~mixkv.eval.replay.prefill_with_inputs` completes the prefill for kvpress presses.
     """
     from transformers import DynamicCache
 
@@ -78,11 +89,12 @@ def prefill_shared_prefix(
     if tokens < 1:
         return None
     cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
+    recording = recording_attention_inputs(model) if record_inputs else contextlib.nullcontext()
+    with torch.inference_mode(), recording as recorded:
         start = time.perf_counter()
         prefill(model, ids[:, :tokens], cache)
         seconds = time.perf_counter() - start
-    return SharedPrefix(cache, tokens, seconds)
+    return SharedPrefix(cache, tokens, seconds, attention_inputs=recorded)
 
 
 def run_example(
@@ -95,6 +107,7 @@ def run_example(
     max_new_tokens: int | None = None,
     prefix: SharedPrefix | None = None,
     prefill_chunk_size: int | None = None,
+    recorded: RecordedPrefill | None = None,
 ) -> dict[str, Any]:
     """Prefill one example (compressing with ``press``), decode the answer and score it.
 
@@ -118,6 +131,11 @@ def run_example(
         Prefill the prompt in chunks of this many tokens inside the press's
         :meth:`~mixkv.integration.session.PressSession.chunked_prefill`, so it is compressed as it
         goes (a mixkv press, no ``prefix``). None: one forward.
+    recorded
+        For a kvpress press: this example's full-cache prefill with every attention module's inputs
+        (:func:`~mixkv.eval.replay.prefill_with_inputs`). The press's hooks are run on a copy of it
+        (:func:`~mixkv.eval.replay.replayed_prefill`) instead of a new prefill; ``prefill_seconds``
+        is then the recorded prefill's time plus the hooks'.
 
     Returns
     -------
@@ -142,6 +160,11 @@ def run_example(
             f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
             "cache that already holds one); pass prefix=None"
         )
+    if recorded is not None and not foreign:
+        raise ValueError(
+            "recorded is for presses from another library (kvpress); mixkv presses continue from a shared "
+            "prefix (prefix=...) and the full cache needs neither"
+        )
     if prefill_chunk_size is not None and (press is None or foreign or prefix is not None):
         raise ValueError(
             "prefill_chunk_size needs a mixkv press and no shared prefix (the chunks are compressed as they "
@@ -155,14 +178,26 @@ def run_example(
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else eos
-    manager = press(model) if press is not None else contextlib.nullcontext()
-    with torch.inference_mode(), manager:
+    if recorded is not None and recorded.tokens != n_prefill:
+        raise ValueError(
+            f"recorded holds {recorded.tokens} prefill tokens but this example prefills {n_prefill} under "
+            f"protocol {protocol!r}; record the prefill of this example and protocol"
+        )
+    if recorded is not None:
+        manager: Any = replayed_prefill(model, press, recorded)
+    else:
+        manager = press(model) if press is not None else contextlib.nullcontext()
+    with torch.inference_mode(), manager as entered:
         start = time.perf_counter()
-        if prefill_chunk_size is None:
-            prefill(model, ids[:, start_at:n_prefill], cache)
+        if recorded is not None:
+            cache, hooks_seconds = entered
+            prefill_s = recorded.seconds + hooks_seconds
         else:
-            prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, manager)
-        prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
+            if prefill_chunk_size is None:
+                prefill(model, ids[:, start_at:n_prefill], cache)
+            else:
+                prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, manager)
+            prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         if foreign:  # what its cache holds after prefill (mixkv presses report it)
             held = [
@@ -213,6 +248,8 @@ def run_example(
         "compression_seconds": 0.0,
         "report": None,
     }
+    if recorded is not None:
+        record["prefill_replayed"] = True
     if isinstance(press, DecodingPress):
         record["decoding_compressions"] = press.compressions - compressions_before
     if foreign:

@@ -39,6 +39,7 @@ from mixkv.eval.cell_store import (
     write_cell,
 )
 from mixkv.eval.example import PROTOCOLS, prefill_shared_prefix, prompt_ids, run_example
+from mixkv.eval.replay import prefill_with_inputs
 from mixkv.eval.reporting import write_summary
 from mixkv.eval.tasks import TASKS, make_examples
 from mixkv.presses.decoding import DecodingPress
@@ -138,9 +139,16 @@ def parse_method(name: str) -> MethodVariant:
 
 
 def _continues_a_prefix(variant: MethodVariant) -> bool:
-    """Whether the method compresses a copy of an example's shared full-cache prefix (kvpress
-    presses and chunked prefills start from position 0)."""
+    """Whether the method prefills only the tail of an example, under its press, from a copy of
+    the shared full-cache prefix (kvpress presses replay instead, see :func:`_replays_a_prefill`;
+    chunked prefills start from position 0)."""
     return variant.press_method not in KVPRESS_METHODS and variant.prefill_chunk_size is None
+
+
+def _replays_a_prefill(variant: MethodVariant) -> bool:
+    """Whether the method is a kvpress press, run by replaying its hooks on an example's recorded
+    full-cache prefill (:mod:`mixkv.eval.replay`) instead of a prefill of its own."""
+    return variant.press_method in KVPRESS_METHODS
 
 
 def check_methods(methods: Sequence[str] | str, *, variants: bool = False) -> list[str]:
@@ -272,7 +280,10 @@ def run_eval(
         cache and give every mixkv method a copy (see :func:`prefill_shared_prefix`); the press
         then compresses prefix and tail together, as in a one-go prefill. Up to float rounding of
         the chunked forward this is the same computation, many times cheaper on long prompts.
-        False prefills every (method, budget) from scratch. kvpress methods always do.
+        kvpress methods get the completed full-cache prefill with every attention module's
+        recorded inputs and run their hooks on a copy (:mod:`mixkv.eval.replay`): kvpress
+        compresses after each layer has attended, so a prefill of their own computes the same
+        inputs. False prefills every (method, budget) from scratch.
     dtype
         ``"float32"`` or ``"bfloat16"``: parameter dtype of a model loaded by name or path (part of
         every cell's identity, so results of different dtypes never mix). For a model passed in,
@@ -418,12 +429,23 @@ def run_eval(
                     pending = [cell for cell in group if len(records[cell]) == i]
                     if not pending:
                         continue
-                    prefix = None
-                    if share_prefill and any(_continues_a_prefix(variants[c.method]) for c in pending):
+                    ids, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
+                    continues = share_prefill and any(
+                        _continues_a_prefix(variants[c.method]) for c in pending
+                    )
+                    replays = share_prefill and any(_replays_a_prefill(variants[c.method]) for c in pending)
+                    prefix = recorded = None
+                    if continues or replays:
                         prefix = prefill_shared_prefix(
-                            model, tokenizer, example, protocol=protocol, tail_tokens=window_size
+                            model,
+                            tokenizer,
+                            example,
+                            protocol=protocol,
+                            tail_tokens=window_size,
+                            record_inputs=replays,
                         )
-                    _, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
+                    if replays:
+                        recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix)
                     for cell in pending:
                         torch.manual_seed(seed)
                         variant = variants[cell.method]
@@ -441,6 +463,7 @@ def run_eval(
                                 max_new_tokens=max_new_tokens,
                                 prefix=prefix if _continues_a_prefix(variant) else None,
                                 prefill_chunk_size=variant.prefill_chunk_size,
+                                recorded=recorded if _replays_a_prefill(variant) else None,
                             )
                         )
                         seconds[cell] += time.perf_counter() - start

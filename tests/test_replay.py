@@ -1,0 +1,187 @@
+"""A kvpress-style press replayed on a recorded full-cache prefill equals its own prefill.
+
+kvpress itself is exercised where it is installed (CI installs it beside the oldest supported
+transformers, which kvpress 0.5 requires); a press written here with kvpress's hook protocol
+covers the mechanics everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from mixkv.eval import runner
+from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example
+from mixkv.eval.replay import prefill_with_inputs, recording_attention_inputs, replayed_prefill
+from mixkv.eval.tasks import make_examples
+from mixkv.presses.registry import build_press, kvpress_available
+from tests.helpers_tiny import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_and_tokenizer(seed=0)
+
+
+@pytest.fixture(scope="module")
+def example(tiny):
+    return make_examples("niah_single_1", tiny[1], 160, 1)[0]
+
+
+class HookPress:
+    """kvpress's protocol: forward hooks with keyword inputs on the attention modules that, during
+    a prefill from position 0, keep the ``keep`` positions whose layer input has the largest norm
+    (so the result depends on the inputs over the whole prompt, not only on the cache)."""
+
+    def __init__(self, keep: int = 48, pre_hook: bool = False):
+        self.keep, self.pre_hook = keep, pre_hook
+
+    def hook(self, module, args, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        positions = kwargs.get("cache_position", kwargs["position_ids"][0])  # transformers < 5.24 / later
+        if int(positions[-1]) + 1 != hidden.shape[1]:
+            return output
+        cache = kwargs["past_key_values"] if "past_key_values" in kwargs else kwargs["cache"]
+        layer = cache.layers[module.layer_idx]
+        kept = hidden[0].norm(dim=-1).topk(self.keep).indices.sort().values
+        layer.keys, layer.values = layer.keys[:, :, kept].clone(), layer.values[:, :, kept].clone()
+        return output
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        attention = [layer.self_attn for layer in model.model.layers]
+        handles = [m.register_forward_hook(self.hook, with_kwargs=True) for m in attention]
+        if self.pre_hook:
+            handles.append(attention[0].register_forward_pre_hook(lambda *a: None))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _recorded(tiny, example, protocol="query_aware", tail=16):
+    model, tokenizer = tiny
+    ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    prefix = prefill_shared_prefix(
+        model, tokenizer, example, protocol=protocol, tail_tokens=tail, record_inputs=True
+    )
+    return prefill_with_inputs(model, ids, n_prefill, prefix)
+
+
+def test_recorded_inputs_of_prefix_and_tail_join_into_those_of_one_prefill(tiny, example):
+    model, tokenizer = tiny
+    ids, n_prefill = prompt_ids(example, tokenizer, "query_aware", model.device)
+    joined = _recorded(tiny, example)
+    with torch.inference_mode(), recording_attention_inputs(model) as one_go:
+        model(input_ids=ids[:, :n_prefill])
+    assert joined.tokens == n_prefill and len(joined.attention_inputs) == len(model.model.layers)
+    for module, (inputs,) in one_go.items():
+        got = joined.attention_inputs[module]
+        torch.testing.assert_close(got["hidden_states"], inputs["hidden_states"], rtol=1e-4, atol=1e-5)
+        for ours, theirs in zip(got["position_embeddings"], inputs["position_embeddings"], strict=True):
+            torch.testing.assert_close(ours, theirs)
+        for key in {"cache_position", "position_ids"} & set(inputs):
+            assert torch.equal(got[key], inputs[key]) and int(got[key].flatten()[-1]) == n_prefill - 1
+        assert got["attention_mask"] is None
+
+
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_a_replayed_press_answers_and_keeps_what_its_own_prefill_does(tiny, example, protocol):
+    model, tokenizer = tiny
+    scratch = run_example(model, tokenizer, example, HookPress(), protocol=protocol, max_new_tokens=6)
+    replayed = run_example(
+        model,
+        tokenizer,
+        example,
+        HookPress(),
+        protocol=protocol,
+        max_new_tokens=6,
+        recorded=_recorded(tiny, example, protocol),
+    )
+    assert replayed["output"] == scratch["output"] and replayed["new_tokens"] == scratch["new_tokens"]
+    assert replayed["kept_tokens_mean"] == scratch["kept_tokens_mean"] == 48
+    assert replayed["kv_bytes"] == scratch["kv_bytes"] and replayed["prefill_replayed"] is True
+
+
+def test_a_replay_compresses_a_copy_and_leaves_the_recorded_cache_whole(tiny, example):
+    model, _ = tiny
+    recorded = _recorded(tiny, example)
+    with replayed_prefill(model, HookPress(keep=10), recorded) as (cache, _):
+        assert cache.layers[0].keys.shape[2] == 10
+    assert recorded.cache.layers[0].keys.shape[2] == recorded.tokens
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_press_with_pre_hooks_is_refused_and_removed(tiny, example):
+    model, _ = tiny
+    with (
+        pytest.raises(ValueError, match=r"pre-hooks.*--no-shared-prefill"),
+        replayed_prefill(model, HookPress(pre_hook=True), _recorded(tiny, example)),
+    ):
+        pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_recording_of_another_length_is_refused(tiny, example):
+    model, tokenizer = tiny
+    recorded = _recorded(tiny, example, protocol="query_agnostic")
+    with pytest.raises(ValueError, match="prefill tokens but this example prefills"):
+        run_example(model, tokenizer, example, HookPress(), protocol="query_aware", recorded=recorded)
+
+
+def test_a_recording_is_refused_for_a_mixkv_press(tiny, example):
+    model, tokenizer = tiny
+    press = build_press("snapkv", budget=40, context_tokens=160, window_size=8)
+    with pytest.raises(ValueError, match="mixkv presses continue from a shared prefix"):
+        run_example(model, tokenizer, example, press, recorded=_recorded(tiny, example))
+
+
+needs_kvpress = pytest.mark.skipif(not kvpress_available(), reason="kvpress is not installed")
+
+
+@needs_kvpress
+@pytest.mark.parametrize("method", ["kvpress-snapkv", "kvpress-adakv", "kvpress-keydiff"])
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_kvpress_replayed_equals_kvpress_prefilling_itself(tiny, example, method, protocol):
+    model, tokenizer = tiny
+    _, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+
+    def press():
+        return build_press(method, budget=40, context_tokens=n_prefill, window_size=8)
+
+    scratch = run_example(model, tokenizer, example, press(), protocol=protocol, max_new_tokens=6)
+    replayed = run_example(
+        model,
+        tokenizer,
+        example,
+        press(),
+        protocol=protocol,
+        max_new_tokens=6,
+        recorded=_recorded(tiny, example, protocol),
+    )
+    for key in ("output", "new_tokens", "kept_tokens_mean", "kv_bytes"):
+        assert replayed[key] == scratch[key], key
+
+
+@needs_kvpress
+def test_a_grid_replays_kvpress_cells_with_the_scores_of_prefilling_them(tiny, tmp_path):
+    grid = {
+        "methods": ["kvpress-snapkv", "kvpress-adakv"],
+        "budgets": [40],
+        "tasks": ["niah_single_1"],
+        "context_lengths": [128],
+        "n": 2,
+        "max_new_tokens": 4,
+        "window_size": 8,
+    }
+    shared = runner.run_eval(tiny, out_dir=tmp_path / "shared", **grid)
+    alone = runner.run_eval(tiny, out_dir=tmp_path / "alone", share_prefill=False, **grid)
+    by_cell = {str(data["cell"]): data["examples"] for data in alone.cells}
+    assert len(shared.cells) == len(by_cell) == 2
+    for data in shared.cells:
+        ours, theirs = data["examples"], by_cell[str(data["cell"])]
+        assert [e["output"] for e in ours] == [e["output"] for e in theirs]
+        assert all(e["prefill_replayed"] for e in ours) and not any("prefill_replayed" in e for e in theirs)
