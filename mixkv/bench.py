@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from mixkv.integration import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
 from mixkv.presses.decoding import DecodingPress
-from mixkv.presses.registry import NAMES, build_press, kvpress_available
+from mixkv.presses.registry import NAMES, build_press, kvpress_available, press_applied
 
 FIELDS = (
     "method",
@@ -199,7 +199,7 @@ def _one_run(
     with (
         _PeakMemory(device) as mem,
         torch.inference_mode(),
-        contextlib.nullcontext() if press is None else press(model) as session,
+        press_applied(press, model) as session,
     ):
         _sync(device)
         t0 = time.perf_counter()

@@ -185,3 +185,54 @@ def test_a_grid_replays_kvpress_cells_with_the_scores_of_prefilling_them(tiny, t
         ours, theirs = data["examples"], by_cell[str(data["cell"])]
         assert [e["output"] for e in ours] == [e["output"] for e in theirs]
         assert all(e["prefill_replayed"] for e in ours) and not any("prefill_replayed" in e for e in theirs)
+
+
+@needs_kvpress
+def test_kvpress_head_masks_of_one_replay_do_not_leak_into_the_next(tiny, example):
+    # kvpress's AdaKV leaves the keys to mask on the attention modules; its attention patch clears
+    # them only when a prefill passes through it, which a replay does not do.
+    model, tokenizer = tiny
+    _, n_prefill = prompt_ids(example, tokenizer, "query_aware", model.device)
+    recorded = _recorded(tiny, example)
+
+    def run(method, replay):
+        press = build_press(method, budget=40, context_tokens=n_prefill, window_size=8)
+        return run_example(
+            model,
+            tokenizer,
+            example,
+            press,
+            protocol="query_aware",
+            max_new_tokens=6,
+            recorded=recorded if replay else None,
+        )
+
+    scratch = run("kvpress-snapkv", replay=False)
+    run("kvpress-adakv", replay=True)
+    assert run("kvpress-snapkv", replay=True)["output"] == scratch["output"]
+    run("kvpress-adakv", replay=False)
+    assert run("kvpress-snapkv", replay=True)["output"] == scratch["output"]
+
+
+@needs_kvpress
+@pytest.mark.parametrize("replay", [False, True])
+def test_a_kvpress_cell_leaves_no_masks_for_the_cells_after_it(tiny, example, replay):
+    # kvpress's attention patch would apply them to any later forward whose queries are fewer than
+    # its keys, such as the tail of a mixkv cell continuing a shared prefix.
+    model, tokenizer = tiny
+    _, n_prefill = prompt_ids(example, tokenizer, "query_aware", model.device)
+    prefix = prefill_shared_prefix(model, tokenizer, example, protocol="query_aware", tail_tokens=16)
+
+    def mixkv_cell():
+        press = build_press("snapkv", budget=40, context_tokens=n_prefill, window_size=8)
+        return run_example(
+            model, tokenizer, example, press, protocol="query_aware", max_new_tokens=6, prefix=prefix
+        )
+
+    before = mixkv_cell()
+    adakv = build_press("kvpress-adakv", budget=40, context_tokens=n_prefill, window_size=8)
+    recorded = _recorded(tiny, example) if replay else None
+    run_example(model, tokenizer, example, adakv, protocol="query_aware", max_new_tokens=6, recorded=recorded)
+    assert all(getattr(m, "masked_key_indices", None) is None for m in model.modules())
+    after = mixkv_cell()
+    assert after["output"] == before["output"] and after["kv_bytes"] == before["kv_bytes"]

@@ -26,6 +26,7 @@ from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, repla
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
+from mixkv.presses.registry import press_applied
 
 __all__ = ["PROTOCOLS", "SharedPrefix", "prefill_shared_prefix", "prompt_ids", "run_example"]
 
@@ -186,7 +187,7 @@ def run_example(
     if recorded is not None:
         manager: Any = replayed_prefill(model, press, recorded)
     else:
-        manager = press(model) if press is not None else contextlib.nullcontext()
+        manager = press_applied(press, model)
     with torch.inference_mode(), manager as entered:
         start = time.perf_counter()
         if recorded is not None:
@@ -196,7 +197,7 @@ def run_example(
             if prefill_chunk_size is None:
                 prefill(model, ids[:, start_at:n_prefill], cache)
             else:
-                prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, manager)
+                prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, entered)
             prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
         kept_bytes = kv_cache_bytes(cache)
         if foreign:  # what its cache holds after prefill (mixkv presses report it)

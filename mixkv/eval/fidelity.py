@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, describe_decoder, prefill, prefill_in_chunks
 from mixkv.presses.decoding import DecodingPress
+from mixkv.presses.registry import press_applied
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
 
@@ -101,7 +102,7 @@ def _run(
     modules = describe_decoder(model).attention_modules
     outputs: list[torch.Tensor | None] = [None] * len(modules)
     cache = DynamicCache(config=model.config)
-    manager = press(model) if press is not None else contextlib.nullcontext()
+    manager = press_applied(press, model)
     kwargs = {cache_argument(model): cache, "use_cache": True}
     with torch.inference_mode(), manager as session:
         if prefill_chunk is None or session is None:

@@ -32,7 +32,6 @@ prompt is not longer than the budget is run uncompressed (its record says ``comp
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -66,7 +65,7 @@ from mixkv.integration.models import (
     restore_generation_state,
 )
 from mixkv.presses.base import BasePress
-from mixkv.presses.registry import build_press
+from mixkv.presses.registry import build_press, press_applied
 
 __all__ = [
     "DATASET_TASKS",
@@ -338,7 +337,7 @@ def run_mm_example(
         }
         if prefix.embeddings is not None:
             generate_inputs["inputs_embeds"] = prefix.embeddings
-    manager = press(model) if press is not None else contextlib.nullcontext()
+    manager = press_applied(press, model)
     try:
         with torch.inference_mode(), manager as session:
             if session is not None and cache is not None:

@@ -131,8 +131,10 @@ def replayed_prefill(
         The press adds pre-hooks, hooks without keyword inputs, or hooks on modules whose inputs
         were not recorded: it cannot be replayed (prefill from scratch instead).
     """
+    from mixkv.presses.registry import press_applied
+
     before = _hook_ids(model)
-    with press(model):
+    with press_applied(press, model):
         added: list[tuple[torch.nn.Module, Any]] = []
         for module in model.modules():
             hooks, pre_hooks = before.get(module, (set(), set()))

@@ -20,10 +20,11 @@ Names
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +40,11 @@ __all__ = [
     "NAMES",
     "PressEntry",
     "build_press",
+    "clear_kvpress_masks",
     "from_name",
     "kvpress_available",
     "list_presses",
+    "press_applied",
 ]
 
 
@@ -133,6 +136,33 @@ def kvpress_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def clear_kvpress_masks(model: torch.nn.Module) -> None:
+    """Drop the keys kvpress's head-wise presses (AdaKV...) leave on the attention modules to mask
+    at decoding. kvpress's attention patch applies them to every later forward whose queries are
+    fewer than its keys, and clears them only at a prefill from position 0: a later run that
+    continues a cache (a shared prefix, a chunked prefill) would otherwise attend with another
+    prompt's keys masked, and its cache's keys overwritten."""
+    for module in model.modules():
+        if getattr(module, "masked_key_indices", None) is not None:
+            setattr(module, "masked_key_indices", None)  # noqa: B010 (not a declared attribute)
+
+
+@contextlib.contextmanager
+def press_applied(press: Any, model: torch.nn.Module) -> Iterator[Any]:
+    """``with press(model)`` (nothing for None) that leaves no kvpress state on ``model``: masks
+    an earlier kvpress run left are cleared on entry and the press's own on exit
+    (:func:`clear_kvpress_masks`). Yields what ``press(model)`` gives."""
+    if press is None:
+        yield None
+        return
+    clear_kvpress_masks(model)
+    try:
+        with press(model) as entered:
+            yield entered
+    finally:
+        clear_kvpress_masks(model)
 
 
 def from_name(
