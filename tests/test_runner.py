@@ -74,6 +74,7 @@ def test_resume_skips_finished_cells(tiny, finished, monkeypatch):
         raise AssertionError("a finished cell was recomputed")
 
     monkeypatch.setattr(runner, "run_example", fail)
+    monkeypatch.setattr(runner, "run_examples_together", fail)
     mtimes = {c: (finished / "cells" / c).stat().st_mtime_ns for c in CELLS}
     result = run_eval(tiny, out_dir=finished, **GRID)
     assert sorted(result.reused) == sorted(CELLS) and result.computed == []
@@ -97,19 +98,28 @@ class _Interrupted(Exception):
 
 
 _RUN_EXAMPLE = runner.run_example
+_RUN_EXAMPLES_TOGETHER = runner.run_examples_together
 
 
 def _interrupt_after(monkeypatch, calls: int) -> list[int]:
-    """Make run_example fail after ``calls`` successful calls; returns the running call count."""
+    """Make the grid fail once it would compute more than ``calls`` (cell, example) records, one
+    by one or decoded together; returns the running count of computed records."""
     count = [0]
 
     def counted(*args, **kwargs):
-        if count[0] == calls:
+        if count[0] + 1 > calls:
             raise _Interrupted
         count[0] += 1
         return _RUN_EXAMPLE(*args, **kwargs)
 
+    def counted_together(model, tokenizer, example, presses, **kwargs):
+        if count[0] + len(presses) > calls:
+            raise _Interrupted
+        count[0] += len(presses)
+        return _RUN_EXAMPLES_TOGETHER(model, tokenizer, example, presses, **kwargs)
+
     monkeypatch.setattr(runner, "run_example", counted)
+    monkeypatch.setattr(runner, "run_examples_together", counted_together)
     return count
 
 

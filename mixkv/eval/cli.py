@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "example (same computation up to float rounding, many times slower)",
     )
     p.add_argument(
+        "--no-batched-decoding",
+        action="store_true",
+        help="text tasks: decode every cell on its own instead of an example's mixkv cells as one batch "
+        "(same answers up to float rounding, slower)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="compute nothing: write results.md and the plots from the finished cells and the "
@@ -238,6 +244,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         window_size=args.window_size,
         max_new_tokens=args.max_new_tokens,
         share_prefill=not args.no_shared_prefill,
+        batch_decoding=not args.no_batched_decoding,
         dtype=args.dtype,
         compare=_pairs(args.compare),
         report_only=args.report_only,

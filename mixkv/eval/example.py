@@ -17,6 +17,7 @@ import copy
 import hashlib
 import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,14 @@ from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
 from mixkv.presses.registry import press_applied
 
-__all__ = ["PROTOCOLS", "SharedPrefix", "prefill_shared_prefix", "prompt_ids", "run_example"]
+__all__ = [
+    "PROTOCOLS",
+    "SharedPrefix",
+    "prefill_shared_prefix",
+    "prompt_ids",
+    "run_example",
+    "run_examples_together",
+]
 
 PROTOCOLS = ("query_agnostic", "query_aware")
 
@@ -225,8 +233,201 @@ def run_example(
             )
         decode_s = time.perf_counter() - start
         bytes_after_decoding = kv_cache_bytes(cache)
-    text = tokenizer.decode(generated, skip_special_tokens=True)
     report = getattr(press, "last_report", None) if press is not None else None
+    record = _record(
+        example,
+        tokenizer,
+        ids,
+        n_prefill,
+        start_at,
+        generated,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        kept_bytes=kept_bytes,
+        bytes_after_decoding=bytes_after_decoding,
+        report=report,
+    )
+    if recorded is not None:
+        record["prefill_replayed"] = True
+    if isinstance(press, DecodingPress):
+        record["decoding_compressions"] = press.compressions - compressions_before
+    if foreign:
+        record["kv_bytes_full"] = int(n_prefill * held_per_token)
+        record["kept_tokens_mean"] = held_tokens
+        record["kv_fraction"] = kept_bytes / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    return record
+
+
+def run_examples_together(
+    model: Any,
+    tokenizer: Any,
+    example: TextExample,
+    presses: Sequence[Any],
+    *,
+    protocol: str = "query_agnostic",
+    max_new_tokens: int | None = None,
+    prefix: SharedPrefix | None = None,
+    prefill_chunk_sizes: Sequence[int | None] | None = None,
+    seed: int | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_example` for several mixkv presses on one example, their answers decoded as one
+    batch: one record per press, in order.
+
+    Each press prefills and compresses exactly as in :func:`run_example` (from a copy of
+    ``prefix``, or from position 0 in chunks of its ``prefill_chunk_sizes`` entry). The compressed
+    caches are then stacked as the rows of one batch
+    (:func:`~mixkv.integration.cache.stack_layers`) and answered greedily together: a decoding
+    step reads the weights once for all presses instead of once per press, which is most of a
+    press's cost on a CPU. Outputs equal :func:`run_example`'s up to the float rounding of batched
+    matrix products. ``decode_seconds`` is the batch's decoding time divided by the number of
+    presses (``decode_batch`` in every record); ``kv_bytes_after_decoding`` is what the press's
+    own cache would hold after its answer.
+
+    Parameters
+    ----------
+    seed
+        Re-seed torch before each press's prefill (a random press draws then), as a loop of
+        :func:`run_example` calls preceded by ``torch.manual_seed(seed)`` does.
+
+    Raises
+    ------
+    ValueError
+        A press that is not a plain mixkv press (None, a :class:`~mixkv.DecodingPress`, kvpress),
+        a model with sliding-window layers (their caches evict as they grow), or
+        ``prefill_chunk_sizes`` of another length than ``presses``.
+    """
+    from transformers import DynamicCache
+
+    from mixkv.integration.cache import stack_layers
+    from mixkv.integration.models import describe_decoder
+    from mixkv.presses.base import BasePress
+
+    if not presses:
+        return []
+    if not all(isinstance(press, BasePress) for press in presses):
+        raise ValueError(
+            "run_examples_together decodes mixkv presses only (no DecodingPress, kvpress press or None); "
+            "run the others with run_example"
+        )
+    layout = describe_decoder(model)
+    if len(layout.compressible_layers) != layout.num_layers:
+        raise ValueError(
+            f"{type(model).__name__} has sliding-window layers, whose caches cannot be stacked; run its "
+            "presses with run_example"
+        )
+    chunks = [None] * len(presses) if prefill_chunk_sizes is None else list(prefill_chunk_sizes)
+    if len(chunks) != len(presses):
+        raise ValueError(f"prefill_chunk_sizes has {len(chunks)} entries for {len(presses)} presses")
+    ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
+    rows: list[list[Any]] = []
+    started: list[dict[str, Any]] = []
+    for press, chunk in zip(presses, chunks, strict=True):
+        if seed is not None:
+            torch.manual_seed(seed)
+        start_from = prefix if chunk is None else None
+        start_at = 0 if start_from is None else start_from.tokens
+        cache = DynamicCache(config=model.config) if start_from is None else copy.deepcopy(start_from.cache)
+        with torch.inference_mode(), press_applied(press, model) as session:
+            start = time.perf_counter()
+            if chunk is None:
+                prefill(model, ids[:, start_at:n_prefill], cache)
+            else:
+                prefill_in_chunks(model, ids[:, :n_prefill], cache, chunk, session)
+            prefill_s = time.perf_counter() - start + (0.0 if start_from is None else start_from.seconds)
+        rows.append(list(cache.layers))
+        started.append(
+            {
+                "start_at": start_at,
+                "prefill_s": prefill_s,
+                "kept_bytes": kv_cache_bytes(cache),
+                "bytes_per_token": sum(_bytes_per_token(layer) for layer in cache.layers),
+                "report": press.last_report,
+            }
+        )
+    stacked = DynamicCache(config=model.config)
+    stacked.layers = [stack_layers([row[i] for row in rows], n_prefill) for i in range(len(rows[0]))]
+    del rows
+    with torch.inference_mode(), press_applied(presses[0], model) as session:
+        session.adopt(stacked)
+        start = time.perf_counter()
+        generated = _greedy_batch(
+            model, stacked, ids, n_prefill, len(presses), new_tokens, _eos_ids(model, tokenizer)
+        )
+        decode_s = (time.perf_counter() - start) / len(presses)
+    records = []
+    for row, out in zip(started, generated, strict=True):
+        fed = ids.shape[1] - n_prefill + max(len(out) - 1, 0)  # the last new token is never fed
+        record = _record(
+            example,
+            tokenizer,
+            ids,
+            n_prefill,
+            row["start_at"],
+            torch.tensor(out, dtype=torch.long),
+            prefill_s=row["prefill_s"],
+            decode_s=decode_s,
+            kept_bytes=row["kept_bytes"],
+            bytes_after_decoding=row["kept_bytes"] + fed * row["bytes_per_token"],
+            report=row["report"],
+        )
+        record["decode_batch"] = len(presses)
+        records.append(record)
+    return records
+
+
+def _bytes_per_token(layer: Any) -> int:
+    """What one more token adds to a cache layer of one sequence: its key and value in every KV
+    head, and a packed layer's one-byte validity flag."""
+    from mixkv.integration.cache import PackedCompressedLayer
+
+    keys = layer.keys
+    flag = 1 if isinstance(layer, PackedCompressedLayer) else 0
+    return 2 * keys.shape[1] * keys.shape[3] * keys.element_size() + flag
+
+
+def _greedy_batch(
+    model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, rows: int, new_tokens: int, eos: set[int]
+) -> list[list[int]]:
+    """Greedy answers of ``rows`` copies of one prompt whose first ``n_prefill`` tokens each row
+    of ``cache`` holds: the rest of the prompt in one forward, then one token per forward. A row
+    stops at its first end-of-sequence token (its later steps are computed and discarded)."""
+    kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    pending = ids[:, n_prefill:].expand(rows, -1)
+    position = n_prefill
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    while len(out[0]) < new_tokens and not all(done):
+        positions = torch.arange(position, position + pending.shape[1], device=ids.device)
+        logits = model(input_ids=pending, position_ids=positions.expand(rows, -1), **kwargs).logits[:, -1]
+        position += pending.shape[1]
+        chosen = logits.argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token in eos
+        pending = chosen[:, None]
+    return out
+
+
+def _record(
+    example: TextExample,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    n_prefill: int,
+    start_at: int,
+    generated: torch.Tensor,
+    *,
+    prefill_s: float,
+    decode_s: float,
+    kept_bytes: int,
+    bytes_after_decoding: int,
+    report: Any,
+) -> dict[str, Any]:
+    """One example's record (see :func:`run_example`); ``report``: a mixkv press's, or None."""
+    text = tokenizer.decode(generated, skip_special_tokens=True)
     record: dict[str, Any] = {
         "question": example.question,
         "answers": list(example.answers),
@@ -249,13 +450,6 @@ def run_example(
         "compression_seconds": 0.0,
         "report": None,
     }
-    if recorded is not None:
-        record["prefill_replayed"] = True
-    if isinstance(press, DecodingPress):
-        record["decoding_compressions"] = press.compressions - compressions_before
-    if foreign:
-        record["kv_bytes_full"] = int(n_prefill * held_per_token)
-        record["kept_tokens_mean"] = held_tokens
     if report is not None:
         kept = report.kept_tokens
         record["kv_bytes_full"] = int(report.full_bytes)

@@ -38,10 +38,17 @@ from mixkv.eval.cell_store import (
     software_versions,
     write_cell,
 )
-from mixkv.eval.example import PROTOCOLS, prefill_shared_prefix, prompt_ids, run_example
+from mixkv.eval.example import (
+    PROTOCOLS,
+    prefill_shared_prefix,
+    prompt_ids,
+    run_example,
+    run_examples_together,
+)
 from mixkv.eval.replay import prefill_with_inputs
 from mixkv.eval.reporting import write_summary
 from mixkv.eval.tasks import TASKS, make_examples
+from mixkv.integration.models import describe_decoder
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import KVPRESS_NAMES, NAMES, build_press, kvpress_available
 
@@ -145,6 +152,13 @@ def _continues_a_prefix(variant: MethodVariant) -> bool:
     return variant.press_method not in KVPRESS_METHODS and variant.prefill_chunk_size is None
 
 
+def _decodes_together(variant: MethodVariant) -> bool:
+    """Whether the method's answers can be decoded in one batch with other such methods'
+    (:func:`~mixkv.eval.example.run_examples_together`): mixkv presses that do not compress
+    while decoding."""
+    return variant.press_method not in ("full", *KVPRESS_METHODS) and variant.decoding_interval is None
+
+
 def _replays_a_prefill(variant: MethodVariant) -> bool:
     """Whether the method is a kvpress press, run by replaying its hooks on an example's recorded
     full-cache prefill (:mod:`mixkv.eval.replay`) instead of a prefill of its own."""
@@ -238,6 +252,7 @@ def run_eval(
     window_size: int = 32,
     max_new_tokens: int | None = None,
     share_prefill: bool = True,
+    batch_decoding: bool = True,
     dtype: str = "float32",
     compare: Sequence[tuple[str, str]] = (),
     report_only: bool = False,
@@ -284,6 +299,13 @@ def run_eval(
         recorded inputs and run their hooks on a copy (:mod:`mixkv.eval.replay`): kvpress
         compresses after each layer has attended, so a prefill of their own computes the same
         inputs. False prefills every (method, budget) from scratch.
+    batch_decoding
+        Decode the answers of an example's mixkv cells (not the full cache, kvpress, or
+        ``+decodeN`` variants) as one batch, one weight pass per step for all of them
+        (:func:`~mixkv.eval.example.run_examples_together`); outputs equal one-by-one decoding up
+        to float rounding (decoding is most of a cell's time on a CPU). Records then say
+        ``decode_batch``, and ``decode_seconds`` is the batch's time per cell. False decodes every
+        cell on its own. Models with sliding-window layers always do.
     dtype
         ``"float32"`` or ``"bfloat16"``: parameter dtype of a model loaded by name or path (part of
         every cell's identity, so results of different dtypes never mix). For a model passed in,
@@ -380,6 +402,7 @@ def run_eval(
         "window_size": window_size,
         "max_new_tokens": max_new_tokens,
         "share_prefill": share_prefill,
+        "batch_decoding": batch_decoding,
         "dtype": dtype_name,
     }
     identity = {  # n is not part of it: a finished cell with fewer examples is extended, not redone
@@ -406,6 +429,9 @@ def run_eval(
             from mixkv.models import load_model
 
             model, tokenizer = load_model(model_spec, dtype=torch_dtype)
+        layout = describe_decoder(model)
+        # Sliding-window caches evict as they grow: such models decode every cell on its own.
+        stackable = batch_decoding and len(layout.compressible_layers) == layout.num_layers
         versions, machine = software_versions(), machine_info()
         # Example-major order within each (task, context length): an example's shared prefix is
         # prefilled once and serves every pending cell; the cells are written when the group ends.
@@ -446,7 +472,9 @@ def run_eval(
                         )
                     if replays:
                         recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix)
-                    for cell in pending:
+                    together = [c for c in pending if stackable and _decodes_together(variants[c.method])]
+                    together = together if len(together) > 1 else []
+                    for cell in (c for c in pending if c not in together):
                         torch.manual_seed(seed)
                         variant = variants[cell.method]
                         press = variant.press(
@@ -468,6 +496,29 @@ def run_eval(
                         )
                         seconds[cell] += time.perf_counter() - start
                         bar.update(1)
+                    if together:
+                        start = time.perf_counter()
+                        batch = run_examples_together(
+                            model,
+                            tokenizer,
+                            example,
+                            [
+                                variants[c.method].press(
+                                    c.budget, context_tokens=prefill_tokens, window_size=window_size
+                                )
+                                for c in together
+                            ],
+                            protocol=protocol,
+                            max_new_tokens=max_new_tokens,
+                            prefix=prefix,
+                            prefill_chunk_sizes=[variants[c.method].prefill_chunk_size for c in together],
+                            seed=seed,
+                        )
+                        share = (time.perf_counter() - start) / len(together)
+                        for cell, record in zip(together, batch, strict=True):
+                            records[cell].append(record)
+                            seconds[cell] += share
+                            bar.update(1)
                     for cell in pending:  # an interrupted run resumes after the last finished example
                         save_partial(cell_dir, cell, identity, records[cell], seconds[cell])
                 for cell in group:

@@ -308,3 +308,73 @@ def kv_cache_bytes(cache: Cache) -> int:
     if not isinstance(cache, Cache):
         raise TypeError(f"kv_cache_bytes expects a transformers Cache, got {type(cache).__name__}")
     return _storage_bytes(list(cache.layers))
+
+
+def stack_layers(layers: list[Any], seen_tokens: int) -> PackedCompressedLayer:
+    """One layer whose batch rows are the given single-sequence layers, e.g. the same prompt
+    compressed by several presses, so that their answers can be decoded as one batch.
+
+    Each input is a :class:`CompressedLayer` or a plain full-attention ``DynamicLayer`` (a layer
+    left uncompressed), batch size 1, all with the same KV heads, head size and ``seen_tokens``
+    (the same prompt). Every held entry becomes a packed entry of its row and head; the dense
+    tail starts empty and receives the decoded tokens. Attention over a row equals attention
+    over the layer it came from: entries are attended as a set and carry their positions in
+    their rotary embeddings.
+
+    Raises
+    ------
+    ValueError
+        A layer of another kind (sliding-window layers evict as they grow), a batch larger than 1,
+        or rows that differ in shape, dtype or tokens seen.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    lengths: list[int] = []
+    shapes = set()
+    for layer in layers:
+        if isinstance(layer, CompressedLayer):
+            layer_keys, layer_values, valid = layer.entries()
+            seen = layer.seen_tokens
+        elif (
+            type(layer) is DynamicLayer
+            and isinstance(layer.keys, torch.Tensor)
+            and isinstance(layer.values, torch.Tensor)
+        ):
+            layer_keys, layer_values = layer.keys, layer.values
+            valid = torch.ones(
+                layer_keys.shape[0], layer_keys.shape[2], dtype=torch.bool, device=layer_keys.device
+            )
+            seen = layer_keys.shape[2]
+        else:
+            raise ValueError(
+                f"cannot stack a {type(layer).__name__} (only mixkv's compressed layers and full-attention "
+                "DynamicLayers): decode these caches one at a time"
+            )
+        if layer_keys.shape[0] != 1 or seen != seen_tokens:
+            raise ValueError(
+                f"stacked layers must each hold one sequence of {seen_tokens} tokens seen; got batch "
+                f"{layer_keys.shape[0]} with {seen} seen"
+            )
+        shapes.add((layer_keys.shape[1], layer_keys.shape[3], layer_keys.dtype, layer_keys.device))
+        kv_heads = layer_keys.shape[1]
+        per_head = valid if valid.dim() == 3 else valid[:, None, :].expand(-1, kv_heads, -1)
+        for head in range(kv_heads):
+            kept = per_head[0, head]
+            keys.append(layer_keys[0, head][kept])
+            values.append(layer_values[0, head][kept])
+            lengths.append(int(kept.sum()))
+    if len(shapes) != 1:
+        raise ValueError(f"stacked layers must share KV heads, head size, dtype and device; got {shapes}")
+    kv_heads, head_dim, dtype, device = shapes.pop()
+    tail = torch.zeros(len(layers), kv_heads, 0, head_dim, dtype=dtype, device=device)
+    return PackedCompressedLayer(
+        torch.cat(keys),
+        torch.cat(values),
+        torch.tensor(lengths, dtype=torch.long, device=device),
+        tail,
+        tail.clone(),
+        torch.zeros(len(layers), 0, dtype=torch.bool, device=device),
+        seen_tokens,
+    )

@@ -326,6 +326,25 @@ class PressSession:
                 self._created.add(layer)
         return copied
 
+    def adopt(self, cache: Cache) -> None:
+        """Use a cache whose prompt is already in it, compressed elsewhere (e.g. the caches of
+        several presses stacked into one batch with :func:`~mixkv.integration.cache.stack_layers`),
+        in this session: forwards through it append to it and are not compressed again, and its
+        compressed layers detach when the session ends. Not under a :class:`~mixkv.DecodingPress`
+        (its re-compressions keep state from the prefill it ran)."""
+        if not self._entered:
+            raise ValueError(
+                "adopt() needs an active session: call it inside `with press(model) as session:`"
+            )
+        if self.decoding is not None:
+            raise ValueError(
+                "adopt() is not supported under a DecodingPress; decode such caches in their own session"
+            )
+        self._prefilled.add(cache)
+        for layer in cache.layers:
+            if isinstance(layer, CompressedLayer):
+                self._created.add(layer)
+
     def declare_prompt(self, cache: Cache, input_ids: torch.Tensor) -> None:
         """Give the ids of the whole prompt that the next forward through ``cache`` completes.
 

@@ -1,0 +1,134 @@
+"""Answers of several presses decoded as one batch equal the answers decoded one press at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example, run_examples_together
+from mixkv.eval.runner import run_eval
+from mixkv.eval.tasks import make_examples
+from mixkv.integration.cache import DenseCompressedLayer, stack_layers
+from mixkv.presses.decoding import DecodingPress
+from mixkv.presses.registry import build_press
+from tests.helpers_tiny import tiny_llama, word_tokenizer
+
+METHODS = ["snapkv", "mixkv-snapkv", "pyramidkv", "adakv", "mixkv-adakv", "streamingllm", "random"]
+COMPARED = ("output", "new_tokens", "kv_bytes", "kv_bytes_after_decoding", "kept_tokens_mean")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # Weights 6x the default initialisation: the answers of a default tiny model barely depend on
+    # the cache (mostly one word repeated), so they would not show a wrong row or position.
+    tokenizer = word_tokenizer()
+    model = tiny_llama(len(tokenizer), seed=0, layers=3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(6)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def example(tiny):
+    return make_examples("niah_single_1", tiny[1], 160, 1)[0]
+
+
+def _presses(tokenizer, example, protocol, methods=METHODS):
+    _, n_prefill = prompt_ids(example, tokenizer, protocol, torch.device("cpu"))
+    return [build_press(m, 40, context_tokens=n_prefill, window_size=8) for m in methods]
+
+
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_presses_decoded_together_answer_as_decoded_one_by_one(tiny, example, protocol):
+    model, tokenizer = tiny
+    prefix = prefill_shared_prefix(model, tokenizer, example, protocol=protocol, tail_tokens=8)
+    alone = []
+    for press in _presses(tokenizer, example, protocol):
+        torch.manual_seed(0)
+        alone.append(
+            run_example(model, tokenizer, example, press, protocol=protocol, max_new_tokens=6, prefix=prefix)
+        )
+    together = run_examples_together(
+        model, tokenizer, example, _presses(tokenizer, example, protocol), protocol=protocol,
+        max_new_tokens=6, prefix=prefix, seed=0,
+    )  # fmt: skip
+    assert len(together) == len(METHODS)
+    for method, one, batch in zip(METHODS, alone, together, strict=True):
+        for key in COMPARED:
+            assert batch[key] == one[key], (method, key)
+        timing = "compression_seconds"
+        assert {**batch["report"], timing: 0} == {**one["report"], timing: 0}, method
+        assert batch["decode_batch"] == len(METHODS)
+
+
+def test_a_chunked_prefill_joins_the_batch(tiny, example):
+    model, tokenizer = tiny
+    prefix = prefill_shared_prefix(model, tokenizer, example, protocol="query_aware", tail_tokens=8)
+    presses = _presses(tokenizer, example, "query_aware", ["mixkv-snapkv", "mixkv-adakv"])
+    alone = run_example(
+        model, tokenizer, example, presses[1], protocol="query_aware", max_new_tokens=6, prefill_chunk_size=64
+    )
+    together = run_examples_together(
+        model, tokenizer, example, _presses(tokenizer, example, "query_aware", ["mixkv-snapkv", "mixkv-adakv"]),
+        protocol="query_aware", max_new_tokens=6, prefix=prefix, prefill_chunk_sizes=[None, 64],
+    )  # fmt: skip
+    assert together[1]["output"] == alone["output"] and together[1]["kv_bytes"] == alone["kv_bytes"]
+    assert together[1]["shared_prefix_tokens"] == 0 and together[0]["shared_prefix_tokens"] == prefix.tokens
+
+
+@pytest.mark.parametrize("press", [None, "decoding"])
+def test_only_plain_mixkv_presses_are_decoded_together(tiny, example, press):
+    model, tokenizer = tiny
+    if press == "decoding":
+        press = DecodingPress(_presses(tokenizer, example, "query_aware", ["snapkv"])[0], interval=4)
+    with pytest.raises(ValueError, match="mixkv presses only"):
+        run_examples_together(model, tokenizer, example, [press], protocol="query_aware")
+
+
+def test_a_stacked_row_attends_as_the_layer_it_came_from():
+    torch.manual_seed(0)
+    compressed = DenseCompressedLayer(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), seen_tokens=9)
+    full = DynamicLayer()
+    full.update(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4))
+    stacked = stack_layers([compressed, full], seen_tokens=9)
+    new_keys, new_values, query = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.randn(2, 4, 1, 4)
+    stacked.update(new_keys, new_values)
+    out = stacked.attend(query, 0.5)
+    compressed.update(new_keys[:1], new_values[:1])
+    torch.testing.assert_close(out[:1], compressed.attend(query[:1], 0.5))
+    keys, values = full.update(new_keys[1:], new_values[1:])
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query[1:], keys, values, scale=0.5, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out[1:], reference)
+
+
+def test_a_sliding_window_layer_is_not_stacked():
+    layer = DynamicSlidingWindowLayer(sliding_window=4)
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="cannot stack a DynamicSlidingWindowLayer"):
+        stack_layers([layer], seen_tokens=3)
+
+
+def test_a_grid_decodes_its_mixkv_cells_together_with_the_answers_of_one_by_one(tiny, tmp_path):
+    grid = {
+        "methods": ["full", "snapkv", "mixkv-snapkv", "mixkv-adakv"],
+        "budgets": [40],
+        "tasks": ["niah_single_1"],
+        "context_lengths": [128],
+        "n": 2,
+        "max_new_tokens": 4,
+        "window_size": 8,
+    }
+    batched = run_eval(tiny, out_dir=tmp_path / "batched", **grid)
+    alone = run_eval(tiny, out_dir=tmp_path / "alone", batch_decoding=False, **grid)
+    by_cell = {str(data["cell"]): data["examples"] for data in alone.cells}
+    for data in batched.cells:
+        ours, theirs = data["examples"], by_cell[str(data["cell"])]
+        assert [e["output"] for e in ours] == [e["output"] for e in theirs]
+        expected = None if data["cell"]["method"] == "full" else 3
+        assert [e.get("decode_batch") for e in ours] == [expected] * 2
+        assert not any("decode_batch" in e for e in theirs)
