@@ -36,7 +36,7 @@ _CACHE_KEYS = ("past_key_values", "past_key_value", "cache")
 class RecordedPrefill:
     """The full cache of an example's first ``tokens`` prefill tokens and, per attention module,
     the keyword inputs it received over those tokens (sequence inputs joined across forwards).
-    Never modified; :func:`replay_press_hooks` works on a copy of ``cache``."""
+    Never modified; :func:`replayed_prefill` works on a copy of ``cache``."""
 
     cache: Any
     tokens: int
@@ -143,7 +143,7 @@ def replayed_prefill(
                     f"{type(press).__name__} adds forward pre-hooks, which a replay cannot reproduce; "
                     "prefill from scratch (--no-shared-prefill)"
                 )
-            for hook_id in set(module._forward_hooks) - hooks:
+            for hook_id in [h for h in module._forward_hooks if h not in hooks]:  # in registration order
                 if (
                     hook_id not in module._forward_hooks_with_kwargs
                     or module not in recorded.attention_inputs
