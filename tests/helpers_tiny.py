@@ -103,3 +103,26 @@ def tiny_model_and_tokenizer(seed: int = 0) -> tuple[Any, PreTrainedTokenizerFas
     """The tiny Llama with the word-level tokenizer."""
     tok = word_tokenizer()
     return tiny_llama(len(tok), seed), tok
+
+
+def grid_run_twice(
+    model_and_tokenizer: tuple[Any, Any], out_dir: Any, methods: list[str], **second: Any
+) -> list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A small grid (budget 40, window 8, two ``niah_single_1`` examples of 128 tokens, 4 new tokens)
+    run with the defaults and again with the options ``second``: per cell of the first run, the cell
+    and its examples in the first and in the second run."""
+    from mixkv.eval.runner import run_eval
+
+    grid = {
+        "methods": methods,
+        "budgets": [40],
+        "tasks": ["niah_single_1"],
+        "context_lengths": [128],
+        "n": 2,
+        "max_new_tokens": 4,
+        "window_size": 8,
+    }
+    first = run_eval(model_and_tokenizer, out_dir=out_dir / "first", **grid)
+    other = run_eval(model_and_tokenizer, out_dir=out_dir / "second", **grid, **second)
+    by_cell = {str(data["cell"]): data["examples"] for data in other.cells}
+    return [(data["cell"], data["examples"], by_cell[str(data["cell"])]) for data in first.cells]

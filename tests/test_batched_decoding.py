@@ -7,12 +7,11 @@ import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example, run_examples_together
-from mixkv.eval.runner import run_eval
 from mixkv.eval.tasks import make_examples
 from mixkv.integration.cache import DenseCompressedLayer, stack_layers
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import build_press
-from tests.helpers_tiny import tiny_llama, word_tokenizer
+from tests.helpers_tiny import grid_run_twice, tiny_llama, word_tokenizer
 
 METHODS = ["snapkv", "mixkv-snapkv", "pyramidkv", "adakv", "mixkv-adakv", "streamingllm", "random"]
 COMPARED = ("output", "new_tokens", "kv_bytes", "kv_bytes_after_decoding", "kept_tokens_mean")
@@ -114,21 +113,11 @@ def test_a_sliding_window_layer_is_not_stacked():
 
 
 def test_a_grid_decodes_its_mixkv_cells_together_with_the_answers_of_one_by_one(tiny, tmp_path):
-    grid = {
-        "methods": ["full", "snapkv", "mixkv-snapkv", "mixkv-adakv"],
-        "budgets": [40],
-        "tasks": ["niah_single_1"],
-        "context_lengths": [128],
-        "n": 2,
-        "max_new_tokens": 4,
-        "window_size": 8,
-    }
-    batched = run_eval(tiny, out_dir=tmp_path / "batched", **grid)
-    alone = run_eval(tiny, out_dir=tmp_path / "alone", batch_decoding=False, **grid)
-    by_cell = {str(data["cell"]): data["examples"] for data in alone.cells}
-    for data in batched.cells:
-        ours, theirs = data["examples"], by_cell[str(data["cell"])]
+    methods = ["full", "snapkv", "mixkv-snapkv", "mixkv-adakv"]
+    cells = grid_run_twice(tiny, tmp_path, methods, batch_decoding=False)
+    assert len(cells) == len(methods)
+    for cell, ours, theirs in cells:
         assert [e["output"] for e in ours] == [e["output"] for e in theirs]
-        expected = None if data["cell"]["method"] == "full" else 3
+        expected = None if cell["method"] == "full" else 3
         assert [e.get("decode_batch") for e in ours] == [expected] * 2
         assert not any("decode_batch" in e for e in theirs)

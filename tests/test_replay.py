@@ -12,12 +12,11 @@ import contextlib
 import pytest
 import torch
 
-from mixkv.eval import runner
 from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example
 from mixkv.eval.replay import prefill_with_inputs, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import make_examples
 from mixkv.presses.registry import build_press, kvpress_available
-from tests.helpers_tiny import tiny_model_and_tokenizer
+from tests.helpers_tiny import grid_run_twice, tiny_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +87,22 @@ def test_recorded_inputs_of_prefix_and_tail_join_into_those_of_one_prefill(tiny,
         assert got["attention_mask"] is None
 
 
+def _scratch_and_replayed(tiny, example, protocol, make_press):
+    """Records of a fresh ``make_press()`` prefilling the example itself, and of another replayed
+    on the example's recorded prefill."""
+    model, tokenizer = tiny
+    scratch, replayed = (
+        run_example(
+            model, tokenizer, example, make_press(), protocol=protocol, max_new_tokens=6, recorded=recorded
+        )
+        for recorded in (None, _recorded(tiny, example, protocol))
+    )
+    return scratch, replayed
+
+
 @pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
 def test_a_replayed_press_answers_and_keeps_what_its_own_prefill_does(tiny, example, protocol):
-    model, tokenizer = tiny
-    scratch = run_example(model, tokenizer, example, HookPress(), protocol=protocol, max_new_tokens=6)
-    replayed = run_example(
-        model,
-        tokenizer,
-        example,
-        HookPress(),
-        protocol=protocol,
-        max_new_tokens=6,
-        recorded=_recorded(tiny, example, protocol),
-    )
+    scratch, replayed = _scratch_and_replayed(tiny, example, protocol, HookPress)
     assert replayed["output"] == scratch["output"] and replayed["new_tokens"] == scratch["new_tokens"]
     assert replayed["kept_tokens_mean"] == scratch["kept_tokens_mean"] == 48
     assert replayed["kv_bytes"] == scratch["kv_bytes"] and replayed["prefill_replayed"] is True
@@ -152,37 +154,16 @@ def test_kvpress_replayed_equals_kvpress_prefilling_itself(tiny, example, method
     def press():
         return build_press(method, budget=40, context_tokens=n_prefill, window_size=8)
 
-    scratch = run_example(model, tokenizer, example, press(), protocol=protocol, max_new_tokens=6)
-    replayed = run_example(
-        model,
-        tokenizer,
-        example,
-        press(),
-        protocol=protocol,
-        max_new_tokens=6,
-        recorded=_recorded(tiny, example, protocol),
-    )
+    scratch, replayed = _scratch_and_replayed(tiny, example, protocol, press)
     for key in ("output", "new_tokens", "kept_tokens_mean", "kv_bytes"):
         assert replayed[key] == scratch[key], key
 
 
 @needs_kvpress
 def test_a_grid_replays_kvpress_cells_with_the_scores_of_prefilling_them(tiny, tmp_path):
-    grid = {
-        "methods": ["kvpress-snapkv", "kvpress-adakv"],
-        "budgets": [40],
-        "tasks": ["niah_single_1"],
-        "context_lengths": [128],
-        "n": 2,
-        "max_new_tokens": 4,
-        "window_size": 8,
-    }
-    shared = runner.run_eval(tiny, out_dir=tmp_path / "shared", **grid)
-    alone = runner.run_eval(tiny, out_dir=tmp_path / "alone", share_prefill=False, **grid)
-    by_cell = {str(data["cell"]): data["examples"] for data in alone.cells}
-    assert len(shared.cells) == len(by_cell) == 2
-    for data in shared.cells:
-        ours, theirs = data["examples"], by_cell[str(data["cell"])]
+    cells = grid_run_twice(tiny, tmp_path, ["kvpress-snapkv", "kvpress-adakv"], share_prefill=False)
+    assert len(cells) == 2
+    for _, ours, theirs in cells:
         assert [e["output"] for e in ours] == [e["output"] for e in theirs]
         assert all(e["prefill_replayed"] for e in ours) and not any("prefill_replayed" in e for e in theirs)
 

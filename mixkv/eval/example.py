@@ -25,7 +25,7 @@ import torch
 
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
-from mixkv.integration.cache import kv_cache_bytes
+from mixkv.integration.cache import kv_cache_bytes, token_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
 from mixkv.presses.registry import press_applied
 
@@ -197,25 +197,18 @@ def run_example(
     else:
         manager = press_applied(press, model)
     with torch.inference_mode(), manager as entered:
-        start = time.perf_counter()
         if recorded is not None:
             cache, hooks_seconds = entered
             prefill_s = recorded.seconds + hooks_seconds
         else:
-            if prefill_chunk_size is None:
-                prefill(model, ids[:, start_at:n_prefill], cache)
-            else:
-                prefill_in_chunks(model, ids[:, :n_prefill], cache, prefill_chunk_size, entered)
-            prefill_s = time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
+            prefill_s = _prefill_prompt(model, ids, n_prefill, cache, prefix, prefill_chunk_size, entered)
         kept_bytes = kv_cache_bytes(cache)
         if foreign:  # what its cache holds after prefill (mixkv presses report it)
-            held = [
-                keys
-                for layer in cache.layers
-                if isinstance(keys := getattr(layer, "keys", None), torch.Tensor)
+            held: list[Any] = [
+                layer for layer in cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
             ]
-            held_per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in held)
-            held_tokens = sum(k.shape[2] for k in held) / max(len(held), 1)
+            held_per_token = sum(token_bytes(layer) for layer in held)
+            held_tokens = sum(layer.keys.shape[2] for layer in held) / max(len(held), 1)
         start = time.perf_counter()
         if not foreign:
             out = model.generate(
@@ -326,22 +319,16 @@ def run_examples_together(
         if seed is not None:
             torch.manual_seed(seed)
         start_from = prefix if chunk is None else None
-        start_at = 0 if start_from is None else start_from.tokens
         cache = DynamicCache(config=model.config) if start_from is None else copy.deepcopy(start_from.cache)
         with torch.inference_mode(), press_applied(press, model) as session:
-            start = time.perf_counter()
-            if chunk is None:
-                prefill(model, ids[:, start_at:n_prefill], cache)
-            else:
-                prefill_in_chunks(model, ids[:, :n_prefill], cache, chunk, session)
-            prefill_s = time.perf_counter() - start + (0.0 if start_from is None else start_from.seconds)
+            prefill_s = _prefill_prompt(model, ids, n_prefill, cache, start_from, chunk, session)
         rows.append(list(cache.layers))
         started.append(
             {
-                "start_at": start_at,
+                "start_at": 0 if start_from is None else start_from.tokens,
                 "prefill_s": prefill_s,
                 "kept_bytes": kv_cache_bytes(cache),
-                "bytes_per_token": sum(_bytes_per_token(layer) for layer in cache.layers),
+                "bytes_per_token": sum(token_bytes(layer) for layer in cache.layers),
                 "report": press.last_report,
             }
         )
@@ -376,14 +363,24 @@ def run_examples_together(
     return records
 
 
-def _bytes_per_token(layer: Any) -> int:
-    """What one more token adds to a cache layer of one sequence: its key and value in every KV
-    head, and a packed layer's one-byte validity flag."""
-    from mixkv.integration.cache import PackedCompressedLayer
-
-    keys = layer.keys
-    flag = 1 if isinstance(layer, PackedCompressedLayer) else 0
-    return 2 * keys.shape[1] * keys.shape[3] * keys.element_size() + flag
+def _prefill_prompt(
+    model: Any,
+    ids: torch.Tensor,
+    n_prefill: int,
+    cache: Any,
+    prefix: SharedPrefix | None,
+    chunk_size: int | None,
+    session: Any,
+) -> float:
+    """Prefill the prompt's first ``n_prefill`` tokens into ``cache``: what follows the shared
+    ``prefix`` it already holds in one forward, or (``chunk_size``) all of them in chunks compressed
+    as they come under ``session``. Returns the seconds, the prefix's own included."""
+    start = time.perf_counter()
+    if chunk_size is None:
+        prefill(model, ids[:, (0 if prefix is None else prefix.tokens) : n_prefill], cache)
+    else:
+        prefill_in_chunks(model, ids[:, :n_prefill], cache, chunk_size, session)
+    return time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
 
 
 def _greedy_batch(

@@ -299,6 +299,14 @@ def layer_bytes(layer: object) -> int:
     return _storage_bytes([layer])
 
 
+def token_bytes(layer: Any) -> int:
+    """Bytes one more token adds to a cache layer of one sequence: its key and value in every KV
+    head, plus a packed layer's one-byte validity flag."""
+    keys = layer.keys
+    flag = 1 if isinstance(layer, PackedCompressedLayer) else 0
+    return 2 * keys.shape[1] * keys.shape[3] * keys.element_size() + flag
+
+
 def kv_cache_bytes(cache: Cache) -> int:
     """Bytes of tensor storage the cache holds (keys, values and mixkv's bookkeeping).
 
