@@ -208,6 +208,14 @@ def test_multihop_answer_needs_both_hops_which_are_in_the_context(bpe):
         assert ex.answers == [number]
 
 
+def test_multihop_has_one_distractor_chain_in_the_same_wording(bpe):
+    for ex in make_examples("multihop", bpe, 1500, 3, seed=0):
+        distractor_key, distractor_locker = ex.metadata["keys"][1], ex.metadata["lockers"][1]
+        assert len(ex.metadata["keys"]) == 2 and distractor_key not in ex.question
+        assert f"The code for the {distractor_key} vault is kept in locker {distractor_locker}." in ex.context
+        assert f"Locker {distractor_locker} holds the number {ex.metadata['numbers'][1]}." in ex.context
+
+
 def test_source_default_asks_a_default_written_in_the_one_definition_of_its_function(bpe):
     for ex in make_examples("source_default", bpe, 1500, 3, seed=0):
         function, parameter = ex.metadata["function"], ex.metadata["parameter"]

@@ -14,7 +14,8 @@ standard-library prose haystack of :mod:`mixkv.eval.tasks`, and fitted to the re
 ``multihop``
     Two hops: "The code for the <key> vault is kept in locker <L>." and, elsewhere, "Locker <L>
     holds the number <N>."; the question asks for the number of the locker holding the key's code.
-    Distractor vaults and lockers use the same wording.
+    One distractor chain (another vault, its locker and number) uses the same wording: with two,
+    Qwen2.5-Coder-0.5B's full cache answered half of the 2k-token examples, with one 9 of 10.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _agg_count(task: str, tokenizer: Any, length: int, rng: random.Random) -> Te
 
 
 def _multihop(task: str, tokenizer: Any, length: int, rng: random.Random) -> TextExample:
-    keys = _word_keys(rng, 3)
+    keys = _word_keys(rng, 2)  # the asked chain and one distractor
     lockers = rng.sample(range(10, 100), len(keys))
     numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
     first = [

@@ -27,6 +27,7 @@ from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, repla
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
 from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
+from mixkv.integration.session import RecordedPrompt
 from mixkv.presses.registry import press_applied
 
 __all__ = [
@@ -266,8 +267,14 @@ def run_examples_together(
     """:func:`run_example` for several mixkv presses on one example, their answers decoded as one
     batch: one record per press, in order.
 
-    Each press prefills and compresses exactly as in :func:`run_example` (from a copy of
-    ``prefix``, or from position 0 in chunks of its ``prefill_chunk_sizes`` entry). The compressed
+    Each press compresses exactly as in :func:`run_example` (from a copy of ``prefix``, or from
+    position 0 in chunks of its ``prefill_chunk_sizes`` entry). The prompt forward is the same
+    under every press (each compresses a layer after it has attended), so only the first press
+    that prefills in one forward runs it, recording it
+    (:meth:`~mixkv.integration.session.PressSession.recording_prompt`); the other such presses
+    compress that recording (:meth:`~mixkv.integration.session.PressSession.compress_recorded`,
+    the same selection entry for entry), and their records say ``prefill_replayed``, with
+    ``prefill_seconds`` the recorded forward's time plus their own compression. The compressed
     caches are then stacked as the rows of one batch
     (:func:`~mixkv.integration.cache.stack_layers`) and answered greedily together: a decoding
     step reads the weights once for all presses instead of once per press, which is most of a
@@ -315,23 +322,46 @@ def run_examples_together(
     new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
     rows: list[list[Any]] = []
     started: list[dict[str, Any]] = []
+    # The first one-forward press records its forward; the others compress that recording.
+    window = max(
+        (press.window_size for press, chunk in zip(presses, chunks, strict=True) if chunk is None), default=0
+    )
+    recorded: RecordedPrompt | None = None
+    forward_s = 0.0
     for press, chunk in zip(presses, chunks, strict=True):
         if seed is not None:
             torch.manual_seed(seed)
         start_from = prefix if chunk is None else None
-        cache = DynamicCache(config=model.config) if start_from is None else copy.deepcopy(start_from.cache)
+        replayed = chunk is None and recorded is not None
         with torch.inference_mode(), press_applied(press, model) as session:
-            prefill_s = _prefill_prompt(model, ids, n_prefill, cache, start_from, chunk, session)
+            if replayed:
+                start = time.perf_counter()
+                cache = session.compress_recorded(recorded)
+                prefill_s = forward_s + time.perf_counter() - start
+            else:
+                cache = (
+                    DynamicCache(config=model.config)
+                    if start_from is None
+                    else copy.deepcopy(start_from.cache)
+                )
+                recording = session.recording_prompt(window) if chunk is None else contextlib.nullcontext()
+                with recording as recorded_now:
+                    prefill_s = _prefill_prompt(model, ids, n_prefill, cache, start_from, chunk, session)
+                if chunk is None:
+                    recorded = recorded_now
+                    forward_s = prefill_s - press.last_report.compression_seconds
         rows.append(list(cache.layers))
         started.append(
             {
                 "start_at": 0 if start_from is None else start_from.tokens,
                 "prefill_s": prefill_s,
+                "replayed": replayed,
                 "kept_bytes": kv_cache_bytes(cache),
                 "bytes_per_token": sum(token_bytes(layer) for layer in cache.layers),
                 "report": press.last_report,
             }
         )
+    del recorded
     stacked = DynamicCache(config=model.config)
     stacked.layers = [stack_layers([row[i] for row in rows], n_prefill) for i in range(len(rows[0]))]
     del rows
@@ -359,6 +389,8 @@ def run_examples_together(
             report=row["report"],
         )
         record["decode_batch"] = len(presses)
+        if row["replayed"]:
+            record["prefill_replayed"] = True
         records.append(record)
     return records
 

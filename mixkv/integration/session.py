@@ -188,6 +188,31 @@ class _Chunk:
     closes_prompt: bool
 
 
+@dataclass(frozen=True)
+class _PromptCall:
+    """What one layer's attention gave the press in a recorded prompt forward."""
+
+    layer_idx: int
+    queries: torch.Tensor  # the forward's last `window` queries (B, H, W, D)
+    query_tokens: int  # queries in the forward
+    keys: torch.Tensor  # everything the layer held after the forward (B, Hkv, N, D)
+    values: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+
+@dataclass
+class RecordedPrompt:
+    """One prompt forward through a full-cache layer stack, as a press saw it (see
+    :meth:`PressSession.recording_prompt`); other presses compress the same prompt from it with
+    :meth:`PressSession.compress_recorded`, without a forward."""
+
+    window: int
+    calls: list[_PromptCall] = field(default_factory=list)
+    input_ids: torch.Tensor | None = None
+    prompt_ids: torch.Tensor | None = None
+
+
 def _generate_prefill_chunk() -> _Chunk | None:
     """The chunk ``generate(..., prefill_chunk_size=N)`` is prefilling, read off its frame.
 
@@ -240,6 +265,7 @@ class PressSession:
         self._chunk: _Chunk | None = None
         self._in_chunked_prefill = False
         self._entered = False
+        self._recording: RecordedPrompt | None = None
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> PressSession:
@@ -298,6 +324,7 @@ class PressSession:
         self._states.clear()
         self._chunk = None
         self._in_chunked_prefill = False
+        self._recording = None
         if self._entered:
             self._entered = False
             _unregister_functions()
@@ -376,6 +403,110 @@ class PressSession:
             )
         state.prompt_ids = input_ids
 
+    @contextlib.contextmanager
+    def recording_prompt(self, window: int | None = None) -> Iterator[RecordedPrompt]:
+        """Record the next prompt forward as this session's press sees it, for other presses.
+
+        A press compresses each layer after attending over the whole prompt, so the forward itself
+        (every layer's queries, keys, values and output) is the same under every press; only what
+        the cache keeps differs. Inside this block one prompt forward (not chunked) runs and is
+        compressed as usual, and the yielded :class:`RecordedPrompt` keeps, per layer, the last
+        ``window`` queries (default: this press's ``window_size``) and every key and value the
+        layer held. Another press's :meth:`compress_recorded` then compresses that prompt exactly
+        as its own forward would have, at the cost of its scoring alone.
+        """
+        if not self._entered:
+            raise RuntimeError("use recording_prompt() inside `with press(model) as session: ...`")
+        recorded = RecordedPrompt(window=window if window is not None else self.press.window_size)
+        self._recording = recorded
+        try:
+            yield recorded
+        finally:
+            self._recording = None
+
+    def compress_recorded(self, recorded: RecordedPrompt) -> Cache:
+        """A new cache holding the recorded prompt compressed by this session's press.
+
+        The same selection, entry for entry, as running the recorded forward under this press
+        (tested against it); ``press.last_report`` describes it. The cache's layers are plain
+        dynamic layers, so models with sliding-window layers are refused.
+
+        Raises
+        ------
+        ValueError
+            If ``recorded`` holds no complete forward, the model has sliding-window layers, or this
+            press's ``window_size`` is larger than the recorded window of a longer forward.
+        """
+        from transformers import DynamicCache
+
+        if not self._entered:
+            raise RuntimeError("use compress_recorded() inside `with press(model) as session: ...`")
+        if len(self.layout.compressible_layers) != self.layout.num_layers:
+            raise ValueError(
+                f"{type(self.model).__name__} has sliding-window layers; replaying a recorded prompt supports "
+                "models whose every layer is a full dynamic layer"
+            )
+        if [call.layer_idx for call in recorded.calls] != list(range(self.layout.num_layers)):
+            raise ValueError(
+                "recorded holds no complete prompt forward: run one forward inside recording_prompt() first"
+            )
+        forward_tokens = recorded.calls[0].query_tokens
+        if forward_tokens > recorded.window and self.press.window_size > recorded.window:
+            raise ValueError(
+                f"this press's window_size ({self.press.window_size}) is larger than the {recorded.window} "
+                "queries recorded; record with recording_prompt(window=...) at least as large"
+            )
+        cache = DynamicCache()
+        for call in recorded.calls:
+            cache.update(call.keys, call.values, call.layer_idx)
+        self._input_ids = recorded.input_ids
+        self._chunk = None
+        state = self._state(cache)
+        state.prompt_ids = recorded.prompt_ids
+        for call in recorded.calls:
+            layer = cache.layers[call.layer_idx]
+            self._on_prefill(
+                call.layer_idx,
+                cache,
+                layer,
+                call.queries,
+                call.keys,
+                call.values,
+                call.attention_mask,
+                call.scaling,
+            )
+        return cache
+
+    def _record_call(
+        self,
+        recorded: RecordedPrompt,
+        cache: Cache,
+        layer_idx: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        if self._chunk is not None:
+            raise ValueError("recording_prompt() records a prompt run in one forward, not in chunks")
+        if any(call.layer_idx == layer_idx for call in recorded.calls):
+            raise ValueError("recording_prompt() records one prompt forward; start a new block for another")
+        if not recorded.calls:
+            recorded.input_ids = self._input_ids
+            recorded.prompt_ids = self._state(cache).prompt_ids
+        recorded.calls.append(
+            _PromptCall(
+                layer_idx=layer_idx,
+                queries=query[:, :, -recorded.window :].clone(),
+                query_tokens=query.shape[2],
+                keys=keys,
+                values=values,
+                attention_mask=attention_mask,
+                scaling=float(scaling),
+            )
+        )
+
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -453,6 +584,10 @@ class PressSession:
         if cache is None or not isinstance(layer, CacheLayerMixin):
             return output
         if prompt_forward:
+            if self._recording is not None:
+                self._record_call(
+                    self._recording, cache, layer_idx, query, key, value, attention_mask, scaling
+                )
             self._on_prefill(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
         elif cache in self._prefilled and self.decoding is not None:
             self._on_decode(layer_idx, cache, layer, query, key, value, attention_mask, float(scaling))
