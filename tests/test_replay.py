@@ -217,3 +217,72 @@ def test_a_kvpress_cell_leaves_no_masks_for_the_cells_after_it(tiny, example, re
     assert all(getattr(m, "masked_key_indices", None) is None for m in model.modules())
     after = mixkv_cell()
     assert after["output"] == before["output"] and after["kv_bytes"] == before["kv_bytes"]
+
+
+def _shortened_cache(model, ids, held, eager=False):
+    """A cache of the first ``ids.shape[1]`` tokens keeping only the positions ``held``, as a
+    kvpress press leaves it (its length is the number of entries kept)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, held], layer.values[:, :, held]
+    return cache
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_token_by_token(
+    implementation,
+):
+    from mixkv.eval.example import _held_then_causal_mask
+    from tests.helpers_tiny import tiny_llama
+
+    model = tiny_llama(64, seed=1)
+    model.config._attn_implementation = implementation
+    ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    held = torch.tensor([0, 1, 2, 7, 11, 20, 25, 26, 27, 28, 29])
+    one_by_one, together = (
+        _shortened_cache(model, ids[:, :30], held),
+        _shortened_cache(model, ids[:, :30], held),
+    )
+    positions = torch.arange(30, 40)
+    with torch.inference_mode():
+        steps = [
+            model(input_ids=ids[:, [p]], position_ids=positions[None, [i]], past_key_values=one_by_one).logits
+            for i, p in enumerate(positions.tolist())
+        ]
+        mask = _held_then_causal_mask(model, len(held), 10)
+        fed = model(
+            input_ids=ids[:, 30:], position_ids=positions[None], attention_mask=mask, past_key_values=together
+        ).logits
+    torch.testing.assert_close(fed, torch.cat(steps, dim=1), rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feeding():
+    from mixkv.eval.example import _greedy_with_positions
+    from tests.helpers_tiny import tiny_llama
+
+    model = tiny_llama(64, seed=1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(6)  # sharp logits: the answer depends on what the question attends to
+    ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    held = torch.tensor([0, 1, 2, 7, 11, 20, 25, 26, 27, 28, 29])
+    answer = _greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())
+    cache, position, token, expected = _shortened_cache(model, ids[:, :30], held), 30, None, []
+    with torch.inference_mode():
+        for fed in [*ids[0, 30:].tolist(), *([None] * 5)]:
+            token = fed if fed is not None else token
+            logits = model(
+                input_ids=torch.tensor([[token]]),
+                position_ids=torch.tensor([[position]]),
+                past_key_values=cache,
+            ).logits
+            position += 1
+            if position >= 40:
+                token = int(logits[0, -1].argmax())
+                expected.append(token)
+    assert answer.tolist() == expected

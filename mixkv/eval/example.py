@@ -501,29 +501,52 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 def _greedy_with_positions(
     model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, new_tokens: int, eos: set[int]
 ) -> torch.Tensor:
-    """Greedy decoding one token per forward, with explicit positions.
+    """Greedy decoding with explicit positions, for presses whose cache reports the number of
+    entries it *keeps* as its length (kvpress).
 
-    For presses whose cache reports the number of entries it *keeps* as its length (kvpress):
-    ``generate`` would take that for the number of prompt tokens already seen and feed the prompt
-    again from the wrong position. Here the rest of the prompt and every generated token are fed
-    at their true positions; one token at a time, so no causal mask over a shortened cache is
-    needed.
+    ``generate`` would take that length for the number of prompt tokens already seen and feed the
+    prompt again from the wrong position. Here the rest of the prompt (the question, under the
+    query-agnostic protocol) is fed in one forward at its true positions, with an explicit mask:
+    every held entry visible, causal among the new tokens (transformers would otherwise derive
+    causality from positions the shortened cache does not hold); then one token per forward.
+    A cache whose layers hold different numbers of entries, or keys that kvpress masks (its
+    head-wise presses: the fake keys it puts in their place are searched to cancel every query of
+    a forward, which fails for many queries at once), gets the rest one token at a time.
     """
+    from mixkv.presses.registry import kvpress_masks_keys
+
     step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
-    position, pending = n_prefill, ids[0, n_prefill:].tolist()
+    position, pending = n_prefill, ids[:, n_prefill:]
     out: list[int] = []
     while len(out) < new_tokens:
-        for token in pending:
-            where = torch.tensor([position], device=ids.device)
+        lengths = {layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")}
+        one_forward = pending.shape[1] == 1 or (len(lengths) == 1 and not kvpress_masks_keys(model))
+        feeds = [pending] if one_forward else pending.split(1, dim=1)
+        for feed in feeds:
+            where = torch.arange(position, position + feed.shape[1], device=ids.device)
             if takes_cache_position:
                 step_kwargs["cache_position"] = where
-            logits = model(
-                input_ids=where.new_tensor([[token]]), position_ids=where[None], **step_kwargs
-            ).logits
-            position += 1
+            if feed.shape[1] > 1:
+                step_kwargs["attention_mask"] = _held_then_causal_mask(model, lengths.pop(), feed.shape[1])
+            logits = model(input_ids=feed, position_ids=where[None], **step_kwargs).logits
+            step_kwargs.pop("attention_mask", None)
+            position += feed.shape[1]
         out.append(int(logits[0, -1].argmax()))
         if out[-1] in eos:
             break
-        pending = out[-1:]
+        pending = ids.new_tensor([out[-1:]])
     return torch.tensor(out, dtype=torch.long)
+
+
+def _held_then_causal_mask(model: Any, held: int, new: int) -> torch.Tensor:
+    """``(1, 1, new, held + new)``: every held entry visible, causal among the ``new`` tokens;
+    boolean for sdpa, additive for eager attention."""
+    visible = torch.ones(new, held + new, dtype=torch.bool, device=model.device)
+    visible[:, held:] = torch.ones(new, new, dtype=torch.bool, device=model.device).tril()
+    if getattr(model.config.get_text_config(), "_attn_implementation", "sdpa") != "eager":
+        return visible[None, None]
+    blocked = torch.finfo(model.dtype).min
+    return torch.zeros(visible.shape, dtype=model.dtype, device=model.device).masked_fill(~visible, blocked)[
+        None, None
+    ]

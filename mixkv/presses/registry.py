@@ -43,6 +43,7 @@ __all__ = [
     "clear_kvpress_masks",
     "from_name",
     "kvpress_available",
+    "kvpress_masks_keys",
     "list_presses",
     "press_applied",
 ]
@@ -136,6 +137,13 @@ def kvpress_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def kvpress_masks_keys(model: torch.nn.Module) -> bool:
+    """Whether a kvpress head-wise press (AdaKV...) left keys to mask on ``model``'s attention
+    modules: kvpress's attention patch then replaces them, in every forward, by fake keys that
+    must score ``exp(<q, k>) = 0`` for all of that forward's queries."""
+    return any(getattr(module, "masked_key_indices", None) is not None for module in model.modules())
 
 
 def clear_kvpress_masks(model: torch.nn.Module) -> None:
