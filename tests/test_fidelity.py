@@ -101,6 +101,21 @@ def _command(tiny, tmp_path, methods: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_presses_sharing_one_prefill_measure_what_their_own_prefills_measure(tiny):
+    from mixkv.eval.fidelity import _run, _runs_sharing_one_prefill
+
+    model, _ = tiny
+    ctx, cont = _ids(120, model.config.vocab_size)[None], _ids(16, model.config.vocab_size, seed=1)[None]
+    presses = [SnapKVPress(budget=40), MixKVPress(budget=48, base="adakv"), SnapKVPress(budget=80)]
+    full, runs = _runs_sharing_one_prefill(model, ctx, cont, presses)
+    for shared, alone in zip(
+        [full, *runs], [_run(model, ctx, cont, p) for p in [None, *presses]], strict=True
+    ):
+        assert torch.equal(shared[0], alone[0])  # logits
+        assert all(torch.equal(a, b) for a, b in zip(shared[1], alone[1], strict=True))  # layer outputs
+        assert shared[2] == alone[2]  # bytes
+
+
 def test_the_command_gives_every_figure_with_its_interval_over_the_texts(tiny, tmp_path):
     from mixkv.eval.stats import bootstrap_ci
 

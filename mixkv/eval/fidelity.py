@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.models import cache_argument, describe_decoder, prefill, prefill_in_chunks
+from mixkv.integration.session import RecordedPrompt
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import press_applied
 
@@ -72,6 +73,9 @@ class FidelityReport:
         return dict(self.__dict__)
 
 
+_Run = tuple[torch.Tensor, list[torch.Tensor | None], int]
+
+
 @contextlib.contextmanager
 def _capture(modules: list[torch.nn.Module], store: list[torch.Tensor | None]) -> Iterator[None]:
     def make_hook(i: int) -> Any:
@@ -96,27 +100,66 @@ def _run(
     continuation: torch.Tensor,
     press: Any | None,
     prefill_chunk: int | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor | None], int]:
+) -> _Run:
     from transformers import DynamicCache
 
     modules = describe_decoder(model).attention_modules
-    outputs: list[torch.Tensor | None] = [None] * len(modules)
     cache = DynamicCache(config=model.config)
-    manager = press_applied(press, model)
-    kwargs = {cache_argument(model): cache, "use_cache": True}
-    with torch.inference_mode(), manager as session:
+    with torch.inference_mode(), press_applied(press, model) as session:
         if prefill_chunk is None or session is None:
             prefill(model, context, cache)
         else:
             prefill_in_chunks(model, context, cache, prefill_chunk, session)
-        n_bytes = kv_cache_bytes(cache)
-        with _capture(modules, outputs):
-            if isinstance(press, DecodingPress):
-                steps = [model(input_ids=token, **kwargs).logits for token in continuation.split(1, dim=1)]
-                logits = torch.cat(steps, dim=1)
-            else:
-                logits = model(input_ids=continuation, **kwargs).logits
+        return _continue(model, modules, cache, continuation, token_by_token=isinstance(press, DecodingPress))
+
+
+def _continue(
+    model: Any,
+    modules: list[torch.nn.Module],
+    cache: Any,
+    continuation: torch.Tensor,
+    *,
+    token_by_token: bool = False,
+) -> _Run:
+    """Teacher-force ``continuation`` through a prefilled ``cache``: logits, the output of every
+    attention module of ``modules`` on it, and the cache's bytes before it."""
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+    kwargs = {cache_argument(model): cache, "use_cache": True}
+    n_bytes = kv_cache_bytes(cache)
+    with torch.inference_mode(), _capture(modules, outputs):
+        if token_by_token:
+            steps = [model(input_ids=token, **kwargs).logits for token in continuation.split(1, dim=1)]
+            logits = torch.cat(steps, dim=1)
+        else:
+            logits = model(input_ids=continuation, **kwargs).logits
     return logits[0].to(torch.float32), outputs, n_bytes
+
+
+def _runs_sharing_one_prefill(
+    model: Any, context: torch.Tensor, continuation: torch.Tensor, presses: list[Any]
+) -> tuple[_Run, list[_Run]]:
+    """The full-cache run and one run per mixkv press (one-forward prefill, no DecodingPress)
+    from a single forward over ``context``: each press compresses after a layer has attended, so
+    the forward is the same under all of them and the full cache is what they all start from
+    (:meth:`~mixkv.integration.session.PressSession.recording_prompt`)."""
+    from transformers import DynamicCache
+
+    if not presses:
+        raise ValueError("give at least one press")
+    modules = describe_decoder(model).attention_modules
+    runs = []
+    recorded: RecordedPrompt | None = None
+    for press in presses:
+        with torch.inference_mode(), press_applied(press, model) as session:
+            if recorded is None:
+                cache = DynamicCache(config=model.config)
+                with session.recording_prompt() as recorded:
+                    prefill(model, context, cache)
+            else:
+                cache = session.compress_recorded(recorded)
+            runs.append(_continue(model, modules, cache, continuation))
+    assert recorded is not None  # for the type checker: the first press recorded
+    return _continue(model, modules, recorded.full_cache(), continuation), runs
 
 
 def measure_fidelity_ids(
@@ -160,9 +203,6 @@ def measure_fidelity_ids(
             f"Need a non-empty context and continuation, got {ctx.shape[1]} and {cont.shape[1]} tokens."
         )
     return _compare(_run(model, ctx, cont, None), _run(model, ctx, cont, press, prefill_chunk), ctx, cont)
-
-
-_Run = tuple[torch.Tensor, list[torch.Tensor | None], int]
 
 
 def _compare(full: _Run, compressed: _Run, ctx: torch.Tensor, cont: torch.Tensor) -> FidelityReport:
@@ -253,21 +293,28 @@ def main(argv: list[str] | None = None) -> int:
     deterministic), each followed by a teacher-forced continuation of the same text. Every figure
     is a mean over the texts with its 95% bootstrap interval; each MixKV method is compared with
     its base, and each ``+chunkN`` / ``+decodeN`` variant with its plain method, on the same texts
-    (paired-bootstrap interval of the difference, exact sign test).
+    (paired-bootstrap interval of the difference, exact sign test). The plain mixkv presses of a
+    text share one forward over its context, which also gives the full-cache reference
+    (:func:`_runs_sharing_one_prefill`: the same figures as a prefill per press); variants and
+    kvpress presses prefill on their own.
     """
     import argparse
     import dataclasses
     import json
     from pathlib import Path
 
-    from mixkv.eval.runner import check_methods, parse_method
+    from mixkv.eval.runner import KVPRESS_METHODS, check_methods, parse_method
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
     from mixkv.eval.tasks import stdlib_sentences
     from mixkv.models import load_model
 
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)
-    parser.add_argument("--model", default=None, help="smollm2 (default), gemma3-270m or a model directory")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (default), gemma3-270m, qwen2.5-coder-0.5b or a model directory",
+    )
     parser.add_argument(
         "--methods",
         default="snapkv,mixkv-snapkv,adakv,mixkv-adakv,pyramidkv,mixkv-pyramidkv",
@@ -309,15 +356,33 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     reports: dict[tuple[str, int], list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
+    sharing = {
+        m: v.press_method not in KVPRESS_METHODS
+        and v.prefill_chunk_size is None
+        and v.decoding_interval is None
+        for m, v in variants.items()
+    }
+    layout = describe_decoder(model)
+    layout_shares = len(layout.compressible_layers) == layout.num_layers
     for number, (context, continuation) in enumerate(contexts, 1):
         ctx = torch.tensor([context], device=model.device)
         cont = torch.tensor([continuation], device=model.device)
-        full = _run(model, ctx, cont, None)  # the reference, once per text
-        for method, budget in reports:
-            variant = variants[method]
-            press = variant.press(budget, context_tokens=args.context_length)
-            compressed = _run(model, ctx, cont, press, variant.prefill_chunk_size)
-            reports[method, budget].append(_compare(full, compressed, ctx, cont))
+        # Plain mixkv presses share one forward over the context, which also gives the full cache.
+        shared = [key for key in reports if sharing[key[0]]]
+        presses = {key: variants[key[0]].press(key[1], context_tokens=args.context_length) for key in reports}
+        if shared and layout_shares:
+            full, runs = _runs_sharing_one_prefill(model, ctx, cont, [presses[key] for key in shared])
+            compressed = dict(zip(shared, runs, strict=True))
+        else:
+            full, compressed = _run(model, ctx, cont, None), {}
+        for key in reports:
+            variant = variants[key[0]]
+            run = (
+                compressed[key]
+                if key in compressed
+                else _run(model, ctx, cont, presses[key], variant.prefill_chunk_size)
+            )
+            reports[key].append(_compare(full, run, ctx, cont))
         print(f"text {number} of {len(contexts)} done", flush=True)
 
     rows = []

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerationMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -211,6 +211,14 @@ class RecordedPrompt:
     calls: list[_PromptCall] = field(default_factory=list)
     input_ids: torch.Tensor | None = None
     prompt_ids: torch.Tensor | None = None
+
+    def full_cache(self) -> Cache:
+        """A new dynamic cache holding every key and value of the recorded prompt: the full cache
+        the recorded forward would have left without a press."""
+        cache = DynamicCache()
+        for call in self.calls:
+            cache.update(call.keys, call.values, call.layer_idx)
+        return cache
 
 
 def _generate_prefill_chunk() -> _Chunk | None:
@@ -437,8 +445,6 @@ class PressSession:
             If ``recorded`` holds no complete forward, the model has sliding-window layers, or this
             press's ``window_size`` is larger than the recorded window of a longer forward.
         """
-        from transformers import DynamicCache
-
         if not self._entered:
             raise RuntimeError("use compress_recorded() inside `with press(model) as session: ...`")
         if len(self.layout.compressible_layers) != self.layout.num_layers:
@@ -456,9 +462,7 @@ class PressSession:
                 f"this press's window_size ({self.press.window_size}) is larger than the {recorded.window} "
                 "queries recorded; record with recording_prompt(window=...) at least as large"
             )
-        cache = DynamicCache()
-        for call in recorded.calls:
-            cache.update(call.keys, call.values, call.layer_idx)
+        cache = recorded.full_cache()
         self._input_ids = recorded.input_ids
         self._chunk = None
         state = self._state(cache)
