@@ -86,7 +86,7 @@ def test_decoding_press_is_measured_token_by_token_with_the_same_layer_outputs_s
     assert bounded.mean_kl > 0.0  # the continuation went over budget + interval and was compressed
 
 
-def _command(tiny, tmp_path, methods: str) -> dict:
+def _command(tiny, tmp_path, methods: str, *extra: str) -> dict:
     import json
 
     from mixkv.eval.fidelity import main
@@ -96,7 +96,17 @@ def _command(tiny, tmp_path, methods: str) -> dict:
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "fidelity.json"
     argv = ["--model", str(tmp_path / "model"), "--methods", methods, "--budgets", "40"]
-    argv += ["--context-length", "120", "--continuation-tokens", "12", "--texts", "3", "--out", str(out)]
+    argv += [
+        "--context-length",
+        "120",
+        "--continuation-tokens",
+        "12",
+        "--texts",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(argv) == 0
     return json.loads(out.read_text())
 
@@ -139,6 +149,13 @@ def test_the_command_compares_variants_and_mixkv_with_their_plain_method_on_the_
         rows["snapkv+chunk40"]["mean_kl"] - rows["snapkv"]["mean_kl"]
     )
     assert chunked["n"] == 3
+
+
+def test_the_command_measures_on_standard_library_source_code(tiny, tmp_path):
+    docs = _command(tiny, tmp_path, "snapkv")
+    source = _command(tiny, tmp_path, "snapkv", "--corpus", "source")
+    assert source["config"]["corpus"] == "source" and len(source["rows"][0]["reports"]) == 3
+    assert source["rows"][0]["reports"] != docs["rows"][0]["reports"]  # other texts
 
 
 def test_the_command_refuses_an_unknown_variant(tiny, tmp_path, capsys):

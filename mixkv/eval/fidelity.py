@@ -289,8 +289,9 @@ def measure_fidelity(
 def main(argv: list[str] | None = None) -> int:
     """``mixkv fidelity``: top-1 agreement and KL of every method x budget on natural text.
 
-    Contexts are consecutive stretches of the Python standard library's documentation (offline,
-    deterministic), each followed by a teacher-forced continuation of the same text. Every figure
+    Contexts are consecutive stretches of the Python standard library's documentation or, with
+    ``--corpus source``, of its functions' source code (offline, deterministic), each followed by a
+    teacher-forced continuation of the same text. Every figure
     is a mean over the texts with its 95% bootstrap interval; each MixKV method is compared with
     its base, and each ``+chunkN`` / ``+decodeN`` variant with its plain method, on the same texts
     (paired-bootstrap interval of the difference, exact sign test). The plain mixkv presses of a
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from mixkv.eval.runner import KVPRESS_METHODS, check_methods, parse_method
+    from mixkv.eval.source_tasks import source_functions
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
     from mixkv.eval.tasks import stdlib_sentences
@@ -325,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="64,128,256,512")
     parser.add_argument("--context-length", type=int, default=2048, help="context tokens per text")
     parser.add_argument("--texts", type=int, default=2, help="how many different contexts")
+    parser.add_argument(
+        "--corpus",
+        choices=["docs", "source"],
+        default="docs",
+        help="docs: prose sentences of standard-library docstrings (17 texts of 2,048 + 64 tokens); source: "
+        "the source code of standard-library functions (many more)",
+    )
     parser.add_argument("--continuation-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("mixkv_fidelity.json"))
     args = parser.parse_args(argv)
@@ -338,12 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     variants = {m: parse_method(m) for m in methods}
 
     model, tokenizer = load_model(args.model)
-    sentences = stdlib_sentences()
+    if args.corpus == "docs":
+        pieces = [" " + sentence for sentence in stdlib_sentences()]
+    else:
+        pieces = [function.source + "\n\n" for function in source_functions()]
     ids: list[int] = []
     contexts: list[tuple[list[int], list[int]]] = []
     need = args.context_length + args.continuation_tokens
-    for sentence in sentences:
-        ids += tokenizer(" " + sentence, add_special_tokens=False)["input_ids"]
+    for piece in pieces:
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             contexts.append((ids[: args.context_length], ids[args.context_length : need]))
             ids = []
@@ -351,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
     if len(contexts) < args.texts:
         raise ValueError(
-            f"the offline corpus holds only {len(contexts)} contexts of {need} tokens (context + continuation); "
-            f"ask for at most {len(contexts)} --texts or use a shorter --context-length"
+            f"the {args.corpus} corpus holds only {len(contexts)} contexts of {need} tokens (context + "
+            f"continuation); ask for at most {len(contexts)} --texts, use a shorter --context-length or "
+            "the other --corpus"
         )
 
     reports: dict[tuple[str, int], list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
