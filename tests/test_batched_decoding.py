@@ -121,3 +121,24 @@ def test_a_grid_decodes_its_mixkv_cells_together_with_the_answers_of_one_by_one(
         expected = None if cell["method"] == "full" else 3
         assert [e.get("decode_batch") for e in ours] == [expected] * 2
         assert not any("decode_batch" in e for e in theirs)
+
+
+def test_a_row_that_never_ends_stops_at_the_answer_length_when_another_has_ended(tiny):
+    from transformers import DynamicCache
+
+    from mixkv.eval.example import _greedy_batch
+
+    model, _ = tiny
+    prompts = torch.randint(4, 60, (2, 30), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([prompts[:1], torch.tensor([[5]])], dim=1)
+
+    def answers(eos):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=prompts, past_key_values=cache, use_cache=True)
+            return _greedy_batch(model, cache, ids, 30, 2, 6, eos)
+
+    free = answers(set())
+    assert free[0][0] not in free[1]  # the first row's first token ends it, never the second row
+    ended = answers({free[0][0]})
+    assert ended == [free[0][:1], free[1]]

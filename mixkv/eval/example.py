@@ -428,7 +428,9 @@ def _greedy_batch(
     position = n_prefill
     out: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    while len(out[0]) < new_tokens and not all(done):
+    for _ in range(new_tokens):
+        if all(done):
+            break
         positions = torch.arange(position, position + pending.shape[1], device=ids.device)
         logits = model(input_ids=pending, position_ids=positions.expand(rows, -1), **kwargs).logits[:, -1]
         position += pending.shape[1]
