@@ -497,3 +497,21 @@ def test_a_decode_variant_is_the_plain_press_until_its_interval_then_stays_bound
 def test_decode_variants_need_budgets_above_the_observation_window(tiny, tmp_path):
     with pytest.raises(ValueError, match="must exceed the observation window"):
         run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["snapkv+decode8"]}, window_size=40)
+
+
+def test_examples_csv_holds_every_example_score_of_every_cell(finished):
+    import csv
+
+    with (finished / "examples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(CELLS) * GRID["n"]
+    for name in CELLS:
+        data = json.loads((finished / "cells" / name).read_text())
+        method, budget = data["cell"]["method"], data["cell"]["budget"]
+        mine = [
+            r
+            for r in rows
+            if r["method"] == method and r["budget"] == ("" if budget is None else str(budget))
+        ]
+        assert [float(r["score"]) for r in mine] == [e["score"] for e in data["examples"]]
+        assert [r["example_sha1"] for r in mine] == [e["example_sha1"] for e in data["examples"]]

@@ -1,8 +1,10 @@
 """How evaluation results are reported: ``results.md`` (scores with confidence intervals, KV kept,
-timings, paired comparisons) and score-vs-budget plots, from the cells' JSON content."""
+timings, paired comparisons), ``examples.csv`` (one row per cell and example: every statistic can
+be recomputed from it) and score-vs-budget plots, from the cells' JSON content."""
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,23 @@ from mixkv.eval.stats_tables import (
     sample_sizes,
 )
 
-__all__ = ["write_markdown_table", "write_summary"]
+__all__ = ["EXAMPLE_COLUMNS", "write_example_scores", "write_markdown_table", "write_summary"]
+
+#: Columns of ``examples.csv``: the cell, the example's index and digest, then record fields.
+EXAMPLE_COLUMNS = (
+    "method",
+    "budget",
+    "task",
+    "context_length",
+    "example",
+    "example_sha1",
+    "score",
+    "kv_fraction",
+    "kept_tokens_mean",
+    "new_tokens",
+    "prefill_seconds",
+    "decode_seconds",
+)
 
 logger = logging.getLogger("mixkv.eval")
 
@@ -241,6 +259,23 @@ def _write_plots(
     return paths
 
 
+def write_example_scores(cells: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write ``path`` as CSV with one row per (cell, example) of the finished ``cells``, in the
+    order given, columns :data:`EXAMPLE_COLUMNS` (empty where a record lacks a field; an empty
+    budget is the full cache, an empty context length a multimodal task). Small enough to keep
+    with published figures, where the cells' JSON files (outputs, reports) are not.
+    """
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(EXAMPLE_COLUMNS)
+        for data in cells:
+            cell = data["cell"]
+            for index, record in enumerate(data["examples"]):
+                fields = {**cell, "example": index, **record}
+                writer.writerow(["" if fields.get(c) is None else fields[c] for c in EXAMPLE_COLUMNS])
+    return path
+
+
 def write_summary(
     result: EvalResult,
     cells: Sequence[Cell],
@@ -253,7 +288,7 @@ def write_summary(
     context_lengths: Sequence[int | None],
     compare: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """Fill ``result.cells`` and write ``results.md`` and the plots."""
+    """Fill ``result.cells`` and write ``results.md``, ``examples.csv`` and the plots."""
     result.cells = [finished[c] for c in cells if c in finished]
     result.table_path = write_markdown_table(
         result.cells,
@@ -264,6 +299,7 @@ def write_summary(
         context_lengths=context_lengths,
         compare=compare,
     )
+    write_example_scores(result.cells, out / "examples.csv")
     result.plot_paths = _write_plots(
         result.cells, out, methods=methods, budgets=budgets, tasks=tasks, context_lengths=context_lengths
     )
