@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example, run_examples_together
 from mixkv.eval.tasks import make_examples
-from mixkv.integration.cache import DenseCompressedLayer, stack_layers
+from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, stack_layers
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import build_press
 from tests.helpers_tiny import grid_run_twice, tiny_llama, word_tokenizer
@@ -63,6 +63,45 @@ def test_presses_decoded_together_answer_as_decoded_one_by_one(tiny, example, pr
         assert batch["decode_batch"] == len(METHODS)
 
 
+def test_answers_that_end_early_leave_the_batch_and_the_others_answer_as_alone(tiny, example, monkeypatch):
+    import copy
+
+    from mixkv.integration.cache import PackedCompressedLayer as Packed
+
+    model, tokenizer = tiny
+    prefix = prefill_shared_prefix(model, tokenizer, example, protocol="query_aware", tail_tokens=8)
+
+    def together():
+        return run_examples_together(
+            model, tokenizer, example, _presses(tokenizer, example, "query_aware"), protocol="query_aware",
+            max_new_tokens=6, prefix=prefix, seed=0,
+        )  # fmt: skip
+
+    free = [tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in together()]
+    ending = next(
+        t for answer in free for t in answer[:2] if sum(t in other for other in free) < len(free) / 2
+    )
+    model = copy.deepcopy(model)  # end-of-sequence: a token some answers say early, most never
+    model.generation_config.eos_token_id = ending
+    tiny_with_eos = (model, tokenizer)
+    selections = []
+    original = Packed.select_rows
+    monkeypatch.setattr(
+        Packed, "select_rows", lambda self, rows: selections.append(rows) or original(self, rows)
+    )
+    batch = run_examples_together(
+        *tiny_with_eos, example, _presses(tokenizer, example, "query_aware"), protocol="query_aware",
+        max_new_tokens=6, prefix=prefix, seed=0,
+    )  # fmt: skip
+    assert selections  # some rows left the batch
+    for press, record in zip(_presses(tokenizer, example, "query_aware"), batch, strict=True):
+        torch.manual_seed(0)
+        alone = run_example(
+            *tiny_with_eos, example, press, protocol="query_aware", max_new_tokens=6, prefix=prefix
+        )
+        assert record["output"] == alone["output"] and record["new_tokens"] == alone["new_tokens"]
+
+
 def test_a_chunked_prefill_joins_the_batch(tiny, example):
     model, tokenizer = tiny
     prefix = prefill_shared_prefix(model, tokenizer, example, protocol="query_aware", tail_tokens=8)
@@ -103,6 +142,34 @@ def test_a_stacked_row_attends_as_the_layer_it_came_from():
         query[1:], keys, values, scale=0.5, enable_gqa=True
     ).transpose(1, 2)
     torch.testing.assert_close(out[1:], reference)
+
+
+def test_selected_rows_hold_what_stacking_only_those_rows_holds():
+    torch.manual_seed(0)
+    rows = []
+    for kept in (3, 5, 2):
+        mask = torch.zeros(1, 2, 6, dtype=torch.bool)
+        mask[0, 0, :kept] = True
+        mask[0, 1, -kept - 1 :] = True  # head-wise: another count per head
+        keys, values = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+        rows.append(
+            PackedCompressedLayer(
+                keys[mask], values[mask], mask.sum(-1).flatten(), torch.randn(1, 2, 2, 4),
+                torch.randn(1, 2, 2, 4), torch.ones(1, 2, dtype=torch.bool), seen_tokens=9,
+            )
+        )  # fmt: skip
+    stacked = stack_layers(rows, seen_tokens=9)
+    stacked.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))  # one decoded token
+    selected = stacked.select_rows([2, 0])
+    (keys, values, valid), (all_keys, all_values, all_valid) = selected.entries(), stacked.entries()
+    for slot, row in enumerate([2, 0]):
+        for head in range(2):  # the held entries of each head, in order (padding widths differ)
+            assert torch.equal(keys[slot, head][valid[slot, head]], all_keys[row, head][all_valid[row, head]])
+            assert torch.equal(
+                values[slot, head][valid[slot, head]], all_values[row, head][all_valid[row, head]]
+            )
+    query = torch.randn(3, 4, 1, 4)
+    torch.testing.assert_close(selected.attend(query[[2, 0]], 0.5), stacked.attend(query, 0.5)[[2, 0]])
 
 
 def test_a_sliding_window_layer_is_not_stacked():

@@ -369,7 +369,7 @@ def run_examples_together(
         session.adopt(stacked)
         start = time.perf_counter()
         generated = _greedy_batch(
-            model, stacked, ids, n_prefill, len(presses), new_tokens, _eos_ids(model, tokenizer)
+            model, stacked, ids, n_prefill, len(presses), new_tokens, _eos_ids(model, tokenizer), session
         )
         decode_s = (time.perf_counter() - start) / len(presses)
     records = []
@@ -416,29 +416,49 @@ def _prefill_prompt(
 
 
 def _greedy_batch(
-    model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, rows: int, new_tokens: int, eos: set[int]
+    model: Any,
+    cache: Any,
+    ids: torch.Tensor,
+    n_prefill: int,
+    rows: int,
+    new_tokens: int,
+    eos: set[int],
+    session: Any = None,
 ) -> list[list[int]]:
     """Greedy answers of ``rows`` copies of one prompt whose first ``n_prefill`` tokens each row
     of ``cache`` holds: the rest of the prompt in one forward, then one token per forward. A row
-    stops at its first end-of-sequence token (its later steps are computed and discarded)."""
+    stops at its first end-of-sequence token; when every layer is packed, the rows that have
+    ended are dropped from the cache (:meth:`~mixkv.integration.cache.PackedCompressedLayer.select_rows`,
+    the new layers adopted by ``session``), so the later steps compute only the answers still
+    running."""
+    from mixkv.integration.cache import PackedCompressedLayer
+
     kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
+    prunable = all(isinstance(layer, PackedCompressedLayer) for layer in cache.layers)
     pending = ids[:, n_prefill:].expand(rows, -1)
     position = n_prefill
     out: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
+    held = list(range(rows))  # the answers whose rows the cache holds, in its row order
     for _ in range(new_tokens):
-        if all(done):
-            break
         positions = torch.arange(position, position + pending.shape[1], device=ids.device)
-        logits = model(input_ids=pending, position_ids=positions.expand(rows, -1), **kwargs).logits[:, -1]
+        logits = model(input_ids=pending, position_ids=positions.expand(len(held), -1), **kwargs).logits
         position += pending.shape[1]
-        chosen = logits.argmax(-1)
-        for row, token in enumerate(chosen.tolist()):
+        chosen = logits[:, -1].argmax(-1)
+        for row, token in zip(held, chosen.tolist(), strict=True):
             if not done[row]:
                 out[row].append(token)
                 done[row] = token in eos
+        if all(done):
+            break
+        if prunable and any(done[row] for row in held):
+            keep = [slot for slot, row in enumerate(held) if not done[row]]
+            cache.layers = [layer.select_rows(keep) for layer in cache.layers]
+            if session is not None:
+                session.adopt(cache)
+            held, chosen = [held[slot] for slot in keep], chosen[keep]
         pending = chosen[:, None]
     return out
 

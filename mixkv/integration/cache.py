@@ -260,6 +260,29 @@ class PackedCompressedLayer(CompressedLayer):
             self.tail_valid,
         ]
 
+    def select_rows(self, rows: list[int]) -> PackedCompressedLayer:
+        """A new layer holding only the given batch rows, in that order (e.g. the answers still
+        being decoded when the others have ended); this layer is unchanged."""
+        keys, values = self.dense()
+        kv_heads = keys.shape[1]
+        device = self.segment_lengths.device
+        row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        segments = (row_index[:, None] * kv_heads + torch.arange(kv_heads, device=device)).flatten()
+        index, valid = padded_segment_index(self.segment_lengths, self.max_segment_length)
+        index = index.view(-1, self.max_segment_length)[segments][valid[segments]]
+        tail_rows = row_index.to(keys.device)
+        layer = PackedCompressedLayer(
+            self.packed_keys.index_select(0, index.to(self.packed_keys.device)),
+            self.packed_values.index_select(0, index.to(self.packed_values.device)),
+            self.segment_lengths[segments],
+            keys[tail_rows],
+            values[tail_rows],
+            self.tail_valid[tail_rows.to(self.tail_valid.device)],
+            self.seen_tokens,
+        )
+        layer.active = self.active
+        return layer
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError(
             "beam search is not supported on a head-wise (packed) compressed cache; use greedy or sampling, "
