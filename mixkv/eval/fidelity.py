@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from mixkv.eval.runner import KVPRESS_METHODS, check_methods, parse_method
+    from mixkv.eval.runner import check_methods, parse_method
     from mixkv.eval.source_tasks import source_functions
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
@@ -369,12 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     reports: dict[tuple[str, int], list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
-    sharing = {
-        m: v.press_method not in KVPRESS_METHODS
-        and v.prefill_chunk_size is None
-        and v.decoding_interval is None
-        for m, v in variants.items()
-    }
+    # The presses run_examples_together would give one shared prompt forward.
+    sharing = {m: v.continues_a_prefix and v.decodes_together for m, v in variants.items()}
     layout = describe_decoder(model)
     layout_shares = len(layout.compressible_layers) == layout.num_layers
     for number, (context, continuation) in enumerate(contexts, 1):

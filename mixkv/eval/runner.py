@@ -117,6 +117,26 @@ class MethodVariant:
             return press
         return DecodingPress(press, interval=self.decoding_interval)
 
+    @property
+    def continues_a_prefix(self) -> bool:
+        """Whether the method prefills only the tail of an example, under its press, from a copy of
+        the shared full-cache prefix (kvpress presses replay instead, see
+        :attr:`replays_a_prefill`; chunked prefills start from position 0)."""
+        return self.press_method not in KVPRESS_METHODS and self.prefill_chunk_size is None
+
+    @property
+    def decodes_together(self) -> bool:
+        """Whether the method's answers can be decoded in one batch with other such methods'
+        (:func:`~mixkv.eval.example.run_examples_together`): mixkv presses that do not compress
+        while decoding."""
+        return self.press_method not in ("full", *KVPRESS_METHODS) and self.decoding_interval is None
+
+    @property
+    def replays_a_prefill(self) -> bool:
+        """Whether the method is a kvpress press, run by replaying its hooks on an example's
+        recorded full-cache prefill (:mod:`mixkv.eval.replay`) instead of a prefill of its own."""
+        return self.press_method in KVPRESS_METHODS
+
 
 _MODIFIERS = {"chunk": "prefill_chunk_size", "decode": "decoding_interval"}
 
@@ -143,26 +163,6 @@ def parse_method(name: str) -> MethodVariant:
             f"Method {name!r}: +chunk / +decode apply to mixkv presses, not to {press_method!r}."
         )
     return MethodVariant(press_method, **found)
-
-
-def _continues_a_prefix(variant: MethodVariant) -> bool:
-    """Whether the method prefills only the tail of an example, under its press, from a copy of
-    the shared full-cache prefix (kvpress presses replay instead, see :func:`_replays_a_prefill`;
-    chunked prefills start from position 0)."""
-    return variant.press_method not in KVPRESS_METHODS and variant.prefill_chunk_size is None
-
-
-def _decodes_together(variant: MethodVariant) -> bool:
-    """Whether the method's answers can be decoded in one batch with other such methods'
-    (:func:`~mixkv.eval.example.run_examples_together`): mixkv presses that do not compress
-    while decoding."""
-    return variant.press_method not in ("full", *KVPRESS_METHODS) and variant.decoding_interval is None
-
-
-def _replays_a_prefill(variant: MethodVariant) -> bool:
-    """Whether the method is a kvpress press, run by replaying its hooks on an example's recorded
-    full-cache prefill (:mod:`mixkv.eval.replay`) instead of a prefill of its own."""
-    return variant.press_method in KVPRESS_METHODS
 
 
 def check_methods(methods: Sequence[str] | str, *, variants: bool = False) -> list[str]:
@@ -456,10 +456,8 @@ def run_eval(
                     if not pending:
                         continue
                     ids, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
-                    continues = share_prefill and any(
-                        _continues_a_prefix(variants[c.method]) for c in pending
-                    )
-                    replays = share_prefill and any(_replays_a_prefill(variants[c.method]) for c in pending)
+                    continues = share_prefill and any(variants[c.method].continues_a_prefix for c in pending)
+                    replays = share_prefill and any(variants[c.method].replays_a_prefill for c in pending)
                     prefix = recorded = None
                     if continues or replays:
                         prefix = prefill_shared_prefix(
@@ -472,7 +470,7 @@ def run_eval(
                         )
                     if replays:
                         recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix)
-                    together = [c for c in pending if stackable and _decodes_together(variants[c.method])]
+                    together = [c for c in pending if stackable and variants[c.method].decodes_together]
                     together = together if len(together) > 1 else []
                     for cell in (c for c in pending if c not in together):
                         torch.manual_seed(seed)
@@ -489,9 +487,9 @@ def run_eval(
                                 press,
                                 protocol=protocol,
                                 max_new_tokens=max_new_tokens,
-                                prefix=prefix if _continues_a_prefix(variant) else None,
+                                prefix=prefix if variant.continues_a_prefix else None,
                                 prefill_chunk_size=variant.prefill_chunk_size,
-                                recorded=recorded if _replays_a_prefill(variant) else None,
+                                recorded=recorded if variant.replays_a_prefill else None,
                             )
                         )
                         seconds[cell] += time.perf_counter() - start
