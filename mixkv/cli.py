@@ -1,4 +1,4 @@
-"""``mixkv`` command line: ``mixkv demo | eval | bench | calibrate | presses | lm-eval | lmms-eval ...``."""
+"""``mixkv`` command line: ``mixkv demo | eval | compare | bench | calibrate | presses | lm-eval | lmms-eval ...``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("mixkv.demo", "full cache vs SnapKV vs AdaKV vs MixKV on the embedded SmolLM2 model"),
     "eval": ("mixkv.eval.cli", "answer quality under compression: methods x budgets x tasks"),
+    "compare": ("mixkv.eval.compare_runs", "two eval runs (e.g. float32 vs bfloat16) on the same examples"),
     "fidelity": ("mixkv.eval.fidelity", "top-1 agreement and KL vs the full cache on natural text"),
     "bench": ("mixkv.bench", "speed and memory of every method"),
     "calibrate": ("mixkv.calibration", "per-head redundancy / visual-head statistics for a model"),

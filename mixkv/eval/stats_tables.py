@@ -19,7 +19,9 @@ import numpy as np
 from mixkv.eval.stats import PairedComparison, bootstrap_ci, paired_comparison, stratified_bootstrap_ci
 
 __all__ = [
+    "COMPARISON_HEADER",
     "CORPUS_NOTE",
+    "comparison_columns",
     "example_scores",
     "format_average",
     "format_p",
@@ -33,6 +35,9 @@ CellKey = tuple[str, int | None, str, int | None]
 
 #: Legend of the ``†`` mark.
 CORPUS_NOTE = "† corpus-level score (CIDEr-D or a mix of metrics): no per-example interval."
+
+#: Headers of :func:`comparison_columns`, joined for a Markdown table row.
+COMPARISON_HEADER = "n | A mean | B mean | B - A [95% CI] | B wins / ties / losses | sign-test p"
 
 #: Keys that identify an example in a record; paired records must agree on those both carry.
 _EXAMPLE_KEYS = ("context_sha1", "id")
@@ -121,7 +126,10 @@ def format_p(p_value: float) -> str:
     return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
 
 
-def _row(c: PairedComparison) -> list[str]:
+def comparison_columns(c: PairedComparison) -> list[str]:
+    """The Markdown columns of a paired comparison, in the order of :data:`COMPARISON_HEADER`:
+    n, both means (%), B - A with its interval (points; bold when it excludes 0),
+    wins / ties / losses, sign-test p."""
     diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
     p = format_p(c.p_value)
     return [
@@ -182,15 +190,15 @@ def paired_lines(
                     xs.append(scores[0])
                     ys.append(scores[1])
                     where = [task] if length is None else [task, str(length)]
-                    rows.append([a, b, str(budget), *where, *_row(paired_comparison(*scores))])
+                    rows.append([a, b, str(budget), *where, *comparison_columns(paired_comparison(*scores))])
             if not xs:
                 continue
             comparison = paired_comparison(np.concatenate(xs), np.concatenate(ys))
-            pooled.append([a, b, str(budget), str(len(xs)), *_row(comparison)])
+            pooled.append([a, b, str(budget), str(len(xs)), *comparison_columns(comparison)])
             per_cell += rows
     if not pooled:
         return []
-    columns = "n | A mean | B mean | B - A [95% CI] | B wins / ties / losses | sign-test p |"
+    columns = COMPARISON_HEADER + " |"
     context = [] if all(length is None for length in context_lengths) else ["context"]
     cells = "(task, context length) cells" if context else "tasks"
     lines = [
