@@ -286,3 +286,30 @@ def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feedin
                 token = int(logits[0, -1].argmax())
                 expected.append(token)
     assert answer.tolist() == expected
+
+
+@needs_kvpress
+def test_kvpress_cells_of_both_protocols_replay_one_shared_prefix_as_their_own_runs_do(tiny, tmp_path):
+    from mixkv.eval.runner import run_eval
+
+    grid = {
+        "methods": ["kvpress-snapkv", "kvpress-adakv", "mixkv-snapkv", "full"],
+        "budgets": [40],
+        "tasks": ["niah_single_1"],
+        "context_lengths": [128],
+        "n": 2,
+        "max_new_tokens": 4,
+        "window_size": 8,
+    }
+    both = run_eval(tiny, out_dir=tmp_path / "both", protocol=["query_aware", "query_agnostic"], **grid)
+    for protocol in ("query_aware", "query_agnostic"):
+        alone = run_eval(tiny, out_dir=tmp_path / protocol, protocol=protocol, **grid)
+        expected = {str(c["cell"]): [e["output"] for e in c["examples"]] for c in alone.cells}
+        mine = [c for c in both.cells if c["identity"]["protocol"] == protocol]
+        assert {str(c["cell"]): [e["output"] for e in c["examples"]] for c in mine} == expected
+        assert all(
+            e.get("prefill_replayed")
+            for c in mine
+            if c["cell"]["method"].startswith("kvpress")
+            for e in c["examples"]
+        )

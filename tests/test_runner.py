@@ -515,3 +515,74 @@ def test_examples_csv_holds_every_example_score_of_every_cell(finished):
         ]
         assert [float(r["score"]) for r in mine] == [e["score"] for e in data["examples"]]
         assert [r["example_sha1"] for r in mine] == [e["example_sha1"] for e in data["examples"]]
+
+
+BOTH = ["query_aware", "query_agnostic"]
+
+
+def _outputs(cells):
+    return {
+        (c["cell"]["method"], c["cell"]["budget"]): [
+            (e["output"], e["kv_bytes"], e["kept_tokens_mean"]) for e in c["examples"]
+        ]
+        for c in cells
+    }
+
+
+def test_both_protocols_in_one_run_answer_as_two_runs_of_one_protocol_each(tiny, tmp_path):
+    grid = {**GRID, "methods": ["full", "snapkv", "mixkv-snapkv", "mixkv-adakv"]}
+    both = run_eval(tiny, out_dir=tmp_path / "both", protocol=BOTH, **grid)
+    for protocol in BOTH:
+        alone = run_eval(tiny, out_dir=tmp_path / protocol, protocol=protocol, **grid)
+        mine = [c for c in both.cells if c["identity"]["protocol"] == protocol]
+        assert len(mine) == 4 and _outputs(mine) == _outputs(alone.cells)
+
+
+def test_both_protocols_share_one_prefix_forward_per_example(tiny, tmp_path, monkeypatch):
+    calls = []
+    original = runner.prefill_shared_prefix
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["protocol"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prefill_shared_prefix", counted)
+    run_eval(tiny, out_dir=tmp_path, protocol=BOTH, **GRID)
+    # the context but its last window: the shorter prefill of the two, that of query_agnostic
+    assert calls == ["query_agnostic"] * GRID["n"]
+
+
+def test_a_run_of_both_protocols_writes_what_a_run_of_each_resumes(tiny, tmp_path):
+    both = run_eval(tiny, out_dir=tmp_path, protocol=BOTH, **GRID)
+    assert sorted(both.computed) == sorted(f"{p}/{name}" for p in BOTH for name in CELLS)
+    for protocol in BOTH:
+        assert sorted(os.listdir(tmp_path / protocol / "cells")) == sorted(CELLS)
+        again = run_eval(tiny, out_dir=tmp_path / protocol, protocol=protocol, **GRID)
+        assert again.computed == [] and sorted(again.reused) == sorted(CELLS)
+
+
+def test_a_run_of_both_protocols_compares_them_in_protocols_md(tiny, tmp_path):
+    both = run_eval(tiny, out_dir=tmp_path, protocol=BOTH, **GRID)
+    assert both.table_path == tmp_path / "protocols.md"
+    text = both.table_path.read_text()
+    assert "- What differs: protocol query_aware (A) vs query_agnostic (B)" in text
+    assert "[query_aware](query_aware/results.md)" in text and "| snapkv | 40 | 1 |" in text
+
+
+@pytest.mark.parametrize("protocol", [[], ["query_aware", "question_first"], "both"])
+def test_an_unknown_or_empty_protocol_is_refused(tiny, tmp_path, protocol):
+    with pytest.raises(ValueError, match="protocol must be one or more of"):
+        run_eval(tiny, out_dir=tmp_path, protocol=protocol, **GRID)
+
+
+def test_cli_takes_several_protocols(monkeypatch):
+    seen = {}
+
+    def fake_run_eval(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "run_eval", fake_run_eval)
+    with pytest.raises(SystemExit):
+        cli_main(["--protocol", "query_aware,query_agnostic"])
+    assert seen["protocol"] == BOTH

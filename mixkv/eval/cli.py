@@ -117,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mixkv_results", help="output directory (default ./mixkv_results)")
     p.add_argument(
         "--protocol",
-        choices=["query_agnostic", "query_aware"],
-        default="query_agnostic",
-        help="text tasks only; multimodal prompts are always compressed whole (query_aware)",
+        nargs="+",
+        default=["query_agnostic"],
+        help="query_agnostic (default: the question comes after compression) and/or query_aware (the question "
+        "is in the compressed prompt). Both: one shared prefill per example serves both; each protocol's "
+        "files go to OUT/<protocol>/ and protocols.md compares them. Text tasks only; multimodal prompts are "
+        "always compressed whole (query_aware)",
     )
     p.add_argument(
         "--compare",
@@ -239,7 +242,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         n=args.n,
         seed=args.seed,
         out_dir=args.out,
-        protocol=args.protocol,
+        protocol=_split(args.protocol),
         resume=not args.no_resume,
         window_size=args.window_size,
         max_new_tokens=args.max_new_tokens,

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from mixkv.eval.cell_store import (
 )
 from mixkv.eval.example import (
     PROTOCOLS,
+    SharedPrefix,
     prefill_shared_prefix,
     prompt_ids,
     run_example,
@@ -246,7 +247,7 @@ def run_eval(
     n: int = 5,
     seed: int = 0,
     out_dir: str | Path = "mixkv_results",
-    protocol: str = "query_agnostic",
+    protocol: str | Sequence[str] = "query_agnostic",
     resume: bool = True,
     *,
     window_size: int = 32,
@@ -279,10 +280,17 @@ def run_eval(
     seed
         Seed of the examples (and of ``torch`` before each cell, for the random press).
     out_dir
-        Output directory: ``cells/*.json``, ``results.md``, ``score_vs_budget_L*.png``.
+        Output directory: ``cells/*.json``, ``results.md``, ``examples.csv``,
+        ``score_vs_budget_L*.png``; with several protocols, those of each in
+        ``out_dir/<protocol>/`` (as a run of that protocol alone with that ``out_dir`` writes
+        them, so either resumes the other) and ``protocols.md`` comparing them.
     protocol
         ``"query_agnostic"`` (compress the context before the question is known) or
-        ``"query_aware"`` (compress the prompt with the question in the observation window).
+        ``"query_aware"`` (compress the prompt with the question in the observation window), or
+        several: each example's shared prefix (the context but its last ``window_size`` tokens)
+        is then prefilled once for all of them, which on long contexts is most of an example's
+        cost. The returned result holds every protocol's cells (file names prefixed with the
+        protocol) and ``table_path`` is ``protocols.md``.
     resume
         Reuse finished cell files (validated first). With False every cell is recomputed and
         overwritten.
@@ -346,8 +354,7 @@ def run_eval(
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks:
         raise ValueError(f"Unknown task(s) {bad_tasks}; choose from: {', '.join(TASKS)}.")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    protocols = _check_protocols(protocol)
     if any(b < 1 for b in budgets):
         raise ValueError(f"Budgets must be positive token counts, got {budgets}.")
     if any(x < 16 for x in context_lengths):
@@ -361,7 +368,7 @@ def run_eval(
             "window_size."
         )
 
-    result = EvalResult()
+    skipped: list[tuple[str, str]] = []
     cells: list[Cell] = []
     for length in context_lengths:
         for task in tasks:
@@ -372,14 +379,14 @@ def run_eval(
                 for b in budgets:
                     if b >= length:
                         reason = f"budget {b} >= context length {length}: nothing would be compressed"
-                        result.skipped.append((cell_filename(method, b, task, length), reason))
+                        skipped.append((cell_filename(method, b, task, length), reason))
                         continue
                     cells.append(Cell(method, b, task, length))
-    if result.skipped:
+    if skipped:
         logger.warning(
             "Skipping %d cell(s) whose budget is not below the context length (%s).",
-            len(result.skipped),
-            ", ".join(sorted({r.split(":")[0] for _, r in result.skipped})),
+            len(skipped),
+            ", ".join(sorted({r.split(":")[0] for _, r in skipped})),
         )
     if not any(c.method != "full" for c in cells) and any(m != "full" for m in methods):
         raise ValueError(
@@ -388,39 +395,47 @@ def run_eval(
         )
 
     out = Path(out_dir)
-    cell_dir = out / "cells"
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "model": model_identity(model_spec),
-        "methods": methods,
-        "budgets": budgets,
-        "tasks": tasks,
-        "context_lengths": context_lengths,
-        "n": n,
-        "seed": seed,
-        "protocol": protocol,
-        "window_size": window_size,
-        "max_new_tokens": max_new_tokens,
-        "share_prefill": share_prefill,
-        "batch_decoding": batch_decoding,
-        "dtype": dtype_name,
-    }
-    identity = {  # n is not part of it: a finished cell with fewer examples is extended, not redone
-        "model": run_config["model"],
-        "dtype": dtype_name,
-        "seed": seed,
-        "protocol": protocol,
-        "window_size": window_size,
-        "max_new_tokens": max_new_tokens,
-    }
-
-    if report_only:
-        todo: list[Cell] = []
-        finished = cells_so_far(
-            cells, cell_dir, lambda cell: (identity, n), lambda cell, records: _mean_score(records)
-        )
-    else:
-        todo, finished = plan_cells(cells, cell_dir, lambda cell: (identity, n), resume, result)
+    # One protocol: the run's files in out_dir; several: each protocol's in out_dir/<protocol>,
+    # exactly as a run of that protocol alone with that --out writes them (either resumes the other).
+    outs = {p: out if len(protocols) == 1 else out / p for p in protocols}
+    results = {p: EvalResult(skipped=list(skipped)) for p in protocols}
+    run_configs: dict[str, dict[str, Any]] = {}
+    identities: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, Cell]] = []
+    finished: dict[str, dict[Cell, dict[str, Any]]] = {}
+    for p in protocols:
+        (outs[p] / "cells").mkdir(parents=True, exist_ok=True)
+        run_configs[p] = {
+            "model": model_identity(model_spec),
+            "methods": methods,
+            "budgets": budgets,
+            "tasks": tasks,
+            "context_lengths": context_lengths,
+            "n": n,
+            "seed": seed,
+            "protocol": p,
+            "window_size": window_size,
+            "max_new_tokens": max_new_tokens,
+            "share_prefill": share_prefill,
+            "batch_decoding": batch_decoding,
+            "dtype": dtype_name,
+        }
+        identities[p] = {  # n is not part of it: a finished cell with fewer examples is extended, not redone
+            "model": run_configs[p]["model"],
+            "dtype": dtype_name,
+            "seed": seed,
+            "protocol": p,
+            "window_size": window_size,
+            "max_new_tokens": max_new_tokens,
+        }
+        expected = _expected(identities[p], n)
+        if report_only:
+            finished[p] = cells_so_far(
+                cells, outs[p] / "cells", expected, lambda cell, records: _mean_score(records)
+            )
+        else:
+            to_compute, finished[p] = plan_cells(cells, outs[p] / "cells", expected, resume, results[p])
+            todo += [(p, cell) for cell in to_compute]
 
     if todo:
         if isinstance(model_spec, tuple):
@@ -434,116 +449,218 @@ def run_eval(
         stackable = batch_decoding and len(layout.compressible_layers) == layout.num_layers
         versions, machine = software_versions(), machine_info()
         # Example-major order within each (task, context length): an example's shared prefix is
-        # prefilled once and serves every pending cell; the cells are written when the group ends.
-        groups: dict[tuple[str, int], list[Cell]] = {}
-        for cell in todo:
+        # prefilled once and serves every pending cell of every protocol; the cells are written
+        # when the group ends.
+        groups: dict[tuple[str, int], list[tuple[str, Cell]]] = {}
+        for p, cell in todo:
             assert cell.context_length is not None
-            groups.setdefault((cell.task, cell.context_length), []).append(cell)
+            groups.setdefault((cell.task, cell.context_length), []).append((p, cell))
         with progress(len(todo) * n) as bar:
             for (task, length), group in groups.items():
                 bar.set_description(f"{task} L={length}")
                 examples = make_examples(task, tokenizer, length, n, seed)
                 digests = [e.digest for e in examples]
-                records: dict[Cell, list[dict[str, Any]]] = {}
-                seconds: dict[Cell, float] = {}
-                for cell in group:
-                    records[cell], seconds[cell] = (
-                        load_partial(cell_dir, cell, identity, digests) if resume else ([], 0.0)
+                records: dict[tuple[str, Cell], list[dict[str, Any]]] = {}
+                seconds: dict[tuple[str, Cell], float] = {}
+                for p, cell in group:
+                    records[p, cell], seconds[p, cell] = (
+                        load_partial(outs[p] / "cells", cell, identities[p], digests) if resume else ([], 0.0)
                     )
-                    bar.update(len(records[cell]))
+                    bar.update(len(records[p, cell]))
                 for i, example in enumerate(examples):
-                    pending = [cell for cell in group if len(records[cell]) == i]
+                    pending = [key for key in group if len(records[key]) == i]
                     if not pending:
                         continue
-                    ids, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
-                    continues = share_prefill and any(variants[c.method].continues_a_prefix for c in pending)
-                    replays = share_prefill and any(variants[c.method].replays_a_prefill for c in pending)
-                    prefix = recorded = None
-                    if continues or replays:
-                        prefix = prefill_shared_prefix(
+                    prefix = _shared_prefix(
+                        model,
+                        tokenizer,
+                        example,
+                        [(p, variants[cell.method]) for p, cell in pending],
+                        share_prefill=share_prefill,
+                        window_size=window_size,
+                    )
+                    for p in protocols:
+                        cells_now = [cell for q, cell in pending if q == p]
+                        if not cells_now:
+                            continue
+                        for cell, record, spent in _run_cells(
                             model,
                             tokenizer,
                             example,
-                            protocol=protocol,
-                            tail_tokens=window_size,
-                            record_inputs=replays,
-                        )
-                    if replays:
-                        recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix)
-                    together = [c for c in pending if stackable and variants[c.method].decodes_together]
-                    together = together if len(together) > 1 else []
-                    for cell in (c for c in pending if c not in together):
-                        torch.manual_seed(seed)
-                        variant = variants[cell.method]
-                        press = variant.press(
-                            cell.budget, context_tokens=prefill_tokens, window_size=window_size
-                        )
-                        start = time.perf_counter()
-                        records[cell].append(
-                            run_example(
-                                model,
-                                tokenizer,
-                                example,
-                                press,
-                                protocol=protocol,
-                                max_new_tokens=max_new_tokens,
-                                prefix=prefix if variant.continues_a_prefix else None,
-                                prefill_chunk_size=variant.prefill_chunk_size,
-                                recorded=recorded if variant.replays_a_prefill else None,
-                            )
-                        )
-                        seconds[cell] += time.perf_counter() - start
-                        bar.update(1)
-                    if together:
-                        start = time.perf_counter()
-                        batch = run_examples_together(
-                            model,
-                            tokenizer,
-                            example,
-                            [
-                                variants[c.method].press(
-                                    c.budget, context_tokens=prefill_tokens, window_size=window_size
-                                )
-                                for c in together
-                            ],
-                            protocol=protocol,
-                            max_new_tokens=max_new_tokens,
+                            cells_now,
+                            variants,
+                            protocol=p,
                             prefix=prefix,
-                            prefill_chunk_sizes=[variants[c.method].prefill_chunk_size for c in together],
+                            stackable=stackable,
                             seed=seed,
-                        )
-                        share = (time.perf_counter() - start) / len(together)
-                        for cell, record in zip(together, batch, strict=True):
-                            records[cell].append(record)
-                            seconds[cell] += share
+                            window_size=window_size,
+                            max_new_tokens=max_new_tokens,
+                        ):
+                            records[p, cell].append(record)
+                            seconds[p, cell] += spent
                             bar.update(1)
-                    for cell in pending:  # an interrupted run resumes after the last finished example
-                        save_partial(cell_dir, cell, identity, records[cell], seconds[cell])
-                for cell in group:
-                    finished[cell] = write_cell(
-                        cell_dir,
+                        for cell in cells_now:  # an interrupted run resumes after the last finished example
+                            save_partial(
+                                outs[p] / "cells", cell, identities[p], records[p, cell], seconds[p, cell]
+                            )
+                for p, cell in group:
+                    finished[p][cell] = write_cell(
+                        outs[p] / "cells",
                         cell,
-                        identity=identity,
-                        config=run_config,
-                        records=records[cell],
-                        score=_mean_score(records[cell]),
-                        wall_seconds=seconds[cell],
+                        identity=identities[p],
+                        config=run_configs[p],
+                        records=records[p, cell],
+                        score=_mean_score(records[p, cell]),
+                        wall_seconds=seconds[p, cell],
                         seed=seed,
                         versions=versions,
                         machine=machine,
                     )
-                    partial_path(cell_dir, cell).unlink(missing_ok=True)
-                    result.computed.append(cell.name)
+                    partial_path(outs[p] / "cells", cell).unlink(missing_ok=True)
+                    results[p].computed.append(cell.name)
 
-    write_summary(
-        result,
-        cells,
-        finished,
-        out,
-        methods=methods,
-        budgets=budgets,
-        tasks=tasks,
-        context_lengths=context_lengths,
-        compare=compare,
+    for p in protocols:
+        write_summary(
+            results[p],
+            cells,
+            finished[p],
+            outs[p],
+            methods=methods,
+            budgets=budgets,
+            tasks=tasks,
+            context_lengths=context_lengths,
+            compare=compare,
+        )
+    if len(protocols) == 1:
+        return results[protocols[0]]
+    return _protocols_result(results, outs, out)
+
+
+def _expected(identity: dict[str, Any], n: int) -> Callable[[Cell], tuple[dict[str, Any], int]]:
+    """What a cell file of this run must carry: its identity and its number of examples."""
+    return lambda cell: (identity, n)
+
+
+def _check_protocols(protocol: str | Sequence[str]) -> list[str]:
+    """The protocols of a run, in order, without repeats."""
+    protocols = list(dict.fromkeys([protocol] if isinstance(protocol, str) else protocol))
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if not protocols or bad:
+        raise ValueError(f"protocol must be one or more of {PROTOCOLS}, got {protocol!r}.")
+    return protocols
+
+
+def _shared_prefix(
+    model: Any,
+    tokenizer: Any,
+    example: Any,
+    pending: Sequence[tuple[str, MethodVariant]],
+    *,
+    share_prefill: bool,
+    window_size: int,
+) -> SharedPrefix | None:
+    """The full-cache prefix the ``(protocol, method)`` cells pending on ``example`` share, if any
+    continues or replays one: all but the last ``window_size`` tokens of the shortest prefill among
+    their protocols (the context, when the question comes after compression), so one forward
+    serves both protocols; a longer prefill continues it with a longer tail."""
+    if not share_prefill:
+        return None
+    continues = any(variant.continues_a_prefix for _, variant in pending)
+    replays = any(variant.replays_a_prefill for _, variant in pending)
+    if not (continues or replays):
+        return None
+    protocols = dict.fromkeys(p for p, _ in pending)
+    shortest = min(protocols, key=lambda p: prompt_ids(example, tokenizer, p, model.device)[1])
+    return prefill_shared_prefix(
+        model, tokenizer, example, protocol=shortest, tail_tokens=window_size, record_inputs=replays
     )
-    return result
+
+
+def _run_cells(
+    model: Any,
+    tokenizer: Any,
+    example: Any,
+    cells: Sequence[Cell],
+    variants: dict[str, MethodVariant],
+    *,
+    protocol: str,
+    prefix: SharedPrefix | None,
+    stackable: bool,
+    seed: int,
+    window_size: int,
+    max_new_tokens: int | None,
+) -> Iterator[tuple[Cell, dict[str, Any], float]]:
+    """Run ``cells`` on one example under ``protocol``: ``(cell, record, seconds)`` as each ends.
+
+    Cells whose method continues the shared ``prefix`` copy it; kvpress cells replay one full-cache
+    prefill recorded from it; mixkv cells that decode together share one tail forward and are
+    answered as one batch (``stackable`` models only), their seconds split evenly.
+    """
+    ids, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
+    replays = prefix is not None and any(variants[c.method].replays_a_prefill for c in cells)
+    recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix) if replays else None
+    together = [c for c in cells if stackable and variants[c.method].decodes_together]
+    together = together if len(together) > 1 else []
+    for cell in (c for c in cells if c not in together):
+        torch.manual_seed(seed)
+        variant = variants[cell.method]
+        press = variant.press(cell.budget, context_tokens=prefill_tokens, window_size=window_size)
+        start = time.perf_counter()
+        record = run_example(
+            model,
+            tokenizer,
+            example,
+            press,
+            protocol=protocol,
+            max_new_tokens=max_new_tokens,
+            prefix=prefix if variant.continues_a_prefix else None,
+            prefill_chunk_size=variant.prefill_chunk_size,
+            recorded=recorded if variant.replays_a_prefill else None,
+        )
+        yield cell, record, time.perf_counter() - start
+    del recorded
+    if together:
+        start = time.perf_counter()
+        batch = run_examples_together(
+            model,
+            tokenizer,
+            example,
+            [
+                variants[c.method].press(c.budget, context_tokens=prefill_tokens, window_size=window_size)
+                for c in together
+            ],
+            protocol=protocol,
+            max_new_tokens=max_new_tokens,
+            prefix=prefix,
+            prefill_chunk_sizes=[variants[c.method].prefill_chunk_size for c in together],
+            seed=seed,
+        )
+        share = (time.perf_counter() - start) / len(together)
+        for cell, record in zip(together, batch, strict=True):
+            yield cell, record, share
+
+
+def _protocols_result(results: dict[str, EvalResult], outs: dict[str, Path], out: Path) -> EvalResult:
+    """One result for a run of several protocols: every protocol's cells and files (names
+    prefixed with the protocol), and ``protocols.md``, which compares each later protocol with
+    the first on the same examples (:func:`~mixkv.eval.compare_runs.compare_runs`)."""
+    from mixkv.eval.compare_runs import compare_runs
+
+    merged = EvalResult()
+    for p, result in results.items():
+        merged.cells += result.cells
+        merged.computed += [f"{p}/{name}" for name in result.computed]
+        merged.reused += [f"{p}/{name}" for name in result.reused]
+        merged.recomputed += [(f"{p}/{name}", reason) for name, reason in result.recomputed]
+        merged.skipped += [(f"{p}/{name}", reason) for name, reason in result.skipped]
+        merged.plot_paths += result.plot_paths
+    first, *others = results
+    lines = [f"Each protocol's own tables: {', '.join(f'[{p}]({p}/results.md)' for p in results)}.", ""]
+    for p in others:
+        try:
+            lines += compare_runs(outs[first], outs[p])
+        except ValueError as exc:  # nothing in common yet
+            lines += [f"{p} against {first}: {exc}", ""]
+    merged.table_path = out / "protocols.md"
+    merged.table_path.write_text("\n".join(lines), encoding="utf-8")
+    return merged
