@@ -118,12 +118,50 @@ def test_a_chunked_prefill_joins_the_batch(tiny, example):
 
 
 @pytest.mark.parametrize("press", [None, "decoding"])
-def test_only_plain_mixkv_presses_are_decoded_together(tiny, example, press):
+def test_a_batch_needs_a_plain_mixkv_press_and_no_decoding_press(tiny, example, press):
     model, tokenizer = tiny
     if press == "decoding":
         press = DecodingPress(_presses(tokenizer, example, "query_aware", ["snapkv"])[0], interval=4)
-    with pytest.raises(ValueError, match="mixkv presses only"):
+    with pytest.raises(ValueError, match="plain mixkv press's session"):
         run_examples_together(model, tokenizer, example, [press], protocol="query_aware")
+
+
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_the_full_cache_decoded_in_the_batch_answers_as_alone(tiny, example, protocol):
+    model, tokenizer = tiny
+    prefix = prefill_shared_prefix(model, tokenizer, example, protocol=protocol, tail_tokens=8)
+    alone = run_example(model, tokenizer, example, None, protocol=protocol, max_new_tokens=6, prefix=prefix)
+    presses = [None, *_presses(tokenizer, example, protocol, ["mixkv-snapkv"])]
+    full, _ = run_examples_together(
+        model, tokenizer, example, presses, protocol=protocol, max_new_tokens=6, prefix=prefix
+    )
+    for key in (*COMPARED, "kv_bytes_full", "shared_prefix_tokens"):
+        assert full[key] == alone[key], key
+    assert full["decode_batch"] == 2 and full["report"] is None
+
+
+def test_the_full_cache_needs_the_shared_prefix_to_join(tiny, example):
+    model, tokenizer = tiny
+    presses = [None, *_presses(tokenizer, example, "query_aware", ["snapkv"])]
+    with pytest.raises(ValueError, match="pass prefix"):
+        run_examples_together(model, tokenizer, example, presses, protocol="query_aware")
+
+
+def test_a_shortened_plain_layer_is_stacked_only_when_allowed_and_attends_as_itself():
+    torch.manual_seed(0)
+    kept = DynamicLayer()  # 5 of 9 prompt entries, cut in place as kvpress does
+    kept.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="5 seen"):
+        stack_layers([kept], seen_tokens=9)
+    stacked = stack_layers([kept], seen_tokens=9, shortened=True)
+    new_keys, new_values, query = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 4, 1, 4)
+    stacked.update(new_keys, new_values)
+    keys, values = kept.update(new_keys, new_values)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, scale=0.5, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(stacked.attend(query, 0.5), reference)
+    assert stacked.seen_tokens == 10
 
 
 def test_a_stacked_row_attends_as_the_layer_it_came_from():
@@ -183,10 +221,9 @@ def test_a_grid_decodes_its_mixkv_cells_together_with_the_answers_of_one_by_one(
     methods = ["full", "snapkv", "mixkv-snapkv", "mixkv-adakv"]
     cells = grid_run_twice(tiny, tmp_path, methods, batch_decoding=False)
     assert len(cells) == len(methods)
-    for cell, ours, theirs in cells:
+    for _cell, ours, theirs in cells:
         assert [e["output"] for e in ours] == [e["output"] for e in theirs]
-        expected = None if cell["method"] == "full" else 3
-        assert [e.get("decode_batch") for e in ours] == [expected] * 2
+        assert [e.get("decode_batch") for e in ours] == [4] * 2  # the full cache joins the batch
         assert not any("decode_batch" in e for e in theirs)
 
 

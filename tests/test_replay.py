@@ -313,3 +313,81 @@ def test_kvpress_cells_of_both_protocols_replay_one_shared_prefix_as_their_own_r
             if c["cell"]["method"].startswith("kvpress")
             for e in c["examples"]
         )
+
+
+def _batch_and_alone(tiny, example, protocol, make_press):
+    """Records of a kvpress-style press decoded in one batch with a mixkv press, and decoded alone,
+    both replayed on the same recorded prefill."""
+    from mixkv.eval.example import run_examples_together
+
+    model, tokenizer = tiny
+    ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    prefix = prefill_shared_prefix(
+        model, tokenizer, example, protocol=protocol, tail_tokens=16, record_inputs=True
+    )
+    recorded = prefill_with_inputs(model, ids, n_prefill, prefix)
+    ours = build_press("snapkv", budget=40, context_tokens=n_prefill, window_size=8)
+    batch, _ = run_examples_together(
+        model, tokenizer, example, [make_press(), ours], protocol=protocol, max_new_tokens=6,
+        prefix=prefix, recorded=recorded,
+    )  # fmt: skip
+    alone = run_example(
+        model, tokenizer, example, make_press(), protocol=protocol, max_new_tokens=6, recorded=recorded
+    )
+    return batch, alone
+
+
+KEPT = ("output", "new_tokens", "kept_tokens_mean", "kv_bytes", "kv_bytes_full", "kv_fraction")
+
+
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_a_replayed_press_decoded_in_a_batch_answers_and_keeps_as_alone(tiny, example, protocol):
+    batch, alone = _batch_and_alone(tiny, example, protocol, HookPress)
+    for key in (*KEPT, "kv_bytes_after_decoding", "prefill_replayed", "shared_prefix_tokens"):
+        assert batch[key] == alone[key], key
+    assert batch["kept_tokens_mean"] == 48 and batch["decode_batch"] == 2
+
+
+def test_a_replayed_press_joins_a_batch_only_with_the_recorded_prefill(tiny, example):
+    from mixkv.eval.example import run_examples_together
+
+    model, tokenizer = tiny
+    _, n_prefill = prompt_ids(example, tokenizer, "query_aware", model.device)
+    ours = build_press("snapkv", budget=40, context_tokens=n_prefill, window_size=8)
+    with pytest.raises(ValueError, match="recorded full-cache prefill"):
+        run_examples_together(model, tokenizer, example, [HookPress(), ours], protocol="query_aware")
+
+
+@needs_kvpress
+@pytest.mark.parametrize("method", ["kvpress-snapkv", "kvpress-keydiff"])
+@pytest.mark.parametrize("protocol", ["query_aware", "query_agnostic"])
+def test_kvpress_decoded_in_a_batch_answers_and_keeps_as_alone(tiny, example, method, protocol):
+    _, n_prefill = prompt_ids(example, tiny[1], protocol, tiny[0].device)
+
+    def press():
+        return build_press(method, budget=40, context_tokens=n_prefill, window_size=8)
+
+    batch, alone = _batch_and_alone(tiny, example, protocol, press)
+    for key in KEPT:
+        assert batch[key] == alone[key], key
+
+
+@needs_kvpress
+def test_a_kvpress_press_that_masks_keys_is_refused_from_a_batch_and_leaves_no_masks(tiny, example):
+    _, n_prefill = prompt_ids(example, tiny[1], "query_aware", tiny[0].device)
+    with pytest.raises(ValueError, match="masks keys while decoding"):
+        _batch_and_alone(
+            tiny, example, "query_aware",
+            lambda: build_press("kvpress-adakv", budget=40, context_tokens=n_prefill, window_size=8),
+        )  # fmt: skip
+    assert all(getattr(m, "masked_key_indices", None) is None for m in tiny[0].modules())
+
+
+@needs_kvpress
+def test_a_grid_decodes_kvpress_cells_that_keep_a_plain_cache_in_the_batch(tiny, tmp_path):
+    methods = ["kvpress-snapkv", "kvpress-adakv", "kvpress-keydiff", "mixkv-snapkv", "full"]
+    cells = grid_run_twice(tiny, tmp_path, methods, batch_decoding=False)
+    for cell, ours, theirs in cells:
+        assert [e["output"] for e in ours] == [e["output"] for e in theirs], cell
+        batched = None if cell["method"] == "kvpress-adakv" else 4
+        assert [e.get("decode_batch") for e in ours] == [batched] * 2, cell

@@ -204,12 +204,7 @@ def run_example(
         else:
             prefill_s = _prefill_prompt(model, ids, n_prefill, cache, prefix, prefill_chunk_size, entered)
         kept_bytes = kv_cache_bytes(cache)
-        if foreign:  # what its cache holds after prefill (mixkv presses report it)
-            held: list[Any] = [
-                layer for layer in cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
-            ]
-            held_per_token = sum(token_bytes(layer) for layer in held)
-            held_tokens = sum(layer.keys.shape[2] for layer in held) / max(len(held), 1)
+        held = _held_by_foreign_cache(cache, n_prefill, kept_bytes) if foreign else {}
         start = time.perf_counter()
         if not foreign:
             out = model.generate(
@@ -245,11 +240,21 @@ def run_example(
         record["prefill_replayed"] = True
     if isinstance(press, DecodingPress):
         record["decoding_compressions"] = press.compressions - compressions_before
-    if foreign:
-        record["kv_bytes_full"] = int(n_prefill * held_per_token)
-        record["kept_tokens_mean"] = held_tokens
-        record["kv_fraction"] = kept_bytes / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    record.update(held)
     return record
+
+
+def _held_by_foreign_cache(cache: Any, n_prefill: int, kept_bytes: int) -> dict[str, Any]:
+    """What the cache a press from another library (kvpress) left after the prefill holds, for the
+    record (mixkv presses report it): the full cache's bytes, mean kept entries per layer and the
+    kept fraction."""
+    held = [layer for layer in cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+    full_bytes = int(n_prefill * sum(token_bytes(layer) for layer in held))
+    return {
+        "kv_bytes_full": full_bytes,
+        "kept_tokens_mean": sum(layer.keys.shape[2] for layer in held) / max(len(held), 1),
+        "kv_fraction": kept_bytes / full_bytes if full_bytes else 1.0,
+    }
 
 
 def run_examples_together(
@@ -263,51 +268,65 @@ def run_examples_together(
     prefix: SharedPrefix | None = None,
     prefill_chunk_sizes: Sequence[int | None] | None = None,
     seed: int | None = None,
+    recorded: RecordedPrefill | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`run_example` for several mixkv presses on one example, their answers decoded as one
-    batch: one record per press, in order.
+    """:func:`run_example` for several presses on one example, their answers decoded as one batch:
+    one record per press, in order.
 
     Each press compresses exactly as in :func:`run_example` (from a copy of ``prefix``, or from
     position 0 in chunks of its ``prefill_chunk_sizes`` entry). The prompt forward is the same
-    under every press (each compresses a layer after it has attended), so only the first press
-    that prefills in one forward runs it, recording it
+    under every mixkv press (each compresses a layer after it has attended), so only the first
+    press that prefills in one forward runs it, recording it
     (:meth:`~mixkv.integration.session.PressSession.recording_prompt`); the other such presses
     compress that recording (:meth:`~mixkv.integration.session.PressSession.compress_recorded`,
     the same selection entry for entry), and their records say ``prefill_replayed``, with
-    ``prefill_seconds`` the recorded forward's time plus their own compression. The compressed
-    caches are then stacked as the rows of one batch
-    (:func:`~mixkv.integration.cache.stack_layers`) and answered greedily together: a decoding
-    step reads the weights once for all presses instead of once per press, which is most of a
-    press's cost on a CPU. Outputs equal :func:`run_example`'s up to the float rounding of batched
-    matrix products. ``decode_seconds`` is the batch's decoding time divided by the number of
-    presses (``decode_batch`` in every record); ``kv_bytes_after_decoding`` is what the press's
-    own cache would hold after its answer.
+    ``prefill_seconds`` the recorded forward's time plus their own compression. None (the full
+    cache) continues a copy of ``prefix``; a kvpress press is replayed on ``recorded`` as in
+    :func:`run_example`, and joins only if it leaves a plain shortened cache (its head-wise
+    presses mask keys while decoding: run those with :func:`run_example`). The caches are then
+    stacked as the rows of one batch (:func:`~mixkv.integration.cache.stack_layers`) and answered
+    greedily together: a decoding step reads the weights once for all presses instead of once per
+    press, which is most of a press's cost on a CPU. Outputs equal :func:`run_example`'s up to the
+    float rounding of batched matrix products. ``decode_seconds`` is the batch's decoding time
+    divided by the number of presses (``decode_batch`` in every record);
+    ``kv_bytes_after_decoding`` is what the press's own cache would hold after its answer.
 
     Parameters
     ----------
     seed
         Re-seed torch before each press's prefill (a random press draws then), as a loop of
         :func:`run_example` calls preceded by ``torch.manual_seed(seed)`` does.
+    recorded
+        This example's full-cache prefill with every attention module's inputs, for the kvpress
+        presses (:func:`~mixkv.eval.replay.prefill_with_inputs`).
 
     Raises
     ------
     ValueError
-        A press that is not a plain mixkv press (None, a :class:`~mixkv.DecodingPress`, kvpress),
-        a model with sliding-window layers (their caches evict as they grow), or
-        ``prefill_chunk_sizes`` of another length than ``presses``.
+        No plain mixkv press among ``presses`` (the batch is decoded in one's session), a
+        :class:`~mixkv.DecodingPress`, a kvpress press without ``recorded`` or that masks keys, a
+        full cache without ``prefix``, a model with sliding-window layers (their caches evict as
+        they grow), or ``prefill_chunk_sizes`` of another length than ``presses``.
     """
     from transformers import DynamicCache
 
     from mixkv.integration.cache import stack_layers
     from mixkv.integration.models import describe_decoder
     from mixkv.presses.base import BasePress
+    from mixkv.presses.decoding import DecodingPress
+    from mixkv.presses.registry import kvpress_masks_keys
 
     if not presses:
         return []
-    if not all(isinstance(press, BasePress) for press in presses):
+    ours = [press for press in presses if isinstance(press, BasePress)]
+    if not ours or any(isinstance(press, DecodingPress) for press in presses):
         raise ValueError(
-            "run_examples_together decodes mixkv presses only (no DecodingPress, kvpress press or None); "
-            "run the others with run_example"
+            "run_examples_together decodes in a plain mixkv press's session: pass at least one, and no "
+            "DecodingPress (run that with run_example)"
+        )
+    if any(press is None for press in presses) and prefix is None:
+        raise ValueError(
+            "the full cache (None) joins the batch by continuing the shared prefix: pass prefix=..."
         )
     layout = describe_decoder(model)
     if len(layout.compressible_layers) != layout.num_layers:
@@ -324,32 +343,60 @@ def run_examples_together(
     started: list[dict[str, Any]] = []
     # The first one-forward press records its forward; the others compress that recording.
     window = max(
-        (press.window_size for press, chunk in zip(presses, chunks, strict=True) if chunk is None), default=0
+        (
+            p.window_size
+            for p, chunk in zip(presses, chunks, strict=True)
+            if isinstance(p, BasePress) and chunk is None
+        ),
+        default=0,
     )
-    recorded: RecordedPrompt | None = None
+    recording: RecordedPrompt | None = None
     forward_s = 0.0
     for press, chunk in zip(presses, chunks, strict=True):
         if seed is not None:
             torch.manual_seed(seed)
         start_from = prefix if chunk is None else None
-        replayed = chunk is None and recorded is not None
-        with torch.inference_mode(), press_applied(press, model) as session:
-            if replayed:
-                start = time.perf_counter()
-                cache = session.compress_recorded(recorded)
-                prefill_s = forward_s + time.perf_counter() - start
-            else:
-                cache = (
-                    DynamicCache(config=model.config)
-                    if start_from is None
-                    else copy.deepcopy(start_from.cache)
+        replayed = False
+        held: dict[str, Any] = {}
+        if press is None:  # the full cache: the prompt's rest after a copy of the prefix
+            cache = copy.deepcopy(prefix.cache)  # type: ignore[union-attr]
+            with torch.inference_mode():
+                prefill_s = _prefill_prompt(model, ids, n_prefill, cache, prefix, None, None)
+        elif not isinstance(press, BasePress):  # kvpress: its hooks replayed on the recorded prefill
+            if recorded is None or recorded.tokens != n_prefill:
+                raise ValueError(
+                    f"{type(press).__name__} is replayed on this example's recorded full-cache prefill: pass "
+                    "recorded=prefill_with_inputs(...) of this example and protocol"
                 )
-                recording = session.recording_prompt(window) if chunk is None else contextlib.nullcontext()
-                with recording as recorded_now:
-                    prefill_s = _prefill_prompt(model, ids, n_prefill, cache, start_from, chunk, session)
-                if chunk is None:
-                    recorded = recorded_now
-                    forward_s = prefill_s - press.last_report.compression_seconds
+            start_from, replayed = None, True
+            with torch.inference_mode(), replayed_prefill(model, press, recorded) as (cache, hooks_seconds):
+                if kvpress_masks_keys(model):
+                    raise ValueError(
+                        f"{type(press).__name__} masks keys while decoding (a head-wise kvpress press); decode it "
+                        "on its own with run_example"
+                    )
+                prefill_s = recorded.seconds + hooks_seconds
+            held = _held_by_foreign_cache(cache, n_prefill, kv_cache_bytes(cache))
+        else:
+            replayed = chunk is None and recording is not None
+            with torch.inference_mode(), press_applied(press, model) as session:
+                if replayed:
+                    start = time.perf_counter()
+                    cache = session.compress_recorded(recording)
+                    prefill_s = forward_s + time.perf_counter() - start
+                else:
+                    cache = (
+                        DynamicCache(config=model.config)
+                        if start_from is None
+                        else copy.deepcopy(start_from.cache)
+                    )
+                    recorder = session.recording_prompt(window) if chunk is None else contextlib.nullcontext()
+                    with recorder as recorded_now:
+                        prefill_s = _prefill_prompt(model, ids, n_prefill, cache, start_from, chunk, session)
+                    if chunk is None:
+                        recording = recorded_now
+                        report = press.last_report
+                        forward_s = prefill_s - (report.compression_seconds if report is not None else 0.0)
         rows.append(list(cache.layers))
         started.append(
             {
@@ -358,14 +405,17 @@ def run_examples_together(
                 "replayed": replayed,
                 "kept_bytes": kv_cache_bytes(cache),
                 "bytes_per_token": sum(token_bytes(layer) for layer in cache.layers),
-                "report": press.last_report,
+                "report": getattr(press, "last_report", None) if isinstance(press, BasePress) else None,
+                "held": held,
             }
         )
-    del recorded
+    del recording
     stacked = DynamicCache(config=model.config)
-    stacked.layers = [stack_layers([row[i] for row in rows], n_prefill) for i in range(len(rows[0]))]
+    stacked.layers = [
+        stack_layers([row[i] for row in rows], n_prefill, shortened=True) for i in range(len(rows[0]))
+    ]
     del rows
-    with torch.inference_mode(), press_applied(presses[0], model) as session:
+    with torch.inference_mode(), press_applied(ours[0], model) as session:
         session.adopt(stacked)
         start = time.perf_counter()
         generated = _greedy_batch(
@@ -388,6 +438,7 @@ def run_examples_together(
             bytes_after_decoding=row["kept_bytes"] + fed * row["bytes_per_token"],
             report=row["report"],
         )
+        record.update(row["held"])
         record["decode_batch"] = len(presses)
         if row["replayed"]:
             record["prefill_replayed"] = True

@@ -51,7 +51,7 @@ from mixkv.eval.reporting import write_summary
 from mixkv.eval.tasks import TASKS, make_examples
 from mixkv.integration.models import describe_decoder
 from mixkv.presses.decoding import DecodingPress
-from mixkv.presses.registry import KVPRESS_NAMES, NAMES, build_press, kvpress_available
+from mixkv.presses.registry import KVPRESS_MASKING_NAMES, KVPRESS_NAMES, NAMES, build_press, kvpress_available
 
 # build_press, cell_filename, kvpress_available, prefill_shared_prefix and run_example stay
 # importable from here: the tests (and earlier code) import them from this module.
@@ -128,9 +128,15 @@ class MethodVariant:
     @property
     def decodes_together(self) -> bool:
         """Whether the method's answers can be decoded in one batch with other such methods'
-        (:func:`~mixkv.eval.example.run_examples_together`): mixkv presses that do not compress
-        while decoding."""
-        return self.press_method not in ("full", *KVPRESS_METHODS) and self.decoding_interval is None
+        (:func:`~mixkv.eval.example.run_examples_together`, in the session of a mixkv press among
+        them): the full cache, mixkv presses that do not compress while decoding, and kvpress
+        presses that leave a plain shortened cache (not those that mask keys while decoding)."""
+        return self.press_method not in KVPRESS_MASKING_NAMES and self.decoding_interval is None
+
+    @property
+    def is_mixkv_press(self) -> bool:
+        """Whether the method is a press of this library (not the full cache, not kvpress)."""
+        return self.press_method not in ("full", *KVPRESS_METHODS)
 
     @property
     def replays_a_prefill(self) -> bool:
@@ -308,8 +314,9 @@ def run_eval(
         compresses after each layer has attended, so a prefill of their own computes the same
         inputs. False prefills every (method, budget) from scratch.
     batch_decoding
-        Decode the answers of an example's mixkv cells (not the full cache, kvpress, or
-        ``+decodeN`` variants) as one batch, one weight pass per step for all of them
+        Decode the answers of an example's cells as one batch when a mixkv press is among them
+        (all but kvpress's key-masking presses and ``+decodeN`` variants: the full cache,
+        kvpress's SnapKV and KeyDiff join), one weight pass per step for all of them
         (:func:`~mixkv.eval.example.run_examples_together`); outputs equal one-by-one decoding up
         to float rounding (decoding is most of a cell's time on a CPU). Records then say
         ``decode_batch``, and ``decode_seconds`` is the batch's time per cell. False decodes every
@@ -593,14 +600,27 @@ def _run_cells(
     """Run ``cells`` on one example under ``protocol``: ``(cell, record, seconds)`` as each ends.
 
     Cells whose method continues the shared ``prefix`` copy it; kvpress cells replay one full-cache
-    prefill recorded from it; mixkv cells that decode together share one tail forward and are
-    answered as one batch (``stackable`` models only), their seconds split evenly.
+    prefill recorded from it; the cells that decode together (with at least one mixkv press
+    among them, ``stackable`` models only) are answered as one batch, the mixkv presses sharing one
+    tail forward, their seconds split evenly.
     """
     ids, prefill_tokens = prompt_ids(example, tokenizer, protocol, model.device)
     replays = prefix is not None and any(variants[c.method].replays_a_prefill for c in cells)
     recorded = prefill_with_inputs(model, ids, prefill_tokens, prefix) if replays else None
-    together = [c for c in cells if stackable and variants[c.method].decodes_together]
-    together = together if len(together) > 1 else []
+
+    def joins(variant: MethodVariant) -> bool:
+        """Whether the cell can be decoded in the batch: kvpress ones from the recorded prefill,
+        the full cache from the shared prefix (without them, they prefill on their own)."""
+        if variant.replays_a_prefill:
+            return recorded is not None
+        return variant.is_mixkv_press or prefix is not None
+
+    # A batch is decoded in a mixkv press's session: without one, every cell decodes on its own.
+    together = [
+        c for c in cells if stackable and variants[c.method].decodes_together and joins(variants[c.method])
+    ]
+    if len(together) < 2 or not any(variants[c.method].is_mixkv_press for c in together):
+        together = []
     for cell in (c for c in cells if c not in together):
         torch.manual_seed(seed)
         variant = variants[cell.method]
@@ -618,7 +638,6 @@ def _run_cells(
             recorded=recorded if variant.replays_a_prefill else None,
         )
         yield cell, record, time.perf_counter() - start
-    del recorded
     if together:
         start = time.perf_counter()
         batch = run_examples_together(
@@ -634,6 +653,7 @@ def _run_cells(
             prefix=prefix,
             prefill_chunk_sizes=[variants[c.method].prefill_chunk_size for c in together],
             seed=seed,
+            recorded=recorded,
         )
         share = (time.perf_counter() - start) / len(together)
         for cell, record in zip(together, batch, strict=True):

@@ -341,13 +341,14 @@ def kv_cache_bytes(cache: Cache) -> int:
     return _storage_bytes(list(cache.layers))
 
 
-def stack_layers(layers: list[Any], seen_tokens: int) -> PackedCompressedLayer:
+def stack_layers(layers: list[Any], seen_tokens: int, *, shortened: bool = False) -> PackedCompressedLayer:
     """One layer whose batch rows are the given single-sequence layers, e.g. the same prompt
     compressed by several presses, so that their answers can be decoded as one batch.
 
     Each input is a :class:`CompressedLayer` or a plain full-attention ``DynamicLayer`` (a layer
     left uncompressed), batch size 1, all with the same KV heads, head size and ``seen_tokens``
-    (the same prompt). Every held entry becomes a packed entry of its row and head; the dense
+    (the same prompt). With ``shortened``, a plain layer may hold fewer entries than
+    ``seen_tokens``: those a press kept by cutting the layer in place (kvpress's presses do). Every held entry becomes a packed entry of its row and head; the dense
     tail starts empty and receives the decoded tokens. Attention over a row equals attention
     over the layer it came from: entries are attended as a set and carry their positions in
     their rotary embeddings.
@@ -377,7 +378,7 @@ def stack_layers(layers: list[Any], seen_tokens: int) -> PackedCompressedLayer:
             valid = torch.ones(
                 layer_keys.shape[0], layer_keys.shape[2], dtype=torch.bool, device=layer_keys.device
             )
-            seen = layer_keys.shape[2]
+            seen = seen_tokens if shortened and layer_keys.shape[2] <= seen_tokens else layer_keys.shape[2]
         else:
             raise ValueError(
                 f"cannot stack a {type(layer).__name__} (only mixkv's compressed layers and full-attention "

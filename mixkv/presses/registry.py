@@ -36,6 +36,7 @@ from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
 __all__ = [
+    "KVPRESS_MASKING_NAMES",
     "KVPRESS_NAMES",
     "NAMES",
     "PressEntry",
@@ -123,6 +124,9 @@ _BY_NAME = {entry.name: entry for entry in _ENTRIES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 #: The names backed by NVIDIA's ``kvpress`` package.
 KVPRESS_NAMES: tuple[str, ...] = tuple(e.name for e in _ENTRIES if e.is_kvpress)
+#: The kvpress names whose press masks keys while decoding (head-wise budgets), so that its cache is
+#: only right with kvpress's attention patch active (see :func:`kvpress_masks_keys`).
+KVPRESS_MASKING_NAMES: tuple[str, ...] = ("kvpress-adakv",)
 
 
 def list_presses() -> tuple[PressEntry, ...]:
