@@ -105,23 +105,27 @@ def tiny_model_and_tokenizer(seed: int = 0) -> tuple[Any, PreTrainedTokenizerFas
     return tiny_llama(len(tok), seed), tok
 
 
+#: A small text grid for :func:`mixkv.eval.runner.run_eval` (add ``methods``): budget 40, window 8,
+#: two ``niah_single_1`` examples of 128 tokens, 4 new tokens.
+SMALL_GRID: dict[str, Any] = {
+    "budgets": [40],
+    "tasks": ["niah_single_1"],
+    "context_lengths": [128],
+    "n": 2,
+    "max_new_tokens": 4,
+    "window_size": 8,
+}
+
+
 def grid_run_twice(
     model_and_tokenizer: tuple[Any, Any], out_dir: Any, methods: list[str], **second: Any
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
-    """A small grid (budget 40, window 8, two ``niah_single_1`` examples of 128 tokens, 4 new tokens)
-    run with the defaults and again with the options ``second``: per cell of the first run, the cell
-    and its examples in the first and in the second run."""
+    """:data:`SMALL_GRID` of ``methods`` run with the defaults and again with the options
+    ``second``: per cell of the first run, the cell and its examples in the first and in the
+    second run."""
     from mixkv.eval.runner import run_eval
 
-    grid = {
-        "methods": methods,
-        "budgets": [40],
-        "tasks": ["niah_single_1"],
-        "context_lengths": [128],
-        "n": 2,
-        "max_new_tokens": 4,
-        "window_size": 8,
-    }
+    grid = {**SMALL_GRID, "methods": methods}
     first = run_eval(model_and_tokenizer, out_dir=out_dir / "first", **grid)
     other = run_eval(model_and_tokenizer, out_dir=out_dir / "second", **grid, **second)
     by_cell = {str(data["cell"]): data["examples"] for data in other.cells}

@@ -9,7 +9,7 @@ import pytest
 from mixkv.cli import main as mixkv_main
 from mixkv.eval.compare_runs import compare_runs, read_run
 from mixkv.eval.runner import cell_filename, run_eval
-from tests.helpers_tiny import tiny_model_and_tokenizer
+from tests.helpers_tiny import SMALL_GRID, tiny_model_and_tokenizer
 
 
 def _records(scores, digests=None, metric="substring"):
@@ -162,15 +162,7 @@ def test_the_command_prints_and_writes_the_table_and_exits_2_on_bad_input(tmp_pa
 
 def test_two_real_runs_of_different_protocols_pair_every_cell(tmp_path):
     tiny = tiny_model_and_tokenizer(seed=0)
-    grid = {
-        "methods": ["full", "snapkv"],
-        "budgets": [40],
-        "tasks": ["niah_single_1"],
-        "context_lengths": [128],
-        "n": 2,
-        "seed": 0,
-        "max_new_tokens": 3,
-    }
+    grid = {**SMALL_GRID, "methods": ["full", "snapkv"]}
     run_eval(tiny, out_dir=tmp_path / "aware", protocol="query_aware", **grid)
     run_eval(tiny, out_dir=tmp_path / "agnostic", protocol="query_agnostic", **grid)
     lines = compare_runs(tmp_path / "aware", tmp_path / "agnostic")

@@ -16,7 +16,7 @@ from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example
 from mixkv.eval.replay import prefill_with_inputs, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import make_examples
 from mixkv.presses.registry import build_press, kvpress_available
-from tests.helpers_tiny import grid_run_twice, tiny_model_and_tokenizer
+from tests.helpers_tiny import SMALL_GRID, grid_run_twice, tiny_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -292,15 +292,7 @@ def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feedin
 def test_kvpress_cells_of_both_protocols_replay_one_shared_prefix_as_their_own_runs_do(tiny, tmp_path):
     from mixkv.eval.runner import run_eval
 
-    grid = {
-        "methods": ["kvpress-snapkv", "kvpress-adakv", "mixkv-snapkv", "full"],
-        "budgets": [40],
-        "tasks": ["niah_single_1"],
-        "context_lengths": [128],
-        "n": 2,
-        "max_new_tokens": 4,
-        "window_size": 8,
-    }
+    grid = {**SMALL_GRID, "methods": ["kvpress-snapkv", "kvpress-adakv", "mixkv-snapkv", "full"]}
     both = run_eval(tiny, out_dir=tmp_path / "both", protocol=["query_aware", "query_agnostic"], **grid)
     for protocol in ("query_aware", "query_agnostic"):
         alone = run_eval(tiny, out_dir=tmp_path / protocol, protocol=protocol, **grid)

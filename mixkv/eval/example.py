@@ -356,8 +356,7 @@ def run_examples_together(
         if seed is not None:
             torch.manual_seed(seed)
         start_from = prefix if chunk is None else None
-        replayed = False
-        held: dict[str, Any] = {}
+        replayed = foreign = False
         if press is None:  # the full cache: the prompt's rest after a copy of the prefix
             cache = copy.deepcopy(prefix.cache)  # type: ignore[union-attr]
             with torch.inference_mode():
@@ -368,7 +367,7 @@ def run_examples_together(
                     f"{type(press).__name__} is replayed on this example's recorded full-cache prefill: pass "
                     "recorded=prefill_with_inputs(...) of this example and protocol"
                 )
-            start_from, replayed = None, True
+            start_from, replayed, foreign = None, True, True
             with torch.inference_mode(), replayed_prefill(model, press, recorded) as (cache, hooks_seconds):
                 if kvpress_masks_keys(model):
                     raise ValueError(
@@ -376,7 +375,6 @@ def run_examples_together(
                         "on its own with run_example"
                     )
                 prefill_s = recorded.seconds + hooks_seconds
-            held = _held_by_foreign_cache(cache, n_prefill, kv_cache_bytes(cache))
         else:
             replayed = chunk is None and recording is not None
             with torch.inference_mode(), press_applied(press, model) as session:
@@ -398,15 +396,16 @@ def run_examples_together(
                         report = press.last_report
                         forward_s = prefill_s - (report.compression_seconds if report is not None else 0.0)
         rows.append(list(cache.layers))
+        kept_bytes = kv_cache_bytes(cache)
         started.append(
             {
                 "start_at": 0 if start_from is None else start_from.tokens,
                 "prefill_s": prefill_s,
                 "replayed": replayed,
-                "kept_bytes": kv_cache_bytes(cache),
+                "kept_bytes": kept_bytes,
                 "bytes_per_token": sum(token_bytes(layer) for layer in cache.layers),
-                "report": getattr(press, "last_report", None) if isinstance(press, BasePress) else None,
-                "held": held,
+                "report": press.last_report if isinstance(press, BasePress) else None,
+                "held": _held_by_foreign_cache(cache, n_prefill, kept_bytes) if foreign else {},
             }
         )
     del recording
