@@ -13,6 +13,7 @@ never used silently. Shared by the text grid (:mod:`mixkv.eval.runner`) and the 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -38,15 +39,34 @@ __all__ = [
     "model_identity",
     "partial_path",
     "plan_cells",
+    "resume_from_published",
     "save_partial",
     "software_versions",
     "write_cell",
+    "write_run_identity",
 ]
 
 logger = logging.getLogger("mixkv.eval")
 
 #: Bump when the content of generated examples or cell files changes incompatibly.
 SCHEMA_VERSION = 1
+
+#: Beside a run's ``examples.csv``: what every one of its records was computed with.
+RUN_IDENTITY_FILE = "run.json"
+
+#: ``examples.csv`` columns a record is rebuilt from on resume, with their types (see
+#: :func:`resume_from_published`); the cell, example index and the rest are not record fields.
+_RECORD_COLUMNS: dict[str, Callable[[str], Any]] = {
+    "example_sha1": str,
+    "context_sha1": str,
+    "score": float,
+    "kv_fraction": float,
+    "kept_tokens_mean": float,
+    "new_tokens": int,
+    "prefill_seconds": float,
+    "decode_seconds": float,
+    "output": str,
+}
 
 
 @dataclass(frozen=True)
@@ -385,3 +405,97 @@ def write_cell(
     }
     _atomic_write_json(cell_dir / cell.name, data)
     return data
+
+
+def write_run_identity(out_dir: Path, identity: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write ``out_dir/run.json``: the identity every cell of the run carries (model, dtype, seed,
+    protocol, window, answer length) and its configuration, so that its published ``examples.csv``
+    can be resumed elsewhere (:func:`resume_from_published`)."""
+    path = out_dir / RUN_IDENTITY_FILE
+    _atomic_write_json(path, {"schema": SCHEMA_VERSION, "identity": identity, "config": config})
+    return path
+
+
+def resume_from_published(
+    source: Path, cells: Sequence[Cell], cell_dir: Path, identity: dict[str, Any]
+) -> list[str]:
+    """Make a published run's per-example records (``source/examples.csv`` with its ``run.json``)
+    the checkpoints of ``cells`` where they go further than what ``cell_dir`` holds.
+
+    Records are rebuilt from the CSV's columns (score, KV fraction, kept tokens, answer length,
+    timings, digests and, where present, the output); nothing else of the original record (the
+    press's report) is restored. As for any checkpoint, the run then keeps a record only while its
+    ``example_sha1`` is that of the example regenerated for its position (:func:`load_partial`),
+    so a record is never attached to another example. Returns the names of the cells given a
+    checkpoint.
+
+    Raises
+    ------
+    ValueError
+        ``source`` lacks ``examples.csv`` or ``run.json``, its identity is not ``identity`` (say which
+        setting differs), or its rows of a cell are not examples 0, 1, ... in order.
+    """
+    table, described = source / "examples.csv", source / RUN_IDENTITY_FILE
+    missing = [str(p) for p in (table, described) if not p.is_file()]
+    if missing:
+        raise ValueError(
+            f"Cannot resume from {source}: {', '.join(missing)} missing. Give the directory a "
+            "`mixkv eval` run (or `--report-only`) wrote its examples.csv and run.json to."
+        )
+    theirs = json.loads(described.read_text(encoding="utf-8")).get("identity")
+    if theirs != identity:
+        differ = sorted(k for k in {**identity, **(theirs or {})} if (theirs or {}).get(k) != identity.get(k))
+        raise ValueError(
+            f"Cannot resume from {source}: it was run with "
+            + ", ".join(f"{k}={(theirs or {}).get(k)!r}" for k in differ)
+            + ", this run has "
+            + ", ".join(f"{k}={identity.get(k)!r}" for k in differ)
+            + ". Change those settings (or resume from a run that matches)."
+        )
+    rows: dict[tuple[str, str, str, str], list[dict[str, str]]] = {}
+    with table.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rows.setdefault((row["method"], row["budget"], row["task"], row["context_length"]), []).append(
+                row
+            )
+    seeded = []
+    for cell in cells:
+        key = (
+            cell.method,
+            "" if cell.budget is None else str(cell.budget),
+            cell.task,
+            str(cell.context_length),
+        )
+        published = rows.get(key, [])
+        if [int(r["example"]) for r in published] != list(range(len(published))):
+            raise ValueError(f"{table}: the rows of {cell.name} are not examples 0, 1, ... in order.")
+        if not published or len(published) <= _examples_held(cell_dir, cell, identity):
+            continue
+        # An empty field is a missing value, except an output (an empty answer is one).
+        records = [
+            {
+                c: convert(r[c])
+                for c, convert in _RECORD_COLUMNS.items()
+                if r.get(c) or (c == "output" and c in r)
+            }
+            | {"resumed_from": str(source)}
+            for r in published
+        ]
+        seconds = sum(r["prefill_seconds"] + r["decode_seconds"] for r in records)
+        save_partial(cell_dir, cell, identity, records, seconds)
+        seeded.append(cell.name)
+    return seeded
+
+
+def _examples_held(cell_dir: Path, cell: Cell, identity: dict[str, Any]) -> int:
+    """How many examples of this run ``cell_dir`` already holds for ``cell`` (finished or checkpointed)."""
+    held = 0
+    for path in (cell_dir / cell.name, partial_path(cell_dir, cell)):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if data["identity"] == identity:
+                held = max(held, len(data["examples"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return held

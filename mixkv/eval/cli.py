@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-resume", action="store_true", help="recompute and overwrite finished cells")
     p.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="DIR",
+        help="text tasks: continue a published run: the per-example records of DIR/examples.csv (with "
+        "DIR/run.json; several protocols: DIR/<protocol>/) become checkpoints, used only with the same "
+        "model, dtype, seed, protocol and window, and only where each example's digest matches",
+    )
+    p.add_argument(
         "--window-size",
         type=int,
         default=32,
@@ -251,6 +259,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         dtype=args.dtype,
         compare=_pairs(args.compare),
         report_only=args.report_only,
+        resume_from=args.resume_from,
     )
 
 
@@ -295,6 +304,10 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         raise ValueError(
             f"Text tasks {text} and multimodal tasks cannot be mixed in one run; run them separately "
             "(with different --out directories)."
+        )
+    if args.resume_from is not None:
+        raise ValueError(
+            "--resume-from continues text-task runs; multimodal runs resume from their --out only."
         )
     if args.model is None:
         raise ValueError(

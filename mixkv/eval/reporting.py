@@ -36,6 +36,8 @@ EXAMPLE_COLUMNS = (
     "new_tokens",
     "prefill_seconds",
     "decode_seconds",
+    "context_sha1",
+    "output",
 )
 
 logger = logging.getLogger("mixkv.eval")

@@ -34,9 +34,11 @@ from mixkv.eval.cell_store import (
     model_identity,
     partial_path,
     plan_cells,
+    resume_from_published,
     save_partial,
     software_versions,
     write_cell,
+    write_run_identity,
 )
 from mixkv.eval.example import (
     PROTOCOLS,
@@ -263,6 +265,7 @@ def run_eval(
     dtype: str = "float32",
     compare: Sequence[tuple[str, str]] = (),
     report_only: bool = False,
+    resume_from: str | Path | None = None,
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -333,6 +336,14 @@ def run_eval(
         Compute nothing and load no model: write ``results.md`` and the plots from the finished
         cells and the checkpoints of unfinished ones (:func:`~mixkv.eval.cell_store.cells_so_far`),
         e.g. to look at a long run in progress. No file is changed besides the report.
+    resume_from
+        A published run (a directory with the ``examples.csv`` and ``run.json`` this function
+        writes; with several protocols, one ``resume_from/<protocol>`` per protocol, of which those
+        present are used): its per-example records become this run's checkpoints where they go
+        further than ``out_dir`` holds (:func:`~mixkv.eval.cell_store.resume_from_published`), so a
+        long sweep continues on another machine from its published records. Used only with the
+        same identity (model, dtype, seed, protocol, window, answer length) and, as any checkpoint,
+        only as far as each record's ``example_sha1`` is the regenerated example's.
 
     Returns
     -------
@@ -342,7 +353,8 @@ def run_eval(
     ------
     ValueError
         Unknown method / task / protocol, kvpress methods without kvpress, a ``compare`` pair not
-        made of two of ``methods``, non-positive budgets,
+        made of two of ``methods``, a ``resume_from`` that cannot be used (no records, another
+        identity; also with ``report_only`` or without ``resume``), non-positive budgets,
         lengths or ``n``, or a grid where every compressed cell has a budget not below its context
         length.
     """
@@ -401,6 +413,7 @@ def run_eval(
             "compressed. Use smaller budgets or longer contexts."
         )
 
+    sources = _published_sources(resume_from, protocols, report_only=report_only, resume=resume)
     out = Path(out_dir)
     # One protocol: the run's files in out_dir; several: each protocol's in out_dir/<protocol>,
     # exactly as a run of that protocol alone with that --out writes them (either resumes the other).
@@ -436,6 +449,10 @@ def run_eval(
             "max_new_tokens": max_new_tokens,
         }
         expected = _expected(identities[p], n)
+        write_run_identity(outs[p], identities[p], run_configs[p])
+        if p in sources:
+            seeded = resume_from_published(sources[p], cells, outs[p] / "cells", identities[p])
+            logger.info("%s: %d cell(s) resume from %s.", p, len(seeded), sources[p])
         if report_only:
             finished[p] = cells_so_far(
                 cells, outs[p] / "cells", expected, lambda cell, records: _mean_score(records)
@@ -546,6 +563,23 @@ def run_eval(
 def _expected(identity: dict[str, Any], n: int) -> Callable[[Cell], tuple[dict[str, Any], int]]:
     """What a cell file of this run must carry: its identity and its number of examples."""
     return lambda cell: (identity, n)
+
+
+def _published_sources(
+    resume_from: str | Path | None, protocols: Sequence[str], *, report_only: bool, resume: bool
+) -> dict[str, Path]:
+    """Each protocol's published run to resume from (see ``run_eval``'s ``resume_from``)."""
+    if resume_from is None:
+        return {}
+    if report_only or not resume:
+        raise ValueError("resume_from continues a run: it cannot go with report_only or without resume.")
+    root = Path(resume_from)
+    sources = {p: root if len(protocols) == 1 else root / p for p in protocols}
+    sources = {p: path for p, path in sources.items() if (path / "examples.csv").is_file()}
+    if not sources:
+        where = str(root) if len(protocols) == 1 else " or ".join(str(root / p) for p in protocols)
+        raise ValueError(f"Nothing to resume from: no examples.csv in {where}.")
+    return sources
 
 
 def _check_protocols(protocol: str | Sequence[str]) -> list[str]:
