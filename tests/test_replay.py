@@ -383,3 +383,78 @@ def test_a_grid_decodes_kvpress_cells_that_keep_a_plain_cache_in_the_batch(tiny,
         assert [e["output"] for e in ours] == [e["output"] for e in theirs], cell
         batched = None if cell["method"] == "kvpress-adakv" else 4
         assert [e.get("decode_batch") for e in ours] == [batched] * 2, cell
+
+
+@pytest.fixture
+def aligned_queries(tiny):
+    """The tiny model with every query sharing one large component in its slowest-rotating
+    dimensions, as trained models' queries do: kvpress then finds fake keys that cancel a whole
+    question's queries at once (for random queries it finds none)."""
+    model = tiny[0]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    offset = torch.zeros(model.config.num_attention_heads, head_dim)
+    offset[:, head_dim // 2 - 1] = offset[:, -1] = 50.0
+    handles = [
+        layer.self_attn.q_proj.register_forward_hook(lambda module, args, out: out + offset.flatten())
+        for layer in model.model.layers
+    ]
+    yield tiny
+    for handle in handles:
+        handle.remove()
+
+
+def _adakv_question_after_compression(tiny, example):
+    """kvpress's AdaKV under the query-agnostic protocol: the question comes after its head-wise
+    masks are set, so it is fed over a cache whose keys kvpress replaces by fake ones."""
+    model, tokenizer = tiny
+    _, n_prefill = prompt_ids(example, tokenizer, "query_agnostic", model.device)
+    press = build_press("kvpress-adakv", budget=40, context_tokens=n_prefill, window_size=8)
+    return run_example(model, tokenizer, example, press, protocol="query_agnostic", max_new_tokens=6)
+
+
+def _spied_search(monkeypatch, fail_at: int | None = None, groups: int = 1):
+    """Record how many queries each of kvpress's fake-key searches cancels; with ``fail_at``,
+    the ``fail_at``-th search for more than ``groups`` queries (one token's) fails, as kvpress's
+    does when it finds no fake key."""
+    import kvpress.attention_patch as patch
+
+    original, queries = patch.search_hyperplane, []
+
+    def search(x, *args, **kwargs):
+        queries.append(x.shape[1])
+        if fail_at is not None and sum(q > groups for q in queries) == fail_at and x.shape[1] > groups:
+            raise ValueError("Could not find fake keys such that for every query q, exp(<q, k>) = 0")
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(patch, "search_hyperplane", search)
+    return queries
+
+
+def _groups(model):
+    return model.config.num_attention_heads // model.config.num_key_value_heads
+
+
+@needs_kvpress
+def test_a_question_over_kvpress_masked_keys_is_fed_in_one_forward(aligned_queries, example, monkeypatch):
+    queries = _spied_search(monkeypatch)
+    record = _adakv_question_after_compression(aligned_queries, example)
+    question = record["prompt_tokens"] - record["prefill_tokens"]
+    layers = aligned_queries[0].config.num_hidden_layers
+    assert question > 1 and queries.count(_groups(aligned_queries[0]) * question) == layers
+    assert len(queries) == layers * record["new_tokens"]  # the question's forward, then one per new token
+
+
+@needs_kvpress
+def test_where_kvpress_finds_no_fake_key_for_the_whole_question_it_is_fed_token_by_token(
+    aligned_queries, example, monkeypatch
+):
+    groups, layers = _groups(aligned_queries[0]), aligned_queries[0].config.num_hidden_layers
+    together = _adakv_question_after_compression(aligned_queries, example)
+    # the last layer's search fails, after the layers before it took the question into the cache
+    queries = _spied_search(monkeypatch, fail_at=layers, groups=groups)
+    alone = _adakv_question_after_compression(aligned_queries, example)
+    question = alone["prompt_tokens"] - alone["prefill_tokens"]
+    assert layers > 1 and sum(q > groups for q in queries) == layers
+    assert len(queries) == layers + layers * (question + alone["new_tokens"] - 1)
+    assert alone["output"] == together["output"]
+    assert alone["kv_bytes_after_decoding"] == together["kv_bytes_after_decoding"]

@@ -581,29 +581,50 @@ def _greedy_with_positions(
     query-agnostic protocol) is fed in one forward at its true positions, with an explicit mask:
     every held entry visible, causal among the new tokens (transformers would otherwise derive
     causality from positions the shortened cache does not hold); then one token per forward.
-    A cache whose layers hold different numbers of entries, or keys that kvpress masks (its
-    head-wise presses: the fake keys it puts in their place are searched to cancel every query of
-    a forward, which fails for many queries at once), gets the rest one token at a time.
+    A cache whose layers hold different numbers of entries gets the rest one token at a time.
+    So does a cache whose keys kvpress masks (its head-wise presses) when kvpress finds no fake
+    key that cancels every query of the forward (its search raises ``ValueError``, which it does
+    for some sets of queries, never for one token's): the cache is cut back to what it held and
+    the tokens are fed one by one.
     """
     from mixkv.presses.registry import kvpress_masks_keys
 
     step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+
+    def forward(feed: torch.Tensor, position: int, held: int) -> torch.Tensor:
+        where = torch.arange(position, position + feed.shape[1], device=ids.device)
+        if takes_cache_position:
+            step_kwargs["cache_position"] = where
+        if feed.shape[1] > 1:
+            step_kwargs["attention_mask"] = _held_then_causal_mask(model, held, feed.shape[1])
+        try:
+            return model(input_ids=feed, position_ids=where[None], **step_kwargs).logits
+        finally:
+            step_kwargs.pop("attention_mask", None)
+
+    def token_by_token(pending: torch.Tensor, position: int) -> torch.Tensor:
+        for offset in range(pending.shape[1] - 1):
+            forward(pending[:, offset : offset + 1], position + offset, 0)
+        return forward(pending[:, -1:], position + pending.shape[1] - 1, 0)
+
     position, pending = n_prefill, ids[:, n_prefill:]
     out: list[int] = []
     while len(out) < new_tokens:
         lengths = {layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")}
-        one_forward = pending.shape[1] == 1 or (len(lengths) == 1 and not kvpress_masks_keys(model))
-        feeds = [pending] if one_forward else pending.split(1, dim=1)
-        for feed in feeds:
-            where = torch.arange(position, position + feed.shape[1], device=ids.device)
-            if takes_cache_position:
-                step_kwargs["cache_position"] = where
-            if feed.shape[1] > 1:
-                step_kwargs["attention_mask"] = _held_then_causal_mask(model, lengths.pop(), feed.shape[1])
-            logits = model(input_ids=feed, position_ids=where[None], **step_kwargs).logits
-            step_kwargs.pop("attention_mask", None)
-            position += feed.shape[1]
+        if len(lengths) != 1:
+            logits = token_by_token(pending, position)
+        else:
+            held = lengths.pop()
+            try:
+                logits = forward(pending, position, held)
+            except ValueError:
+                if pending.shape[1] == 1 or not kvpress_masks_keys(model):
+                    raise
+                for layer in cache.layers:  # the layers before the failing one took the tokens
+                    layer.keys, layer.values = layer.keys[..., :held, :], layer.values[..., :held, :]
+                logits = token_by_token(pending, position)
+        position += pending.shape[1]
         out.append(int(logits[0, -1].argmax()))
         if out[-1] in eos:
             break
