@@ -158,6 +158,15 @@ def test_report_only_shows_a_run_in_progress_without_computing_or_changing_files
     assert {c["cell"]["method"]: c["score"] for c in report.cells} == scores
 
 
+def test_report_only_with_a_larger_n_shows_the_cells_finished_with_a_smaller_one(tiny, finished, monkeypatch):
+    count = _interrupt_after(monkeypatch, 0)  # any computation fails
+    report = run_eval(tiny, out_dir=finished, report_only=True, **{**GRID, "n": 5})
+    assert count[0] == 0
+    assert sorted(c["cell"]["method"] for c in report.cells) == ["full", "mixkv-snapkv", "snapkv"]
+    assert all(c["complete"] is False and len(c["examples"]) == GRID["n"] for c in report.cells)
+    assert f"n = {GRID['n']} per cell" in (finished / "results.md").read_text()
+
+
 def test_a_larger_n_extends_finished_cells_with_only_the_new_examples(tiny, finished, monkeypatch):
     count = _interrupt_after(monkeypatch, 10**6)
     extended = run_eval(tiny, out_dir=finished, **{**GRID, "n": 3})

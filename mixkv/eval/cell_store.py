@@ -279,6 +279,9 @@ def cells_so_far(
             out[cell] = data
             continue
         records, _ = load_partial(cell_dir, cell, identity, None)
+        fewer = _fewer_examples(path, cell, identity, n)  # a finished cell of a smaller n
+        if fewer is not None and len(fewer["examples"]) > len(records):
+            records = fewer["examples"]
         if records:
             held[cell] = identity, records[:n]
     common: dict[tuple[str, int | None], int] = {}
@@ -337,20 +340,29 @@ def plan_cells(
     return todo, finished
 
 
-def _extendable(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> bool:
-    """Whether ``path`` is a finished cell of this run with fewer than ``n`` examples; if so, its
-    examples become the cell's checkpoint (unless a longer checkpoint exists), so that a larger
-    ``n`` computes only the new examples (examples depend on their index, not on ``n``)."""
+def _fewer_examples(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The content of ``path`` if it is a finished cell of this run with fewer than ``n`` examples."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return None
     examples = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(examples, list) or not 0 < len(examples) < n:
-        return False
+        return None
     if _validate_cell(data, cell, identity, len(examples)) is not None:
+        return None
+    return data
+
+
+def _extendable(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> bool:
+    """Whether ``path`` is a finished cell of this run with fewer than ``n`` examples; if so, its
+    examples become the cell's checkpoint (unless a longer checkpoint exists), so that a larger
+    ``n`` computes only the new examples (examples depend on their index, not on ``n``)."""
+    data = _fewer_examples(path, cell, identity, n)
+    if data is None:
         return False
+    examples = data["examples"]
     partial = partial_path(path.parent, cell)
     try:
         with open(partial, encoding="utf-8") as fh:
