@@ -10,11 +10,9 @@ import shutil
 
 import pytest
 
-from mixkv.eval import runner
-from mixkv.eval.cli import main as cli_main
 from mixkv.eval.runner import run_eval
 from tests.helpers_tiny import tiny_model_and_tokenizer
-from tests.test_runner import BOTH, CELLS, GRID, _interrupt_after
+from tests.test_runner import BOTH, CELLS, GRID, _interrupt_after, cli_run_eval_arguments
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +118,5 @@ def test_both_protocols_resume_from_the_published_protocols_and_compute_the_othe
 
 
 def test_cli_passes_resume_from(monkeypatch):
-    seen = {}
-
-    def fake_run_eval(*args, **kwargs):
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(runner, "run_eval", fake_run_eval)
-    with pytest.raises(SystemExit):
-        cli_main(["--resume-from", "docs/results/run"])
-    assert seen["resume_from"] == "docs/results/run"
+    arguments = cli_run_eval_arguments(monkeypatch, ["--resume-from", "docs/results/run"])
+    assert arguments["resume_from"] == "docs/results/run"

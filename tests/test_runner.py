@@ -584,7 +584,8 @@ def test_an_unknown_or_empty_protocol_is_refused(tiny, tmp_path, protocol):
         run_eval(tiny, out_dir=tmp_path, protocol=protocol, **GRID)
 
 
-def test_cli_takes_several_protocols(monkeypatch):
+def cli_run_eval_arguments(monkeypatch, argv):
+    """The keyword arguments ``mixkv eval ARGV`` passes to ``run_eval`` (which is not run)."""
     seen = {}
 
     def fake_run_eval(*args, **kwargs):
@@ -593,5 +594,11 @@ def test_cli_takes_several_protocols(monkeypatch):
 
     monkeypatch.setattr(runner, "run_eval", fake_run_eval)
     with pytest.raises(SystemExit):
-        cli_main(["--protocol", "query_aware,query_agnostic"])
-    assert seen["protocol"] == BOTH
+        cli_main(argv)
+    return seen
+
+
+def test_cli_takes_several_protocols(monkeypatch):
+    assert (
+        cli_run_eval_arguments(monkeypatch, ["--protocol", "query_aware,query_agnostic"])["protocol"] == BOTH
+    )
