@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from mixkv.eval.reporting import write_markdown_table
 from mixkv.eval.stats import (
     bootstrap_ci,
     paired_comparison,
@@ -194,6 +195,40 @@ def test_average_over_tasks_uses_the_stratified_interval():
     cells = [_cell("snapkv", 64, "a", 1024, [1.0, 0.0, 1.0]), _cell("snapkv", 64, "b", 1024, [0.0, 1.0])]
     mean, low, high = stratified_bootstrap_ci([[1.0, 0.0, 1.0], [0.0, 1.0]])
     assert format_average(cells) == f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _grid_cells(tasks):
+    scores = {64: [1.0, 0.0, 0.0], 128: [1.0, 1.0, 0.0]}
+    cells = [_cell("full", None, t, 1024, [1.0, 1.0, 0.0]) for t in tasks]
+    cells += [_cell("snapkv", b, t, 1024, s[: 2 + i]) for b, s in scores.items() for i, t in enumerate(tasks)]
+    for c in cells:  # the KV / timing table reads these
+        for e in c["examples"]:
+            e.update(kv_fraction=0.5, prefill_seconds=1.0, decode_seconds=1.0)
+    return cells
+
+
+def test_several_tasks_get_a_method_by_budget_table_of_their_averages(tmp_path):
+    cells = _grid_cells(["a", "b"])
+    grid = {
+        "methods": ["full", "snapkv"],
+        "budgets": [64, 128],
+        "tasks": ["a", "b"],
+        "context_lengths": [1024],
+    }
+    table = write_markdown_table(cells, tmp_path / "results.md", **grid).read_text()
+    summary = table.split("## Context length 1024 tokens: average over the 2 tasks")[1]
+    by_key = _index(*cells)
+    snapkv = [format_average([by_key["snapkv", b, t, 1024] for t in "ab"]) for b in (64, 128)]
+    assert "| method | 64 | 128 |" in summary
+    assert f"| snapkv | {snapkv[0]} | {snapkv[1]} |" in summary
+    full = format_average([by_key["full", None, t, 1024] for t in "ab"])
+    assert f"| full | {full} | {full} |" in summary
+
+
+def test_one_task_gets_no_table_of_averages(tmp_path):
+    grid = {"methods": ["full", "snapkv"], "budgets": [64, 128], "tasks": ["a"], "context_lengths": [1024]}
+    table = write_markdown_table(_grid_cells(["a"]), tmp_path / "results.md", **grid).read_text()
+    assert "average over" not in table
 
 
 def test_mixkv_methods_pair_with_their_bases_when_both_are_run():
