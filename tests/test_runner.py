@@ -414,6 +414,56 @@ def test_a_foreign_press_is_charged_for_what_its_cache_holds(tiny):
     assert record["kv_fraction"] == pytest.approx(40 / full["prefill_tokens"])
 
 
+# -- closed-book: the question without its context ---------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["query_agnostic", "query_aware"])
+def test_closed_book_answers_the_question_alone_and_keeps_the_examples_identity(tiny, protocol):
+    import dataclasses
+
+    model, tokenizer = tiny
+    example = _example(tokenizer)
+    closed = runner.run_closed_book(model, tokenizer, example, protocol=protocol, max_new_tokens=4)
+    question = dataclasses.replace(example, context="")  # no context: nothing to prefill before the question
+    alone = runner.run_example(model, tokenizer, question, None, protocol="query_aware", max_new_tokens=4)
+    full = runner.run_example(model, tokenizer, example, None, protocol=protocol, max_new_tokens=4)
+    assert (closed["output"], closed["kv_bytes"]) == (alone["output"], alone["kv_bytes"])
+    assert closed["prefill_tokens"] < full["prefill_tokens"]
+    assert closed["example_sha1"] == full["example_sha1"] and closed["context_sha1"] == full["context_sha1"]
+    assert closed["closed_book"] is True
+    assert closed["kv_bytes_full"] == full["kv_bytes"]
+    assert closed["kv_fraction"] == pytest.approx(closed["prefill_tokens"] / full["prefill_tokens"])
+
+
+def test_a_closed_book_cell_runs_once_per_task_and_pairs_with_every_budget(tiny, tmp_path):
+    grid = {**GRID, "methods": ["full", "closed-book", "snapkv"], "budgets": [40, 64]}
+    result = run_eval(tiny, out_dir=tmp_path, compare=[("closed-book", "snapkv")], **grid)
+    assert sorted(c["cell"]["method"] for c in result.cells if c["cell"]["budget"] is None) == [
+        "closed-book",
+        "full",
+    ]
+    table = (tmp_path / "results.md").read_text()
+    score = format_score(_cell_file(tmp_path, "closed-book", None))
+    assert f"| closed-book | {score} | {score} |" in table
+    assert "| closed-book | snapkv | 40 |" in table and "| closed-book | snapkv | 64 |" in table
+    again = run_eval(tiny, out_dir=tmp_path, **grid)
+    assert cell_filename("closed-book", None, "niah_single_1", 128) in again.reused
+
+
+def test_closed_book_alone_prefills_no_shared_prefix(tiny, tmp_path, monkeypatch):
+    def no_prefix(*args, **kwargs):
+        raise AssertionError("closed-book needs no prefix of the context")
+
+    monkeypatch.setattr(runner, "prefill_shared_prefix", no_prefix)
+    result = run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["closed-book"]})
+    assert [c["cell"]["method"] for c in result.cells] == ["closed-book"]
+
+
+def test_closed_book_is_refused_outside_the_text_grid():
+    with pytest.raises(ValueError, match="text task grid"):
+        runner.check_methods(["full", "closed-book"])
+
+
 # -- method variants: chunked prefill (+chunkN) and bounded decoding (+decodeN) ----------------
 
 
@@ -432,13 +482,14 @@ def test_a_method_variant_names_its_press_and_how_it_runs():
         ("snapkv+tile8", "modifiers are"),
         ("snapkv+chunk8+chunk16", "modifiers are"),
         ("full+chunk8", "apply to mixkv presses"),
+        ("closed-book+decode8", "apply to mixkv presses"),
         ("kvpress-snapkv+decode8", "apply to mixkv presses"),
         ("nope+chunk8", "Unknown method"),
     ],
 )
 def test_a_bad_method_variant_is_refused_saying_what_to_write(name, message):
     with pytest.raises(ValueError, match=message):
-        runner.check_methods([name], variants=True)
+        runner.check_methods([name], variants=True, closed_book=True)
 
 
 def test_method_variants_are_refused_outside_the_text_grid():

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["full,snapkv,adakv,mixkv-snapkv,mixkv-adakv"],
         help=f"comma or space separated; from: {', '.join(METHODS)} (`mixkv presses` describes them). Text "
-        "tasks: a mixkv press may end in +chunkN (prefill in chunks of N tokens, compressing as it goes) "
+        "tasks: closed-book asks the question without its context (the floor a press must beat), and a mixkv "
+        "press may end in +chunkN (prefill in chunks of N tokens, compressing as it goes) "
         "and/or +decodeN (re-compress to the budget every N tokens after the prompt), e.g. mixkv-snapkv+chunk512",
     )
     p.add_argument("--budgets", nargs="+", default=["64,128"], help="tokens per KV head, e.g. 64,128,256")

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "SharedPrefix",
     "prefill_shared_prefix",
     "prompt_ids",
+    "run_closed_book",
     "run_example",
     "run_examples_together",
 ]
@@ -241,6 +242,49 @@ def run_example(
     if isinstance(press, DecodingPress):
         record["decoding_compressions"] = press.compressions - compressions_before
     record.update(held)
+    return record
+
+
+def run_closed_book(
+    model: Any,
+    tokenizer: Any,
+    example: TextExample,
+    *,
+    protocol: str = "query_agnostic",
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Ask ``example``'s question without its context, with the full cache: the grid's
+    ``closed-book`` method.
+
+    What the model answers from memory or guesses (a 7-digit needle cannot be guessed; the default
+    of a standard-library parameter may be remembered by a model trained on code) is the floor a
+    press must beat before it can be said to have read anything. The record is
+    :func:`run_example`'s on the example with an empty context, identified as ``example`` (its
+    ``example_sha1``, ``context_sha1`` and ``context_tokens``, so it is checkpointed and paired
+    with the other methods' records of the same example) and marked ``closed_book``. With no
+    context there is nothing to compress before the question, so the prompt is prefilled as under
+    ``query_aware`` whatever ``protocol`` is (both give the same answer); ``protocol`` sets
+    ``kv_bytes_full``, what the whole prompt's prefill would hold under it, of which
+    ``kv_fraction`` is the question's share.
+    """
+    record = run_example(
+        model,
+        tokenizer,
+        replace(example, context="", context_tokens=0),
+        None,
+        protocol="query_aware",
+        max_new_tokens=max_new_tokens,
+    )
+    _, full_prefill = prompt_ids(example, tokenizer, protocol, model.device)
+    bytes_per_token = record["kv_bytes"] / record["prefill_tokens"]
+    record.update(
+        context_tokens=example.context_tokens,
+        context_sha1=hashlib.sha1(example.context.encode()).hexdigest(),
+        example_sha1=example.digest,
+        kv_bytes_full=round(bytes_per_token * full_prefill),
+        closed_book=True,
+    )
+    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"]
     return record
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from mixkv.eval.cell_store import Cell, EvalResult
 from mixkv.eval.stats_tables import (
     CORPUS_NOTE,
+    UNBUDGETED_METHODS,
+    cell_key,
     format_average,
     format_score,
     mixkv_base_pairs,
@@ -49,7 +51,7 @@ def _cell_score(data: dict[str, Any]) -> float:
 
 def _not_compressed(method: str, budget: int, length: int | None) -> bool:
     """Whether a compressed cell is skipped because its budget is not below the context length."""
-    return method != "full" and length is not None and budget >= length
+    return method not in UNBUDGETED_METHODS and length is not None and budget >= length
 
 
 def write_markdown_table(
@@ -66,8 +68,9 @@ def write_markdown_table(
 
     Scores are mean example scores in percent with their 95% bootstrap interval over examples
     (:mod:`mixkv.eval.stats_tables`); the ``avg`` column averages the tasks, each counting once. The
-    full-cache row repeats its score under every budget. ``n/a`` marks a budget not below the
-    context length, ``-`` a missing cell. With several tasks, a compact table repeats the ``avg``
+    rows of the full cache and of ``closed-book`` (the question without its context) repeat their
+    score under every budget. ``n/a`` marks a budget not below the context length, ``-`` a missing
+    cell. With several tasks, a compact table repeats the ``avg``
     columns alone (method x budget). A further table per context length gives the mean
     fraction of KV bytes kept and the prefill / decode times, and, when the prompts hold images, a
     third the image tokens kept. A context length of None (multimodal grids) drops the per-length headings and the
@@ -107,7 +110,7 @@ def write_markdown_table(
             for b in budgets:
                 found: list[dict[str, Any]] = []
                 for t in tasks:
-                    key = (method, None if method == "full" else b, t, length)
+                    key = cell_key(method, b, t, length)
                     if _not_compressed(method, b, length):
                         row.append("n/a")
                     elif key in index:
@@ -163,8 +166,8 @@ def _examples_at(
     tasks: Sequence[str],
     length: int | None,
 ) -> list[dict[str, Any]]:
-    """Every example record of ``method`` at ``budget`` (the full cache at any budget) over ``tasks``."""
-    keys = [(method, None if method == "full" else budget, t, length) for t in tasks]
+    """Every example record of ``method`` at ``budget`` (an unbudgeted method's at any) over ``tasks``."""
+    keys = [cell_key(method, budget, t, length) for t in tasks]
     return [e for k in keys if k in index for e in index[k]["examples"]]
 
 
@@ -230,15 +233,14 @@ def _write_plots(
         for ax, panel in zip(axes[0], panels, strict=True):
             panel_tasks = tasks if panel == "average" else [panel]
             for method in methods:
-                if method == "full":
-                    full_vals = [
-                        index[("full", None, t, length)]
-                        for t in panel_tasks
-                        if ("full", None, t, length) in index
-                    ]
-                    if len(full_vals) == len(panel_tasks):
-                        score = sum(_cell_score(v) for v in full_vals) / len(full_vals)
-                        ax.axhline(score, color="black", linestyle="--", label="full cache")
+                if method in UNBUDGETED_METHODS:  # one score for every budget: a horizontal line
+                    keys = [cell_key(method, None, t, length) for t in panel_tasks]
+                    vals = [index[k] for k in keys if k in index]
+                    if len(vals) == len(panel_tasks):
+                        score = sum(_cell_score(v) for v in vals) / len(vals)
+                        style = "--" if method == "full" else ":"
+                        label = "full cache" if method == "full" else method
+                        ax.axhline(score, color="black", linestyle=style, label=label)
                     continue
                 xs, ys = [], []
                 for b in budgets:

@@ -9,6 +9,10 @@ and reported by :mod:`mixkv.eval.reporting`.
 Budgets at least as large as a cell's context length are skipped with a message (the press
 would keep everything, so the cell would only repeat the full-cache result); the summary table
 shows them as ``n/a``. A grid in which every compressed cell would be skipped is an error.
+
+Besides the presses, the grid has two methods without a budget, run once per (task, context
+length): ``full`` (the full cache) and ``closed-book`` (the question without its context: what
+the model answers from memory or guesses, the floor a press must beat to have read anything).
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ from mixkv.eval.example import (
     SharedPrefix,
     prefill_shared_prefix,
     prompt_ids,
+    run_closed_book,
     run_example,
     run_examples_together,
 )
 from mixkv.eval.replay import prefill_with_inputs
 from mixkv.eval.reporting import write_summary
+from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 from mixkv.eval.tasks import TASKS, make_examples
 from mixkv.integration.models import describe_decoder
 from mixkv.presses.decoding import DecodingPress
@@ -58,6 +64,7 @@ from mixkv.presses.registry import KVPRESS_MASKING_NAMES, KVPRESS_NAMES, NAMES, 
 # build_press, cell_filename, kvpress_available, prefill_shared_prefix and run_example stay
 # importable from here: the tests (and earlier code) import them from this module.
 __all__ = [
+    "CLOSED_BOOK",
     "KVPRESS_METHODS",
     "METHODS",
     "EvalResult",
@@ -80,8 +87,11 @@ logger = logging.getLogger("mixkv.eval")
 #: Methods backed by NVIDIA's ``kvpress`` package (only when it is importable).
 KVPRESS_METHODS: tuple[str, ...] = KVPRESS_NAMES
 
-#: Every method name :func:`run_eval` accepts (the press registry's names).
-METHODS: tuple[str, ...] = NAMES
+#: The text grid's method that asks each question without its context (no press, nothing to compress).
+CLOSED_BOOK = "closed-book"
+
+#: Every method name :func:`run_eval` accepts: the press registry's names and :data:`CLOSED_BOOK`.
+METHODS: tuple[str, ...] = (*NAMES, CLOSED_BOOK)
 
 
 def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
@@ -115,6 +125,8 @@ class MethodVariant:
     def press(self, budget: int | None, *, context_tokens: int, window_size: int = 32) -> Any:
         """:func:`~mixkv.presses.registry.build_press` of ``press_method``, inside a
         :class:`~mixkv.DecodingPress` when the variant has a decoding interval."""
+        if self.press_method == CLOSED_BOOK:
+            return None
         press = build_press(self.press_method, budget, context_tokens=context_tokens, window_size=window_size)
         if self.decoding_interval is None:
             return press
@@ -125,20 +137,23 @@ class MethodVariant:
         """Whether the method prefills only the tail of an example, under its press, from a copy of
         the shared full-cache prefix (kvpress presses replay instead, see
         :attr:`replays_a_prefill`; chunked prefills start from position 0)."""
-        return self.press_method not in KVPRESS_METHODS and self.prefill_chunk_size is None
+        return self.press_method not in (CLOSED_BOOK, *KVPRESS_METHODS) and self.prefill_chunk_size is None
 
     @property
     def decodes_together(self) -> bool:
         """Whether the method's answers can be decoded in one batch with other such methods'
         (:func:`~mixkv.eval.example.run_examples_together`, in the session of a mixkv press among
         them): the full cache, mixkv presses that do not compress while decoding, and kvpress
-        presses that leave a plain shortened cache (not those that mask keys while decoding)."""
-        return self.press_method not in KVPRESS_MASKING_NAMES and self.decoding_interval is None
+        presses that leave a plain shortened cache (not those that mask keys while decoding, nor
+        ``closed-book``, whose prompt is another)."""
+        return (
+            self.press_method not in (CLOSED_BOOK, *KVPRESS_MASKING_NAMES) and self.decoding_interval is None
+        )
 
     @property
     def is_mixkv_press(self) -> bool:
         """Whether the method is a press of this library (not the full cache, not kvpress)."""
-        return self.press_method not in ("full", *KVPRESS_METHODS)
+        return self.press_method not in (*UNBUDGETED_METHODS, *KVPRESS_METHODS)
 
     @property
     def replays_a_prefill(self) -> bool:
@@ -167,22 +182,30 @@ def parse_method(name: str) -> MethodVariant:
                 "mixkv-snapkv+chunk512."
             )
         found[_MODIFIERS[kind]] = int(size)
-    if found and (press_method == "full" or press_method in KVPRESS_METHODS):
+    if found and (press_method in UNBUDGETED_METHODS or press_method in KVPRESS_METHODS):
         raise ValueError(
             f"Method {name!r}: +chunk / +decode apply to mixkv presses, not to {press_method!r}."
         )
     return MethodVariant(press_method, **found)
 
 
-def check_methods(methods: Sequence[str] | str, *, variants: bool = False) -> list[str]:
+def check_methods(
+    methods: Sequence[str] | str, *, variants: bool = False, closed_book: bool = False
+) -> list[str]:
     """Normalised method names; ValueError for unknown ones or kvpress methods without kvpress.
 
-    With ``variants`` (the text grid) a name may carry ``+chunkN`` / ``+decodeN``
-    (:func:`parse_method`); otherwise those are refused."""
+    With ``variants`` a name may carry ``+chunkN`` / ``+decodeN`` (:func:`parse_method`); with
+    ``closed_book`` (the text grid) :data:`CLOSED_BOOK` is accepted; otherwise those are refused."""
     out = [m.strip().lower() for m in as_list("methods", methods)]
-    unknown = [m for m in out if m.split("+")[0] not in METHODS]
+    known = METHODS if closed_book else NAMES
+    unknown = [m for m in out if m.split("+")[0] not in known]
+    if any(m.split("+")[0] == CLOSED_BOOK for m in unknown):
+        raise ValueError(
+            f"{CLOSED_BOOK!r} (the question without its context) is a method of the text task grid "
+            "(`mixkv eval` on text tasks) only; drop it here."
+        )
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(METHODS)}.")
+        raise ValueError(f"Unknown method(s) {unknown}; choose from: {', '.join(known)}.")
     for m in (m for m in out if "+" in m):
         if not variants:
             raise ValueError(
@@ -275,7 +298,8 @@ def run_eval(
         What :func:`mixkv.models.load_model` accepts (None = SmolLM2-135M-Instruct), or an already
         loaded ``(model, tokenizer)`` pair. The model is loaded only if some cell must be computed.
     methods
-        Names from :data:`METHODS`. ``"full"`` runs once per (task, context length). A mixkv press's
+        Names from :data:`METHODS`. ``"full"`` and ``"closed-book"`` (the question without its
+        context) run once per (task, context length). A mixkv press's
         name may carry ``+chunkN`` / ``+decodeN`` (chunked prefill, bounded decoding; see
         :class:`MethodVariant`).
     budgets
@@ -360,7 +384,7 @@ def run_eval(
     """
     from mixkv.models import parse_dtype
 
-    methods = check_methods(methods, variants=True)
+    methods = check_methods(methods, variants=True, closed_book=True)
     variants = {m: parse_method(m) for m in methods}
     compare = check_compare(compare, methods)
     torch_dtype = parse_dtype(dtype)
@@ -392,7 +416,7 @@ def run_eval(
     for length in context_lengths:
         for task in tasks:
             for method in methods:
-                if method == "full":
+                if method in UNBUDGETED_METHODS:
                     cells.append(Cell(method, None, task, length))
                     continue
                 for b in budgets:
@@ -407,7 +431,9 @@ def run_eval(
             len(skipped),
             ", ".join(sorted({r.split(":")[0] for _, r in skipped})),
         )
-    if not any(c.method != "full" for c in cells) and any(m != "full" for m in methods):
+    if not any(c.method not in UNBUDGETED_METHODS for c in cells) and any(
+        m not in UNBUDGETED_METHODS for m in methods
+    ):
         raise ValueError(
             f"Every budget {budgets} is >= every context length {context_lengths}: nothing would be "
             "compressed. Use smaller budgets or longer contexts."
@@ -658,6 +684,13 @@ def _run_cells(
     for cell in (c for c in cells if c not in together):
         torch.manual_seed(seed)
         variant = variants[cell.method]
+        if variant.press_method == CLOSED_BOOK:
+            start = time.perf_counter()
+            record = run_closed_book(
+                model, tokenizer, example, protocol=protocol, max_new_tokens=max_new_tokens
+            )
+            yield cell, record, time.perf_counter() - start
+            continue
         press = variant.press(cell.budget, context_tokens=prefill_tokens, window_size=window_size)
         start = time.perf_counter()
         record = run_example(

@@ -3,7 +3,8 @@ paired comparisons of two methods on the same examples (maths in :mod:`mixkv.eva
 
 Inputs are the cell dicts written by :mod:`mixkv.eval.runner` (``cell``: method, budget, task,
 context length; ``score``: the cell's score in [0, 1]; ``examples``: records with a per-example
-``score``), indexed by ``(method, budget, task, context_length)`` with budget None for ``"full"``.
+``score``), indexed by :func:`cell_key`: ``(method, budget, task, context_length)`` with budget None
+for the methods that have none (:data:`UNBUDGETED_METHODS`).
 Scores are shown in percent, differences in percentage points. A cell whose ``score`` is not the
 mean of its examples' scores (a corpus-level metric such as CIDEr-D, or a task mixing metrics) has
 no per-example interval: it is shown with a ``†`` and left out of paired comparisons.
@@ -21,6 +22,8 @@ from mixkv.eval.stats import PairedComparison, bootstrap_ci, paired_comparison, 
 __all__ = [
     "COMPARISON_HEADER",
     "CORPUS_NOTE",
+    "UNBUDGETED_METHODS",
+    "cell_key",
     "comparison_columns",
     "example_scores",
     "format_average",
@@ -32,6 +35,17 @@ __all__ = [
 ]
 
 CellKey = tuple[str, int | None, str, int | None]
+
+#: Methods run once per (task, context length), not per budget: the full cache, and the question
+#: without its context (``closed-book``, what the model answers from memory or guesses).
+UNBUDGETED_METHODS: tuple[str, ...] = ("full", "closed-book")
+
+
+def cell_key(method: str, budget: int | None, task: str, length: int | None) -> CellKey:
+    """The index key of ``method``'s cell at ``budget``: budget None for an unbudgeted method, whose
+    one cell stands for every budget."""
+    return (method, None if method in UNBUDGETED_METHODS else budget, task, length)
+
 
 #: Legend of the ``†`` mark.
 CORPUS_NOTE = "† corpus-level score (CIDEr-D or a mix of metrics): no per-example interval."
@@ -156,8 +170,8 @@ def paired_lines(
     :func:`~mixkv.eval.stats.paired_comparison`: n, both means, B - A with its 95%
     paired-bootstrap interval (bold only when the interval excludes 0), wins / ties / losses of B,
     and the exact sign-test p-value. A second table gives the same per (task, context length)
-    when some row pools more than one cell. ``"full"`` (budget None in ``index``) pairs with
-    every budget.
+    when some row pools more than one cell. An unbudgeted method (budget None in ``index``) pairs
+    with every budget.
 
     Returns
     -------
@@ -179,8 +193,7 @@ def paired_lines(
             rows: list[list[str]] = []
             for length in context_lengths:
                 for task in tasks:
-                    ka = (a, None if a == "full" else budget, task, length)
-                    kb = (b, None if b == "full" else budget, task, length)
+                    ka, kb = cell_key(a, budget, task, length), cell_key(b, budget, task, length)
                     if ka not in index or kb not in index:
                         continue
                     scores = _paired_scores(index[ka], index[kb])
