@@ -291,6 +291,16 @@ def test_the_full_cache_pairs_with_every_budget():
     )
 
 
+def test_two_unbudgeted_methods_pair_once_not_once_per_budget():
+    index = _index(
+        _cell("closed-book", None, "t", 1024, [0.0, 1.0]),
+        _cell("full", None, "t", 1024, [1.0, 1.0]),
+    )
+    lines = paired_lines(index, [("closed-book", "full")], [64, 128], ["t"], [1024])
+    rows = [line for line in lines if line.startswith("| closed-book | full |")]
+    assert rows == [_row(lines, "| closed-book | full | - | 1 | 2 | 50.0 | 100.0 |")]
+
+
 def test_pairing_cells_of_different_examples_raises():
     index = _index(
         _cell("snapkv", 64, "t", 1024, [1.0, 0.0], ids=["x", "y"]),

@@ -171,7 +171,8 @@ def paired_lines(
     paired-bootstrap interval (bold only when the interval excludes 0), wins / ties / losses of B,
     and the exact sign-test p-value. A second table gives the same per (task, context length)
     when some row pools more than one cell. An unbudgeted method (budget None in ``index``) pairs
-    with every budget.
+    with every budget; two unbudgeted methods (``closed-book`` against ``full``) give one row,
+    budget ``-``.
 
     Returns
     -------
@@ -187,7 +188,10 @@ def paired_lines(
     per_cell: list[list[str]] = []
     left_out = False
     for a, b in pairs:
-        for budget in budgets:
+        unbudgeted = a in UNBUDGETED_METHODS and b in UNBUDGETED_METHODS
+        pair_budgets: Sequence[int | None] = [None] if unbudgeted else budgets
+        for budget in pair_budgets:
+            shown_budget = "-" if budget is None else str(budget)
             xs: list[np.ndarray] = []
             ys: list[np.ndarray] = []
             rows: list[list[str]] = []
@@ -203,11 +207,11 @@ def paired_lines(
                     xs.append(scores[0])
                     ys.append(scores[1])
                     where = [task] if length is None else [task, str(length)]
-                    rows.append([a, b, str(budget), *where, *comparison_columns(paired_comparison(*scores))])
+                    rows.append([a, b, shown_budget, *where, *comparison_columns(paired_comparison(*scores))])
             if not xs:
                 continue
             comparison = paired_comparison(np.concatenate(xs), np.concatenate(ys))
-            pooled.append([a, b, str(budget), str(len(xs)), *comparison_columns(comparison)])
+            pooled.append([a, b, shown_budget, str(len(xs)), *comparison_columns(comparison)])
             per_cell += rows
     if not pooled:
         return []
