@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mixkv.eval.stats import paired_comparison
-from mixkv.eval.stats_tables import COMPARISON_HEADER, comparison_columns, example_scores
+from mixkv.eval.stats_tables import COMPARISON_HEADER, comparison_columns, example_scores, format_budget
 
 __all__ = ["compare_runs", "main", "read_run"]
 
@@ -156,7 +156,7 @@ def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str]
         per_cell.append(
             [
                 method,
-                "-" if budget is None else str(budget),
+                format_budget(budget),
                 *where,
                 *comparison_columns(paired_comparison(x, y)),
             ]
@@ -190,7 +190,7 @@ def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str]
         y = np.concatenate([p[1] for p in pairs])
         row = [
             method,
-            "-" if budget is None else str(budget),
+            format_budget(budget),
             str(len(pairs)),
             *comparison_columns(paired_comparison(x, y)),
         ]

@@ -27,6 +27,7 @@ __all__ = [
     "comparison_columns",
     "example_scores",
     "format_average",
+    "format_budget",
     "format_p",
     "format_score",
     "mixkv_base_pairs",
@@ -135,6 +136,11 @@ def _paired_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[np.ndarr
     return None if sa is None or sb is None else (sa, sb)
 
 
+def format_budget(budget: int | None) -> str:
+    """A budget as the tables print it: ``-`` for an unbudgeted method's cell (budget None)."""
+    return "-" if budget is None else str(budget)
+
+
 def format_p(p_value: float) -> str:
     """A p-value as the tables print it: three decimals, ``<0.001`` below that."""
     return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
@@ -191,7 +197,6 @@ def paired_lines(
         unbudgeted = a in UNBUDGETED_METHODS and b in UNBUDGETED_METHODS
         pair_budgets: Sequence[int | None] = [None] if unbudgeted else budgets
         for budget in pair_budgets:
-            shown_budget = "-" if budget is None else str(budget)
             xs: list[np.ndarray] = []
             ys: list[np.ndarray] = []
             rows: list[list[str]] = []
@@ -207,11 +212,13 @@ def paired_lines(
                     xs.append(scores[0])
                     ys.append(scores[1])
                     where = [task] if length is None else [task, str(length)]
-                    rows.append([a, b, shown_budget, *where, *comparison_columns(paired_comparison(*scores))])
+                    rows.append(
+                        [a, b, format_budget(budget), *where, *comparison_columns(paired_comparison(*scores))]
+                    )
             if not xs:
                 continue
             comparison = paired_comparison(np.concatenate(xs), np.concatenate(ys))
-            pooled.append([a, b, shown_budget, str(len(xs)), *comparison_columns(comparison)])
+            pooled.append([a, b, format_budget(budget), str(len(xs)), *comparison_columns(comparison)])
             per_cell += rows
     if not pooled:
         return []
