@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from mixkv import kv_cache_bytes
+from mixkv.functional.attention import UNSPLIT_LENGTH, length_groups
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer
 from tests.reference import masked_reference
 
@@ -92,6 +93,40 @@ def test_packed_layer_with_a_head_that_kept_no_prompt_entry():
     out = layer.attend(query, 0.2)
     assert torch.isfinite(out).all()
     assert (out - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("query_length", [1, 3])
+def test_packed_layer_with_very_unequal_heads_attends_group_by_group_as_masked_full_attention(query_length):
+    keys, values = random_full_cache(batch=2, length=406)
+    window = 6
+    kept = torch.zeros(2, 2, keys.shape[2] - window, dtype=torch.bool)
+    kept[0, 0] = True  # the whole prompt (a full-cache row), 400 entries
+    kept[0, 1, ::3] = True  # 134
+    kept[1, 0, 50:60] = True  # 10
+    layer = build_packed(keys, values, kept, window)  # row 1 head 1 keeps no prompt entry
+    assert len(layer.length_groups) == 3
+    full_k, full_v = append_new_tokens(layer, keys, values, query_length)
+    query = torch.randn(2, 4, query_length, 8, generator=torch.Generator().manual_seed(6))
+
+    visible = torch.ones(2, 2, query_length, full_k.shape[2], dtype=torch.bool)
+    visible[..., : kept.shape[-1]] = kept.unsqueeze(2)
+    visible[..., -query_length:] &= torch.ones(query_length, query_length, dtype=torch.bool).tril()
+    expected = masked_reference(query, full_k, full_v, visible, 0.3)
+    assert (layer.attend(query, 0.3) - expected).abs().max() <= 1e-5
+
+
+def test_length_groups_hold_every_segment_once_and_pad_each_at_most_twofold():
+    lengths = torch.tensor([400, 10, 0, 134, 260, 70, 64, 399, 3])
+    groups = length_groups(lengths)
+    members = torch.cat([segments for segments, _ in groups]).tolist()
+    assert sorted(members) == list(range(len(lengths)))
+    for segments, longest in groups:
+        assert longest == int(lengths[segments].max())
+        assert longest <= UNSPLIT_LENGTH or bool((2 * lengths[segments] > longest).all())
+
+
+def test_equal_segment_lengths_stay_one_group():
+    assert length_groups(torch.full((6,), 512)) == [(None, 512)]
 
 
 @pytest.mark.parametrize("query_length", [1, 4])

@@ -12,6 +12,13 @@ covers every head at once. The padding exists only for the duration of the call,
 time; what the cache *holds* stays packed. On a CPU it brought the head-wise decoding step from
 1.31x to 1.18x the uniform one, against a segment-wise softmax built from
 ``scatter_reduce``/``index_add`` (``docs/benchmarks/cpu.md``).
+
+When segment lengths differ widely (a full-cache row decoded in one batch with compressed ones,
+or heads whose adaptive budgets differ by 10x), padding every segment to the longest makes the
+block mostly padding, and copying it at every decoding step costs more than the attention itself.
+:func:`length_groups` therefore splits the segments into groups whose lengths are within a factor
+of two, and each group gets its own block and call: at most twice a group's entries are gathered.
+Segments of equal length (uniform budgets) stay one group, one call.
 """
 
 from __future__ import annotations
@@ -19,8 +26,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: Groups of segments no longer than this are not split further (:func:`length_groups`): below it a
+#: call's fixed cost outweighs the padding it would save.
+UNSPLIT_LENGTH = 64
 
-def padded_segment_index(segment_lengths: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: One group of :func:`length_groups`: its segments (None: all of them, in order) and its longest.
+LengthGroup = tuple[torch.Tensor | None, int]
+
+
+def length_groups(segment_lengths: torch.Tensor, unsplit_length: int = UNSPLIT_LENGTH) -> list[LengthGroup]:
+    """Segments grouped for :func:`packed_attention` so that padding each group to its own longest
+    segment at most doubles its entries.
+
+    Taken from the longest down, a segment joins the current group while it is longer than half
+    the group's longest, or while that longest is at most ``unsplit_length``. Reads the lengths on
+    the host once: compute the groups when a layer is built, not at every step.
+
+    Returns
+    -------
+    list of ``(segments, longest)``
+        ``segments``: LongTensor of segment ids in increasing order, or None for a single group of
+        every segment; ``longest``: the group's longest segment.
+    """
+    lengths = segment_lengths.tolist()
+    order = sorted(range(len(lengths)), key=lambda segment: -lengths[segment])
+    grouped: list[tuple[list[int], int]] = []
+    for segment in order:
+        length = lengths[segment]
+        if grouped and (2 * length > grouped[-1][1] or grouped[-1][1] <= unsplit_length):
+            grouped[-1][0].append(segment)
+        else:
+            grouped.append(([segment], length))
+    if len(grouped) <= 1:
+        return [(None, grouped[0][1] if grouped else 0)]
+    device = segment_lengths.device
+    return [(torch.tensor(sorted(members), device=device), longest) for members, longest in grouped]
+
+
+def padded_segment_index(
+    segment_lengths: torch.Tensor, max_length: int, segments: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each slot of a ``(S, max_length)`` padded view reads from in the packed tensor.
 
     Parameters
@@ -28,16 +73,20 @@ def padded_segment_index(segment_lengths: torch.Tensor, max_length: int) -> tupl
     segment_lengths : LongTensor ``(S,)``
         Entries of each segment, stored back to back.
     max_length : int
-        At least ``segment_lengths.max()``.
+        At least the longest of the segments viewed.
+    segments : LongTensor ``(S',)``, optional
+        View only these segments (rows in this order); default all.
 
     Returns
     -------
-    index : LongTensor ``(S * max_length,)``
+    index : LongTensor ``(S' * max_length,)``
         Packed row of every slot (padding slots point at row 0 and are masked).
-    valid : BoolTensor ``(S, max_length)``
+    valid : BoolTensor ``(S', max_length)``
         True for slots that hold an entry.
     """
     starts = torch.cumsum(segment_lengths, 0) - segment_lengths
+    if segments is not None:
+        starts, segment_lengths = starts[segments], segment_lengths[segments]
     slots = torch.arange(max_length, device=segment_lengths.device)
     valid = slots.unsqueeze(0) < segment_lengths.unsqueeze(1)
     index = torch.where(
@@ -51,7 +100,7 @@ def packed_attention(
     packed_keys: torch.Tensor,
     packed_values: torch.Tensor,
     segment_lengths: torch.Tensor,
-    max_length: int,
+    groups: list[LengthGroup],
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
     tail_visible: torch.Tensor | None,
@@ -66,8 +115,8 @@ def packed_attention(
     packed_keys, packed_values : Tensor ``(T, D)``
         Packed entries of all segments, in segment order.
     segment_lengths : LongTensor ``(S,)``
-    max_length : int
-        Longest segment (``>= segment_lengths.max()``).
+    groups : list of ``(segments, longest)``
+        :func:`length_groups` of ``segment_lengths``; each group is attended in one call.
     tail_keys, tail_values : Tensor ``(S, T_tail, D)``
     tail_visible : BoolTensor broadcastable to ``(S, R, T_tail)``, or None
         True where a query row may attend to a tail entry; None when every tail entry is visible.
@@ -79,17 +128,46 @@ def packed_attention(
     -------
     Tensor ``(S, R, D)``
     """
-    segments, rows, head_dim = queries.shape
-    tail_length = tail_keys.shape[1]
-    index, valid = padded_segment_index(segment_lengths, max_length)
-    keys = torch.cat([packed_keys.index_select(0, index).view(segments, max_length, head_dim), tail_keys], 1)
-    values = torch.cat(
-        [packed_values.index_select(0, index).view(segments, max_length, head_dim), tail_values], 1
-    )
-    prefix_visible = valid.unsqueeze(1).expand(segments, rows, max_length)
     if tail_visible is None:
         tail_visible = torch.ones((1, 1, 1), dtype=torch.bool, device=queries.device)
-    visible = torch.cat([prefix_visible, tail_visible.expand(segments, rows, tail_length)], dim=-1)
+    operands = (queries, packed_keys, packed_values, segment_lengths, tail_keys, tail_values, tail_visible)
+    if len(groups) == 1:
+        return _attend_group(*operands, *groups[0], scaling)
+    out = queries.new_empty(queries.shape)
+    for segments, longest in groups:
+        out[segments] = _attend_group(*operands, segments, longest, scaling)
+    return out
+
+
+def _attend_group(
+    queries: torch.Tensor,
+    packed_keys: torch.Tensor,
+    packed_values: torch.Tensor,
+    segment_lengths: torch.Tensor,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_visible: torch.Tensor,
+    segments: torch.Tensor | None,
+    longest: int,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`packed_attention` of one length group, padded to its ``longest``: ``(S', R, D)``."""
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if segments is None or tensor.shape[0] == 1 else tensor[segments]
+
+    queries, tail_keys, tail_values = rows(queries), rows(tail_keys), rows(tail_values)
+    count, query_rows, head_dim = queries.shape
+    index, valid = padded_segment_index(segment_lengths, longest, segments)
+    keys = torch.cat([packed_keys.index_select(0, index).view(count, longest, head_dim), tail_keys], 1)
+    values = torch.cat([packed_values.index_select(0, index).view(count, longest, head_dim), tail_values], 1)
+    visible = torch.cat(
+        [
+            valid.unsqueeze(1).expand(count, query_rows, longest),
+            rows(tail_visible).expand(count, query_rows, tail_keys.shape[1]),
+        ],
+        dim=-1,
+    )
     out = F.scaled_dot_product_attention(
         queries.unsqueeze(1),
         keys.unsqueeze(1),

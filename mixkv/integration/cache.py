@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mixkv.functional.attention import causal_tail_visibility, packed_attention, padded_segment_index
+from mixkv.functional.attention import (
+    causal_tail_visibility,
+    length_groups,
+    packed_attention,
+    padded_segment_index,
+)
 
 _DETACHED_MESSAGE = (
     "this cache layer was compressed by a mixkv press and can only be used while the press is active: "
@@ -175,6 +180,8 @@ class PackedCompressedLayer(CompressedLayer):
         self.segment_lengths = segment_lengths
         # A Python int, fixed at creation (the packed part never grows): no device sync per step.
         self.max_segment_length = int(segment_lengths.max()) if segment_lengths.numel() else 0
+        # Same for the segments' grouping by length (see packed_attention).
+        self.length_groups = length_groups(segment_lengths)
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
@@ -241,7 +248,7 @@ class PackedCompressedLayer(CompressedLayer):
             self.packed_keys,
             self.packed_values,
             self.segment_lengths,
-            self.max_segment_length,
+            self.length_groups,
             keys.reshape(segments, tail_len, head_dim),
             values.reshape(segments, tail_len, head_dim),
             visible,
