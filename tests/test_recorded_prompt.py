@@ -82,6 +82,23 @@ def test_compressing_a_recording_keeps_the_entries_of_a_prefill_under_the_press(
     assert press.last_report.compressed_bytes == reference_report.compressed_bytes
 
 
+def test_presses_compressing_one_recording_reuse_its_window_importance(model, prompts, monkeypatch):
+    import mixkv.presses.base as base
+
+    calls = []
+    computed = base.window_importance
+    monkeypatch.setattr(base, "window_importance", lambda *a, **k: calls.append(1) or computed(*a, **k))
+    recorded = _recording(model, *prompts)
+    assert len(calls) == 3  # the recording press scored each of the 3 layers
+    for method in ("adakv", "mixkv-snapkv", "pyramidkv"):
+        with torch.inference_mode(), _press(method)(model) as session:
+            session.compress_recorded(recorded)
+    assert len(calls) == 3
+    with torch.inference_mode(), from_name("snapkv", 20, window_size=4)(model) as session:
+        session.compress_recorded(recorded)  # another window: its own importance
+    assert len(calls) == 6
+
+
 def test_a_replayed_cache_answers_like_the_prefilled_one(model, prompts):
     ids, mask = prompts
     recorded = _recording(model, ids, mask)

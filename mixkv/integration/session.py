@@ -211,6 +211,10 @@ class RecordedPrompt:
     calls: list[_PromptCall] = field(default_factory=list)
     input_ids: torch.Tensor | None = None
     prompt_ids: torch.Tensor | None = None
+    #: SnapKV importance per (layer, window size, kernel size, pooling): it depends only on the
+    #: recorded queries and keys, so the first press that computes it (recording or compressing)
+    #: leaves it here and presses with the same window and pooling reuse it.
+    importance: dict[tuple[int, int, int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def full_cache(self) -> Cache:
         """A new dynamic cache holding every key and value of the recorded prompt: the full cache
@@ -274,6 +278,8 @@ class PressSession:
         self._in_chunked_prefill = False
         self._entered = False
         self._recording: RecordedPrompt | None = None
+        # Where _compress looks up and leaves window importance: the recording being made or compressed.
+        self._importance_memo: dict[tuple[int, int, int, str], torch.Tensor] | None = None
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> PressSession:
@@ -426,11 +432,11 @@ class PressSession:
         if not self._entered:
             raise RuntimeError("use recording_prompt() inside `with press(model) as session: ...`")
         recorded = RecordedPrompt(window=window if window is not None else self.press.window_size)
-        self._recording = recorded
+        self._recording, self._importance_memo = recorded, recorded.importance
         try:
             yield recorded
         finally:
-            self._recording = None
+            self._recording = self._importance_memo = None
 
     def compress_recorded(self, recorded: RecordedPrompt) -> Cache:
         """A new cache holding the recorded prompt compressed by this session's press.
@@ -467,18 +473,22 @@ class PressSession:
         self._chunk = None
         state = self._state(cache)
         state.prompt_ids = recorded.prompt_ids
-        for call in recorded.calls:
-            layer = cache.layers[call.layer_idx]
-            self._on_prefill(
-                call.layer_idx,
-                cache,
-                layer,
-                call.queries,
-                call.keys,
-                call.values,
-                call.attention_mask,
-                call.scaling,
-            )
+        self._importance_memo = recorded.importance
+        try:
+            for call in recorded.calls:
+                layer = cache.layers[call.layer_idx]
+                self._on_prefill(
+                    call.layer_idx,
+                    cache,
+                    layer,
+                    call.queries,
+                    call.keys,
+                    call.values,
+                    call.attention_mask,
+                    call.scaling,
+                )
+        finally:
+            self._importance_memo = None
         return cache
 
     def _record_call(
@@ -788,6 +798,8 @@ class PressSession:
         window = press.window_size
         length, head_dim = keys.shape[2], keys.shape[3]
         prefix = length - window
+        memo_key = (layer_idx, window, press.kernel_size, press.pooling)
+        known = None if self._importance_memo is None else self._importance_memo.get(memo_key)
         ctx = ScoringContext(
             queries=window_queries,
             keys=keys,
@@ -800,6 +812,7 @@ class PressSession:
             kernel_size=press.kernel_size,
             pooling=press.pooling,
             context_lengths=context_lengths,
+            _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         head_mask = ctx.head_mask
         prefix_mask = head_mask[..., :prefix]
@@ -811,6 +824,8 @@ class PressSession:
         available = prefix_mask.sum(-1)
         prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
         scores = press.scores(ctx).float()
+        if self._importance_memo is not None and known is None and ctx._importance is not None:
+            self._importance_memo[memo_key] = ctx._importance
         # Sequences within their budget keep every real prompt token.
         scores = torch.where(compress_rows[:, None, None], scores, torch.zeros_like(scores))
         scores = scores.masked_fill(~prefix_mask, float("-inf"))
