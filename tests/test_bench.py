@@ -9,7 +9,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mixkv.bench import FIELDS, machine_info, main, memory_flat_check, random_model, run_bench, write_results
+from mixkv.benchmark import (
+    FIELDS,
+    machine_info,
+    memory_flat_check,
+    random_model,
+    run_bench,
+    write_results,
+)
+from mixkv.commands.bench import main
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -71,7 +79,7 @@ def test_memory_check_and_cli(tmp_path, monkeypatch):
     mc = memory_flat_check(model, context=64, budget=24, generations=2, decode_tokens=2, window_size=8)
     assert {"mem_before_bytes", "mem_after_bytes", "growth", "flat"} <= mc.keys()
 
-    monkeypatch.setattr("mixkv.bench.load_bench_model", lambda name, dtype, layers: _tiny_llama())
+    monkeypatch.setattr("mixkv.commands.bench.load_bench_model", lambda name, dtype, layers: _tiny_llama())
     rc = main(
         [
             "--methods", "full,snapkv",

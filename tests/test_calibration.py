@@ -7,8 +7,10 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.calibration import HeadStatistics, calibrate, load_head_statistics, main, resolve_head_table
+from mixkv.commands.calibrate import main
 from mixkv.functional import head_redundancy
+from mixkv.integration.calibration import calibrate
+from mixkv.presses.head_tables import HeadStatistics, load_head_statistics, resolve_head_table
 from tests.families import build_case
 from tests.helpers_tiny import tiny_model_and_tokenizer
 
@@ -140,7 +142,7 @@ VIDEO_TEMPLATE = (
 
 
 def test_prompts_file_videos_are_frame_lists_encoded_into_video_tokens(tmp_path):
-    from mixkv.calibration import _encode, _read_prompts
+    from mixkv.integration.calibration import encode_prompt, read_prompts
     from tests.video_families import build_video_case
 
     case = build_video_case("qwen2_vl", attn_implementation="eager")
@@ -150,8 +152,8 @@ def test_prompts_file_videos_are_frame_lists_encoded_into_video_tokens(tmp_path)
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"text": "w70 w71 w72", "videos": [frame_names]}) + "\n")
     case.processor.chat_template = VIDEO_TEMPLATE
-    (prompt,) = _read_prompts(prompts_file)
-    sample = _encode(case.processor, prompt, tmp_path)
+    (prompt,) = read_prompts(prompts_file)
+    sample = encode_prompt(case.processor, prompt, tmp_path)
     expected = int((case.video_inputs["input_ids"] == case.video_token_id).sum())
     assert int((sample["input_ids"] == case.video_token_id).sum()) == expected
     stats = calibrate(case.model, [sample], window_size=4)
@@ -159,19 +161,19 @@ def test_prompts_file_videos_are_frame_lists_encoded_into_video_tokens(tmp_path)
 
 
 def test_prompts_file_rejects_a_video_that_is_neither_a_path_nor_frames(tmp_path):
-    from mixkv.calibration import _read_prompts
+    from mixkv.integration.calibration import read_prompts
 
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"text": "hello", "videos": [[]]}) + "\n")
     with pytest.raises(ValueError, match="non-empty list of frame image paths"):
-        _read_prompts(prompts_file)
+        read_prompts(prompts_file)
 
 
 def test_videos_with_a_processor_without_video_processor_are_refused(tmp_path):
-    from mixkv.calibration import _encode
+    from mixkv.integration.calibration import encode_prompt
     from tests.families import vlm_processor
 
     processor = vlm_processor("qwen2_vl")
     prompt = {"text": "w70", "images": [], "videos": [["frame0.png"]]}
     with pytest.raises(ValueError, match="has no video processor"):
-        _encode(processor, prompt, tmp_path)
+        encode_prompt(processor, prompt, tmp_path)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixkv.cli import main as mixkv_main
+from mixkv.commands import main as mixkv_main
 from mixkv.eval.compare_runs import compare_runs, read_run
 from mixkv.eval.runner import cell_filename, run_eval
 from tests.helpers_tiny import SMALL_GRID, tiny_model_and_tokenizer

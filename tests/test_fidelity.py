@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixkv import DecodingPress, MixKVPress, SnapKVPress
-from mixkv.eval.fidelity import measure_fidelity, measure_fidelity_ids
+from mixkv.eval.text_fidelity import measure_fidelity, measure_fidelity_ids
 from mixkv.integration import describe_decoder
 from tests.helpers_tiny import tiny_model_and_tokenizer
 
@@ -89,7 +89,7 @@ def test_decoding_press_is_measured_token_by_token_with_the_same_layer_outputs_s
 def _command(tiny, tmp_path, methods: str, *extra: str) -> dict:
     import json
 
-    from mixkv.eval.fidelity import main
+    from mixkv.commands.fidelity import main
 
     model, tok = tiny
     model.save_pretrained(tmp_path / "model")
@@ -112,7 +112,7 @@ def _command(tiny, tmp_path, methods: str, *extra: str) -> dict:
 
 
 def test_presses_sharing_one_prefill_measure_what_their_own_prefills_measure(tiny):
-    from mixkv.eval.fidelity import _run, _runs_sharing_one_prefill
+    from mixkv.eval.text_fidelity import _run, _runs_sharing_one_prefill
 
     model, _ = tiny
     ctx, cont = _ids(120, model.config.vocab_size)[None], _ids(16, model.config.vocab_size, seed=1)[None]
@@ -159,7 +159,7 @@ def test_the_command_measures_on_standard_library_source_code(tiny, tmp_path):
 
 
 def test_the_command_refuses_an_unknown_variant(tiny, tmp_path, capsys):
-    from mixkv.eval.fidelity import main
+    from mixkv.commands.fidelity import main
 
     with pytest.raises(SystemExit):
         main(["--methods", "snapkv+tile4"])

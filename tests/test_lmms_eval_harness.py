@@ -13,7 +13,7 @@ pytest.importorskip("lmms_eval")
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 
-from mixkv.cli import main as cli_main
+from mixkv.commands import main as cli_main
 from mixkv.harnesses.lmms_eval_model import MixKVLMMs
 from tests.families import build_case, draw_image, vlm_processor
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
+from mixkv.commands.eval import main as cli_main
 from mixkv.eval import mm_runner
-from mixkv.eval.cli import main as cli_main
 from mixkv.eval.mm_datasets import load_docvqa
 from mixkv.eval.mm_runner import build_mm_prompt, load_mm_task, run_mm_eval
 from mixkv.eval.runner import cell_filename
@@ -301,7 +301,7 @@ def test_sparsemm_without_head_scores_names_the_calibrate_command(vlm, tasks, tm
 
 
 def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks, tmp_path):
-    from mixkv.calibration import calibrate
+    from mixkv.integration.calibration import calibrate
 
     eager = build_case("qwen2_vl", attn_implementation="eager")
     scores = calibrate(eager.model, [eager.inputs], window_size=8).save(tmp_path / "heads.json")
@@ -327,7 +327,7 @@ def test_sparsemm_cells_use_calibrated_head_scores_and_record_their_digest(tasks
 
 
 def _encoded(processor, example):
-    return mm_runner._encode(processor, example, mm_runner._example_prompt(processor, example))
+    return mm_runner.encode_example(processor, example, mm_runner.example_prompt(processor, example))
 
 
 def _text_after_image(model, inputs) -> int:

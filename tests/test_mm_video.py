@@ -114,8 +114,8 @@ def qwen_video():
 
 def test_video_example_record_counts_video_tokens_kept(qwen_video, tmp_path):
     (example,) = load_mm_task("synthetic_video_needle", limit=1, synthetic_dir=tmp_path)
-    inputs = mm_runner._encode(
-        qwen_video.processor, example, mm_runner._example_prompt(qwen_video.processor, example)
+    inputs = mm_runner.encode_example(
+        qwen_video.processor, example, mm_runner.example_prompt(qwen_video.processor, example)
     )
     video_tokens = int((inputs["input_ids"] == qwen_video.video_token_id).sum())
     press = build_press("mixkv-snapkv", 24, context_tokens=int(inputs["input_ids"].shape[1]), window_size=8)
@@ -150,4 +150,4 @@ def test_video_example_needs_a_processor_with_a_video_processor(tmp_path):
     (example,) = make_synthetic_video_suite(1, 0, tmp_path, num_frames=2)
     processor = vlm_processor("qwen2_vl")
     with pytest.raises(ValueError, match="has no video processor"):
-        mm_runner._encode(processor, example, "<|vision_start|><|video_pad|><|vision_end|>\nWhat?")
+        mm_runner.encode_example(processor, example, "<|vision_start|><|video_pad|><|vision_end|>\nWhat?")

@@ -1,4 +1,4 @@
-"""Fast tests of mixkv.models.load_model on local directories (no real weights needed)."""
+"""Fast tests of mixkv.model_loading.load_model on local directories (no real weights needed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import importlib.metadata as md
 
 import pytest
 
-from mixkv.models import cache_root, load_model
+from mixkv.model_loading import load_model
+from mixkv.weights import cache_root
 from tests.helpers_tiny import tiny_model_and_tokenizer
 
 
@@ -76,7 +77,7 @@ def test_missing_qwen_packages_are_named_with_the_install_command(monkeypatch, t
 
 
 def test_joined_qwen_chunks_with_the_wrong_hash_are_refused_and_not_kept(monkeypatch, tmp_path):
-    from mixkv import models
+    from mixkv import weights
 
     chunks = []
     for i in range(1, 7):
@@ -95,7 +96,7 @@ def test_joined_qwen_chunks_with_the_wrong_hash_are_refused_and_not_kept(monkeyp
 
     monkeypatch.setenv("MIXKV_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(md, "distribution", lambda name: FakeDist(chunks[int(name[-1]) - 1]))
-    monkeypatch.setattr(models, "QWEN_GGUF_BYTES", 60)  # right size, wrong content
+    monkeypatch.setattr(weights, "QWEN_GGUF_BYTES", 60)  # right size, wrong content
     with pytest.raises(FileNotFoundError, match="not the official GGUF"):
         load_model("qwen2.5-coder-0.5b")
     assert not any((tmp_path / "cache" / "gguf").iterdir())
@@ -104,7 +105,7 @@ def test_joined_qwen_chunks_with_the_wrong_hash_are_refused_and_not_kept(monkeyp
 def test_dtype_names_map_to_torch_dtypes_and_others_are_refused():
     import torch
 
-    from mixkv.models import parse_dtype
+    from mixkv.model_loading import parse_dtype
 
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="bfloat16"):

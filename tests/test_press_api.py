@@ -317,7 +317,7 @@ def test_only_the_first_multi_token_forward_through_a_cache_compresses_it(model)
 def test_the_cache_argument_is_the_one_this_transformers_release_takes(model):
     import inspect
 
-    from mixkv.integration.models import cache_argument
+    from mixkv.integration.decoder_layout import cache_argument
 
     name = cache_argument(model)
     assert name in inspect.signature(model.forward).parameters
@@ -327,7 +327,7 @@ def test_the_cache_argument_is_the_one_this_transformers_release_takes(model):
 
 
 def test_find_cache_finds_the_cache_under_any_field_name(model):
-    from mixkv.integration.models import find_cache
+    from mixkv.integration.decoder_layout import find_cache
 
     cache = DynamicCache(config=model.config)
     output = model(prompt(20), past_key_values=cache, use_cache=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mixkv
-from mixkv.cli import main as cli_main
+from mixkv.commands import main as cli_main
 from mixkv.presses import NAMES, from_name, list_presses
 from mixkv.presses.registry import KVPRESS_NAMES, build_press, kvpress_available
 
@@ -116,7 +116,7 @@ def test_mixkv_presses_json_gives_parameters(capsys):
 
 def test_presses_integration_and_bench_import_nothing_from_eval():
     code = (
-        "import sys, mixkv, mixkv.presses, mixkv.integration, mixkv.bench, mixkv.presses.registry; "
+        "import sys, mixkv, mixkv.presses, mixkv.integration, mixkv.benchmark, mixkv.presses.registry; "
         "print([m for m in sys.modules if m.startswith('mixkv.eval')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

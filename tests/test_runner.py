@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from mixkv.commands.eval import main as cli_main
 from mixkv.eval import runner
-from mixkv.eval.cli import main as cli_main
 from mixkv.eval.runner import cell_filename, run_eval
 from mixkv.eval.stats import paired_comparison
 from mixkv.eval.stats_tables import format_score

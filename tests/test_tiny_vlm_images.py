@@ -10,8 +10,8 @@ import torch
 
 from mixkv.eval.mm_datasets import score_examples
 from mixkv.eval.mm_metrics import exact_match, mark_in_box
+from mixkv.eval.tiny_vlm_tasks import make_tiny_vlm_suite
 from mixkv.tiny_vlm.images import CELL, CHARSET, FAMILIES, GRID, IMAGE_SIZE, render
-from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -110,11 +110,11 @@ def test_score_examples_uses_the_new_metrics(tmp_path):
 def test_calibration_prompts_come_from_the_validation_split(tmp_path):
     import json
 
-    from mixkv.calibration import _read_prompts
-    from mixkv.tiny_vlm.tasks import write_calibration_prompts
+    from mixkv.eval.tiny_vlm_tasks import write_calibration_prompts
+    from mixkv.integration.calibration import read_prompts
 
     path = write_calibration_prompts(tmp_path, 2)
-    prompts = _read_prompts(path)
+    prompts = read_prompts(path)
     assert len(prompts) == 6
     first = json.loads(path.read_text().splitlines()[0])
     assert (tmp_path / first["images"][0]).is_file()
@@ -125,8 +125,8 @@ def test_calibration_prompts_come_from_the_validation_split(tmp_path):
 
 
 def test_the_keep_map_puts_each_image_tokens_fraction_on_its_cell():
-    from mixkv.integration.report import CompressionReport
-    from mixkv.tiny_vlm.demo import image_keep_map
+    from mixkv.demos.image_demo import image_keep_map
+    from mixkv.integration.compression_report import CompressionReport
 
     image_token = 7
     ids = torch.tensor([[1, 2] + [image_token] * (GRID * GRID) + [3, 4]])

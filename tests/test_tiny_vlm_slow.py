@@ -33,7 +33,7 @@ def tiny_vlm():
     if not VISION_WEIGHTS.is_file():
         pytest.skip(f"the tiny VLM's vision weights are missing ({VISION_WEIGHTS})")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a 0.5B model: two threads are twice as fast as the suite's one
@@ -42,26 +42,26 @@ def tiny_vlm():
 
 
 def _examples(task: str, n: int, tmp_path):
-    from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+    from mixkv.eval.tiny_vlm_tasks import make_tiny_vlm_suite
 
     return make_tiny_vlm_suite(task, n, 0, tmp_path)
 
 
 def _inputs(processor, example):
-    from mixkv.eval.mm_runner import _encode, _example_prompt
+    from mixkv.eval.mm_runner import encode_example, example_prompt
 
-    return _encode(processor, example, _example_prompt(processor, example))
+    return encode_example(processor, example, example_prompt(processor, example))
 
 
 def test_the_loaded_vision_tower_and_projector_are_the_trained_ones(tiny_vlm, tmp_path):
     from transformers import AutoConfig
 
-    from mixkv.models import _qwen_model_path
     from mixkv.tiny_vlm.model import VISION_WEIGHTS, pixel_values
     from mixkv.tiny_vlm.train import VisionPart
+    from mixkv.weights import qwen_model_path
 
     model, _ = tiny_vlm
-    part = VisionPart(AutoConfig.from_pretrained(_qwen_model_path()))
+    part = VisionPart(AutoConfig.from_pretrained(qwen_model_path()))
     from safetensors.torch import load_file
 
     state = {k.removeprefix("model."): v for k, v in load_file(str(VISION_WEIGHTS)).items()}
@@ -81,10 +81,10 @@ def test_the_loaded_vision_tower_and_projector_are_the_trained_ones(tiny_vlm, tm
 def test_text_only_prompts_give_the_language_models_own_logits(tiny_vlm):
     from transformers import AutoModelForCausalLM
 
-    from mixkv.models import _qwen_model_path
+    from mixkv.weights import qwen_model_path
 
     model, processor = tiny_vlm
-    language_model = AutoModelForCausalLM.from_pretrained(_qwen_model_path(), dtype=torch.float32)
+    language_model = AutoModelForCausalLM.from_pretrained(qwen_model_path(), dtype=torch.float32)
     ids = processor.tokenizer("def fibonacci(n):", return_tensors="pt")
     with torch.inference_mode():
         assert torch.equal(model(**ids).logits, language_model(**ids).logits)
@@ -162,11 +162,11 @@ def test_a_padded_batch_of_images_gives_the_answers_of_one_by_one(tiny_vlm, tmp_
     from PIL import Image
 
     from mixkv import MixKVPress
-    from mixkv.eval.mm_runner import _example_prompt
+    from mixkv.eval.mm_runner import example_prompt
 
     model, processor = tiny_vlm
     examples = _examples("gui_marks", 2, tmp_path) + _examples("board_codes", 1, tmp_path)
-    prompts = [_example_prompt(processor, e) for e in examples]
+    prompts = [example_prompt(processor, e) for e in examples]
     images = [Image.open(e.image_path).convert("RGB") for e in examples]
     processor.tokenizer.padding_side = "left"
     batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
@@ -212,7 +212,7 @@ def test_a_short_training_run_is_reproducible(tmp_path):
 
 
 def test_the_image_demo_writes_a_heat_map_of_the_kept_image_tokens(tiny_vlm, tmp_path, capsys):
-    from mixkv.demo import main
+    from mixkv.commands.demo import main
 
     out = tmp_path / "demo.png"
     assert (

@@ -12,9 +12,7 @@ compared. Statistics as in ``results.md`` (:func:`mixkv.eval.stats.paired_compar
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np
 from mixkv.eval.stats import paired_comparison
 from mixkv.eval.stats_tables import COMPARISON_HEADER, comparison_columns, example_scores, format_budget
 
-__all__ = ["compare_runs", "main", "read_run"]
+__all__ = ["compare_runs", "read_run"]
 
 CellKey = tuple[str, int | None, str, int | None]
 
@@ -210,33 +208,3 @@ def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str]
             *("| " + " | ".join(row) + " |" for row in per_cell),
         ]
     return [*lines, ""]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``mixkv compare RUN_A RUN_B [--methods ...] [--out FILE]``."""
-    parser = argparse.ArgumentParser(
-        prog="mixkv compare",
-        description=(
-            "Compare two runs of `mixkv eval` (their --out directories) on the same examples: per method "
-            "and budget, B - A with a paired-bootstrap 95%% CI, wins/ties/losses and an exact sign test. "
-            "E.g. a float32 run against a bfloat16 run, or query-aware against query-agnostic."
-        ),
-    )
-    parser.add_argument("run_a", type=Path, help="output directory of the first run (A)")
-    parser.add_argument("run_b", type=Path, help="output directory of the second run (B)")
-    parser.add_argument("--methods", nargs="+", help="only these methods (comma or space separated)")
-    parser.add_argument("--out", type=Path, help="also write the Markdown to this file")
-    args = parser.parse_args(argv)
-    methods = None
-    if args.methods:
-        methods = [m.strip() for value in args.methods for m in value.split(",") if m.strip()]
-    try:
-        lines = compare_runs(args.run_a, args.run_b, methods=methods)
-    except ValueError as exc:
-        print(f"mixkv compare: {exc}", file=sys.stderr)
-        return 2
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
-    return 0

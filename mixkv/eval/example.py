@@ -26,9 +26,9 @@ import torch
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
-from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
+from mixkv.integration.decoder_layout import cache_argument, prefill, prefill_in_chunks
+from mixkv.integration.kvpress_bridge import press_applied
 from mixkv.integration.session import RecordedPrompt
-from mixkv.presses.registry import press_applied
 
 __all__ = [
     "PROTOCOLS",
@@ -51,7 +51,7 @@ class SharedPrefix:
 
     ``embeddings``: the whole prompt's input embeddings as the text decoder receives them, when the
     rest is fed as embeddings (a tail that starts inside an image); ``generation_state``: model
-    attributes the continuation needs (:func:`mixkv.integration.models.generation_state`);
+    attributes the continuation needs (:func:`mixkv.integration.decoder_layout.generation_state`);
     ``attention_inputs``: every attention module's keyword inputs, per forward, when recorded for
     a kvpress replay (:func:`mixkv.eval.replay.prefill_with_inputs`).
     """
@@ -355,10 +355,10 @@ def run_examples_together(
     from transformers import DynamicCache
 
     from mixkv.integration.cache import stack_layers
-    from mixkv.integration.models import describe_decoder
+    from mixkv.integration.decoder_layout import describe_decoder
+    from mixkv.integration.kvpress_bridge import kvpress_masks_keys
     from mixkv.presses.base import BasePress
     from mixkv.presses.decoding import DecodingPress
-    from mixkv.presses.registry import kvpress_masks_keys
 
     if not presses:
         return []
@@ -631,7 +631,7 @@ def _greedy_with_positions(
     for some sets of queries, never for one token's): the cache is cut back to what it held and
     the tokens are fed one by one.
     """
-    from mixkv.presses.registry import kvpress_masks_keys
+    from mixkv.integration.kvpress_bridge import kvpress_masks_keys
 
     step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters

@@ -57,15 +57,16 @@ from mixkv.eval.mm_datasets import (
     score_examples,
 )
 from mixkv.integration.cache import kv_cache_bytes
-from mixkv.integration.models import (
+from mixkv.integration.decoder_layout import (
     cache_argument,
     find_cache,
     generation_state,
     prefill,
     restore_generation_state,
 )
+from mixkv.integration.kvpress_bridge import press_applied
 from mixkv.presses.base import BasePress
-from mixkv.presses.registry import build_press, press_applied
+from mixkv.presses.registry import build_press
 
 __all__ = [
     "DATASET_TASKS",
@@ -99,7 +100,7 @@ SYNTHETIC_TASK_NAMES: tuple[str, ...] = (
     "synthetic_gui_grounding",
     "synthetic_video_needle",
 )
-#: The tiny VLM's families (:mod:`mixkv.tiny_vlm.tasks`), held-out test images rendered on the fly.
+#: The tiny VLM's families (:mod:`mixkv.eval.tiny_vlm_tasks`), held-out test images rendered on the fly.
 TINY_VLM_TASKS: tuple[str, ...] = ("board_codes", "chart_values", "gui_marks")
 #: Every multimodal task name.
 MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES + TINY_VLM_TASKS
@@ -185,7 +186,7 @@ def load_mm_task(
             return make_synthetic_video_suite(limit or 5, seed, Path(synthetic_dir) / name)
         return make_synthetic_suite(name, limit or 5, seed, Path(synthetic_dir) / name)
     if task in TINY_VLM_TASKS:
-        from mixkv.tiny_vlm.tasks import make_tiny_vlm_suite
+        from mixkv.eval.tiny_vlm_tasks import make_tiny_vlm_suite
 
         return make_tiny_vlm_suite(task, limit or 5, seed, Path(synthetic_dir) / task)
     if task not in DATASET_TASKS:
@@ -251,7 +252,7 @@ def build_mm_prompt(processor: Any, question: str, kind: str = "image") -> tuple
 
 def _placeholder_counts(model: Any, input_ids: torch.Tensor) -> tuple[int, int]:
     """(image, video) placeholder tokens of a prompt, by the model's placeholder ids."""
-    from mixkv.integration.models import placeholder_token_id
+    from mixkv.integration.decoder_layout import placeholder_token_id
 
     counts = []
     for kind in ("image", "video"):
@@ -293,9 +294,9 @@ def run_mm_example(
         and without compression (``kv_bytes_full``), ``kv_fraction``, mean kept tokens per KV head,
         ``image_tokens_total`` / ``image_tokens_kept`` and the press's report.
     """
-    prompt = _example_prompt(processor, example)
+    prompt = example_prompt(processor, example)
     if inputs is None:
-        inputs = _encode(processor, example, prompt)
+        inputs = encode_example(processor, example, prompt)
     ids = inputs["input_ids"]
     n_prompt = int(ids.shape[1])
     n_image, n_video = _placeholder_counts(model, ids[0])
@@ -402,7 +403,7 @@ def run_mm_example(
     return record
 
 
-def _example_prompt(processor: Any, example: MMExample) -> str:
+def example_prompt(processor: Any, example: MMExample) -> str:
     prompt = build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
     return prompt + example.answer_prefix
 
@@ -416,7 +417,7 @@ def _open_rgb(path: Path, example: MMExample) -> Any:
         return im.convert("RGB")
 
 
-def _encode(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
     if example.is_video:
         if getattr(processor, "video_processor", None) is None:
             raise ValueError(
@@ -526,9 +527,9 @@ def _fingerprint(examples: Sequence[MMExample]) -> str:
 
 
 def _check_vlm(model: Any, processor: Any, name: str) -> None:
-    from mixkv.models import _is_vlm_config
+    from mixkv.model_loading import is_vlm_config
 
-    if not _is_vlm_config(model.config) or getattr(processor, "image_processor", None) is None:
+    if not is_vlm_config(model.config) or getattr(processor, "image_processor", None) is None:
         raise ValueError(
             f"{name} is a text-only model; multimodal tasks need a vision-language model "
             "(a model directory whose config has a vision_config, with its processor files)."
@@ -537,7 +538,7 @@ def _check_vlm(model: Any, processor: Any, name: str) -> None:
 
 def _precheck_model_dir(model_spec: str | None) -> None:
     """Reject text-only models named by alias or directory before loading any weights."""
-    from mixkv.models import MODEL_ALIASES, VLM_ALIASES, _is_vlm_config
+    from mixkv.model_loading import MODEL_ALIASES, VLM_ALIASES, is_vlm_config
 
     msg = "{} is a text-only model; multimodal tasks need a vision-language model."
     if model_spec is None or model_spec.strip().lower() in {
@@ -553,7 +554,7 @@ def _precheck_model_dir(model_spec: str | None) -> None:
     if (path / "config.json").is_file():
         from transformers import AutoConfig
 
-        if not _is_vlm_config(AutoConfig.from_pretrained(str(path))):
+        if not is_vlm_config(AutoConfig.from_pretrained(str(path))):
             raise ValueError(msg.format(model_spec))
 
 
@@ -585,7 +586,7 @@ def run_mm_eval(
     Parameters
     ----------
     model_spec
-        A local vision-language model directory (loaded with :func:`mixkv.models.load_model`, only if
+        A local vision-language model directory (loaded with :func:`mixkv.model_loading.load_model`, only if
         some cell must be computed) or a loaded ``(model, processor)`` pair.
     tasks
         Task name -> its examples (see :func:`load_mm_task`).
@@ -663,7 +664,7 @@ def run_mm_eval(
     task_names = list(tasks)
     head_table = None
     if head_scores is not None:
-        from mixkv.calibration import resolve_head_table
+        from mixkv.presses.head_tables import resolve_head_table
 
         head_table = resolve_head_table(head_scores, "visual_head_scores")
     elif any("sparsemm" in m for m in methods):
@@ -735,7 +736,7 @@ def run_mm_eval(
         if isinstance(model_spec, tuple):
             model, processor = model_spec
         else:
-            from mixkv.models import load_model
+            from mixkv.model_loading import load_model
 
             model, processor = load_model(model_spec)
             _check_vlm(model, processor, model_spec)
@@ -764,7 +765,7 @@ def run_mm_eval(
                     pending = [cell for cell in group if len(records[cell]) == i]
                     if not pending:
                         continue
-                    inputs = _encode(processor, example, _example_prompt(processor, example))
+                    inputs = encode_example(processor, example, example_prompt(processor, example))
                     prefix = None
                     if share_prefill and any(c.method not in runner.KVPRESS_METHODS for c in pending):
                         prefix = prefill_image_prefix(model, inputs, tail_tokens=window_size)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mixkv.integration.models import prefill
+from mixkv.integration.decoder_layout import prefill
 
 __all__ = ["RecordedPrefill", "prefill_with_inputs", "recording_attention_inputs", "replayed_prefill"]
 
@@ -131,7 +131,7 @@ def replayed_prefill(
         The press adds pre-hooks, hooks without keyword inputs, or hooks on modules whose inputs
         were not recorded: it cannot be replayed (prefill from scratch instead).
     """
-    from mixkv.presses.registry import press_applied
+    from mixkv.integration.kvpress_bridge import press_applied
 
     before = _hook_ids(model)
     with press_applied(press, model):

@@ -57,7 +57,7 @@ from mixkv.eval.replay import prefill_with_inputs
 from mixkv.eval.reporting import write_summary
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 from mixkv.eval.tasks import TASKS, make_examples
-from mixkv.integration.models import describe_decoder
+from mixkv.integration.decoder_layout import describe_decoder
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import KVPRESS_MASKING_NAMES, KVPRESS_NAMES, NAMES, build_press, kvpress_available
 
@@ -295,7 +295,7 @@ def run_eval(
     Parameters
     ----------
     model_spec
-        What :func:`mixkv.models.load_model` accepts (None = SmolLM2-135M-Instruct), or an already
+        What :func:`mixkv.model_loading.load_model` accepts (None = SmolLM2-135M-Instruct), or an already
         loaded ``(model, tokenizer)`` pair. The model is loaded only if some cell must be computed.
     methods
         Names from :data:`METHODS`. ``"full"`` and ``"closed-book"`` (the question without its
@@ -382,7 +382,7 @@ def run_eval(
         lengths or ``n``, or a grid where every compressed cell has a budget not below its context
         length.
     """
-    from mixkv.models import parse_dtype
+    from mixkv.model_loading import parse_dtype
 
     methods = check_methods(methods, variants=True, closed_book=True)
     variants = {m: parse_method(m) for m in methods}
@@ -491,7 +491,7 @@ def run_eval(
         if isinstance(model_spec, tuple):
             model, tokenizer = model_spec
         else:
-            from mixkv.models import load_model
+            from mixkv.model_loading import load_model
 
             model, tokenizer = load_model(model_spec, dtype=torch_dtype)
         layout = describe_decoder(model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixkv.functional.scores import _as_int
+from mixkv.functional.checks import as_int
 
 __all__ = [
     "adaptive_head_budgets",
@@ -40,7 +40,7 @@ def _bound(name: str, bound: int | Tensor, like: Tensor) -> Tensor:
                 f"{tuple(like.shape)}"
             ) from None
         return expanded.flatten()
-    return torch.full((like.numel(),), _as_int(name, bound), dtype=torch.long, device=like.device)
+    return torch.full((like.numel(),), as_int(name, bound), dtype=torch.long, device=like.device)
 
 
 def _water_level(ideal: Tensor, low: Tensor, high: Tensor, total: int) -> Tensor:
@@ -111,7 +111,7 @@ def allocate_exact(
         raise ValueError("ideal must not be empty")
     if not bool(torch.isfinite(ideal).all()):
         raise ValueError("ideal must be finite (no NaN or inf)")
-    goal = _as_int("total", total)
+    goal = as_int("total", total)
     low = _bound("minimum", minimum, ideal)
     high = _bound("maximum", maximum, ideal)
     if bool((low > high).any()):
@@ -146,10 +146,10 @@ def allocate_exact(
 
 def _check_budget(budget: int, window_size: int) -> int:
     """Validate ``budget > window_size >= 1`` and return the prefix budget ``B - W``."""
-    window = _as_int("window_size", window_size)
+    window = as_int("window_size", window_size)
     if window < 1:
         raise ValueError(f"window_size must be at least 1, got {window}")
-    kept = _as_int("budget", budget)
+    kept = as_int("budget", budget)
     if kept <= window:
         raise ValueError(
             f"budget must be larger than window_size (got budget={kept}, window_size={window}): the budget "
@@ -160,7 +160,7 @@ def _check_budget(budget: int, window_size: int) -> int:
 
 def _check_prefix(seq_len: int, window_size: int) -> int:
     """Validate ``seq_len > window_size`` and return the prefix length ``N - W``."""
-    length = _as_int("seq_len", seq_len)
+    length = as_int("seq_len", seq_len)
     if length <= window_size:
         raise ValueError(
             f"seq_len ({length}) must be larger than window_size ({window_size}); prompts that short "
@@ -234,7 +234,7 @@ def pyramid_budgets(
     """
     base = _check_budget(budget, window_size)
     prefix = _check_prefix(seq_len, window_size)
-    layers = _as_int("num_layers", num_layers)
+    layers = as_int("num_layers", num_layers)
     if layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {layers}")
     if not beta > 0:
@@ -388,7 +388,7 @@ def group_head_scores(query_head_scores: Tensor, num_kv_heads: int) -> Tensor:
         ``(L, Hkv)`` scores summing to 1, in the input's dtype.
     """
     scores = _check_scores("query_head_scores", query_head_scores)
-    kv_heads = _as_int("num_kv_heads", num_kv_heads)
+    kv_heads = as_int("num_kv_heads", num_kv_heads)
     layers, heads = scores.shape
     if kv_heads < 1 or heads % kv_heads != 0:
         raise ValueError(

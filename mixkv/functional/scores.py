@@ -19,11 +19,12 @@ The maths follows ``docs/mixkv_spec.md`` (sections 1 to 3).
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mixkv.functional.checks import as_int
 
 __all__ = [
     "head_redundancy",
@@ -47,16 +48,6 @@ NOISE_ULPS = 16
 """A min-max range within this many machine epsilons of the magnitude counts as zero (flat row)."""
 
 POOLING_MODES = ("avg", "max")
-
-
-def _as_int(name: str, value: object) -> int:
-    """Return ``value`` as a Python int, or raise ``TypeError`` naming the argument."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got the bool {value}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def _score_dtype(*tensors: Tensor) -> torch.dtype:
@@ -97,7 +88,7 @@ def _check_values(values: object, batch: int, kv_heads: int, seq_len: int) -> No
 
 def _check_window(name: str, window_size: int, seq_len: int) -> int:
     """Validate a window size ``1 <= W < N`` and return it as an int."""
-    window = _as_int(name, window_size)
+    window = as_int(name, window_size)
     if window < 1:
         raise ValueError(f"{name} must be at least 1, got {window}")
     if window >= seq_len:
@@ -134,7 +125,7 @@ def _check_scaling(scaling: float | None, head_dim: int) -> float:
 
 def _check_pooling(kernel_size: int, pooling: str) -> int:
     """Validate the pooling options and return the kernel size."""
-    kernel = _as_int("kernel_size", kernel_size)
+    kernel = as_int("kernel_size", kernel_size)
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"kernel_size must be an odd integer >= 1 (e.g. 5), got {kernel}")
     if pooling not in POOLING_MODES:
@@ -616,7 +607,7 @@ def mixkv_scores(
     """
     batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
     window = _check_queries(queries, batch, kv_heads, seq_len, head_dim)
-    if _as_int("window_size", window_size) != window:
+    if as_int("window_size", window_size) != window:
         raise ValueError(
             f"window_size ({window_size}) must equal queries.shape[2] ({window}); pass the queries of the "
             "last window_size positions"

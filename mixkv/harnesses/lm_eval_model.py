@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from mixkv.harnesses.press_arguments import attached, run_harness_cli, split_press_arguments
-from mixkv.integration.models import cache_argument, prefill
+from mixkv.harnesses.press_arguments import attached, split_press_arguments
+from mixkv.integration.decoder_layout import cache_argument, prefill
 
 try:
     from lm_eval.api.registry import register_model
@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'mixkv\'s lm-evaluation-harness model needs the harness: pip install "mixkv[lm-eval]"'
     ) from exc
 
-__all__ = ["MixKVHarnessLM", "main"]
+__all__ = ["MixKVHarnessLM"]
 
 MODEL_NAME = "mixkv"
 
@@ -122,10 +122,3 @@ class MixKVHarnessLM(HFLM):
             if request_str is not None and answer is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return [answer for answer in results if answer is not None]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mixkv lm-eval ARGS``: the harness's command line with the ``mixkv`` model type registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    return run_harness_cli("lm-eval", cli_evaluate, argv)

@@ -35,15 +35,13 @@ refuses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from mixkv.harnesses.lmms_eval_entry import manifest
-from mixkv.harnesses.press_arguments import attached, run_harness_cli, split_press_arguments
+from mixkv.harnesses.press_arguments import attached, split_press_arguments
 
 try:
     from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
@@ -52,7 +50,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('mixkv\'s lmms-eval model needs lmms-eval: pip install "mixkv[lmms-eval]"') from exc
 
-__all__ = ["MixKVLMMs", "main"]
+__all__ = ["MixKVLMMs"]
 
 
 class MixKVLMMs(lmms):
@@ -154,12 +152,3 @@ class MixKVLMMs(lmms):
         for stop in until:
             text = text.split(stop)[0]
         return text, int(new_tokens.numel())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mixkv lmms-eval ARGS``: lmms-eval's command line with the ``mixkv`` model type registered."""
-    from lmms_eval.__main__ import cli_evaluate
-    from lmms_eval.models import MODEL_REGISTRY_V2
-
-    MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
-    return run_harness_cli("lmms-eval", cli_evaluate, argv)

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from mixkv.integration.models import cache_argument, generation_state, prefill, restore_generation_state
+from mixkv.integration.decoder_layout import (
+    cache_argument,
+    generation_state,
+    prefill,
+    restore_generation_state,
+)
 from mixkv.integration.session import PressSession
 from mixkv.presses.base import BasePress
 

@@ -53,8 +53,8 @@ from mixkv.integration.cache import (
     kv_cache_bytes,
     layer_bytes,
 )
-from mixkv.integration.models import DecoderLayout, describe_decoder
-from mixkv.integration.report import CompressionReport
+from mixkv.integration.compression_report import CompressionReport
+from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
 from mixkv.presses.base import ScoringContext
 
 if TYPE_CHECKING:

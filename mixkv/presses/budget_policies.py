@@ -112,7 +112,7 @@ class SparseMMPress(SnapKVPress):
             )
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
-        from mixkv.calibration import resolve_head_table
+        from mixkv.presses.head_tables import resolve_head_table
 
         self._table = resolve_head_table(self.head_scores, "visual_head_scores")
 

@@ -10,7 +10,7 @@ import torch
 from mixkv.presses.base import BasePress
 
 if TYPE_CHECKING:
-    from mixkv.integration.report import CompressionReport
+    from mixkv.integration.compression_report import CompressionReport
     from mixkv.integration.session import PressSession
 
 

@@ -83,7 +83,7 @@ class MixKVPress(BasePress):
         self._base_press = base_press
         self._redundancy_table = None
         if self.redundancy is not None:
-            from mixkv.calibration import resolve_head_table
+            from mixkv.presses.head_tables import resolve_head_table
 
             table = resolve_head_table(self.redundancy, "redundancy")
             if table.min() < 0 or table.max() > 1:

@@ -2,7 +2,7 @@
 
 Every command (``mixkv eval | bench | demo | fidelity``) and integration (lm-evaluation-harness,
 lmms-eval, :class:`mixkv.CompressedContext`) names its methods here, so a name means the same press
-everywhere. ``mixkv presses`` lists the names with their parameters and defaults.
+everywhere. ``mixkv presses`` (:mod:`mixkv.commands.presses`) lists the names with their parameters and defaults.
 
 Names
 -----
@@ -19,12 +19,8 @@ Names
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import importlib
-import json
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +37,9 @@ __all__ = [
     "NAMES",
     "PressEntry",
     "build_press",
-    "clear_kvpress_masks",
     "from_name",
     "kvpress_available",
-    "kvpress_masks_keys",
     "list_presses",
-    "press_applied",
 ]
 
 
@@ -141,40 +134,6 @@ def kvpress_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def kvpress_masks_keys(model: torch.nn.Module) -> bool:
-    """Whether a kvpress head-wise press (AdaKV...) left keys to mask on ``model``'s attention
-    modules: kvpress's attention patch then replaces them, in every forward, by fake keys that
-    must score ``exp(<q, k>) = 0`` for all of that forward's queries."""
-    return any(getattr(module, "masked_key_indices", None) is not None for module in model.modules())
-
-
-def clear_kvpress_masks(model: torch.nn.Module) -> None:
-    """Drop the keys kvpress's head-wise presses (AdaKV...) leave on the attention modules to mask
-    at decoding. kvpress's attention patch applies them to every later forward whose queries are
-    fewer than its keys, and clears them only at a prefill from position 0: a later run that
-    continues a cache (a shared prefix, a chunked prefill) would otherwise attend with another
-    prompt's keys masked, and its cache's keys overwritten."""
-    for module in model.modules():
-        if getattr(module, "masked_key_indices", None) is not None:
-            setattr(module, "masked_key_indices", None)  # noqa: B010 (not a declared attribute)
-
-
-@contextlib.contextmanager
-def press_applied(press: Any, model: torch.nn.Module) -> Iterator[Any]:
-    """``with press(model)`` (nothing for None) that leaves no kvpress state on ``model``: masks
-    an earlier kvpress run left are cleared on entry and the press's own on exit
-    (:func:`clear_kvpress_masks`). Yields what ``press(model)`` gives."""
-    if press is None:
-        yield None
-        return
-    clear_kvpress_masks(model)
-    try:
-        with press(model) as entered:
-            yield entered
-    finally:
-        clear_kvpress_masks(model)
 
 
 def from_name(
@@ -295,40 +254,3 @@ def _kvpress_press(name: str, budget: int | None, context_tokens: int | None, op
     if name == "kvpress-adakv":
         return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **options))
     return kvpress.KeyDiffPress(compression_ratio=ratio)
-
-
-# ------------------------------------------------------------------------------------------ command
-
-
-def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> int:
-    """``mixkv presses``: list every method name with its press, parameters and defaults."""
-    parser = argparse.ArgumentParser(
-        prog="mixkv presses",
-        description="List the method names accepted by every mixkv command and mixkv.presses.from_name.",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per name instead")
-    args = parser.parse_args(argv)
-    have_kvpress = kvpress_available()
-    for entry in _ENTRIES:
-        press = entry.press_class.__name__ if entry.press_class is not None else "-"
-        if entry.fixed:
-            press += "(" + ", ".join(f"{k}={v!r}" for k, v in entry.fixed.items()) + ")"
-        if entry.is_kvpress:
-            press = "kvpress" + ("" if have_kvpress else " (not installed)")
-        params = {k: v for k, v in entry.parameters().items() if k not in ("budget", "compression_ratio")}
-        if args.json:
-            record: dict[str, Any] = {"name": entry.name, "press": press, "description": entry.description}
-            record["parameters"] = {
-                k: v if isinstance(v, (int, float, str, bool)) else None for k, v in params.items()
-            }
-            print_fn(json.dumps(record))
-            continue
-        print_fn(f"{entry.name:<16} {press:<30} {entry.description}")
-        if params:
-            print_fn(" " * 17 + ", ".join(f"{k}={v!r}" for k, v in params.items()))
-    if not args.json:
-        print_fn(
-            "\nEvery name but 'full' takes budget= (tokens per KV head, e.g. 128) or compression_ratio=; "
-            "use: mixkv.presses.from_name(NAME, budget=128, **options)."
-        )
-    return 0

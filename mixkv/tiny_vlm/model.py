@@ -206,13 +206,13 @@ def tiny_vlm_path() -> Path:
         If the trained vision weights are missing (the package was installed without them) or the
         language model's packages (``mixkv[qwen]``) are not installed.
     """
-    from mixkv.models import _qwen_model_path, cache_root
+    from mixkv.weights import cache_root, qwen_model_path
 
     if not VISION_WEIGHTS.is_file():
         raise FileNotFoundError(
             f"The tiny VLM's vision weights ({VISION_WEIGHTS}) are not in this install (a source "
             "checkout without them, or a package built without its data files). Reinstall mixkv from "
-            "the repository, or retrain them with `python -m mixkv.tiny_vlm.train` (about 50 minutes on "
+            "the repository, or retrain them with `mixkv train-tiny-vlm` (about 50 minutes on "
             "2 CPU cores; it writes that file)."
         )
     digest = _weights_digest()
@@ -220,5 +220,5 @@ def tiny_vlm_path() -> Path:
     if (out_dir / _MARKER).is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _assemble(out_dir, _qwen_model_path(), digest)
+    _assemble(out_dir, qwen_model_path(), digest)
     return out_dir

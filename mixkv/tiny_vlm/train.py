@@ -1,4 +1,4 @@
-"""Train the tiny VLM's vision tower and projector: ``python -m mixkv.tiny_vlm.train``.
+"""Train the tiny VLM's vision tower and projector: ``mixkv train-tiny-vlm``.
 
 Dense supervision per image cell. Every training image is rendered on the fly by
 :mod:`mixkv.tiny_vlm.images`, which knows the character each cell shows. Two phases:
@@ -32,7 +32,6 @@ next to the weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from mixkv.tiny_vlm.images import CHARSET, FAMILIES, render
-from mixkv.tiny_vlm.model import VISION_WEIGHTS, llava_config, pixel_values, vision_config
+from mixkv.tiny_vlm.model import llava_config, pixel_values, vision_config
 
 __all__ = [
     "PHASES",
@@ -53,7 +52,6 @@ __all__ = [
     "VisionPart",
     "charset_embeddings",
     "lookup_projector",
-    "main",
     "train",
 ]
 
@@ -258,11 +256,11 @@ def train(
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from mixkv.models import _qwen_model_path
+    from mixkv.weights import qwen_model_path
 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    language_model_dir = _qwen_model_path()
+    language_model_dir = qwen_model_path()
     targets = charset_embeddings(language_model_dir)
     model = _Trainee(AutoConfig.from_pretrained(language_model_dir))
     if init is not None:
@@ -331,20 +329,3 @@ def train(
     save_file(_llava_state_dict(model, targets), str(out), metadata={"mixkv_training": json.dumps(summary)})
     out.with_name("training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python -m mixkv.tiny_vlm.train --help``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=VISION_WEIGHTS, help="weights file (safetensors)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", type=Path, default=None, help="checkpoint saved after phase --skip-phases")
-    parser.add_argument("--skip-phases", type=int, default=0)
-    args = parser.parse_args(argv)
-    if (args.init is None) != (args.skip_phases == 0):
-        parser.error("--init and --skip-phases go together")
-    train(args.out, seed=args.seed, init=args.init, skip_phases=args.skip_phases)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,17 @@ from typing import Any
 
 import torch
 
+from mixkv.demos.document_demo import method_runs
 from mixkv.eval.mm_datasets import MMExample
+from mixkv.eval.mm_runner import (
+    encode_example,
+    example_prompt,
+    observation_window,
+    prefill_image_prefix,
+    run_mm_example,
+)
+from mixkv.integration.decoder_layout import placeholder_token_id
+from mixkv.presses.registry import build_press
 from mixkv.tiny_vlm.images import GRID
 
 __all__ = ["image_keep_map", "plot_keep_maps", "run_image_demo"]
@@ -62,18 +72,7 @@ def run_image_demo(
         One :func:`mixkv.eval.mm_runner.run_mm_example` record per run, plus ``method``, ``budget``
         and ``keep_map`` (:func:`image_keep_map`, None for the full cache).
     """
-    from mixkv.demo import method_runs
-    from mixkv.eval.mm_runner import (
-        _encode,
-        _example_prompt,
-        observation_window,
-        prefill_image_prefix,
-        run_mm_example,
-    )
-    from mixkv.integration.models import placeholder_token_id
-    from mixkv.presses.registry import build_press
-
-    inputs = _encode(processor, example, _example_prompt(processor, example))
+    inputs = encode_example(processor, example, example_prompt(processor, example))
     context_tokens = int(inputs["input_ids"].shape[1])
     image_token_id = placeholder_token_id(model.config, "image")
     if image_token_id is None:

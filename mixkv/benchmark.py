@@ -1,6 +1,6 @@
 """Speed and memory benchmark of the presses (prefill, compression, decode, cache bytes, peak memory).
 
-Run ``python -m mixkv.bench --help``. Every cell (method, context length, budget, batch size,
+Run ``mixkv bench --help``. Every cell (method, context length, budget, batch size,
 prefill chunk size, decoding interval) does ``repeats`` timed runs after ``warmup`` untimed ones;
 each run is one prefill (in one go, or in chunks compressed as they arrive) followed by a manual
 greedy decode loop of ``decode_tokens`` steps inside the press context (under
@@ -9,7 +9,6 @@ greedy decode loop of ``decode_tokens`` steps inside the press context (under
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -26,9 +25,10 @@ import torch
 from transformers import DynamicCache
 
 from mixkv.integration import kv_cache_bytes
-from mixkv.integration.models import cache_argument, prefill, prefill_in_chunks
+from mixkv.integration.decoder_layout import cache_argument, prefill, prefill_in_chunks
+from mixkv.integration.kvpress_bridge import press_applied
 from mixkv.presses.decoding import DecodingPress
-from mixkv.presses.registry import NAMES, build_press, kvpress_available, press_applied
+from mixkv.presses.registry import NAMES, build_press, kvpress_available
 
 FIELDS = (
     "method",
@@ -497,7 +497,7 @@ def load_bench_model(
         return random_model(name, dtype, layers)
     if layers is not None:
         raise ValueError("--layers only applies to the random-* models")
-    from mixkv.models import load_model
+    from mixkv.model_loading import load_model
 
     model, _ = load_model(None if name == "smollm2" else name, dtype=dtype)
     return model
@@ -650,104 +650,3 @@ def write_results(
         for i, p in enumerate(write_plots(rows, out)):
             paths[f"plot{i}"] = p
     return paths
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixkv.bench", description=__doc__)
-    parser.add_argument(
-        "--model",
-        default="random-smollm2",
-        help=f"{', '.join(RANDOM_MODELS)} (random weights; the first is the default), smollm2 (real "
-        "weights) or a model directory",
-    )
-    parser.add_argument(
-        "--layers", type=int, default=None, help="random-* models: keep only the first N decoder layers"
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list from {NAMES} (`mixkv presses` describes them)",
-    )
-    parser.add_argument("--context-lengths", default="1024,2048,4096")
-    parser.add_argument("--budgets", default="128,512")
-    parser.add_argument("--batch-sizes", default="1")
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--window-size", type=int, default=32)
-    parser.add_argument(
-        "--prefill-chunk-sizes",
-        default="0",
-        help="comma list of prefill chunk sizes; 0 prefills in one go (e.g. 0,512,1024)",
-    )
-    parser.add_argument(
-        "--decoding-intervals",
-        default="0",
-        help="comma list; N decodes under DecodingPress(press, interval=N), 0 with the plain press",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-check", type=int, default=10, help="consecutive generations (0: skip)")
-    parser.add_argument(
-        "--memory-check-context", type=int, default=1024, help="prompt tokens of those generations"
-    )
-    parser.add_argument("--memory-check-method", default="mixkv-adakv", help="press of those generations")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--out", default="bench_out")
-    args = parser.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model = load_bench_model(args.model, dtype, args.layers).to(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = run_bench(
-        model,
-        methods=methods,
-        context_lengths=_ints(args.context_lengths),
-        budgets=_ints(args.budgets),
-        batch_sizes=_ints(args.batch_sizes),
-        decode_tokens=args.decode_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        window_size=args.window_size,
-        prefill_chunks=[n or None for n in _ints(args.prefill_chunk_sizes)],
-        decoding_intervals=[n or None for n in _ints(args.decoding_intervals)],
-        log=lambda s: print(s, flush=True),
-    )
-    mem = None
-    if args.memory_check > 0:
-        mem = memory_flat_check(
-            model,
-            method=args.memory_check_method,
-            context=args.memory_check_context,
-            budget=_ints(args.budgets)[0],
-            generations=args.memory_check,
-            window_size=args.window_size,
-        )
-        print(f"memory check: {mem}", flush=True)
-    command = "python -m mixkv.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    paths = write_results(
-        rows,
-        Path(args.out),
-        machine=machine_info(),
-        command=command,
-        memory_check=mem,
-        plots=not args.no_plots,
-    )
-    print(markdown_table(rows))
-    for k, p in paths.items():
-        print(f"{k}: {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
