@@ -9,14 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mixkv.benchmark import (
-    FIELDS,
-    machine_info,
-    memory_flat_check,
-    random_model,
-    run_bench,
-    write_results,
-)
+from mixkv.benchmarks.bench_report import machine_info, write_results
+from mixkv.benchmarks.random_models import random_model
+from mixkv.benchmarks.timed_runs import FIELDS, memory_flat_check, run_bench
 from mixkv.commands.bench import main
 
 
