@@ -1,4 +1,9 @@
-"""Tiny offline models and tokenizers for the evaluation tests (nothing comes from the hub)."""
+"""Tiny offline models and tokenizers for the tests (nothing comes from the hub).
+
+Every tiny Llama of the tests is built by :func:`random_llama`; :func:`tiny_llama` (the word
+tokenizer's special tokens) and :func:`press_test_llama` (the press API's model) are the two shared
+by several files. The per-family models of ``tests/families.py`` are built there.
+"""
 
 from __future__ import annotations
 
@@ -78,24 +83,87 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> Any:
-    """A randomly initialised 2-layer Llama (4 query heads, 2 KV heads, head_dim 16), eval mode."""
+def random_llama(
+    vocab_size: int,
+    *,
+    layers: int,
+    kv_heads: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    **config: Any,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama of width 64 (4 query heads of 16 dims, MLP 128), in eval mode.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Token ids.
+    layers, kv_heads : int
+        Decoder layers and KV heads per layer.
+    seed : int
+        Seed of the initialisation.
+    attn_implementation : str
+        ``"sdpa"`` or ``"eager"``.
+    **config
+        Further :class:`~transformers.LlamaConfig` fields (special tokens, positions,
+        ``initializer_range``); unnamed ones keep LlamaConfig's defaults.
+
+    Returns
+    -------
+    LlamaForCausalLM
+        The model.
+    """
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    llama_config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        **config,
+    )
+    return LlamaForCausalLM._from_config(llama_config, attn_implementation=attn_implementation).eval()
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A :func:`random_llama` with the word tokenizer's special tokens and 4096 positions."""
+    return random_llama(
+        vocab_size,
+        layers=layers,
+        seed=seed,
         max_position_embeddings=4096,
-        bos_token_id=2,
-        eos_token_id=3,
+        bos_token_id=_SPECIALS.index("[BOS]"),
+        eos_token_id=_SPECIALS.index("[EOS]"),
+        pad_token_id=_SPECIALS.index("[PAD]"),
+    )
+
+
+def press_test_llama() -> LlamaForCausalLM:
+    """The press API tests' model: a 3-layer :func:`random_llama` over 128 ids, pad id 0, no BOS/EOS,
+    weights drawn 10x wider than the default (``initializer_range`` 0.2)."""
+    return random_llama(
+        128,
+        layers=3,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
         pad_token_id=0,
     )
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
-    model.eval()
+
+
+def scale_weight_matrices(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    """Multiply ``model``'s weight matrices by ``factor`` in place and return it.
+
+    A default tiny model's answers barely depend on its cache (mostly one word repeated); sharper
+    logits make them show a wrong row, position or kept entry.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(factor)
     return model
 
 

@@ -11,7 +11,7 @@ from mixkv.eval.tasks import make_examples
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, stack_layers
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import build_press
-from tests.helpers_tiny import grid_run_twice, tiny_llama, word_tokenizer
+from tests.helpers_tiny import grid_run_twice, scale_weight_matrices, tiny_llama, word_tokenizer
 
 METHODS = ["snapkv", "mixkv-snapkv", "pyramidkv", "adakv", "mixkv-adakv", "streamingllm", "random"]
 COMPARED = ("output", "new_tokens", "kv_bytes", "kv_bytes_after_decoding", "kept_tokens_mean")
@@ -22,12 +22,7 @@ def tiny():
     # Weights 6x the default initialisation: the answers of a default tiny model barely depend on
     # the cache (mostly one word repeated), so they would not show a wrong row or position.
     tokenizer = word_tokenizer()
-    model = tiny_llama(len(tokenizer), seed=0, layers=3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(6)
-    return model, tokenizer
+    return scale_weight_matrices(tiny_llama(len(tokenizer), seed=0, layers=3), 6), tokenizer
 
 
 @pytest.fixture(scope="module")

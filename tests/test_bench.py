@@ -7,33 +7,17 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from mixkv.benchmark import (
-    FIELDS,
-    machine_info,
-    memory_flat_check,
-    random_model,
-    run_bench,
-    write_results,
-)
+from mixkv.benchmarks.bench_report import machine_info, write_results
+from mixkv.benchmarks.random_models import random_model
+from mixkv.benchmarks.timed_runs import FIELDS, memory_flat_check, run_bench
 from mixkv.commands.bench import main
+from tests.helpers_tiny import random_llama
 
 
 def _tiny_llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(256, layers=2, max_position_embeddings=512)
 
 
 def _bench(model, methods, context, budget, decode_tokens=2):

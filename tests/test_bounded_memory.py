@@ -7,7 +7,8 @@ from transformers import DynamicCache
 import mixkv
 from mixkv.integration.cache import CompressedLayer
 from tests.families import build_case
-from tests.test_press_api import prompt, tiny_llama
+from tests.helpers_tiny import press_test_llama
+from tests.test_press_api import prompt
 
 WINDOW = 8
 BUDGET = 40
@@ -15,7 +16,7 @@ BUDGET = 40
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return press_test_llama()
 
 
 PRESSES = {

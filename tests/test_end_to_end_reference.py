@@ -8,9 +8,10 @@ attention, MLP, head - is compared, not only the attention kernel.
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import mixkv
+from tests.helpers_tiny import random_llama
 from tests.reference import kept_positions
 
 WINDOW = 8
@@ -18,19 +19,14 @@ BUDGET = 40
 
 
 def one_layer_mqa(attn_implementation):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
+    return random_llama(
+        128,
+        layers=1,
+        kv_heads=1,
+        attn_implementation=attn_implementation,
         initializer_range=0.2,
         pad_token_id=0,
     )
-    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
 
 
 def batch(short_row_length):

@@ -10,10 +10,6 @@ import torch
 
 from tests.families import ALL_FAMILIES, LLM_FAMILIES, VLM_FAMILIES, VOCAB_SIZE, FamilyCase, build_case
 
-# Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning makes
-# every op ~50x slower: one thread keeps this file fast (belongs in a conftest.py eventually).
-torch.set_num_threads(1)
-
 LEFT_PAD = 5
 BATCH = 3
 

@@ -10,12 +10,6 @@ import torch
 from mixkv import DecodingPress, MixKVPress, SnapKVPress
 from mixkv.eval.text_fidelity import measure_fidelity, measure_fidelity_ids
 from mixkv.integration import describe_decoder
-from tests.helpers_tiny import tiny_model_and_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer(seed=0)
 
 
 def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

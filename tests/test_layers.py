@@ -1,7 +1,7 @@
 """The package's layers import only downward, without cycles, and no module takes another's private names.
 
 Layers, bottom to top: ``functional`` (tensor maths) <- ``presses`` <- ``integration`` and the model
-loaders (``weights``, ``model_loading``, ``tiny_vlm``) <- ``eval``, ``benchmark``, ``demos``,
+loaders (``weights``, ``model_loading``, ``tiny_vlm``) <- ``eval``, ``benchmarks``, ``demos``,
 ``harnesses`` <- ``commands``. Every import counts, also those inside functions and under
 ``TYPE_CHECKING``; the one accepted upward call is a press entering its session
 (``with press(model)``), as in kvpress.
@@ -22,7 +22,7 @@ LAYERS = {
     "mixkv.model_loading": 2,
     "mixkv.tiny_vlm": 2,
     "mixkv.eval": 3,
-    "mixkv.benchmark": 3,
+    "mixkv.benchmarks": 3,
     "mixkv.demos": 3,
     "mixkv.harnesses": 3,
     "mixkv.commands": 4,

@@ -5,38 +5,20 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mixkv
+from tests.helpers_tiny import press_test_llama
 from tests.reference import kept_positions
 
 WINDOW = 8
 
 
-def tiny_llama(attn_implementation="sdpa", layers=3):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return press_test_llama()
 
 
 def prompt(length=120, seed=1):
@@ -85,7 +67,7 @@ def test_unsupported_model_family_is_refused_by_name():
 
 
 def test_unsupported_attention_implementation_is_refused_by_name():
-    llama = tiny_llama()
+    llama = press_test_llama()
     llama.config._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="'flex_attention' is not supported"):
         mixkv.SnapKVPress(budget=64)(llama)

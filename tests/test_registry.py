@@ -116,7 +116,8 @@ def test_mixkv_presses_json_gives_parameters(capsys):
 
 def test_presses_integration_and_bench_import_nothing_from_eval():
     code = (
-        "import sys, mixkv, mixkv.presses, mixkv.integration, mixkv.benchmark, mixkv.presses.registry; "
+        "import sys, mixkv, mixkv.presses, mixkv.integration, mixkv.presses.registry, "
+        "mixkv.benchmarks.timed_runs, mixkv.benchmarks.bench_report, mixkv.benchmarks.random_models; "
         "print([m for m in sys.modules if m.startswith('mixkv.eval')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -16,12 +16,7 @@ from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example
 from mixkv.eval.replay import prefill_with_inputs, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import make_examples
 from mixkv.presses.registry import build_press, kvpress_available
-from tests.helpers_tiny import SMALL_GRID, grid_run_twice, tiny_model_and_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer(seed=0)
+from tests.helpers_tiny import SMALL_GRID, grid_run_twice
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +257,10 @@ def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_
 
 def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feeding():
     from mixkv.eval.example import _greedy_with_positions
-    from tests.helpers_tiny import tiny_llama
+    from tests.helpers_tiny import scale_weight_matrices, tiny_llama
 
-    model = tiny_llama(64, seed=1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(6)  # sharp logits: the answer depends on what the question attends to
+    # Sharp logits: the answer depends on what the question attends to.
+    model = scale_weight_matrices(tiny_llama(64, seed=1), 6)
     ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([0, 1, 2, 7, 11, 20, 25, 26, 27, 28, 29])
     answer = _greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())

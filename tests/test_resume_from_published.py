@@ -11,13 +11,7 @@ import shutil
 import pytest
 
 from mixkv.eval.runner import run_eval
-from tests.helpers_tiny import tiny_model_and_tokenizer
 from tests.test_runner import BOTH, CELLS, GRID, _interrupt_after, cli_run_eval_arguments
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer(seed=0)
 
 
 def _publish(run_dir, published):

@@ -13,7 +13,6 @@ from mixkv.eval import runner
 from mixkv.eval.runner import cell_filename, run_eval
 from mixkv.eval.stats import paired_comparison
 from mixkv.eval.stats_tables import format_score
-from tests.helpers_tiny import tiny_model_and_tokenizer
 
 GRID = {
     "methods": ["full", "snapkv", "mixkv-snapkv"],
@@ -29,11 +28,6 @@ CELLS = [
     cell_filename("snapkv", 40, "niah_single_1", 128),
     cell_filename("mixkv-snapkv", 40, "niah_single_1", 128),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer(seed=0)
 
 
 @pytest.fixture

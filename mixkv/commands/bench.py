@@ -1,4 +1,4 @@
-"""``mixkv bench``: speed and memory of every method (:mod:`mixkv.benchmark`)."""
+"""``mixkv bench``: speed and memory of every method (:mod:`mixkv.benchmarks`)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,31 @@ from pathlib import Path
 
 import torch
 
-from mixkv.benchmark import (
-    DEFAULT_METHODS,
-    RANDOM_MODELS,
-    load_bench_model,
-    machine_info,
-    markdown_table,
-    memory_flat_check,
-    run_bench,
-    write_results,
-)
+from mixkv.benchmarks.bench_report import machine_info, markdown_table, write_results
+from mixkv.benchmarks.random_models import RANDOM_MODELS, load_bench_model
+from mixkv.benchmarks.timed_runs import DEFAULT_METHODS, memory_flat_check, run_bench
+from mixkv.commands.parsing import split_list
 from mixkv.presses.registry import NAMES
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """The integers of a comma-separated list (``"0,512"`` -> ``[0, 512]``)."""
+    return [int(item) for item in split_list(text)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mixkv bench``: time the methods, check memory stays flat, write and print the results.
+
+    Parameters
+    ----------
+    argv : Sequence[str], optional
+        Command-line arguments (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        Exit status, 0.
+    """
     parser = argparse.ArgumentParser(prog="mixkv bench", description=__doc__)
     parser.add_argument(
         "--model",
@@ -75,10 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = load_bench_model(args.model, dtype, args.layers).to(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = run_bench(
         model,
-        methods=methods,
+        methods=split_list(args.methods),
         context_lengths=_ints(args.context_lengths),
         budgets=_ints(args.budgets),
         batch_sizes=_ints(args.batch_sizes),
