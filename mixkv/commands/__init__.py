@@ -24,7 +24,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: mixkv COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<15} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines.append("\n`mixkv COMMAND --help` describes a command's options.")
     return "\n".join(lines)
 
