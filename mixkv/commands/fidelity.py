@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
+    from mixkv.eval.haystack import stdlib_sentences
     from mixkv.eval.runner import check_methods, parse_method
     from mixkv.eval.source_tasks import source_functions
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
-    from mixkv.eval.tasks import stdlib_sentences
     from mixkv.model_loading import load_model
 
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)
