@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mixkv.eval.tasks import stdlib_sentences
+from mixkv.eval.haystack import stdlib_sentences
 
 _SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 

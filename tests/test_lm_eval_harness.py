@@ -203,7 +203,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def needle_tasks(tmp_path_factory):
-    from mixkv.eval.tasks import stdlib_sentences
+    from mixkv.eval.haystack import stdlib_sentences
 
     path = tmp_path_factory.mktemp("needle-tasks")
     filler = list(stdlib_sentences())

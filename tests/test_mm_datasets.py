@@ -11,15 +11,14 @@ from PIL import Image
 
 from mixkv.eval.mm_datasets import (
     TEXTCAPS_PROMPT,
-    MMExample,
     load_chartqa,
     load_docvqa,
     load_ocrbench,
     load_screenspot,
     load_textcaps,
     load_textvqa,
-    score_examples,
 )
+from mixkv.eval.mm_example import MMExample, score_examples
 
 
 def _image(path: Path, size: tuple[int, int] = (8, 6)) -> Path:

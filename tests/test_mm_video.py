@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from mixkv.eval import mm_runner
-from mixkv.eval.mm_datasets import VIDEOMME_PROMPT, load_videomme, score_examples
+from mixkv.eval.mm_datasets import VIDEOMME_PROMPT, load_videomme
+from mixkv.eval.mm_example import score_examples
 from mixkv.eval.mm_metrics import multiple_choice_letter
 from mixkv.eval.mm_runner import load_mm_task, run_mm_eval
 from mixkv.eval.runner import build_press

@@ -7,7 +7,9 @@ from collections import Counter
 
 import pytest
 
-from mixkv.eval.tasks import TASKS, count_tokens, encode_prompt, make_examples, score_output
+from mixkv.eval.haystack import count_tokens
+from mixkv.eval.tasks import TASKS, make_examples
+from mixkv.eval.text_example import encode_prompt, score_output
 from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, word_tokenizer
 
 NIAH_TASKS = [t for t in TASKS if t.startswith("niah")]

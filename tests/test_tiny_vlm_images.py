@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixkv.eval.mm_datasets import score_examples
+from mixkv.eval.mm_example import score_examples
 from mixkv.eval.mm_metrics import exact_match, mark_in_box
 from mixkv.eval.tiny_vlm_tasks import make_tiny_vlm_suite
 from mixkv.tiny_vlm.images import CELL, CHARSET, FAMILIES, GRID, IMAGE_SIZE, render

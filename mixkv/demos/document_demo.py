@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from mixkv.eval.example import run_example
-from mixkv.eval.tasks import encode_prompt, make_examples
+from mixkv.eval.tasks import make_examples
+from mixkv.eval.text_example import encode_prompt
 from mixkv.presses.registry import build_press
 
 __all__ = ["DEFAULT_METHODS", "method_runs", "plot_rows", "results_table", "run_demo"]

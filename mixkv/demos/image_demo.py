@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mixkv.demos.document_demo import method_runs
-from mixkv.eval.mm_datasets import MMExample
+from mixkv.eval.mm_example import MMExample
 from mixkv.eval.mm_runner import (
     encode_example,
     example_prompt,

@@ -3,7 +3,7 @@
 Retrieval of a single needle rewards a press that keeps the few tokens the question points at;
 these tasks reward one that keeps the context *covered* (the MixKV paper's gains are on
 summary-like and multi-document tasks). All are generated offline and seeded, in the
-standard-library prose haystack of :mod:`mixkv.eval.tasks`, and fitted to the requested length.
+standard-library prose haystack of :mod:`mixkv.eval.haystack`, and fitted to the requested length.
 
 ``agg_list``
     Warehouse log entries are spread over the context: four deliveries of fruit and four rounds of
@@ -23,15 +23,16 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mixkv.eval.tasks import (
-    TextExample,
-    _docs_fine,
-    _fit,
-    _haystack_units,
-    _insert,
-    _word_keys,
+from mixkv.eval.haystack import (
+    docs_max_fine,
+    fit_context,
+    haystack_units,
+    insert_at_depths,
+    random_number,
     stdlib_sentences,
+    word_keys,
 )
+from mixkv.eval.text_example import TextExample
 
 __all__ = ["COVERAGE_TASKS", "make_coverage_example"]
 
@@ -67,10 +68,10 @@ def _in_docs(
     offset = rng.randrange(len(stdlib_sentences()))
 
     def build(k: int, fine: int) -> str:
-        units = _haystack_units("docs", k, offset, fine)
-        return preamble + " ".join(_insert(units[:k], items, depths) + units[k:])
+        units = haystack_units("docs", k, offset, fine)
+        return preamble + " ".join(insert_at_depths(units[:k], items, depths) + units[k:])
 
-    _, _, context, n_tokens = _fit(build, tokenizer, length, task, 25.0, _docs_fine(offset))
+    _, _, context, n_tokens = fit_context(build, tokenizer, length, task, 25.0, docs_max_fine(offset))
     return context, n_tokens
 
 
@@ -123,9 +124,9 @@ def _agg_count(task: str, tokenizer: Any, length: int, rng: random.Random) -> Te
 
 
 def _multihop(task: str, tokenizer: Any, length: int, rng: random.Random) -> TextExample:
-    keys = _word_keys(rng, 2)  # the asked chain and one distractor
+    keys = word_keys(rng, 2)  # the asked chain and one distractor
     lockers = rng.sample(range(10, 100), len(keys))
-    numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    numbers = [random_number(rng) for _ in keys]
     first = [
         f"The code for the {k} vault is kept in locker {lk}." for k, lk in zip(keys, lockers, strict=True)
     ]

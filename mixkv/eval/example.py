@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
-from mixkv.eval.tasks import TextExample, encode_prompt, score_output
+from mixkv.eval.text_example import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
 from mixkv.integration.decoder_layout import cache_argument, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied

@@ -9,6 +9,14 @@ aggregates a list of predictions. The metrics are implemented from their public 
 * ``ocrbench`` -- OCRBench substring matching (score = number of correct answers).
 * ``cider_d`` -- CIDEr-D (TextCaps), with a simple tokenizer approximating the PTB tokenizer.
 * ``point_in_box`` -- ScreenSpot click accuracy, with a parser of points and boxes in model text.
+* ``multiple_choice`` -- the option letter of a Video-MME style answer.
+* ``exact_match``, ``mark_in_box`` -- the tiny VLM's tasks: the first word or number of the
+  answer, and the set-of-marks button the answer names.
+
+The module's one job is these metrics as their benchmarks define them; it is long because each
+follows its official rules in full (VQA's answer normalisation, CIDEr-D's document frequencies,
+ScreenSpot's point formats). :func:`~mixkv.eval.mm_example.score_examples` applies them to
+examples.
 """
 
 from __future__ import annotations

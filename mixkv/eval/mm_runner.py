@@ -1,6 +1,6 @@
 """Resumable multimodal evaluation grid: methods x budgets over image and video question answering.
 
-A *task* is a named list of :class:`~mixkv.eval.mm_datasets.MMExample` (a benchmark read from
+A *task* is a named list of :class:`~mixkv.eval.mm_example.MMExample` (a benchmark read from
 local files by :mod:`mixkv.eval.mm_datasets`, or a seeded synthetic suite from
 :mod:`mixkv.eval.synthetic_images`). Each *cell* (method, budget, task) runs every example of the
 task on a vision-language model:
@@ -19,7 +19,7 @@ task on a vision-language model:
   and a processor without one is refused with a ``ValueError``. Records hold ``video_tokens``
   (placeholders in the prompt) and ``video_tokens_total`` / ``video_tokens_kept`` beside the image
   counts;
-* outputs are scored with :func:`~mixkv.eval.mm_datasets.score_examples`; a cell's ``score`` is
+* outputs are scored with :func:`~mixkv.eval.mm_example.score_examples`; a cell's ``score`` is
   the task's metric on all its examples (in [0, 1], CIDEr-D on its toolkit scale).
 
 Cell files, resume (finished cells are read back, corrupt or stale files set aside and
@@ -46,7 +46,6 @@ import torch
 from mixkv.eval import cell_store, reporting, runner
 from mixkv.eval.example import SharedPrefix
 from mixkv.eval.mm_datasets import (
-    MMExample,
     load_chartqa,
     load_docvqa,
     load_ocrbench,
@@ -54,8 +53,8 @@ from mixkv.eval.mm_datasets import (
     load_textcaps,
     load_textvqa,
     load_videomme,
-    score_examples,
 )
+from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.decoder_layout import (
     cache_argument,

@@ -29,7 +29,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from mixkv.eval.tasks import TextExample, _fit, _insert
+from mixkv.eval.haystack import fit_context, insert_at_depths
+from mixkv.eval.text_example import TextExample
 
 __all__ = ["SOURCE_TASKS", "make_source_example", "source_functions"]
 
@@ -148,12 +149,12 @@ def make_source_example(task: str, tokenizer: Any, length: int, rng: random.Rand
 
     def build(k: int, fine: int) -> str:
         units = [f.source for f in others[:k]]
-        units = _insert(units, [target.source], [depth])
+        units = insert_at_depths(units, [target.source], [depth])
         if fine:  # the first `fine` lines of one more function
             units.append("\n".join(others[k].source.splitlines()[:fine]))
         return preamble + "\n\n\n".join(units)
 
-    _, _, context, n_tokens = _fit(
+    _, _, context, n_tokens = fit_context(
         build, tokenizer, length, task, 250.0, lambda k: len(others[k].source.splitlines()) - 1
     )
     if task == "source_default":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mixkv.eval.mm_datasets import MMExample
+from mixkv.eval.mm_example import MMExample
 
 __all__ = [
     "SYNTHETIC_TASKS",

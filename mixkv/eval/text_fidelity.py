@@ -13,25 +13,37 @@ continuation tokens are compared:
 The compressed side may prefill in chunks (``prefill_chunk``, compressed as they arrive) and, under
 a :class:`~mixkv.DecodingPress`, feeds the continuation one token per forward so the cache is
 compressed again every ``interval`` tokens, as while generating.
+
+:func:`run_fidelity_sweep` measures every method x budget on consecutive stretches of the Python
+standard library's text (``mixkv fidelity``), each figure with its bootstrap interval over the
+texts, and compares methods paired on the same texts.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from mixkv.eval.haystack import stdlib_sentences
+from mixkv.eval.source_tasks import source_functions
+from mixkv.eval.stats import bootstrap_ci, paired_comparison
+from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.decoder_layout import cache_argument, describe_decoder, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied
 from mixkv.integration.session import RecordedPrompt
 from mixkv.presses.decoding import DecodingPress
 
-__all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]
+if TYPE_CHECKING:
+    from mixkv.eval.runner import MethodVariant
+
+__all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids", "run_fidelity_sweep"]
 
 
 @dataclass
@@ -284,3 +296,194 @@ def measure_fidelity(
             )
         ctx_ids, cont_ids = ids[:-continuation_tokens], ids[-continuation_tokens:]
     return measure_fidelity_ids(model, ctx_ids, cont_ids, press)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep of ``mixkv fidelity``
+
+_Cell = tuple[str, int]  # (method, budget)
+
+
+def _corpus_texts(
+    tokenizer: Any, corpus: str, context_length: int, continuation_tokens: int, texts: int
+) -> list[tuple[list[int], list[int]]]:
+    """The first ``texts`` ``(context, continuation)`` token stretches of ``corpus``: docstring
+    sentences (``"docs"``) or function sources (``"source"``) tokenized one after another, a
+    stretch ending as soon as it is long enough."""
+    if corpus == "docs":
+        pieces = [" " + sentence for sentence in stdlib_sentences()]
+    else:
+        pieces = [function.source + "\n\n" for function in source_functions()]
+    ids: list[int] = []
+    contexts: list[tuple[list[int], list[int]]] = []
+    need = context_length + continuation_tokens
+    for piece in pieces:
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if len(ids) >= need:
+            contexts.append((ids[:context_length], ids[context_length:need]))
+            ids = []
+            if len(contexts) == texts:
+                break
+    if len(contexts) < texts:
+        raise ValueError(
+            f"the {corpus} corpus holds only {len(contexts)} contexts of {need} tokens (context + "
+            f"continuation); ask for at most {len(contexts)} --texts, use a shorter --context-length or "
+            "the other --corpus"
+        )
+    return contexts
+
+
+def _measure_texts(
+    model: Any,
+    texts: Sequence[tuple[list[int], list[int]]],
+    methods: Mapping[str, MethodVariant],
+    budgets: Sequence[int],
+    context_length: int,
+    log: Callable[[str], None],
+) -> dict[_Cell, list[FidelityReport]]:
+    """One report per text for every method x budget."""
+    reports: dict[_Cell, list[FidelityReport]] = {(m, b): [] for m in methods for b in budgets}
+    # The presses run_examples_together would give one shared prompt forward.
+    sharing = {m: v.continues_a_prefix and v.decodes_together for m, v in methods.items()}
+    layout = describe_decoder(model)
+    layout_shares = len(layout.compressible_layers) == layout.num_layers
+    for number, (context, continuation) in enumerate(texts, 1):
+        ctx = torch.tensor([context], device=model.device)
+        cont = torch.tensor([continuation], device=model.device)
+        # Plain mixkv presses share one forward over the context, which also gives the full cache.
+        shared = [key for key in reports if sharing[key[0]]]
+        presses = {key: methods[key[0]].press(key[1], context_tokens=context_length) for key in reports}
+        if shared and layout_shares:
+            full, runs = _runs_sharing_one_prefill(model, ctx, cont, [presses[key] for key in shared])
+            compressed = dict(zip(shared, runs, strict=True))
+        else:
+            full, compressed = _run(model, ctx, cont, None), {}
+        for key in reports:
+            variant = methods[key[0]]
+            run = (
+                compressed[key]
+                if key in compressed
+                else _run(model, ctx, cont, presses[key], variant.prefill_chunk_size)
+            )
+            reports[key].append(_compare(full, run, ctx, cont))
+        log(f"text {number} of {len(texts)} done")
+    return reports
+
+
+def _rows(reports: Mapping[_Cell, list[FidelityReport]], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Per method x budget: mean top-1 agreement and KL with their bootstrap intervals, and the
+    reports of every text."""
+    rows = []
+    for (method, budget), found in reports.items():
+        top1 = bootstrap_ci([r.top1_agreement for r in found])
+        kl = bootstrap_ci([r.mean_kl for r in found])
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "texts": len(found),
+                "top1_agreement": top1[0],
+                "top1_agreement_ci": list(top1[1:]),
+                "mean_kl": kl[0],
+                "mean_kl_ci": list(kl[1:]),
+                "reports": [r.to_dict() for r in found],
+            }
+        )
+        log(
+            f"{method:>24} budget {budget:>4}: top-1 agreement {top1[0]:.3f} [{top1[1]:.3f}, {top1[2]:.3f}], "
+            f"mean KL {kl[0]:.3f} [{kl[1]:.3f}, {kl[2]:.3f}] (n = {len(found)} texts)"
+        )
+    return rows
+
+
+def _comparisons(
+    reports: Mapping[_Cell, list[FidelityReport]],
+    methods: Mapping[str, MethodVariant],
+    budgets: Sequence[int],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Paired comparisons on the same texts: each MixKV method against its base, each variant
+    against its plain method."""
+    names = list(methods)
+    pairs = mixkv_base_pairs(names) + [
+        (plain, m) for m in names if (plain := methods[m].press_method) != m and plain in methods
+    ]
+    comparisons = []
+    for a, b in pairs:
+        for budget in budgets:
+            line = f"{b} - {a}, budget {budget}:"
+            for metric in ("top1_agreement", "mean_kl"):
+                c = paired_comparison(
+                    [getattr(r, metric) for r in reports[a, budget]],
+                    [getattr(r, metric) for r in reports[b, budget]],
+                )
+                comparisons.append(
+                    {"a": a, "b": b, "budget": budget, "metric": metric, **dataclasses.asdict(c)}
+                )
+                line += (
+                    f" {metric} {c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
+                    f" (higher / equal / lower {c.wins} / {c.ties} / {c.losses}, sign-test p {format_p(c.p_value)});"
+                )
+            log(line.rstrip(";"))
+    return comparisons
+
+
+def run_fidelity_sweep(
+    model: Any,
+    tokenizer: Any,
+    *,
+    methods: Mapping[str, MethodVariant],
+    budgets: Sequence[int],
+    context_length: int,
+    texts: int,
+    corpus: str,
+    continuation_tokens: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[dict[str, Any]]]:
+    """Top-1 agreement and KL of every method x budget on natural text (``mixkv fidelity``).
+
+    Contexts are consecutive stretches of the Python standard library's documentation or of its
+    functions' source code (offline, deterministic), each followed by a teacher-forced
+    continuation of the same text. The plain mixkv presses of a text share one forward over its
+    context, which also gives the full-cache reference (:func:`_runs_sharing_one_prefill`: the
+    same figures as a prefill per press); variants and kvpress presses prefill on their own.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer.
+    methods
+        Method name -> its parsed variant (:func:`~mixkv.eval.runner.parse_method`), in the order
+        of the rows; not ``full``.
+    budgets
+        Cache budgets (tokens).
+    context_length
+        Context tokens per text.
+    texts
+        How many different contexts.
+    corpus
+        ``"docs"`` (prose sentences of standard-library docstrings) or ``"source"`` (the source
+        code of standard-library functions).
+    continuation_tokens
+        Teacher-forced tokens after each context.
+    log
+        Receives a line after every text, one per row and one per compared pair and budget.
+
+    Returns
+    -------
+    dict
+        ``"rows"``: per method x budget, the mean top-1 agreement and KL with their 95% bootstrap
+        intervals over the texts and every text's :class:`FidelityReport` as a dict;
+        ``"comparisons"``: each MixKV method against its base and each ``+chunkN`` / ``+decodeN``
+        variant against its plain method, per budget and metric (paired-bootstrap interval of the
+        difference, exact sign test).
+
+    Raises
+    ------
+    ValueError
+        If the corpus holds fewer than ``texts`` stretches of ``context_length +
+        continuation_tokens`` tokens.
+    """
+    contexts = _corpus_texts(tokenizer, corpus, context_length, continuation_tokens, texts)
+    reports = _measure_texts(model, contexts, methods, budgets, context_length, log)
+    return {"rows": _rows(reports, log), "comparisons": _comparisons(reports, methods, budgets, log)}

@@ -3,7 +3,7 @@
 ``board_codes``, ``chart_values`` and ``gui_marks`` are the ``test`` split of the ``board``, ``chart``
 and ``gui`` families of :mod:`mixkv.tiny_vlm.images`: freshly generated, never trained on. Each image
 is written as a PNG (byte-identical for the same seed and index) and becomes an
-:class:`~mixkv.eval.mm_datasets.MMExample` with the family's answer prefix. Metrics:
+:class:`~mixkv.eval.mm_example.MMExample` with the family's answer prefix. Metrics:
 ``exact_match`` for codes and values (they are read, not estimated), ``mark_in_box`` for the GUI
 (the answered mark's button centre must lie in the target button).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixkv.eval.mm_datasets import MMExample
+from mixkv.eval.mm_example import MMExample
 from mixkv.tiny_vlm.images import render
 
 __all__ = ["TASK_FAMILIES", "make_tiny_vlm_suite", "write_calibration_prompts"]
