@@ -2,9 +2,9 @@
 
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, kv_cache_bytes
 from mixkv.integration.compressed_context import CompressedContext, chat_prompt_parts
-from mixkv.integration.compression_report import CompressionReport
 from mixkv.integration.decoder_layout import SUPPORTED_MODEL_TYPES, describe_decoder
 from mixkv.integration.session import PressSession
+from mixkv.presses.compression_report import CompressionReport
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

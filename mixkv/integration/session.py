@@ -53,9 +53,9 @@ from mixkv.integration.cache import (
     kv_cache_bytes,
     layer_bytes,
 )
-from mixkv.integration.compression_report import CompressionReport
 from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
 from mixkv.presses.base import ScoringContext
+from mixkv.presses.compression_report import CompressionReport
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
