@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.decoder_layout import cache_argument, describe_decoder, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied
-from mixkv.integration.session import RecordedPrompt
+from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.presses.decoding import DecodingPress
 
 __all__ = ["FidelityReport", "measure_fidelity", "measure_fidelity_ids"]

@@ -2,11 +2,11 @@
 
 A press compresses each layer after attending over the whole prompt, so the forward itself (every
 layer's queries, keys, values and output) is the same under every press; only what the cache keeps
-differs. :meth:`PressSession.recording_prompt <mixkv.integration.session.PressSession.recording_prompt>`
-records it (the last ``window`` queries and everything each layer held) and
-:meth:`PressSession.compress_recorded <mixkv.integration.session.PressSession.compress_recorded>`
-compresses it under another press, entry for entry as that press's own forward would. The
-evaluation uses it to run several presses over one prompt forward.
+differs. :meth:`~mixkv.integration.session.PressSession.recording_prompt` records it (the last ``window``
+queries and everything each layer held) and
+:meth:`~mixkv.integration.session.PressSession.compress_recorded` compresses it under another
+press, entry for entry as that press's own forward would. The evaluation uses it to run several
+presses over one prompt forward.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from mixkv.integration.layer_tensors import AttentionCall
 @dataclass
 class RecordedPrompt:
     """One prompt forward through a full-cache layer stack, as a press saw it (see
-    :meth:`PressSession.recording_prompt`); other presses compress the same prompt from it with
-    :meth:`PressSession.compress_recorded`, without a forward.
+    :meth:`~mixkv.integration.session.PressSession.recording_prompt`); other presses compress the
+    same prompt from it with :meth:`~mixkv.integration.session.PressSession.compress_recorded`,
+    without a forward.
 
     ``calls`` holds, per layer in order, the forward's last ``window`` queries and every key and
     value the layer held; ``query_tokens`` is the number of queries in the forward.
