@@ -95,10 +95,10 @@ class CacheCompressor:
         ``input_ids`` are the forward's ids (for the report's visual token counts).
         """
         layer_idx, query, keys = call.layer_idx, call.query, call.keys
-        state = self.state(cache)
+        # Sliding-window layers are skipped before their mask is read: it hides more than padding.
         if layer_idx not in self.layout.compressible_layers:
             return
-        # Sliding-window layers are skipped before their mask is read: it hides more than padding.
+        state = self.state(cache)
         held = held_layer(cache.layers[layer_idx], call)
         record = self._record
         if layer_idx == self.layout.compressible_layers[0] or record is None:
