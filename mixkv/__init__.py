@@ -7,10 +7,11 @@ Usage::
         model.generate(**inputs, max_new_tokens=64)
 """
 
-from mixkv.integration import CompressedContext, CompressionReport, PressSession, kv_cache_bytes
+from mixkv.integration import CompressedContext, PressSession, kv_cache_bytes
 from mixkv.presses import (
     AdaKVPress,
     BasePress,
+    CompressionReport,
     DecodingPress,
     KeyDiffPress,
     KnormPress,

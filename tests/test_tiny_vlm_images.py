@@ -126,7 +126,7 @@ def test_calibration_prompts_come_from_the_validation_split(tmp_path):
 
 def test_the_keep_map_puts_each_image_tokens_fraction_on_its_cell():
     from mixkv.demos.image_demo import image_keep_map
-    from mixkv.integration.compression_report import CompressionReport
+    from mixkv.presses.compression_report import CompressionReport
 
     image_token = 7
     ids = torch.tensor([[1, 2] + [image_token] * (GRID * GRID) + [3, 4]])

@@ -28,7 +28,7 @@ from mixkv.eval.text_example import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
 from mixkv.integration.decoder_layout import cache_argument, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied
-from mixkv.integration.session import RecordedPrompt
+from mixkv.integration.prompt_recording import RecordedPrompt
 
 __all__ = [
     "PROTOCOLS",

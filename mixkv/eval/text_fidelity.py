@@ -37,7 +37,7 @@ from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.decoder_layout import cache_argument, describe_decoder, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied
-from mixkv.integration.session import RecordedPrompt
+from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.presses.decoding import DecodingPress
 
 if TYPE_CHECKING:

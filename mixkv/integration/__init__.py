@@ -1,10 +1,26 @@
-"""Model integration: cache layers, the attention function and hooks (the only transformers-aware part)."""
+"""Model integration: cache layers, the attention function and hooks (the only transformers-aware part).
+
+A press attaches to a model through a :class:`PressSession` (``with press(model): ...``):
+
+- ``session``: the session, attaching the press for a ``with`` block and routing each attention call;
+- ``attention_functions``: the ``mixkv_sdpa`` / ``mixkv_eager`` functions registered in transformers;
+- ``prefill_chunks``: recognising the chunks of ``generate(..., prefill_chunk_size=N)``;
+- ``cache_compressor``: when a cache's layers are compressed (prompt, chunks, bounded decoding);
+- ``layer_compression``: what one compression keeps, as a new cache layer;
+- ``layer_tensors``: the per-layer tensors handed from the attention call to compression;
+- ``prefill_report``: the bookkeeping behind the press's ``last_report``;
+- ``prompt_recording``: one prompt forward recorded for other presses to compress;
+- ``cache``: the compressed cache layers; ``decoder_layout``: which modules and layers a model has.
+
+Beside them: ``compressed_context`` (compress once, ask many), ``calibration`` (head statistics
+measured on a model) and ``kvpress_bridge`` (kvpress presses at run time).
+"""
 
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, kv_cache_bytes
 from mixkv.integration.compressed_context import CompressedContext, chat_prompt_parts
-from mixkv.integration.compression_report import CompressionReport
 from mixkv.integration.decoder_layout import SUPPORTED_MODEL_TYPES, describe_decoder
 from mixkv.integration.session import PressSession
+from mixkv.presses.compression_report import CompressionReport
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

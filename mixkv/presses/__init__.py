@@ -2,6 +2,7 @@
 
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
@@ -11,6 +12,7 @@ __all__ = [
     "NAMES",
     "AdaKVPress",
     "BasePress",
+    "CompressionReport",
     "DecodingPress",
     "KeyDiffPress",
     "KnormPress",

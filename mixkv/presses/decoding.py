@@ -10,8 +10,8 @@ import torch
 from mixkv.presses.base import BasePress
 
 if TYPE_CHECKING:
-    from mixkv.integration.compression_report import CompressionReport
     from mixkv.integration.session import PressSession
+    from mixkv.presses.compression_report import CompressionReport
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""What a compression did, per run: kept tokens, bytes, image / video / text tokens, time."""
+"""What a compression did, per run: kept tokens, bytes, image / video / text tokens, time.
+
+A plain dataclass that a press holds as ``last_report``; it lives beside the presses so that they
+need nothing from the integration layer, which fills it in (:mod:`mixkv.integration.prefill_report`).
+"""
 
 from __future__ import annotations
 
