@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from mixkv.eval.runner import check_methods, parse_method
+    from mixkv.eval.methods import check_methods, parse_method
     from mixkv.eval.source_tasks import source_functions
     from mixkv.eval.stats import bootstrap_ci, paired_comparison
     from mixkv.eval.stats_tables import format_p, mixkv_base_pairs
