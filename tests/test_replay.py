@@ -236,7 +236,7 @@ def _shortened_cache(model, ids, held, eager=False):
 def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_token_by_token(
     implementation,
 ):
-    from mixkv.eval.example import _held_then_causal_mask
+    from mixkv.eval.generation import held_then_causal_mask
     from tests.helpers_tiny import tiny_llama
 
     model = tiny_llama(64, seed=1)
@@ -253,7 +253,7 @@ def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_
             model(input_ids=ids[:, [p]], position_ids=positions[None, [i]], past_key_values=one_by_one).logits
             for i, p in enumerate(positions.tolist())
         ]
-        mask = _held_then_causal_mask(model, len(held), 10)
+        mask = held_then_causal_mask(model, len(held), 10)
         fed = model(
             input_ids=ids[:, 30:], position_ids=positions[None], attention_mask=mask, past_key_values=together
         ).logits
@@ -261,7 +261,7 @@ def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_
 
 
 def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feeding():
-    from mixkv.eval.example import _greedy_with_positions
+    from mixkv.eval.generation import greedy_with_positions
     from tests.helpers_tiny import tiny_llama
 
     model = tiny_llama(64, seed=1)
@@ -271,7 +271,7 @@ def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feedin
                 parameter.mul_(6)  # sharp logits: the answer depends on what the question attends to
     ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([0, 1, 2, 7, 11, 20, 25, 26, 27, 28, 29])
-    answer = _greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())
+    answer = greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())
     cache, position, token, expected = _shortened_cache(model, ids[:, :30], held), 30, None, []
     with torch.inference_mode():
         for fed in [*ids[0, 30:].tolist(), *([None] * 5)]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mixkv.eval.example import SharedPrefix
+from mixkv.eval.generation import kv_fraction, report_fields
 from mixkv.eval.mm_datasets import MMExample, score_examples
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.chat_prompts import build_mm_prompt, pad_token_id, tokenizer_of
@@ -194,11 +195,8 @@ def run_mm_example(
         "report": None,
     }
     if report is not None:
-        kept = report.kept_tokens
         record["kv_bytes"] = int(report.compressed_bytes)
-        record["kv_bytes_full"] = int(report.full_bytes)
-        record["kept_tokens_mean"] = float(kept.float().mean().item()) if kept.numel() else 0.0
-        record["compression_seconds"] = float(report.compression_seconds)
+        record.update(report_fields(report))
         if report.image_tokens_total is not None:
             record["image_tokens_total"] = int(report.image_tokens_total[0])
         if report.image_tokens_kept is not None:
@@ -208,11 +206,12 @@ def run_mm_example(
         if report.video_tokens_kept is not None:
             record["video_tokens_kept"] = float(report.video_tokens_kept[0])
         record["report"] = report.to_dict()
-    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    record["kv_fraction"] = kv_fraction(record)
     return record
 
 
 def example_prompt(processor: Any, example: MMExample) -> str:
+    """The example's prompt text: its question with an image or video placeholder, then its answer prefix."""
     prompt = build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
     return prompt + example.answer_prefix
 
@@ -227,6 +226,8 @@ def _open_rgb(path: Path, example: MMExample) -> Any:
 
 
 def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+    """The processor's tensors for ``prompt`` with the example's image, or its frames as one video
+    (ValueError when the processor has no video processor)."""
     if example.is_video:
         if getattr(processor, "video_processor", None) is None:
             raise ValueError(
