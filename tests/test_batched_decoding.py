@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example, run_examples_together
 from mixkv.eval.tasks import make_examples
+from mixkv.eval.text_example_run import prefill_shared_prefix, prompt_ids, run_example, run_examples_together
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, stack_layers
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.registry import build_press
@@ -225,7 +225,7 @@ def test_a_grid_decodes_its_mixkv_cells_together_with_the_answers_of_one_by_one(
 def test_a_row_that_never_ends_stops_at_the_answer_length_when_another_has_ended(tiny):
     from transformers import DynamicCache
 
-    from mixkv.eval.example import _greedy_batch
+    from mixkv.eval.generation import greedy_batch
 
     model, _ = tiny
     prompts = torch.randint(4, 60, (2, 30), generator=torch.Generator().manual_seed(3))
@@ -235,7 +235,7 @@ def test_a_row_that_never_ends_stops_at_the_answer_length_when_another_has_ended
         cache = DynamicCache()
         with torch.inference_mode():
             model(input_ids=prompts, past_key_values=cache, use_cache=True)
-            return _greedy_batch(model, cache, ids, 30, 2, 6, eos)
+            return greedy_batch(model, cache, ids, 30, 2, 6, eos)
 
     free = answers(set())
     assert free[0][0] not in free[1]  # the first row's first token ends it, never the second row

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from mixkv.commands import main as mixkv_main
+from mixkv.eval.cell_store import cell_filename
 from mixkv.eval.compare_runs import compare_runs, read_run
-from mixkv.eval.runner import cell_filename, run_eval
+from mixkv.eval.runner import run_eval
 from tests.helpers_tiny import SMALL_GRID, tiny_model_and_tokenizer
 
 

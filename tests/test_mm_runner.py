@@ -11,10 +11,12 @@ import torch
 
 from mixkv.commands.eval import main as cli_main
 from mixkv.eval import mm_runner
+from mixkv.eval.cell_store import cell_filename
 from mixkv.eval.mm_datasets import load_docvqa
-from mixkv.eval.mm_runner import build_mm_prompt, load_mm_task, run_mm_eval
-from mixkv.eval.runner import cell_filename
+from mixkv.eval.mm_runner import run_mm_eval
+from mixkv.eval.mm_tasks import load_mm_task
 from mixkv.eval.synthetic_images import make_synthetic_suite
+from mixkv.integration.chat_prompts import build_mm_prompt
 from tests.families import build_case, draw_image, vlm_processor
 from tests.helpers_tiny import tiny_model_and_tokenizer
 

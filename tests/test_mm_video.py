@@ -14,9 +14,10 @@ from mixkv.eval import mm_runner
 from mixkv.eval.mm_datasets import VIDEOMME_PROMPT, load_videomme
 from mixkv.eval.mm_example import score_examples
 from mixkv.eval.mm_metrics import multiple_choice_letter
-from mixkv.eval.mm_runner import load_mm_task, run_mm_eval
-from mixkv.eval.runner import build_press
+from mixkv.eval.mm_runner import run_mm_eval
+from mixkv.eval.mm_tasks import load_mm_task
 from mixkv.eval.synthetic_images import VIDEO_NEEDLE_QUESTION, make_synthetic_video_suite
+from mixkv.presses.registry import build_press
 from tests.families import draw_image, vlm_processor
 from tests.video_families import build_video_case
 

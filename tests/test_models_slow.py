@@ -43,8 +43,8 @@ def test_default_model_path_holds_a_clean_safetensors_conversion(smollm2):
 
 
 def test_smollm2_answers_the_needle_with_the_full_cache(smollm2):
-    from mixkv.eval.runner import run_example
     from mixkv.eval.tasks import make_examples
+    from mixkv.eval.text_example_run import run_example
 
     model, tok = smollm2
     example = make_examples("niah_single_2", tok, 1000, 1, seed=0)[0]
@@ -65,7 +65,7 @@ def test_gemma3_loads_offline_when_installed():
 def test_every_press_with_a_budget_above_the_prompt_generates_exactly_as_the_full_cache(smollm2):
     import torch
 
-    from mixkv.eval.runner import build_press
+    from mixkv.presses.registry import build_press
 
     model, tok = smollm2
     ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt")
@@ -144,8 +144,8 @@ def test_qwen_loads_offline_as_a_qwen2_with_gqa(qwen):
 
 def test_qwen_retrieves_a_needle_from_2k_tokens_with_the_full_cache_and_mixkv(qwen):
     from mixkv import MixKVPress
-    from mixkv.eval.runner import run_example
     from mixkv.eval.tasks import make_examples
+    from mixkv.eval.text_example_run import run_example
 
     model, tok = qwen
     example = make_examples("niah_single_2", tok, 2048, 1, seed=0)[0]

@@ -11,12 +11,13 @@ import torch
 
 import mixkv
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
-from tests.test_press_api import prompt, tiny_llama
+from tests.helpers_tiny import press_test_llama
+from tests.test_press_api import prompt
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return press_test_llama()
 
 
 def _chunks_seen(model, ids, chunk_size, new_tokens=3):

@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.eval.runner import build_press
 from mixkv.integration.cache import CompressedLayer
+from mixkv.presses.registry import build_press
 from tests.families import ALL_FAMILIES, VLM_FAMILIES, build_case
 from tests.reference import kept_positions, masked_reference
 

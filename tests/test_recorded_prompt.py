@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mixkv.eval.example import prefill_shared_prefix, run_examples_together
 from mixkv.eval.tasks import make_examples
+from mixkv.eval.text_example_run import prefill_shared_prefix, run_examples_together
 from mixkv.integration.cache import CompressedLayer
 from mixkv.presses.registry import from_name
 from tests.helpers_tiny import tiny_llama, word_tokenizer

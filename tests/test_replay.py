@@ -12,9 +12,9 @@ import contextlib
 import pytest
 import torch
 
-from mixkv.eval.example import prefill_shared_prefix, prompt_ids, run_example
 from mixkv.eval.replay import prefill_with_inputs, recording_attention_inputs, replayed_prefill
 from mixkv.eval.tasks import make_examples
+from mixkv.eval.text_example_run import prefill_shared_prefix, prompt_ids, run_example
 from mixkv.presses.registry import build_press, kvpress_available
 from tests.helpers_tiny import SMALL_GRID, grid_run_twice
 
@@ -231,7 +231,7 @@ def _shortened_cache(model, ids, held, eager=False):
 def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_token_by_token(
     implementation,
 ):
-    from mixkv.eval.example import _held_then_causal_mask
+    from mixkv.eval.generation import held_then_causal_mask
     from tests.helpers_tiny import tiny_llama
 
     model = tiny_llama(64, seed=1)
@@ -248,7 +248,7 @@ def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_
             model(input_ids=ids[:, [p]], position_ids=positions[None, [i]], past_key_values=one_by_one).logits
             for i, p in enumerate(positions.tolist())
         ]
-        mask = _held_then_causal_mask(model, len(held), 10)
+        mask = held_then_causal_mask(model, len(held), 10)
         fed = model(
             input_ids=ids[:, 30:], position_ids=positions[None], attention_mask=mask, past_key_values=together
         ).logits
@@ -256,14 +256,14 @@ def test_a_question_fed_in_one_forward_over_a_shortened_cache_equals_feeding_it_
 
 
 def test_greedy_decoding_over_a_shortened_cache_answers_as_token_by_token_feeding():
-    from mixkv.eval.example import _greedy_with_positions
+    from mixkv.eval.generation import greedy_with_positions
     from tests.helpers_tiny import scale_weight_matrices, tiny_llama
 
     # Sharp logits: the answer depends on what the question attends to.
     model = scale_weight_matrices(tiny_llama(64, seed=1), 6)
     ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([0, 1, 2, 7, 11, 20, 25, 26, 27, 28, 29])
-    answer = _greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())
+    answer = greedy_with_positions(model, _shortened_cache(model, ids[:, :30], held), ids, 30, 6, set())
     cache, position, token, expected = _shortened_cache(model, ids[:, :30], held), 30, None, []
     with torch.inference_mode():
         for fed in [*ids[0, 30:].tolist(), *([None] * 5)]:
@@ -302,7 +302,7 @@ def test_kvpress_cells_of_both_protocols_replay_one_shared_prefix_as_their_own_r
 def _batch_and_alone(tiny, example, protocol, make_press):
     """Records of a kvpress-style press decoded in one batch with a mixkv press, and decoded alone,
     both replayed on the same recorded prefill."""
-    from mixkv.eval.example import run_examples_together
+    from mixkv.eval.text_example_run import run_examples_together
 
     model, tokenizer = tiny
     ids, n_prefill = prompt_ids(example, tokenizer, protocol, model.device)
@@ -333,7 +333,7 @@ def test_a_replayed_press_decoded_in_a_batch_answers_and_keeps_as_alone(tiny, ex
 
 
 def test_a_replayed_press_joins_a_batch_only_with_the_recorded_prefill(tiny, example):
-    from mixkv.eval.example import run_examples_together
+    from mixkv.eval.text_example_run import run_examples_together
 
     model, tokenizer = tiny
     _, n_prefill = prompt_ids(example, tokenizer, "query_aware", model.device)

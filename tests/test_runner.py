@@ -10,9 +10,12 @@ import pytest
 
 from mixkv.commands.eval import main as cli_main
 from mixkv.eval import runner
-from mixkv.eval.runner import cell_filename, run_eval
+from mixkv.eval.cell_store import cell_filename
+from mixkv.eval.methods import MethodVariant, check_methods, parse_method
+from mixkv.eval.runner import run_eval
 from mixkv.eval.stats import paired_comparison
 from mixkv.eval.stats_tables import format_score
+from mixkv.presses.registry import build_press, kvpress_available
 
 GRID = {
     "methods": ["full", "snapkv", "mixkv-snapkv"],
@@ -243,7 +246,7 @@ def test_unknown_method_raises_listing_methods(tiny, tmp_path):
 
 
 def test_kvpress_methods_without_kvpress_raise(tiny, tmp_path):
-    if runner.kvpress_available():
+    if kvpress_available():
         pytest.skip("kvpress is installed")
     with pytest.raises(ValueError, match="kvpress"):
         run_eval(tiny, out_dir=tmp_path, **{**GRID, "methods": ["kvpress-snapkv"]})
@@ -455,17 +458,15 @@ def test_closed_book_alone_prefills_no_shared_prefix(tiny, tmp_path, monkeypatch
 
 def test_closed_book_is_refused_outside_the_text_grid():
     with pytest.raises(ValueError, match="text task grid"):
-        runner.check_methods(["full", "closed-book"])
+        check_methods(["full", "closed-book"])
 
 
 # -- method variants: chunked prefill (+chunkN) and bounded decoding (+decodeN) ----------------
 
 
 def test_a_method_variant_names_its_press_and_how_it_runs():
-    assert runner.parse_method("MixKV-AdaKV+chunk512+decode16") == runner.MethodVariant(
-        "mixkv-adakv", 512, 16
-    )
-    assert runner.parse_method("snapkv") == runner.MethodVariant("snapkv")
+    assert parse_method("MixKV-AdaKV+chunk512+decode16") == MethodVariant("mixkv-adakv", 512, 16)
+    assert parse_method("snapkv") == MethodVariant("snapkv")
 
 
 @pytest.mark.parametrize(
@@ -483,12 +484,12 @@ def test_a_method_variant_names_its_press_and_how_it_runs():
 )
 def test_a_bad_method_variant_is_refused_saying_what_to_write(name, message):
     with pytest.raises(ValueError, match=message):
-        runner.check_methods([name], variants=True, closed_book=True)
+        check_methods([name], variants=True, closed_book=True)
 
 
 def test_method_variants_are_refused_outside_the_text_grid():
     with pytest.raises(ValueError, match="text grid only"):
-        runner.check_methods(["snapkv+chunk64"])
+        check_methods(["snapkv+chunk64"])
 
 
 @pytest.mark.parametrize("method", ["mixkv-snapkv", "mixkv-adakv"])
@@ -500,7 +501,7 @@ def test_a_chunk_as_long_as_the_prompt_gives_the_one_go_record(tiny, method):
             model,
             tokenizer,
             example,
-            runner.build_press(method, 40, context_tokens=128),
+            build_press(method, 40, context_tokens=128),
             max_new_tokens=4,
             prefill_chunk_size=chunk,
         )
@@ -530,7 +531,7 @@ def test_a_decode_variant_is_the_plain_press_until_its_interval_then_stays_bound
     example = _example(tokenizer)
 
     def run(decoding_interval, new_tokens):
-        press = runner.build_press("snapkv", 40, context_tokens=128)
+        press = build_press("snapkv", 40, context_tokens=128)
         if decoding_interval is not None:
             press = DecodingPress(press, interval=decoding_interval)
         return runner.run_example(

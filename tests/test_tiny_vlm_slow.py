@@ -48,7 +48,7 @@ def _examples(task: str, n: int, tmp_path):
 
 
 def _inputs(processor, example):
-    from mixkv.eval.mm_runner import encode_example, example_prompt
+    from mixkv.eval.mm_example_run import encode_example, example_prompt
 
     return encode_example(processor, example, example_prompt(processor, example))
 
@@ -124,7 +124,7 @@ def test_a_budget_at_or_above_the_prompt_gives_bit_identical_answers(tiny_vlm, t
 
 @pytest.mark.parametrize(("task", "index"), _FIXED_IMAGES)
 def test_mixkv_at_budget_128_still_reads_a_fixed_image(tiny_vlm, tmp_path, task, index):
-    from mixkv.eval.mm_runner import run_mm_example
+    from mixkv.eval.mm_example_run import run_mm_example
     from mixkv.presses.registry import build_press
 
     model, processor = tiny_vlm
@@ -138,7 +138,7 @@ def test_mixkv_at_budget_128_still_reads_a_fixed_image(tiny_vlm, tmp_path, task,
 
 @pytest.mark.parametrize("task", ["board_codes", "chart_values", "gui_marks"])
 def test_a_shared_image_prefix_gives_the_one_go_answer_and_kept_tokens(tiny_vlm, tmp_path, task):
-    from mixkv.eval.mm_runner import prefill_image_prefix, run_mm_example
+    from mixkv.eval.mm_example_run import prefill_image_prefix, run_mm_example
     from mixkv.presses.registry import build_press
 
     model, processor = tiny_vlm
@@ -162,7 +162,7 @@ def test_a_padded_batch_of_images_gives_the_answers_of_one_by_one(tiny_vlm, tmp_
     from PIL import Image
 
     from mixkv import MixKVPress
-    from mixkv.eval.mm_runner import example_prompt
+    from mixkv.eval.mm_example_run import example_prompt
 
     model, processor = tiny_vlm
     examples = _examples("gui_marks", 2, tmp_path) + _examples("board_codes", 1, tmp_path)

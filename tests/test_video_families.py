@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.eval.runner import build_press
 from mixkv.integration.calibration import calibrate
+from mixkv.presses.registry import build_press
 from tests.test_press_families import BUDGET, WINDOW, check_compressed_cache
 from tests.video_families import VIDEO_FAMILIES, build_video_case
 

@@ -41,8 +41,8 @@ def _pairs(values: Sequence[str] | None) -> list[tuple[str, str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``mixkv eval``."""
-    from mixkv.eval.mm_runner import MM_TASKS
-    from mixkv.eval.runner import METHODS
+    from mixkv.eval.methods import METHODS
+    from mixkv.eval.mm_tasks import MM_TASKS
     from mixkv.eval.suites import SUITES
     from mixkv.eval.tasks import TASKS
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     int
         0 on success, 2 on invalid input (the message says what to change).
     """
-    from mixkv.eval.mm_runner import MM_TASKS
+    from mixkv.eval.mm_tasks import MM_TASKS
     from mixkv.eval.runner import run_eval
 
     args = build_parser().parse_args(argv)
@@ -266,7 +266,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
 
 def _per_task(values: Sequence[str], flag: str, dataset_tasks: Sequence[str]) -> dict[str, str]:
     """``TASK=PATH`` entries, or one bare ``PATH`` when exactly one benchmark task is run."""
-    from mixkv.eval.mm_runner import DATASET_TASKS
+    from mixkv.eval.mm_tasks import DATASET_TASKS
 
     out: dict[str, str] = {}
     if values and not dataset_tasks:
@@ -292,7 +292,8 @@ def _per_task(values: Sequence[str], flag: str, dataset_tasks: Sequence[str]) ->
 def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
     from pathlib import Path
 
-    from mixkv.eval.mm_runner import DATASET_TASKS, MM_TASKS, load_mm_task, run_mm_eval
+    from mixkv.eval.mm_runner import run_mm_eval
+    from mixkv.eval.mm_tasks import DATASET_TASKS, MM_TASKS, load_mm_task
     from mixkv.eval.tasks import TASKS
 
     text = [t for t in tasks if t in TASKS]

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from mixkv.eval.runner import check_methods, parse_method
+    from mixkv.eval.methods import check_methods, parse_method
     from mixkv.model_loading import load_model
 
     parser = argparse.ArgumentParser(prog="mixkv fidelity", description=main.__doc__)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from mixkv.eval.example import run_example
 from mixkv.eval.tasks import make_examples
 from mixkv.eval.text_example import encode_prompt
+from mixkv.eval.text_example_run import run_example
 from mixkv.presses.registry import build_press
 
 __all__ = ["DEFAULT_METHODS", "method_runs", "plot_rows", "results_table", "run_demo"]
@@ -71,7 +71,7 @@ def run_demo(
     Returns
     -------
     tuple
-        The example and one result row (a :func:`mixkv.eval.example.run_example` record plus
+        The example and one result row (a :func:`mixkv.eval.text_example_run.run_example` record plus
         ``method`` and ``budget``) per run.
     """
     example = make_examples(task, tokenizer, context_length, 1, seed)[0]

@@ -17,13 +17,8 @@ import torch
 
 from mixkv.demos.document_demo import method_runs
 from mixkv.eval.mm_example import MMExample
-from mixkv.eval.mm_runner import (
-    encode_example,
-    example_prompt,
-    observation_window,
-    prefill_image_prefix,
-    run_mm_example,
-)
+from mixkv.eval.mm_example_run import encode_example, example_prompt, prefill_image_prefix, run_mm_example
+from mixkv.eval.mm_runner import observation_window
 from mixkv.integration.decoder_layout import placeholder_token_id
 from mixkv.presses.registry import build_press
 from mixkv.tiny_vlm.images import GRID
@@ -64,12 +59,12 @@ def run_image_demo(
 
     The observation window is 32 tokens, or half the budget below 64 (as in the evaluation). The
     image and most of the prompt are prefilled once with the full cache, and every run continues
-    from a copy of it (:func:`mixkv.eval.mm_runner.prefill_image_prefix`), as the evaluation does.
+    from a copy of it (:func:`mixkv.eval.mm_example.prefill_image_prefix`), as the evaluation does.
 
     Returns
     -------
     list of dict
-        One :func:`mixkv.eval.mm_runner.run_mm_example` record per run, plus ``method``, ``budget``
+        One :func:`mixkv.eval.mm_example.run_mm_example` record per run, plus ``method``, ``budget``
         and ``keep_map`` (:func:`image_keep_map`, None for the full cache).
     """
     inputs = encode_example(processor, example, example_prompt(processor, example))

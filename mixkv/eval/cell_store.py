@@ -7,8 +7,8 @@ after the last finished example, not at the start of the cell; a checkpoint is u
 same run (identity) and only as far as its examples' contexts match the regenerated ones. A cell
 file that cannot be read or does not match the run (corrupt, truncated, other seed, other
 model...) is reported, kept aside as ``<name>.json.corrupt`` (or ``.stale``) and recomputed; it is
-never used silently. Shared by the text grid (:mod:`mixkv.eval.runner`) and the multimodal one
-(:mod:`mixkv.eval.mm_runner`).
+never used silently. Used by the grid engine (:mod:`mixkv.eval.grid`) for the text and the
+multimodal grid.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def prefill_with_inputs(
 ) -> RecordedPrefill:
     """The full-cache prefill of ``input_ids[:, :tokens]`` with every attention module's inputs.
 
-    ``prefix``, a :class:`~mixkv.eval.example.SharedPrefix` recorded with ``record_inputs=True``,
+    ``prefix``, a :class:`~mixkv.eval.text_example_run.SharedPrefix` recorded with ``record_inputs=True``,
     supplies its first tokens: only the rest is computed (its time is added)."""
     from transformers import DynamicCache
 

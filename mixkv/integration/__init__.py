@@ -17,7 +17,8 @@ measured on a model) and ``kvpress_bridge`` (kvpress presses at run time).
 """
 
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, kv_cache_bytes
-from mixkv.integration.compressed_context import CompressedContext, chat_prompt_parts
+from mixkv.integration.chat_prompts import chat_prompt_parts
+from mixkv.integration.compressed_context import CompressedContext
 from mixkv.integration.decoder_layout import SUPPORTED_MODEL_TYPES, describe_decoder
 from mixkv.integration.session import PressSession
 from mixkv.presses.compression_report import CompressionReport

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from mixkv.functional import head_redundancy
+from mixkv.integration.chat_prompts import render_user_turn, tokenizer_of, user_content
 from mixkv.integration.decoder_layout import cache_argument, describe_decoder
 from mixkv.presses.head_tables import HeadStatistics
 
@@ -139,8 +140,7 @@ def _open_video(video: str | list[str], base: Path) -> Any:
 
 def encode_prompt(processor: Any, prompt: dict[str, Any], base: Path) -> dict[str, torch.Tensor]:
     if not prompt["images"] and not prompt["videos"]:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        return dict(tokenizer(prompt["text"], return_tensors="pt"))
+        return dict(tokenizer_of(processor)(prompt["text"], return_tensors="pt"))
     images = [_open_image(name, base) for name in prompt["images"]]
     if prompt["videos"] and getattr(processor, "video_processor", None) is None:
         raise ValueError(
@@ -148,9 +148,6 @@ def encode_prompt(processor: Any, prompt: dict[str, Any], base: Path) -> dict[st
             "prompts' videos (transformers' video processors need torchvision: install it, or drop the videos)"
         )
     videos = [_open_video(video, base) for video in prompt["videos"]]
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-    content += [{"type": "video"} for _ in videos]
-    content.append({"type": "text", "text": prompt["text"]})
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = render_user_turn(processor, user_content(prompt["text"], images=len(images), videos=len(videos)))
     media: dict[str, Any] = {"images": images or None, "videos": videos or None}
     return dict(processor(text=text, **media, return_tensors="pt"))

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from mixkv.integration.chat_prompts import chat_prompt_parts, pad_token_id, tokenizer_of
 from mixkv.integration.decoder_layout import (
     cache_argument,
     generation_state,
@@ -37,53 +38,7 @@ from mixkv.integration.decoder_layout import (
 from mixkv.integration.session import PressSession
 from mixkv.presses.base import BasePress
 
-__all__ = ["CompressedContext", "chat_prompt_parts"]
-
-_SENTINEL = "\x00MIXKV-QUESTION\x00"
-
-
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
-
-
-def chat_prompt_parts(processor: Any, context: str, images: int = 0) -> tuple[str, str]:
-    """Split a one-turn chat prompt into its context part and what follows each question.
-
-    The user turn holds ``images`` images, then ``context``, a blank line and the question; the
-    prompt of a question is ``head + question + suffix``. Without a chat template (base models)
-    ``head`` is the image placeholders, the context and a blank line, and ``suffix`` is empty.
-
-    Parameters
-    ----------
-    processor
-        A tokenizer, or a VLM processor (its chat template, else its tokenizer's).
-    context
-        The context text (may be empty when the images are the context).
-    images
-        Number of images at the start of the user turn.
-
-    Returns
-    -------
-    (str, str)
-        ``(head, suffix)``.
-    """
-    owner = processor if getattr(processor, "chat_template", None) else _tokenizer(processor)
-    if getattr(owner, "chat_template", None) is None:
-        placeholder = getattr(processor, "image_token", None) or ""
-        if images and not placeholder:
-            raise ValueError("This processor has neither a chat template nor an image token.")
-        return placeholder * images + (f"{context}\n\n" if context else ""), ""
-    text = f"{context}\n\n{_SENTINEL}" if context else _SENTINEL
-    content: Any = text
-    if images:
-        content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]
-    rendered = owner.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    head, found, suffix = str(rendered).partition(_SENTINEL)
-    if not found:
-        raise ValueError("The chat template altered the message text; build the prompt parts yourself.")
-    return head, suffix
+__all__ = ["CompressedContext"]
 
 
 class CompressedContext:
@@ -107,7 +62,7 @@ class CompressedContext:
         Tokenizer or processor used by :meth:`ask` to encode questions and decode answers.
     question_suffix
         Text appended to every question (the chat template's end of turn and generation prompt,
-        see :func:`chat_prompt_parts`).
+        see :func:`~mixkv.integration.chat_prompts.chat_prompt_parts`).
 
     Notes
     -----
@@ -160,13 +115,14 @@ class CompressedContext:
         *,
         images: Sequence[Any] = (),
     ) -> CompressedContext:
-        """A context from text and images in one chat user turn (see :func:`chat_prompt_parts`);
-        questions are then asked as plain strings with :meth:`ask`."""
+        """A context from text and images in one chat user turn (see
+        :func:`~mixkv.integration.chat_prompts.chat_prompt_parts`); questions are then asked as plain
+        strings with :meth:`ask`."""
         head, suffix = chat_prompt_parts(processor, context, len(images))
         if images:
             encoded = processor(text=[head], images=list(images), return_tensors="pt")
         else:
-            encoded = _tokenizer(processor)(head, add_special_tokens=False, return_tensors="pt")
+            encoded = tokenizer_of(processor)(head, add_special_tokens=False, return_tensors="pt")
         inputs = {k: v.to(model.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
         return cls(model, press, inputs, processor=processor, question_suffix=suffix)
 
@@ -229,9 +185,7 @@ class CompressedContext:
         cache = self._session.fork(self._cache) if self._session is not None else copy.deepcopy(self._cache)
         restore_generation_state(self.model, self._generation_state)
         options: dict[str, Any] = {"do_sample": False, **generate_kwargs}
-        tokenizer = _tokenizer(self.processor) if self.processor is not None else None
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+        pad = pad_token_id(self.processor)
         if pad is not None:
             options.setdefault("pad_token_id", pad)
         with torch.inference_mode():
@@ -248,7 +202,7 @@ class CompressedContext:
         """The decoded greedy answer to ``question`` (``question_suffix`` appended)."""
         if self.processor is None:
             raise ValueError("ask() needs the processor or tokenizer: pass processor= (or use from_chat)")
-        tokenizer = _tokenizer(self.processor)
+        tokenizer = tokenizer_of(self.processor)
         ids = tokenizer(question + self.question_suffix, add_special_tokens=False)["input_ids"]
         answer = self.generate(ids, max_new_tokens=max_new_tokens, **generate_kwargs)
         return str(tokenizer.decode(answer, skip_special_tokens=True)).strip()

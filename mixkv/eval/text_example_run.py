@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,9 +22,11 @@ from typing import Any
 
 import torch
 
+from mixkv.eval.generation import eos_ids, greedy_batch, greedy_with_positions, kv_fraction, report_fields
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.text_example import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
+from mixkv.integration.chat_prompts import pad_token_id
 from mixkv.integration.decoder_layout import cache_argument, prefill, prefill_in_chunks
 from mixkv.integration.kvpress_bridge import press_applied
 from mixkv.integration.prompt_recording import RecordedPrompt
@@ -47,7 +48,7 @@ PROTOCOLS = ("query_agnostic", "query_aware")
 class SharedPrefix:
     """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
     into every method's run (see :func:`prefill_shared_prefix` and, for images,
-    :func:`mixkv.eval.mm_runner.prefill_image_prefix`). Never modified.
+    :func:`mixkv.eval.mm_example.prefill_image_prefix`). Never modified.
 
     ``embeddings``: the whole prompt's input embeddings as the text decoder receives them, when the
     rest is fed as embeddings (a tail that starts inside an image); ``generation_state``: model
@@ -186,9 +187,7 @@ def run_example(
     start_at = 0 if prefix is None else prefix.tokens
     cache = DynamicCache(config=model.config) if prefix is None else copy.deepcopy(prefix.cache)
     new_tokens = max_new_tokens if max_new_tokens is not None else example.max_new_tokens
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else eos
+    pad = pad_token_id(tokenizer)
     if recorded is not None and recorded.tokens != n_prefill:
         raise ValueError(
             f"recorded holds {recorded.tokens} prefill tokens but this example prefills {n_prefill} under "
@@ -218,8 +217,8 @@ def run_example(
             )
             generated = out[0, ids.shape[1] :]
         else:
-            generated = _greedy_with_positions(
-                model, cache, ids, n_prefill, new_tokens, _eos_ids(model, tokenizer)
+            generated = greedy_with_positions(
+                model, cache, ids, n_prefill, new_tokens, eos_ids(model, tokenizer)
             )
         decode_s = time.perf_counter() - start
         bytes_after_decoding = kv_cache_bytes(cache)
@@ -461,8 +460,8 @@ def run_examples_together(
     with torch.inference_mode(), press_applied(ours[0], model) as session:
         session.adopt(stacked)
         start = time.perf_counter()
-        generated = _greedy_batch(
-            model, stacked, ids, n_prefill, len(presses), new_tokens, _eos_ids(model, tokenizer), session
+        generated = greedy_batch(
+            model, stacked, ids, n_prefill, len(presses), new_tokens, eos_ids(model, tokenizer), session
         )
         decode_s = (time.perf_counter() - start) / len(presses)
     records = []
@@ -509,54 +508,6 @@ def _prefill_prompt(
     return time.perf_counter() - start + (0.0 if prefix is None else prefix.seconds)
 
 
-def _greedy_batch(
-    model: Any,
-    cache: Any,
-    ids: torch.Tensor,
-    n_prefill: int,
-    rows: int,
-    new_tokens: int,
-    eos: set[int],
-    session: Any = None,
-) -> list[list[int]]:
-    """Greedy answers of ``rows`` copies of one prompt whose first ``n_prefill`` tokens each row
-    of ``cache`` holds: the rest of the prompt in one forward, then one token per forward. A row
-    stops at its first end-of-sequence token; when every layer is packed, the rows that have
-    ended are dropped from the cache (:meth:`~mixkv.integration.cache.PackedCompressedLayer.select_rows`,
-    the new layers adopted by ``session``), so the later steps compute only the answers still
-    running."""
-    from mixkv.integration.cache import PackedCompressedLayer
-
-    kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    prunable = all(isinstance(layer, PackedCompressedLayer) for layer in cache.layers)
-    pending = ids[:, n_prefill:].expand(rows, -1)
-    position = n_prefill
-    out: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    held = list(range(rows))  # the answers whose rows the cache holds, in its row order
-    for _ in range(new_tokens):
-        positions = torch.arange(position, position + pending.shape[1], device=ids.device)
-        logits = model(input_ids=pending, position_ids=positions.expand(len(held), -1), **kwargs).logits
-        position += pending.shape[1]
-        chosen = logits[:, -1].argmax(-1)
-        for row, token in zip(held, chosen.tolist(), strict=True):
-            if not done[row]:
-                out[row].append(token)
-                done[row] = token in eos
-        if all(done):
-            break
-        if prunable and any(done[row] for row in held):
-            keep = [slot for slot, row in enumerate(held) if not done[row]]
-            cache.layers = [layer.select_rows(keep) for layer in cache.layers]
-            if session is not None:
-                session.adopt(cache)
-            held, chosen = [held[slot] for slot in keep], chosen[keep]
-        pending = chosen[:, None]
-    return out
-
-
 def _record(
     example: TextExample,
     tokenizer: Any,
@@ -596,94 +547,8 @@ def _record(
         "report": None,
     }
     if report is not None:
-        kept = report.kept_tokens
-        record["kv_bytes_full"] = int(report.full_bytes)
-        record["kept_tokens_mean"] = float(kept.float().mean().item()) if kept.numel() else 0.0
-        record["compression_seconds"] = float(report.compression_seconds)
+        record.update(report_fields(report))
         to_dict = getattr(report, "to_dict", None)
         record["report"] = to_dict() if callable(to_dict) else None
-    record["kv_fraction"] = record["kv_bytes"] / record["kv_bytes_full"] if record["kv_bytes_full"] else 1.0
+    record["kv_fraction"] = kv_fraction(record)
     return record
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    found = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        found.add(int(tokenizer.eos_token_id))
-    return found
-
-
-def _greedy_with_positions(
-    model: Any, cache: Any, ids: torch.Tensor, n_prefill: int, new_tokens: int, eos: set[int]
-) -> torch.Tensor:
-    """Greedy decoding with explicit positions, for presses whose cache reports the number of
-    entries it *keeps* as its length (kvpress).
-
-    ``generate`` would take that length for the number of prompt tokens already seen and feed the
-    prompt again from the wrong position. Here the rest of the prompt (the question, under the
-    query-agnostic protocol) is fed in one forward at its true positions, with an explicit mask:
-    every held entry visible, causal among the new tokens (transformers would otherwise derive
-    causality from positions the shortened cache does not hold); then one token per forward.
-    A cache whose layers hold different numbers of entries gets the rest one token at a time.
-    So does a cache whose keys kvpress masks (its head-wise presses) when kvpress finds no fake
-    key that cancels every query of the forward (its search raises ``ValueError``, which it does
-    for some sets of queries, never for one token's): the cache is cut back to what it held and
-    the tokens are fed one by one.
-    """
-    from mixkv.integration.kvpress_bridge import kvpress_masks_keys
-
-    step_kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
-    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
-
-    def forward(feed: torch.Tensor, position: int, held: int) -> torch.Tensor:
-        where = torch.arange(position, position + feed.shape[1], device=ids.device)
-        if takes_cache_position:
-            step_kwargs["cache_position"] = where
-        if feed.shape[1] > 1:
-            step_kwargs["attention_mask"] = _held_then_causal_mask(model, held, feed.shape[1])
-        try:
-            return model(input_ids=feed, position_ids=where[None], **step_kwargs).logits
-        finally:
-            step_kwargs.pop("attention_mask", None)
-
-    def token_by_token(pending: torch.Tensor, position: int) -> torch.Tensor:
-        for offset in range(pending.shape[1] - 1):
-            forward(pending[:, offset : offset + 1], position + offset, 0)
-        return forward(pending[:, -1:], position + pending.shape[1] - 1, 0)
-
-    position, pending = n_prefill, ids[:, n_prefill:]
-    out: list[int] = []
-    while len(out) < new_tokens:
-        lengths = {layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")}
-        if len(lengths) != 1:
-            logits = token_by_token(pending, position)
-        else:
-            held = lengths.pop()
-            try:
-                logits = forward(pending, position, held)
-            except ValueError:
-                if pending.shape[1] == 1 or not kvpress_masks_keys(model):
-                    raise
-                for layer in cache.layers:  # the layers before the failing one took the tokens
-                    layer.keys, layer.values = layer.keys[..., :held, :], layer.values[..., :held, :]
-                logits = token_by_token(pending, position)
-        position += pending.shape[1]
-        out.append(int(logits[0, -1].argmax()))
-        if out[-1] in eos:
-            break
-        pending = ids.new_tensor([out[-1:]])
-    return torch.tensor(out, dtype=torch.long)
-
-
-def _held_then_causal_mask(model: Any, held: int, new: int) -> torch.Tensor:
-    """``(1, 1, new, held + new)``: every held entry visible, causal among the ``new`` tokens;
-    boolean for sdpa, additive for eager attention."""
-    visible = torch.ones(new, held + new, dtype=torch.bool, device=model.device)
-    visible[:, held:] = torch.ones(new, new, dtype=torch.bool, device=model.device).tril()
-    if getattr(model.config.get_text_config(), "_attn_implementation", "sdpa") != "eager":
-        return visible[None, None]
-    blocked = torch.finfo(model.dtype).min
-    return torch.zeros(visible.shape, dtype=model.dtype, device=model.device).masked_fill(~visible, blocked)[
-        None, None
-    ]

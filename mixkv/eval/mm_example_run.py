@@ -1,0 +1,314 @@
+"""How one example of the multimodal grid runs: its prompt, its inputs, generation under a press, score.
+
+* the prompt is built by the model's own processor (:func:`~mixkv.integration.chat_prompts.build_mm_prompt`:
+  the chat template over one user turn with an image or video entry and the question, or the
+  processor's placeholder, a newline and the question), followed by the example's answer prefix;
+* an image example's image, or a video example's frames (``videos=[frames]``, which needs the
+  processor's video processor), go to the processor, which expands the placeholder;
+* the answer is generated greedily with ``model.generate`` under the press, so the whole prompt
+  (visual tokens and question) is prefilled and compressed at once (the text grid's
+  ``query_aware`` protocol), optionally after a shared full-cache prefix
+  (:func:`prefill_image_prefix`);
+* the output is scored with :func:`~mixkv.eval.mm_example.score_examples`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixkv.eval.generation import kv_fraction, report_fields
+from mixkv.eval.mm_example import MMExample, score_examples
+from mixkv.eval.text_example_run import SharedPrefix
+from mixkv.integration.cache import kv_cache_bytes
+from mixkv.integration.chat_prompts import build_mm_prompt, pad_token_id, tokenizer_of
+from mixkv.integration.decoder_layout import (
+    cache_argument,
+    find_cache,
+    generation_state,
+    placeholder_token_id,
+    prefill,
+    restore_generation_state,
+)
+from mixkv.integration.kvpress_bridge import press_applied
+from mixkv.presses.base import BasePress
+
+__all__ = [
+    "DEFAULT_NEW_TOKENS",
+    "encode_example",
+    "example_prompt",
+    "prefill_image_prefix",
+    "primary_score",
+    "run_mm_example",
+]
+
+#: Generated tokens per example by metric (``max_new_tokens`` overrides).
+DEFAULT_NEW_TOKENS: dict[str, int] = {
+    "anls": 24,
+    "vqa_accuracy": 16,
+    "relaxed_accuracy": 16,
+    "ocrbench": 24,
+    "cider_d": 40,
+    "point_in_box": 24,
+    "multiple_choice": 8,
+    "exact_match": 10,
+    "mark_in_box": 4,
+}
+
+
+def _placeholder_counts(model: Any, input_ids: torch.Tensor) -> tuple[int, int]:
+    """(image, video) placeholder tokens of a prompt, by the model's placeholder ids."""
+    counts = []
+    for kind in ("image", "video"):
+        token_id = placeholder_token_id(model.config, kind)
+        counts.append(int((input_ids == token_id).sum()) if token_id is not None else 0)
+    return counts[0], counts[1]
+
+
+def primary_score(scores: dict[str, float]) -> float:
+    """One number of :func:`~mixkv.eval.mm_example.score_examples`'s scores: their mean, without
+    OCRBench's count of correct answers."""
+    values = [v for k, v in scores.items() if k != "ocrbench_correct"]
+    return sum(values) / len(values)
+
+
+def run_mm_example(
+    model: Any,
+    processor: Any,
+    example: MMExample,
+    press: Any | None,
+    *,
+    max_new_tokens: int | None = None,
+    coordinate_scale: str = "pixel",
+    inputs: dict[str, Any] | None = None,
+    prefix: SharedPrefix | None = None,
+) -> dict[str, Any]:
+    """Generate an answer for one example under ``press`` (None: full cache) and score it.
+
+    With ``prefix`` (this example's :func:`prefill_image_prefix`, mixkv presses only) a copy of its
+    cache is used: ``generate`` prefills only the prompt's tail (as ids, or as embeddings when it
+    starts inside the image), under the press, which compresses prefix and tail together as it
+    would a one-go prefill.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable record: prompt, output, score, token counts (``image_tokens`` counted in
+        the prompt, ``shared_prefix_tokens``: 0 for a one-go prefill), timings
+        (``prefill_seconds``: the first forward pass, compression included, plus the shared
+        prefix's own time; ``decode_seconds``: the rest of ``generate``), KV bytes right after prefill (``kv_bytes``)
+        and without compression (``kv_bytes_full``), ``kv_fraction``, mean kept tokens per KV head,
+        ``image_tokens_total`` / ``image_tokens_kept`` and the press's report.
+    """
+    prompt = example_prompt(processor, example)
+    if inputs is None:
+        inputs = encode_example(processor, example, prompt)
+    ids = inputs["input_ids"]
+    n_prompt = int(ids.shape[1])
+    n_image, n_video = _placeholder_counts(model, ids[0])
+    new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
+    tok = tokenizer_of(processor)
+    pad = pad_token_id(processor)
+
+    prefill: dict[str, Any] = {}
+
+    def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if "start" not in prefill:
+            prefill["start"] = time.perf_counter()
+
+    def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if "bytes" not in prefill:
+            prefill["seconds"] = time.perf_counter() - prefill["start"]
+            cache = find_cache(output, kwargs)
+            prefill["bytes"] = kv_cache_bytes(cache) if cache is not None else 0
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    generate_inputs = inputs
+    cache = None
+    if prefix is not None:
+        if press is not None and not isinstance(press, BasePress):
+            raise ValueError(
+                f"{type(press).__name__} cannot continue from a shared prefix (only mixkv presses compress a "
+                "cache that already holds one); pass prefix=None"
+            )
+        cache = copy.deepcopy(prefix.cache)
+        restore_generation_state(model, prefix.generation_state)
+        generate_inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            cache_argument(model): cache,
+        }
+        if prefix.embeddings is not None:
+            generate_inputs["inputs_embeds"] = prefix.embeddings
+    manager = press_applied(press, model)
+    try:
+        with torch.inference_mode(), manager as session:
+            if session is not None and cache is not None:
+                session.declare_prompt(cache, ids)
+            start = time.perf_counter()
+            out = model.generate(
+                **generate_inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+            )
+            total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefix_seconds = 0.0 if prefix is None else prefix.seconds
+    generated = out[0, n_prompt:]
+    text = str(tok.decode(generated, skip_special_tokens=True)).strip()
+    report = getattr(press, "last_report", None) if press is not None else None
+    kv_bytes = int(prefill.get("bytes", 0))
+    record: dict[str, Any] = {
+        "id": example.id,
+        "image": str(example.image_path),
+        "frames": len(example.frames),
+        "question": example.question,
+        "answers": list(example.answers),
+        "metric": example.metric,
+        "prompt": prompt,
+        "output": text,
+        "score": primary_score(score_examples([example], [text], coordinate_scale=coordinate_scale)),
+        "prompt_tokens": n_prompt,
+        "image_tokens": n_image,
+        "video_tokens": n_video,
+        "new_tokens": int(generated.numel()),
+        "shared_prefix_tokens": 0 if prefix is None else prefix.tokens,
+        "compressed": report is not None,
+        "prefill_seconds": float(prefill.get("seconds", 0.0)) + prefix_seconds,
+        "decode_seconds": total - float(prefill.get("seconds", 0.0)),
+        "kv_bytes": kv_bytes,
+        "kv_bytes_full": kv_bytes,
+        "kept_tokens_mean": float(n_prompt),
+        "compression_seconds": 0.0,
+        "image_tokens_total": n_image,
+        "image_tokens_kept": float(n_image),
+        "video_tokens_total": n_video,
+        "video_tokens_kept": float(n_video),
+        "report": None,
+    }
+    if report is not None:
+        record["kv_bytes"] = int(report.compressed_bytes)
+        record.update(report_fields(report))
+        if report.image_tokens_total is not None:
+            record["image_tokens_total"] = int(report.image_tokens_total[0])
+        if report.image_tokens_kept is not None:
+            record["image_tokens_kept"] = float(report.image_tokens_kept[0])
+        if report.video_tokens_total is not None:
+            record["video_tokens_total"] = int(report.video_tokens_total[0])
+        if report.video_tokens_kept is not None:
+            record["video_tokens_kept"] = float(report.video_tokens_kept[0])
+        record["report"] = report.to_dict()
+    record["kv_fraction"] = kv_fraction(record)
+    return record
+
+
+def example_prompt(processor: Any, example: MMExample) -> str:
+    """The example's prompt text: its question with an image or video placeholder, then its answer prefix."""
+    prompt = build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
+    return prompt + example.answer_prefix
+
+
+def _open_rgb(path: Path, example: MMExample) -> Any:
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file {path} of example {example.id!r} not found.")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
+    """The processor's tensors for ``prompt`` with the example's image, or its frames as one video
+    (ValueError when the processor has no video processor)."""
+    if example.is_video:
+        if getattr(processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{type(processor).__name__} has no video processor, so video example {example.id!r} cannot "
+                "be encoded (transformers' video processors need torchvision); evaluate image tasks only"
+            )
+        frames = [_open_rgb(frame, example) for frame in example.frames]
+        batch = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    else:
+        batch = processor(text=[prompt], images=[_open_rgb(example.image_path, example)], return_tensors="pt")
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+_PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
+class _DecoderReached(Exception):
+    pass
+
+
+def _decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The prompt's input embeddings as the text decoder receives them, image features merged in;
+    the forward stops there (only the vision side runs)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        captured["embeddings"] = kwargs["inputs_embeds"]
+        raise _DecoderReached
+
+    handle = model.get_decoder().register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False)
+    except _DecoderReached:
+        pass
+    finally:
+        handle.remove()
+    if "embeddings" not in captured:
+        raise ValueError(f"{type(model).__name__} never called its text decoder with inputs_embeds")
+    return captured["embeddings"]
+
+
+def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int) -> SharedPrefix | None:
+    """Prefill all but the last ``tail_tokens`` tokens of an encoded one-example prompt with the
+    full cache.
+
+    Every press then copies this cache and prefills only the tail (see :func:`run_mm_example`); a
+    press scores only the tail's last ``window_size`` queries, so with ``tail_tokens >=
+    window_size`` this is the one-go computation up to the float rounding of a forward split in
+    two. A tail that holds image tokens (a question shorter than the tail after the image) is fed
+    as embeddings; that split is exact only where image tokens attend causally at 1-D positions,
+    so models with M-RoPE (Qwen-VL) or bidirectional image attention (Gemma 3) share nothing
+    then. None when nothing is shared: also for a batch, or a prompt not 2 tokens longer than the
+    tail.
+    """
+    from transformers import DynamicCache
+
+    ids = inputs["input_ids"]
+    tokens = int(ids.shape[1]) - tail_tokens
+    if ids.shape[0] != 1 or tokens < 2:
+        return None
+    inner: Any = getattr(model, "model", None)
+    start = time.perf_counter()
+    embeddings = None
+    if sum(_placeholder_counts(model, ids[0, tokens:])) > 0:
+        if hasattr(inner, "rope_deltas") or any(k in inputs for k in _PER_TOKEN_INPUTS):
+            return None
+        embeddings = _decoder_inputs(model, inputs)
+    cache = DynamicCache(config=model.config)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None  # computed afresh from this prompt's images
+    with torch.inference_mode():
+        if embeddings is None:
+            # Per-token inputs (Qwen-VL's mm_token_type_ids, Gemma 3's token_type_ids) cover the prefix.
+            extra = {
+                k: v[:, :tokens] if k in _PER_TOKEN_INPUTS else v
+                for k, v in inputs.items()
+                if k not in ("input_ids", "attention_mask")
+            }
+            prefill(model, ids[:, :tokens], cache, **extra)
+        else:
+            model(inputs_embeds=embeddings[:, :tokens], use_cache=True, **{cache_argument(model): cache})
+    seconds = time.perf_counter() - start
+    return SharedPrefix(cache, tokens, seconds, embeddings, generation_state(model))
