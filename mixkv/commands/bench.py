@@ -12,13 +12,8 @@ import torch
 from mixkv.benchmarks.bench_report import machine_info, markdown_table, write_results
 from mixkv.benchmarks.random_models import RANDOM_MODELS, load_bench_model
 from mixkv.benchmarks.timed_runs import DEFAULT_METHODS, memory_flat_check, run_bench
-from mixkv.commands.parsing import split_list
+from mixkv.commands.parsing import int_list, split_list
 from mixkv.presses.registry import NAMES
-
-
-def _ints(text: str) -> list[int]:
-    """The integers of a comma-separated list (``"0,512"`` -> ``[0, 512]``)."""
-    return [int(item) for item in split_list(text)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
 
+    try:
+        lists = {
+            name: int_list(getattr(args, name), "--" + name.replace("_", "-"))
+            for name in (
+                "context_lengths",
+                "budgets",
+                "batch_sizes",
+                "prefill_chunk_sizes",
+                "decoding_intervals",
+            )
+        }
+    except ValueError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -85,15 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_bench(
         model,
         methods=split_list(args.methods),
-        context_lengths=_ints(args.context_lengths),
-        budgets=_ints(args.budgets),
-        batch_sizes=_ints(args.batch_sizes),
+        context_lengths=lists["context_lengths"],
+        budgets=lists["budgets"],
+        batch_sizes=lists["batch_sizes"],
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
         window_size=args.window_size,
-        prefill_chunks=[n or None for n in _ints(args.prefill_chunk_sizes)],
-        decoding_intervals=[n or None for n in _ints(args.decoding_intervals)],
+        prefill_chunks=[n or None for n in lists["prefill_chunk_sizes"]],
+        decoding_intervals=[n or None for n in lists["decoding_intervals"]],
         log=lambda s: print(s, flush=True),
     )
     mem = None
@@ -102,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model,
             method=args.memory_check_method,
             context=args.memory_check_context,
-            budget=_ints(args.budgets)[0],
+            budget=lists["budgets"][0],
             generations=args.memory_check,
             window_size=args.window_size,
         )

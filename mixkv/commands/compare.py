@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixkv.commands.parsing import split_list
 from mixkv.eval.compare_runs import compare_runs
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = None
     if args.methods:
-        methods = [m.strip() for value in args.methods for m in value.split(",") if m.strip()]
+        methods = split_list(args.methods)
     try:
         lines = compare_runs(args.run_a, args.run_b, methods=methods)
     except ValueError as exc:

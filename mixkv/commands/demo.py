@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mixkv.commands.parsing import split_list
+from mixkv.commands.parsing import int_list, split_list
 from mixkv.demos.document_demo import DEFAULT_METHODS, plot_rows, results_table, run_demo
 from mixkv.demos.image_demo import plot_keep_maps, run_image_demo
 from mixkv.eval.tiny_vlm_tasks import TASK_FAMILIES, make_tiny_vlm_suite
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [m for m in methods if m not in NAMES]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from: {', '.join(NAMES)}")
-        try:
-            budgets = [int(b) for b in split_list(args.budgets)]
-        except ValueError as exc:
-            raise ValueError(f"--budgets takes integers such as 64,128, got {args.budgets!r}") from exc
+        budgets = int_list(args.budgets, "--budgets")
         if not budgets or any(b < 1 for b in budgets):
             raise ValueError(f"--budgets needs positive integers, got {args.budgets!r}")
         print(f"Loading {args.model or 'SmolLM2-135M-Instruct'} ...")

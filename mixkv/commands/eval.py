@@ -8,35 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mixkv.commands.parsing import int_list, method_pairs, split_list
+
 __all__ = ["build_parser", "main"]
-
-
-def _split(values: Sequence[str] | None) -> list[str]:
-    """Accept both ``--x a b`` and ``--x a,b``."""
-    out: list[str] = []
-    for value in values or []:
-        out.extend(part.strip() for part in value.split(",") if part.strip())
-    return out
-
-
-def _ints(values: Sequence[str] | None, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in _split(values)]
-    except ValueError as exc:
-        raise ValueError(f"{flag} takes integers (e.g. {flag} 64,128), got {list(values or [])}") from exc
-
-
-def _pairs(values: Sequence[str] | None) -> list[tuple[str, str]]:
-    """``A:B`` method pairs of ``--compare``."""
-    out: list[tuple[str, str]] = []
-    for value in _split(values):
-        a, sep, b = value.partition(":")
-        if not sep or not a.strip() or not b.strip() or ":" in b:
-            raise ValueError(
-                f"--compare takes METHOD:METHOD pairs (e.g. --compare snapkv:keydiff), got {value!r}."
-            )
-        out.append((a.strip(), b.strip()))
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tasks = _split(args.tasks)
+    tasks = split_list(args.tasks)
     try:
         if args.suite is not None:
             return _run_suite(args.suite, args.out, run_eval)
@@ -244,21 +218,21 @@ def _run_suite(name: str, out: str, run_eval: Any) -> int:
 def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
     return run_eval(
         args.model,
-        methods=_split(args.methods),
-        budgets=_ints(args.budgets, "--budgets"),
-        tasks=_split(args.tasks),
-        context_lengths=_ints(args.context_lengths, "--context-lengths"),
+        methods=split_list(args.methods),
+        budgets=int_list(args.budgets, "--budgets"),
+        tasks=split_list(args.tasks),
+        context_lengths=int_list(args.context_lengths, "--context-lengths"),
         n=args.n,
         seed=args.seed,
         out_dir=args.out,
-        protocol=_split(args.protocol),
+        protocol=split_list(args.protocol),
         resume=not args.no_resume,
         window_size=args.window_size,
         max_new_tokens=args.max_new_tokens,
         share_prefill=not args.no_shared_prefill,
         batch_decoding=not args.no_batched_decoding,
         dtype=args.dtype,
-        compare=_pairs(args.compare),
+        compare=method_pairs(args.compare),
         report_only=args.report_only,
         resume_from=args.resume_from,
     )
@@ -339,8 +313,8 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
     return run_mm_eval(
         args.model,
         loaded,
-        methods=_split(args.methods),
-        budgets=_ints(args.budgets, "--budgets"),
+        methods=split_list(args.methods),
+        budgets=int_list(args.budgets, "--budgets"),
         seed=args.seed,
         out_dir=args.out,
         resume=not args.no_resume,
@@ -348,7 +322,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         max_new_tokens=args.max_new_tokens,
         coordinate_scale=args.coordinate_scale,
         sources=sources,
-        compare=_pairs(args.compare),
+        compare=method_pairs(args.compare),
         head_scores=args.head_scores,
         share_prefill=not args.no_shared_prefill,
         report_only=args.report_only,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixkv.commands.parsing import int_list, split_list
 from mixkv.eval.text_fidelity import run_fidelity_sweep
 
 
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("mixkv_fidelity.json"))
     args = parser.parse_args(argv)
     try:
-        methods = check_methods([m for m in args.methods.split(",") if m.strip()], variants=True)
-        budgets = [int(b) for b in args.budgets.split(",")]
+        methods = check_methods(split_list(args.methods), variants=True)
+        budgets = int_list(args.budgets, "--budgets")
     except ValueError as error:
         parser.error(str(error))
     if "full" in methods:
