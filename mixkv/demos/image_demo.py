@@ -59,12 +59,12 @@ def run_image_demo(
 
     The observation window is 32 tokens, or half the budget below 64 (as in the evaluation). The
     image and most of the prompt are prefilled once with the full cache, and every run continues
-    from a copy of it (:func:`mixkv.eval.mm_example.prefill_image_prefix`), as the evaluation does.
+    from a copy of it (:func:`mixkv.eval.mm_example_run.prefill_image_prefix`), as the evaluation does.
 
     Returns
     -------
     list of dict
-        One :func:`mixkv.eval.mm_example.run_mm_example` record per run, plus ``method``, ``budget``
+        One :func:`mixkv.eval.mm_example_run.run_mm_example` record per run, plus ``method``, ``budget``
         and ``keep_map`` (:func:`image_keep_map`, None for the full cache).
     """
     inputs = encode_example(processor, example, example_prompt(processor, example))

@@ -256,7 +256,7 @@ def run_mm_eval(
         Observation window of the presses; below a budget of ``2 * window_size`` the window is half
         the budget (budget 32: window 16), so that a press keeps as many chosen entries as recent ones.
     max_new_tokens
-        Generated tokens per example (default: :data:`~mixkv.eval.mm_example.DEFAULT_NEW_TOKENS` of its metric).
+        Generated tokens per example (default: :data:`~mixkv.eval.mm_example_run.DEFAULT_NEW_TOKENS` of its metric).
     coordinate_scale
         Coordinate convention of ``point_in_box`` outputs (see ``score_examples``).
     sources
@@ -270,7 +270,7 @@ def run_mm_eval(
     share_prefill
         Prefill each example's prompt, all but its last ``window_size`` tokens (the image and most of
         the text), once with the full cache and give every mixkv method a copy (see
-        :func:`~mixkv.eval.mm_example.prefill_image_prefix`); the press then compresses prefix and tail together, as in a
+        :func:`~mixkv.eval.mm_example_run.prefill_image_prefix`); the press then compresses prefix and tail together, as in a
         one-go prefill. Up to the float rounding of the split forward this is the same computation,
         and the image is encoded and prefilled once per example instead of once per (method,
         budget). False prefills every cell from scratch; kvpress methods, and prompts whose last

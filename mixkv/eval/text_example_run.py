@@ -48,7 +48,7 @@ PROTOCOLS = ("query_agnostic", "query_aware")
 class SharedPrefix:
     """The full cache of an example's first ``tokens`` prefill tokens, computed once and copied
     into every method's run (see :func:`prefill_shared_prefix` and, for images,
-    :func:`mixkv.eval.mm_example.prefill_image_prefix`). Never modified.
+    :func:`mixkv.eval.mm_example_run.prefill_image_prefix`). Never modified.
 
     ``embeddings``: the whole prompt's input embeddings as the text decoder receives them, when the
     rest is fed as embeddings (a tail that starts inside an image); ``generation_state``: model
