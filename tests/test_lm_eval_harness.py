@@ -284,7 +284,7 @@ def test_mixkv_lm_eval_command_registers_the_model_type_in_a_fresh_process(model
     assert json.loads(results.read_text())["config"]["mixkv"]["mean_kept_tokens_per_kv_head"] == BUDGET
     failing = [*command[:8], args(model_dir, press="snapkv", budget=BUDGET, window=8), *command[9:]]
     done = subprocess.run(failing, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "window_size" in done.stderr
+    assert done.returncode != 0 and "['window']" in done.stderr and "window -> window_size" in done.stderr
 
 
 def scores(resps):
