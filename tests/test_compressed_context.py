@@ -137,3 +137,22 @@ def test_fork_of_a_cache_the_session_did_not_prefill_is_refused():
     case = cached_case("llama")
     with mixkv.SnapKVPress(budget=64)(case.model) as session, pytest.raises(ValueError, match="prefilled"):
         session.fork(DynamicCache(config=case.model.config))
+
+
+def test_ask_with_an_answer_prefix_continues_it():
+    tok = word_tokenizer(SIMPLE_CHAT_TEMPLATE)
+    model = tiny_llama(len(tok))
+    context = " ".join(["The grass is green . The sky is blue ."] * 12)
+    prefix = "The sky is"
+    with CompressedContext.from_chat(model, tok, None, context) as ctx:
+        text = ctx.ask("What is blue ?", max_new_tokens=NEW_TOKENS, answer_prefix=prefix)
+        without = ctx.ask("What is blue ?", max_new_tokens=NEW_TOKENS)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": f"{context}\n\nWhat is blue ?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = tok(prompt + prefix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert text != without

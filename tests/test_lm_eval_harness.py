@@ -3,8 +3,11 @@ tiny random Llama saved to disk: nothing is downloaded."""
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -175,6 +178,113 @@ def test_mixkv_lm_eval_command_runs_the_harness(model_dir, task_manager, tmp_pat
     assert code == 0
     assert "mixkv_tiny_gen" in capsys.readouterr().out
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_unknown_press_options_are_refused_by_name(model_dir):
+    with pytest.raises(ValueError, match=r"\['window'\].*snapkv's options: budget.*window -> window_size"):
+        MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window=8)
+    with pytest.raises(ValueError, match=r"\['floor_ratio'\]"):
+        MixKVHarnessLM(
+            pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, floor_ratio=0.3
+        )
+
+
+def test_an_unknown_press_name_lists_only_the_names_the_harness_accepts(model_dir):
+    with pytest.raises(ValueError, match="Unknown press 'snapkvv'; choose from: full, snapkv") as info:
+        MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="snapkvv", budget=BUDGET)
+    assert "kvpress" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def bfloat16_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-bf16")
+    tok = word_tokenizer()
+    tiny_llama(len(tok)).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_default_device_and_dtype_fit_the_machine(bfloat16_model_dir):
+    lm = MixKVHarnessLM(pretrained=str(bfloat16_model_dir), press="full")
+    if torch.cuda.is_available():
+        assert lm.device.type == "cuda" and lm.model.dtype == torch.bfloat16
+    else:
+        assert lm.device.type == "cpu" and lm.model.dtype == torch.float32
+    kept = MixKVHarnessLM(pretrained=str(bfloat16_model_dir), device="cpu", dtype="bfloat16", press="full")
+    assert kept.model.dtype == torch.bfloat16
+
+
+def test_compressed_scoring_shows_a_progress_bar(model_dir, capsys):
+    lm = MixKVHarnessLM(
+        pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW
+    )
+    context = " ".join(_WORDS.split()[:70])
+    lm.loglikelihood(
+        [_request("loglikelihood", (context, " blue")), _request("loglikelihood", (context, " red"))]
+    )
+    err = capsys.readouterr().err
+    assert "Scoring under the press" in err and "2/2" in err
+
+
+def test_results_record_the_kept_tokens_and_kv_fraction(model_dir, task_manager):
+    _, out = evaluate(
+        task_manager, "mixkv_tiny_gen", args(model_dir, press="snapkv", budget=BUDGET, window_size=WINDOW)
+    )
+    info = out["config"]["mixkv"]
+    assert info["press"] == "snapkv" and info["press_options"] == {"budget": BUDGET, "window_size": WINDOW}
+    assert info["compressed_prompts"] == 3 and info["mean_kept_tokens_per_kv_head"] == BUDGET
+    assert info["mean_context_tokens"] > BUDGET and 0 < info["kv_fraction"] < 1
+    _, mc = evaluate(
+        task_manager, "mixkv_tiny_mc", args(model_dir, press="snapkv", budget=BUDGET, window_size=WINDOW)
+    )
+    assert mc["config"]["mixkv"]["compressed_prompts"] == 3  # one compression per context, not per choice
+    _, full = evaluate(task_manager, "mixkv_tiny_gen", args(model_dir, press="full"))
+    assert full["config"]["mixkv"] == {"press": "full", "press_options": {}}
+
+
+def test_answer_prefix_is_appended_to_every_context(model_dir):
+    lm = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="full")
+    prefixed = MixKVHarnessLM(pretrained=str(model_dir), device="cpu", press="full", answer_prefix=" blue")
+    context = " ".join(_WORDS.split()[:40])
+    options = {"until": ["."], "max_gen_toks": 4}
+    expected = lm.generate_until([_request("generate_until", (context + " blue", options))])
+    assert prefixed.generate_until([_request("generate_until", (context, options))]) == expected
+    per_request = lm.generate_until(
+        [_request("generate_until", (context, {**options, "answer_prefix": " blue"}))]
+    )
+    assert per_request == expected
+    assert expected != lm.generate_until([_request("generate_until", (context, options))])
+    scored = prefixed.loglikelihood([_request("loglikelihood", (context, " red"))])
+    assert scored == lm.loglikelihood([_request("loglikelihood", (context + " blue", " red"))])
+
+
+def test_mixkv_lm_eval_command_registers_the_model_type_in_a_fresh_process(model_dir, task_manager, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "mixkv",
+        "lm-eval",
+        "run",
+        "--model",
+        "mixkv",
+        "--model_args",
+        args(model_dir, press="snapkv", budget=BUDGET, window_size=WINDOW),
+        "--tasks",
+        "mixkv_tiny_gen",
+        "--include_path",
+        str(task_manager.include_path),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results.read_text())["config"]["mixkv"]["mean_kept_tokens_per_kv_head"] == BUDGET
+    failing = [*command[:8], args(model_dir, press="snapkv", budget=BUDGET, window=8), *command[9:]]
+    done = subprocess.run(failing, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "['window']" in done.stderr and "window -> window_size" in done.stderr
 
 
 def scores(resps):

@@ -84,7 +84,7 @@ def task_dir(tmp_path_factory):
     return path
 
 
-def evaluate(model_dir, task_dir, model="mixkv", **press):
+def evaluate(model_dir, task_dir, model="mixkv", gen_kwargs="", full_output=False, **press):
     extra = "".join(f",{k}={v}" for k, v in press.items())
     out = simple_evaluate(
         model=model,
@@ -94,8 +94,32 @@ def evaluate(model_dir, task_dir, model="mixkv", **press):
         batch_size=1,
         device="cpu",
         log_samples=True,
+        gen_kwargs=gen_kwargs,
     )
-    return [s["resps"] for s in out["samples"]["mixkv_tiny_vqa"]]
+    answers = [s["resps"] for s in out["samples"]["mixkv_tiny_vqa"]]
+    return (answers, out) if full_output else answers
+
+
+def generate_on(model_dir, task_dir, prompt_of):
+    """`transformers`' greedy answers (4 tokens) to each document's prompt ``prompt_of(processor, doc)``."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    expected = []
+    for doc in map(json.loads, (task_dir / "docs.jsonl").read_text().splitlines()):
+        image = Image.open(doc["image"]).convert("RGB")
+        inputs = processor(text=[prompt_of(processor, doc)], images=[image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(
+            [[processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]]
+        )
+    return expected
+
+
+def user_turn(doc):
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}
 
 
 def test_press_full_answers_like_transformers_generate(model_dir, task_dir):
@@ -115,7 +139,21 @@ def test_press_full_answers_like_transformers_generate(model_dir, task_dir):
         expected.append(
             [[processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]]
         )
-    assert evaluate(model_dir, task_dir, press="full") == expected
+    assert evaluate(model_dir, task_dir, press="full", dtype="bfloat16") == expected
+
+
+def test_default_dtype_is_float32_on_the_cpu_and_the_device_fits_the_machine(model_dir, task_dir):
+    def prompt(processor, doc):
+        return processor.apply_chat_template([user_turn(doc)], add_generation_prompt=True, tokenize=False)
+
+    assert evaluate(model_dir, task_dir, press="full") == generate_on(model_dir, task_dir, prompt)
+    bf16 = MixKVLMMs(pretrained=str(model_dir), press="full", dtype="bfloat16", device="cpu")
+    assert bf16.model.dtype == torch.bfloat16
+    lm = MixKVLMMs(pretrained=str(model_dir), press="full")  # no device, no dtype
+    if torch.cuda.is_available():
+        assert lm.model.device.type == "cuda" and lm.model.dtype == torch.bfloat16
+    else:
+        assert lm.model.device.type == "cpu" and lm.model.dtype == torch.float32
 
 
 def test_budget_above_the_prompt_equals_the_full_cache(model_dir, task_dir):
@@ -142,6 +180,72 @@ def test_generation_runs_compressed_on_image_tokens(model_dir, task_dir):
     report = lm.press.last_report
     assert report.compressed_layers and report.kept_tokens.float().mean() == BUDGET
     assert report.image_tokens_total == [64] and report.image_tokens_kept[0] < 64
+
+
+def test_unknown_model_arguments_are_refused_by_name_with_the_valid_ones(model_dir):
+    with pytest.raises(
+        ValueError, match=r"\['window'\].*snapkv's options: budget.*window -> window_size"
+    ) as info:
+        MixKVLMMs(pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window=8)
+    assert "system_prompt" in str(info.value)
+    with pytest.raises(ValueError, match="choose from: full, snapkv") as info:
+        MixKVLMMs(pretrained=str(model_dir), device="cpu", press="snapkvv", budget=BUDGET)
+    assert "kvpress" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def string_system_model_dir(tmp_path_factory, model_dir):
+    """The tiny LLaVA with a template that concatenates the system turn as a string (as Qwen's and
+    the tiny VLM's do)."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    path = tmp_path_factory.mktemp("tiny-llava-string-system")
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.chat_template = STRING_SYSTEM_TEMPLATE
+    processor.save_pretrained(path)
+    return path
+
+
+STRING_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ '<s> ' + m['content'] + ' ' }}{% else %}<s> "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} w70 {% endif %}"
+)
+
+
+def test_system_prompt_on_a_template_that_takes_string_content(string_system_model_dir, task_dir):
+    def prompt(processor, doc):
+        messages = [{"role": "system", "content": "w60 w61"}, user_turn(doc)]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    expected = generate_on(string_system_model_dir, task_dir, prompt)
+    assert evaluate(string_system_model_dir, task_dir, press="full", system_prompt="w60 w61") == expected
+    assert evaluate(string_system_model_dir, task_dir, press="full") != expected
+
+
+def test_answer_prefix_is_continued_by_the_answer(model_dir, task_dir):
+    def prompt(processor, doc):
+        text = processor.apply_chat_template([user_turn(doc)], add_generation_prompt=True, tokenize=False)
+        return text + "w91"
+
+    expected = generate_on(model_dir, task_dir, prompt)
+    assert evaluate(model_dir, task_dir, press="full", answer_prefix="w91") == expected
+    assert evaluate(model_dir, task_dir, press="full", gen_kwargs="answer_prefix=w91") == expected
+    assert evaluate(model_dir, task_dir, press="full") != expected
+
+
+def test_generation_shows_a_progress_bar_and_records_the_compression(model_dir, task_dir, capsys):
+    _, out = evaluate(
+        model_dir, task_dir, full_output=True, press="mixkv-snapkv", budget=BUDGET, window_size=WINDOW
+    )
+    assert "mixkv responding" in capsys.readouterr().err
+    throughput = out["throughput"]
+    assert throughput["avg_mixkv_kept_tokens_per_kv_head"] == BUDGET
+    assert throughput["avg_mixkv_compressed_prompts"] == 2 and 0 < throughput["avg_mixkv_kv_fraction"] < 1
+    assert throughput["avg_mixkv_context_tokens"] > 64
 
 
 def test_entry_point_registers_the_model_type_for_lmms_eval():
@@ -172,4 +276,36 @@ def test_mixkv_lmms_eval_command_runs_lmms_eval(model_dir, task_dir, tmp_path, c
     )
     assert code == 0
     assert "mixkv_tiny_vqa" in capsys.readouterr().out
-    assert list((tmp_path / "out").rglob("*results*.json"))
+    (results,) = (tmp_path / "out").rglob("*results*.json")
+    assert json.loads(results.read_text())["throughput"]["avg_mixkv_kept_tokens_per_kv_head"] == BUDGET
+
+
+@pytest.mark.parametrize(
+    ("model_args", "tasks"),
+    [("press=snapkv,budget=24,window=8", "mixkv_tiny_vqa"), ("press=full", "mixkv_no_such_task")],
+    ids=["bad-model-argument", "unknown-task"],
+)
+def test_mixkv_lmms_eval_command_exits_non_zero_when_the_evaluation_fails(
+    model_dir, task_dir, tmp_path, capsys, model_args, tasks
+):
+    code = cli_main(
+        [
+            "lmms-eval",
+            "--model",
+            "mixkv",
+            "--model_args",
+            f"pretrained={model_dir},device_map=cpu,{model_args}",
+            "--tasks",
+            tasks,
+            "--include_path",
+            str(task_dir),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 1
+    assert "the evaluation failed" in capsys.readouterr().err

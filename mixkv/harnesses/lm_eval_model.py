@@ -12,8 +12,18 @@ for ``lm_eval.simple_evaluate(model="mixkv", ...)``.
 
 Model arguments: everything the harness's ``hf`` model takes, plus ``press`` (a name from
 ``mixkv presses``; default ``mixkv-snapkv``, ``full`` for no press), ``budget`` or
-``compression_ratio``, and the press's own options (``window_size=16``, ``floor_ratio=0.3``,
-``redundancy=stats.safetensors``...).
+``compression_ratio``, the press's own options (``window_size=16``, ``floor_ratio=0.3``,
+``redundancy=stats.safetensors``...) and ``answer_prefix`` (text appended to every request's
+context, after the chat template's generation prompt with ``--apply_chat_template``: generated
+and scored answers continue it; a task's ``generation_kwargs`` or ``--gen_kwargs`` may set
+``answer_prefix`` for generation requests). An argument that is neither the ``hf`` model's nor the
+press's is refused by name, with the press's options listed. Without ``device`` the model runs on
+``cuda`` when available, else on the CPU; on the CPU the default ``dtype`` is ``float32`` (the
+``hf`` model's ``auto`` would keep a bfloat16 checkpoint in bfloat16, several times slower there).
+
+The results file's ``config`` holds ``mixkv``: the press, its options and, over the prompts
+prefilled under the press, the mean context tokens, the mean kept tokens per KV head and the KV
+fraction (cache bytes kept over the full cache's).
 
 How requests run under the press
 --------------------------------
@@ -27,7 +37,7 @@ How requests run under the press
     context and continuation in one forward, as the ``hf`` model does, would score them with the
     full cache: compression happens only at the end of a prefill.) A context is compressed once
     and each of its continuations is scored from a copy of the compressed cache. Requests run one
-    at a time.
+    at a time, with a progress bar.
 ``loglikelihood_rolling`` (perplexity)
     Refused: every token of the document is both context and target, so there is no context to
     compress before scoring; use ``press=full`` for these tasks.
@@ -35,16 +45,26 @@ How requests run under the press
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
-from mixkv.harnesses.press_arguments import attached, split_press_arguments
+from mixkv.harnesses.press_arguments import (
+    attached,
+    default_device,
+    split_press_arguments,
+    unknown_arguments_error,
+)
 from mixkv.integration.decoder_layout import cache_argument, prefill
 
 try:
+    from lm_eval.api.instance import Instance
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -55,6 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["MixKVHarnessLM"]
 
 MODEL_NAME = "mixkv"
+_HF_ARGUMENTS = tuple(p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs"))
 
 
 @register_model(MODEL_NAME)
@@ -65,17 +86,62 @@ class MixKVHarnessLM(HFLM):
     ----------
     press
         The press (None for ``press=full``); ``press.last_report`` describes the last prefill.
+    press_run
+        The press's name and options, and the compression statistics of the prompts run so far
+        (what :meth:`get_model_info` reports under ``mixkv``).
+    answer_prefix
+        Appended to every request's context.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.press, hf_kwargs = split_press_arguments(kwargs)
-        super().__init__(**hf_kwargs)
+    def __init__(self, answer_prefix: str = "", **kwargs: Any) -> None:
+        self.press_run, hf_kwargs = split_press_arguments(kwargs, _HF_ARGUMENTS, strict=False)
+        self.press = self.press_run.press
+        self.answer_prefix = "" if answer_prefix is None else str(answer_prefix)
+        if hf_kwargs.get("device") is None:
+            hf_kwargs["device"] = default_device()
+        device = str(hf_kwargs["device"])
+        on_cpu = device.startswith("cpu") or (device.startswith("cuda") and not torch.cuda.is_available())
+        if hf_kwargs.get("dtype") is None and on_cpu and isinstance(hf_kwargs.get("pretrained"), str):
+            hf_kwargs["dtype"] = "float32"
+        try:
+            super().__init__(**hf_kwargs)
+        except TypeError as exc:
+            # The hf model hands unknown arguments to from_pretrained, whose model constructor fails.
+            found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if found and found.group(1) in hf_kwargs and found.group(1) not in _HF_ARGUMENTS:
+                raise unknown_arguments_error(self.press_run.name, [found.group(1)]) from exc
+            raise
         if self.backend != "causal":
             raise ValueError("mixkv compresses decoder-only models; this model is a seq2seq one.")
 
+    def get_model_info(self) -> dict[str, Any]:
+        """The ``hf`` model's information plus ``mixkv``: the press, its options and its statistics."""
+        return {**super().get_model_info(), "mixkv": self.press_run.info()}
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        prefixed = []
+        for request in requests:
+            context, gen_kwargs = request.args
+            gen_kwargs = dict(gen_kwargs)
+            prefix = gen_kwargs.pop("answer_prefix", None)
+            prefix = self.answer_prefix if prefix is None else str(prefix)
+            prefixed.append(dataclasses.replace(request, arguments=(context + prefix, gen_kwargs)))
+        return list(super().generate_until(prefixed, disable_tqdm=disable_tqdm))
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.answer_prefix:
+            requests = [
+                dataclasses.replace(r, arguments=(r.args[0] + self.answer_prefix, *r.args[1:]))
+                for r in requests
+            ]
+        return list(super().loglikelihood(requests, disable_tqdm=disable_tqdm))
+
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
         with attached(self.press, self.model):
-            return super()._model_generate(context, max_length, stop, **kwargs)
+            self.press_run.forget_report()
+            out = super()._model_generate(context, max_length, stop, **kwargs)
+            self.press_run.record()
+            return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         if self.press is not None:
@@ -101,11 +167,16 @@ class MixKVHarnessLM(HFLM):
             head = tokens[: len(tokens) - len(continuation_enc) - 1]
             tail = tokens[len(head) : -1]
             groups.setdefault(tuple(head), []).append((i, tail, continuation_enc))
+        progress = tqdm(
+            total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Scoring under the press"
+        )
         for compressed, members in groups.items():
             with torch.inference_mode(), attached(self.press, self.model) as session:
                 cache = DynamicCache(config=self.model.config)
                 if compressed:
+                    self.press_run.forget_report()
                     prefill(self.model, torch.tensor([compressed], device=self.device), cache)
+                    self.press_run.record()
                 for i, tail, continuation in members:
                     copy = (
                         session.fork(cache)
@@ -118,6 +189,8 @@ class MixKVHarnessLM(HFLM):
                     target = torch.tensor(continuation, device=scored.device)
                     logprob = float(scored.gather(-1, target[:, None]).sum())
                     results[i] = (logprob, bool((scored.argmax(-1) == target).all()))
+                    progress.update(1)
+        progress.close()
         for (request_str, _, _), answer in zip(requests, results, strict=True):
             if request_str is not None and answer is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)

@@ -17,15 +17,23 @@ tokens and question) is prefilled, compressed at the end of its prefill and the 
 from the compressed cache (the paper's query-aware protocol). Greedy unless the task asks for a
 temperature; the answer is cut at the first ``until`` string (generation runs to
 ``max_new_tokens`` or the end-of-sequence token: transformers' ``stop_strings`` fails on some
-tokenizers). Requests run one at a
-time, in one process.
+tokenizers). Requests run one at a time, in one process, with a progress bar.
 
-Model arguments: ``pretrained`` (a model directory or hub id in the local cache), ``device``,
-``device_map``, ``dtype`` (default ``bfloat16``), ``attn_implementation`` (``sdpa`` or ``eager``),
-``system_prompt``, ``trust_remote_code``, plus ``press`` (a name from ``mixkv presses``; default
-``mixkv-snapkv``, ``full`` for no press), ``budget`` or ``compression_ratio``, and the press's own
-options (``window_size``, ``head_scores=stats.safetensors`` for SparseMM...). Log-likelihood
-requests are refused.
+Model arguments: ``pretrained`` (a model directory or hub id in the local cache), ``device``
+(default ``cuda`` when available, else ``cpu``), ``device_map`` (default: ``device``), ``dtype``
+(default ``float32`` on the CPU, ``bfloat16`` elsewhere), ``attn_implementation`` (``sdpa`` or
+``eager``), ``system_prompt`` (text, or a file holding it; replaces a task's system turn),
+``answer_prefix`` (the start of every answer: appended after the generation prompt, the answer
+continues it; a task or ``--gen_kwargs`` may set ``answer_prefix`` per request),
+``trust_remote_code``, plus ``press`` (a name from ``mixkv presses``; default ``mixkv-snapkv``,
+``full`` for no press), ``budget`` or ``compression_ratio``, and the press's own options
+(``window_size``, ``head_scores=stats.safetensors`` for SparseMM...). Unknown arguments are refused
+by name. Log-likelihood requests are refused.
+
+Each ``generate_until`` call logs lmms-eval's throughput metrics plus the compression's
+(``mixkv_kept_tokens_per_kv_head``, ``mixkv_kv_fraction``, ``mixkv_context_tokens``,
+``mixkv_compressed_prompts``): they land in the results file's ``throughput`` section as
+``avg_mixkv_...``.
 
 Why not lmms-eval's ``huggingface`` model with a press around it: in lmms-eval 0.7.3 it loads
 ``AutoModel`` (a VLM without its language-model head: it compares model type names with the config
@@ -35,22 +43,45 @@ refuses.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from mixkv.harnesses.press_arguments import attached, split_press_arguments
+from mixkv.harnesses.press_arguments import (
+    attached,
+    default_device,
+    default_dtype,
+    split_press_arguments,
+)
+from mixkv.integration.chat_prompts import render_chat
 
 try:
     from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
     from lmms_eval.api.model import lmms
+    from lmms_eval.models.model_utils.gen_metrics import log_metrics
     from lmms_eval.protocol import ChatMessages
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('mixkv\'s lmms-eval model needs lmms-eval: pip install "mixkv[lmms-eval]"') from exc
 
-__all__ = ["MixKVLMMs"]
+__all__ = ["MODEL_ARGUMENTS", "MixKVLMMs"]
+
+#: The model's own arguments (besides the press's).
+MODEL_ARGUMENTS = (
+    "pretrained",
+    "device",
+    "device_map",
+    "batch_size",
+    "dtype",
+    "attn_implementation",
+    "system_prompt",
+    "answer_prefix",
+    "trust_remote_code",
+    "max_batch_size",
+)
 
 
 class MixKVLMMs(lmms):
@@ -60,6 +91,8 @@ class MixKVLMMs(lmms):
     ----------
     press
         The press (None for ``press=full``); ``press.last_report`` describes the last prefill.
+    press_run
+        The press's name and options, and the compression statistics of the requests run so far.
     """
 
     is_simple = False
@@ -67,36 +100,40 @@ class MixKVLMMs(lmms):
     def __init__(
         self,
         pretrained: str,
-        device: str = "cuda",
+        device: str | None = None,
         device_map: str | None = None,
         batch_size: int | str = 1,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         attn_implementation: str = "sdpa",
         system_prompt: str | None = None,
+        answer_prefix: str = "",
         trust_remote_code: bool = False,
         max_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
-        self.press, unknown = split_press_arguments(kwargs)
-        if unknown:
-            raise ValueError(f"Unknown model argument(s) {sorted(unknown)} for lmms-eval's model type mixkv.")
+        self.press_run, _ = split_press_arguments(kwargs, MODEL_ARGUMENTS)
+        self.press = self.press_run.press
         if int(batch_size) != 1:
             raise ValueError(
                 "lmms-eval's model type mixkv answers one request at a time: use --batch_size 1."
             )
         super().__init__()
+        device = device or default_device()
+        placement = device_map or device
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         is_vlm = type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
         model_class = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         self.model = model_class.from_pretrained(
             pretrained,
-            dtype=dtype,
-            device_map=device_map or device,
+            dtype=dtype or default_dtype(placement),
+            device_map=placement,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         ).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
         self.system_prompt = system_prompt.replace("\\n", "\n") if system_prompt else None
+        self.answer_prefix = _text(answer_prefix)
 
     @property
     def tokenizer(self) -> Any:
@@ -110,27 +147,46 @@ class MixKVLMMs(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         results = []
+        run = self.press_run.fresh()
+        generated_tokens = 0
+        start = time.perf_counter()
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="mixkv responding")
         with attached(self.press, self.model):
             for request in requests:
                 _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-                messages = doc_to_messages(self.task_dict[task][split][doc_id])
-                if self.system_prompt:
-                    messages = [
-                        {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
-                        *messages,
-                    ]
-                text, generated = self._answer(ChatMessages(messages=messages), dict(gen_kwargs))
-                results.append(GenerationResult(text=text, token_counts=TokenCounts(output_tokens=generated)))
+                chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+                run.forget_report()
+                text, counts = self._answer(chat, dict(gen_kwargs))
+                run.record()
+                generated_tokens += counts.output_tokens or 0
+                results.append(GenerationResult(text=text, token_counts=counts))
                 self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), text)
+                progress.update(1)
+        progress.close()
+        self.press_run.merge(run)
+        elapsed = time.perf_counter() - start
+        metrics = {f"mixkv_{k}": v for k, v in _short_names(run.statistics()).items()}
+        log_metrics(
+            total_elapsed_time=elapsed,
+            total_gen_tokens=generated_tokens,
+            avg_speed=generated_tokens / elapsed if elapsed > 0 else 0.0,
+            additional_metrics={**metrics, "total_requests": len(requests)} if requests else None,
+        )
         return results
 
-    def _answer(self, chat: ChatMessages, gen_kwargs: dict[str, Any]) -> tuple[str, int]:
-        """The answer to one chat and its number of generated tokens."""
+    def _answer(self, chat: ChatMessages, gen_kwargs: dict[str, Any]) -> tuple[str, TokenCounts]:
+        """The answer to one chat and its token counts (prompt and generated)."""
         images, videos, _ = chat.extract_media()
         if videos:
             raise ValueError("lmms-eval's model type mixkv takes images, not videos.")
-        prompt = self.processor.apply_chat_template(
-            chat.to_hf_messages(), add_generation_prompt=True, tokenize=False
+        messages = chat.to_hf_messages()
+        if self.system_prompt:
+            if messages and messages[0]["role"] == "system":
+                messages = messages[1:]
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        prefix = gen_kwargs.pop("answer_prefix", None)
+        prompt = render_chat(
+            self.processor, messages, answer_prefix=self.answer_prefix if prefix is None else _text(prefix)
         )
         inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt").to(
             self.model.device
@@ -147,8 +203,25 @@ class MixKVLMMs(lmms):
             options["temperature"] = temperature
         with torch.inference_mode():
             out = self.model.generate(**inputs, **options)
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        new_tokens = out[0, prompt_tokens:]
         text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
         for stop in until:
             text = text.split(stop)[0]
-        return text, int(new_tokens.numel())
+        return text, TokenCounts(input_tokens=prompt_tokens, output_tokens=int(new_tokens.numel()))
+
+
+def _text(value: Any) -> str:
+    """A model argument meant as text (lmms-eval turns ``7`` or ``true`` into numbers and booleans)."""
+    return "" if value is None else str(value)
+
+
+def _short_names(statistics: dict[str, float]) -> dict[str, float]:
+    """:meth:`PressRun.statistics` under the metric names of the results' throughput section."""
+    names = {
+        "mean_kept_tokens_per_kv_head": "kept_tokens_per_kv_head",
+        "kv_fraction": "kv_fraction",
+        "mean_context_tokens": "context_tokens",
+        "compressed_prompts": "compressed_prompts",
+    }
+    return {names[k]: v for k, v in statistics.items()}

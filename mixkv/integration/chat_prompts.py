@@ -5,7 +5,8 @@ content lists the visual entries, then the text (the processor expands each plac
 image's or video's tokens). Without a chat template the prompt is built from the processor's
 placeholder tokens. The evaluation grid (:mod:`mixkv.eval.mm_example`), the compressed context
 (:mod:`mixkv.integration.compressed_context`) and calibration (:mod:`mixkv.integration.calibration`)
-all build their prompts here.
+all build their prompts here; the harness models render whole conversations (a system turn
+included) with :func:`render_chat`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = [
     "chat_prompt_parts",
     "has_chat_template",
     "pad_token_id",
+    "render_chat",
     "render_user_turn",
     "tokenizer_of",
     "user_content",
@@ -61,6 +63,90 @@ def render_user_turn(processor: Any, content: str | list[dict[str, Any]]) -> str
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
     return str(rendered)
+
+
+def render_chat(processor: Any, messages: list[dict[str, Any]], *, answer_prefix: str = "") -> str:
+    """A conversation rendered as text by the processor's chat template (else its tokenizer's), the
+    generation prompt added, then ``answer_prefix`` (so that the answer continues it).
+
+    Chat templates disagree on the form of a text-only turn's content: some concatenate it as a
+    string (``'<|im_start|>system\\n' + message['content']``: a list of parts fails), others only read
+    its ``{"type": "text"}`` parts (a string is silently dropped). System turns whose content is
+    text only are therefore tried as a string first, then as a list of text parts, and the first
+    rendering that keeps every system text is used; failing that, every text-only turn is tried as a
+    string. A conversation without a system turn is rendered as given first (then with its text-only
+    turns as strings).
+
+    Parameters
+    ----------
+    processor
+        A tokenizer or a VLM processor.
+    messages
+        Hugging Face chat messages (``{"role": ..., "content": str | list of parts}``).
+    answer_prefix
+        Text appended after the generation prompt: the start of the assistant's answer.
+
+    Raises
+    ------
+    ValueError
+        When the template renders no form of the conversation, or drops its system prompt.
+    """
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
+    system_texts = [_text_of(m["content"]) for m in messages if m.get("role") == "system"]
+    candidates = []
+    if system_texts:
+        candidates.append(_with_string_content(messages, roles=("system",)))
+    candidates.append(_with_list_content(messages, roles=("system",)))
+    candidates.append(_with_string_content(messages, roles=None))
+    errors: list[Exception] = []
+    dropped = False
+    for candidate in candidates:
+        try:
+            rendered = str(owner.apply_chat_template(candidate, add_generation_prompt=True, tokenize=False))
+        except Exception as exc:  # jinja2's errors, TypeError from string concatenation...
+            errors.append(exc)
+            continue
+        if all(text.strip() in rendered for text in system_texts if text is not None):
+            return rendered + answer_prefix
+        dropped = True
+    if dropped:
+        raise ValueError(
+            "The chat template drops the system prompt (no form of the system turn kept its text); "
+            "put the instruction in the user's text instead."
+        )
+    raise ValueError(f"The chat template cannot render this conversation: {errors[0]}") from errors[0]
+
+
+def _text_of(content: Any) -> str | None:
+    """A turn's text when its content is text only (a string or text parts), else None."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text" for c in content):
+        return "".join(str(c.get("text", "")) for c in content)
+    return None
+
+
+def _with_string_content(
+    messages: list[dict[str, Any]], roles: tuple[str, ...] | None
+) -> list[dict[str, Any]]:
+    """The messages with the text-only turns of ``roles`` (every role: None) as string content."""
+    out = []
+    for message in messages:
+        text = _text_of(message.get("content"))
+        if text is not None and (roles is None or message.get("role") in roles):
+            message = {**message, "content": text}
+        out.append(message)
+    return out
+
+
+def _with_list_content(messages: list[dict[str, Any]], roles: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The messages with the string content of ``roles`` as one text part."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]}
+        if m.get("role") in roles and isinstance(m.get("content"), str)
+        else m
+        for m in messages
+    ]
 
 
 def visual_placeholder(processor: Any, kind: str) -> str:

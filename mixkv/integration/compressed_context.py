@@ -11,6 +11,7 @@ the calls and stay inside the press's ``with`` block. Usage::
     with CompressedContext.from_chat(model, processor, press, document, images=[page]) as ctx:
         for question in questions:
             print(ctx.ask(question, max_new_tokens=32))
+        print(ctx.ask("Who signed it?", answer_prefix="It was signed by"))  # the answer continues the prefix
         print(press.last_report.summary())  # the context's compression
 
 Every question continues from its own copy of the compressed cache (:meth:`PressSession.fork`), so
@@ -198,11 +199,19 @@ class CompressedContext:
             )
         return out[0, ids.shape[1] :]
 
-    def ask(self, question: str, *, max_new_tokens: int = 32, **generate_kwargs: Any) -> str:
-        """The decoded greedy answer to ``question`` (``question_suffix`` appended)."""
+    def ask(
+        self, question: str, *, max_new_tokens: int = 32, answer_prefix: str = "", **generate_kwargs: Any
+    ) -> str:
+        """The decoded greedy answer to ``question`` (``question_suffix`` appended).
+
+        ``answer_prefix`` is placed after the question's suffix (the chat template's generation
+        prompt), so the answer continues it: the start of the assistant's message, such as
+        ``"Ada Moss:"``. The returned text is what the model wrote after the prefix."""
         if self.processor is None:
             raise ValueError("ask() needs the processor or tokenizer: pass processor= (or use from_chat)")
         tokenizer = tokenizer_of(self.processor)
-        ids = tokenizer(question + self.question_suffix, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(question + self.question_suffix + answer_prefix, add_special_tokens=False)[
+            "input_ids"
+        ]
         answer = self.generate(ids, max_new_tokens=max_new_tokens, **generate_kwargs)
         return str(tokenizer.decode(answer, skip_special_tokens=True)).strip()
