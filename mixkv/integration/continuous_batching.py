@@ -337,6 +337,12 @@ class PressBatchingManager(_EngineManager):
     ) -> None:
         self.stop(block=True, hard_stop=exc is not None)
 
+    def start(self) -> None:
+        """transformers' ``start``; the cache is built first, so :meth:`page_usage` works at once."""
+        if self.batch_processor is None and not self.is_running():
+            self.batch_processor = self._create_batch_processor()
+        super().start()
+
     def switch_to_cb_friendly_attn(self, model: Any, auto_switch_to_flash: bool = True) -> None:
         """Point the model at ``paged|eager``, over which the press's attention is registered."""
         if self._compressor is None:

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.modeling_utils import AttentionInterface
@@ -332,9 +332,13 @@ def _dispatch(
     return compressor.attention(module, query, key, value, attention_mask, **kwargs)
 
 
+def _registered() -> AttentionFn:
+    return cast(AttentionFn, AttentionInterface._global_mapping[PAGED_NAME])
+
+
 def original_paged_function() -> AttentionFn:
     """transformers' own ``paged|eager`` function (also while mixkv's dispatcher is registered)."""
-    return _saved[0] if _saved else AttentionInterface._global_mapping[PAGED_NAME]
+    return _saved[0] if _saved else _registered()
 
 
 def bind(modules: list[torch.nn.Module], compressor: PagedCompressor) -> None:
@@ -342,7 +346,7 @@ def bind(modules: list[torch.nn.Module], compressor: PagedCompressor) -> None:
     if any(id(module) in _BOUND for module in modules):
         raise ValueError("another mixkv continuous-batching manager is attached to this model; stop it first")
     if not _BOUND:
-        _saved[:] = [AttentionInterface._global_mapping[PAGED_NAME]]
+        _saved[:] = [_registered()]
         AttentionInterface.register(PAGED_NAME, _dispatch)
     for module in modules:
         _BOUND[id(module)] = compressor
