@@ -1,9 +1,10 @@
 """Wall time and peak pages of continuous batching with and without a press, against sequential generate.
 
 Usage: ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/cb_press_timing.py [--requests 16]
-[--new-tokens 32] [--budget 64] [--model smollm2]``. Prompts are haystack sentences of 120 to 400
-tokens; every run is greedy. Prints one line per run and whether each CB run's answers equal the
-sequential ones under the same press.
+[--new-tokens 32] [--budget 64] [--model smollm2] [--dtype float64]``. Prompts are chat prompts of
+haystack sentences (about 160 to 450 tokens); every run is greedy. Prints one line per run and how
+many answers of each continuous-batching run equal the sequential ones under the same press
+(``--dtype float64`` rules out rounding differences).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", help="float64 makes the answer comparison exact")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model)
+    model = model.to(getattr(torch, args.dtype))
     sentences = list(stdlib_sentences())
     prompts = []
     for i in range(args.requests):
@@ -39,9 +42,17 @@ def main() -> None:
             text += sentences[j % len(sentences)] + " "
             j += 1
         messages = [{"role": "user", "content": text + "\nSummarise the text above in one sentence."}]
-        prompts.append(list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+        prompts.append(
+            list(
+                tok.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        )
     lengths = [len(p) for p in prompts]
-    print(f"{args.requests} prompts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all), {args.new_tokens} new tokens")
+    print(
+        f"{args.requests} prompts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all), {args.new_tokens} new tokens"
+    )
     press = mixkv.SnapKVPress(budget=args.budget)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1)
 
@@ -50,11 +61,13 @@ def main() -> None:
         with torch.no_grad():
             for prompt in prompts:
                 ids = torch.tensor([prompt])
+                # An explicit mask: generate would otherwise mask the prompt's pad-id tokens (<|im_end|>).
+                mask = torch.ones_like(ids)
                 if p is None:
-                    seq = model.generate(ids, generation_config=gen)
+                    seq = model.generate(ids, attention_mask=mask, generation_config=gen)
                 else:
                     with p(model):
-                        seq = model.generate(ids, generation_config=gen)
+                        seq = model.generate(ids, attention_mask=mask, generation_config=gen)
                 out.append(seq[0, len(prompt) :].tolist())
         return out
 

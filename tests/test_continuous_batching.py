@@ -56,11 +56,12 @@ def _prompts(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> list[list[int
 
 def _alone(model: Any, press: Any, prompt: list[int]) -> list[int]:
     ids = torch.tensor([prompt])
+    options = {"attention_mask": torch.ones_like(ids), "max_new_tokens": NEW_TOKENS, "do_sample": False}
     if press is None:
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(ids, **options)
     else:
         with press(model):
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            out = model.generate(ids, **options)
     return out[0, len(prompt) :].tolist()
 
 
