@@ -266,6 +266,21 @@ def test_cancelling_a_request_frees_its_pages(model: Any) -> None:
         assert usage.free == usage.total
 
 
+def test_a_manager_started_again_after_stop_still_compresses(model: Any) -> None:
+    press = mixkv.SnapKVPress(budget=BUDGET, window_size=WINDOW)
+    prompts = _prompts((90, 60), seed=7)
+    manager = PressBatchingManager(model, press=press, generation_config=GEN, batching_config=_config())
+    for prompt in prompts:
+        with manager:
+            rid = manager.add_request(prompt, max_new_tokens=NEW_TOKENS)
+            result = manager.get_result(timeout=30)
+            assert result is not None and result.request_id == rid and result.is_finished()
+        assert model.config._attn_implementation == "sdpa"
+        assert result.generated_tokens == _alone(model, press, prompt)
+        info = manager.compression_info(rid)
+        assert info is not None and info.compressed
+
+
 def test_generate_batch_returns_outputs_in_input_order(model: Any) -> None:
     press = mixkv.MixKVPress(budget=BUDGET, window_size=WINDOW)
     prompts = _prompts((70, 20, 100), seed=5)

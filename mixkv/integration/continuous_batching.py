@@ -215,8 +215,10 @@ class PressBatchingManager(_EngineManager):
             self._layout = layout
             self._compressor = PagedCompressor(layout, original, self._press_by_request.get)
         config = _batching_config(batching_config, max_cache_tokens, block_sharing)
-        super().__init__(model, generation_config, config)
+        self.model = model
+        self._original_attn_impl = None
         try:
+            super().__init__(model, generation_config, config)
             # Built now (not in the worker thread) so that the cache's size is known before start().
             self.batch_processor = self._create_batch_processor()
         except BaseException:
@@ -338,9 +340,12 @@ class PressBatchingManager(_EngineManager):
         self.stop(block=True, hard_stop=exc is not None)
 
     def start(self) -> None:
-        """transformers' ``start``; the cache is built first, so :meth:`page_usage` works at once."""
-        if self.batch_processor is None and not self.is_running():
-            self.batch_processor = self._create_batch_processor()
+        """transformers' ``start``; the cache is built first, so :meth:`page_usage` works at once, and
+        the model is pointed at the press's attention again after a :meth:`stop`."""
+        if not self.is_running():
+            self.switch_to_cb_friendly_attn(self.model)
+            if self.batch_processor is None:
+                self.batch_processor = self._create_batch_processor()
         super().start()
 
     def switch_to_cb_friendly_attn(self, model: Any, auto_switch_to_flash: bool = True) -> None:
