@@ -25,6 +25,7 @@ LAYERS = {
     "mixkv.benchmarks": 3,
     "mixkv.demos": 3,
     "mixkv.harnesses": 3,
+    "mixkv.serving": 3,
     "mixkv.commands": 4,
     "mixkv.__main__": 5,
     "mixkv": 5,  # the package's own __init__: the public API
