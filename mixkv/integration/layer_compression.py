@@ -9,11 +9,60 @@ when every head of every sequence keeps the same number, else into a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mixkv.functional import select_top_per_head
 from mixkv.integration.cache import CompressedLayer, DenseCompressedLayer, PackedCompressedLayer
 from mixkv.presses.base import BasePress, ScoringContext
+
+
+@dataclass(frozen=True)
+class KeptEntries:
+    """Which entries of a layer a press keeps (:func:`select_kept_entries`).
+
+    Attributes
+    ----------
+    indices, valid : Tensor ``(B, Hkv, K)``
+        The kept prefix positions of every head, ascending, and their validity
+        (:func:`~mixkv.functional.select_top_per_head`).
+    prefix_counts : LongTensor ``(B, Hkv)``
+        Prefix entries each head keeps.
+    window_valid : BoolTensor ``(B, W)``
+        Real tokens of the observation window (the newest ``W`` entries), which every head keeps.
+    """
+
+    indices: torch.Tensor
+    valid: torch.Tensor
+    prefix_counts: torch.Tensor
+    window_valid: torch.Tensor
+
+
+def select_kept_entries(press: BasePress, ctx: ScoringContext, compress_rows: torch.Tensor) -> KeptEntries:
+    """The entries of ``ctx`` that ``press`` keeps: each KV head's budget's worth of the best-scored
+    real prefix entries, and the observation window.
+
+    ``compress_rows`` ``(B,)`` are the sequences to cut to their budget; the others keep every real
+    entry.
+    """
+    keys = ctx.keys
+    prefix = keys.shape[2] - press.window_size
+    head_mask = ctx.head_mask
+    prefix_mask = head_mask[..., :prefix]
+    # The window is the newest tokens, held densely by every head: its padding is per sequence.
+    window_valid = head_mask[:, 0, prefix:]
+    counts = torch.where(
+        compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), ctx.lengths[:, None]
+    )
+    available = prefix_mask.sum(-1)
+    prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
+    scores = press.scores(ctx).float()
+    # Sequences within their budget keep every real prompt token.
+    scores = torch.where(compress_rows[:, None, None], scores, torch.zeros_like(scores))
+    scores = scores.masked_fill(~prefix_mask, float("-inf"))
+    indices, valid = select_top_per_head(scores, prefix_counts)
+    return KeptEntries(indices, valid, prefix_counts, window_valid)
 
 
 def compress_layer(
@@ -40,23 +89,14 @@ def compress_layer(
         The kept prefix positions and their validity (:func:`~mixkv.functional.select_top_per_head`).
     """
     keys, values = ctx.keys, ctx.values
-    window = press.window_size
-    length, head_dim = keys.shape[2], keys.shape[3]
-    prefix = length - window
-    head_mask = ctx.head_mask
-    prefix_mask = head_mask[..., :prefix]
-    # The window is the newest tokens, held densely by every head: its padding is per sequence.
-    window_valid = head_mask[:, 0, prefix:]
-    counts = torch.where(
-        compress_rows.unsqueeze(-1), press.head_budgets(ctx).to(keys.device), ctx.lengths[:, None]
+    prefix, head_dim = keys.shape[2] - press.window_size, keys.shape[3]
+    kept = select_kept_entries(press, ctx, compress_rows)
+    indices, valid, prefix_counts, window_valid = (
+        kept.indices,
+        kept.valid,
+        kept.prefix_counts,
+        kept.window_valid,
     )
-    available = prefix_mask.sum(-1)
-    prefix_counts = torch.minimum((counts - window_valid.sum(-1, keepdim=True)).clamp(min=0), available)
-    scores = press.scores(ctx).float()
-    # Sequences within their budget keep every real prompt token.
-    scores = torch.where(compress_rows[:, None, None], scores, torch.zeros_like(scores))
-    scores = scores.masked_fill(~prefix_mask, float("-inf"))
-    indices, valid = select_top_per_head(scores, prefix_counts)
     gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
     kept_keys = keys[:, :, :prefix].gather(2, gather_index)
     kept_values = values[:, :, :prefix].gather(2, gather_index)
