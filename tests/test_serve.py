@@ -37,13 +37,16 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "tiny-llama"
 CAPACITY = 2048  # tokens of the test server's cache, 128 pages of 16
 SIZING = CacheSizing(max_cache_tokens=CAPACITY, page_size=16, max_batch_tokens=128)
-PROMPTS = [
-    "The sky is blue . What is green ?",
-    "The grass is green . The sun is yellow .",
-    "Here we go . There and back again .",
-    "Some special magic number is hidden within the following text",
-    "Make sure to memorize it : 4 2 7",
-    "Which town was founded by the river ?",
+#: The test server's default press: prompts of more than 16 tokens are compressed.
+DEFAULT_PRESS = PressChoice("mixkv-snapkv", budget=16, window_size=8)
+FULL = PressChoice("full")
+PROMPTS = [  # 20 to 30 tokens with the chat template: the default press (budget 16) compresses each
+    "The sky is blue . The grass is green . What is green ? Answer in one word",
+    "The grass is green . The sun is yellow . Which one is yellow ? Only give me the answer",
+    "Here we go . There and back again . Read the list and give the most common word",
+    "Some special magic number is hidden within the following text . Make sure to memorize it",
+    "Make sure to memorize it : 4 2 7 . What is the special magic number mentioned in the text ?",
+    "Which town was founded by the river ? The river flows through the province . Answer",
 ]
 
 
@@ -86,14 +89,14 @@ def reference() -> Any:
 
     model, tokenizer = _model()
 
-    def answer(prompt: str, max_tokens: int, press: PressChoice | None = None) -> tuple[list[int], str]:
+    def answer(prompt: str, max_tokens: int, press: PressChoice = DEFAULT_PRESS) -> tuple[list[int], str]:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
         config = GenerationConfig(
             do_sample=False, max_new_tokens=max_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=0
         )
-        built = None if press is None else press.build(context_tokens=len(ids))
+        built = press.build(context_tokens=len(ids))
         with torch.no_grad(), built(model) if built is not None else contextlib.nullcontext():
             out = model.generate(torch.tensor([ids]), generation_config=config)
         new = out[0, len(ids) :].tolist()
@@ -106,7 +109,7 @@ def reference() -> Any:
 def server() -> Iterator[ServerThread]:
     model, tokenizer = _model()
     engine = BatchingEngine(model, eos_token_id=tokenizer.eos_token_id, sizing=SIZING, pad_token_id=0)
-    settings = ServerSettings(MODEL_ID, PressChoice("full", budget=64, window_size=8), default_max_tokens=8)
+    settings = ServerSettings(MODEL_ID, DEFAULT_PRESS, default_max_tokens=8)
     running = ServerThread(create_app(engine, tokenizer, settings)).start()
     running.engine = engine
     yield running
@@ -165,7 +168,8 @@ def test_health_models_and_cache_endpoints(server: ServerThread) -> None:
     assert cache["pages_total"] == CAPACITY // 16
     assert cache["capacity_tokens"] == CAPACITY
     assert cache["pages_free"] + cache["pages_in_use"] == cache["pages_total"]
-    assert cache["default_press"] == {"press": "full", "budget": None, "window_size": None}
+    assert cache["default_press"] == {"press": "mixkv-snapkv", "budget": 16, "window_size": 8}
+    assert cache["engine"].endswith("PressBatchingManager")
 
 
 def test_chat_completion_equals_generate(client: Any, reference: Any) -> None:
@@ -177,7 +181,10 @@ def test_chat_completion_equals_generate(client: Any, reference: Any) -> None:
     assert response.usage.completion_tokens == len(ids)
     assert response.usage.prompt_tokens > 10
     assert response.model == MODEL_ID
-    assert response.model_extra["mixkv"]["press"] == "full"
+    report = response.model_extra["mixkv"]
+    assert (report["press"], report["budget"]) == ("mixkv-snapkv", 16)
+    assert report["compression"]["prompt_tokens"] == response.usage.prompt_tokens
+    assert report["compression"]["kept_tokens"] == 16
 
 
 def test_streamed_chat_completion_equals_generate(client: Any, server: ServerThread, reference: Any) -> None:
@@ -294,17 +301,25 @@ def test_malformed_json_is_a_400(content: bytes, client: Any, server: ServerThre
 
 
 def test_press_per_request(client: Any, server: ServerThread, reference: Any) -> None:
-    """A request's ``press``/``budget`` run under its press, or get a 400 when the engine refuses it."""
-    press = PressChoice("snapkv", budget=24, window_size=8)
-    if server.engine.refusal(press.build(context_tokens=64)) is not None:
-        with pytest.raises(openai.BadRequestError, match="not supported") as error:
-            _chat(client, PROMPTS[0], press="snapkv", budget=24)
-        assert error.value.body["code"] == "press_not_supported"
-        return
-    long_prompt = " ".join(PROMPTS)  # longer than the budget: the press compresses it
-    response = _chat(client, long_prompt, max_tokens=12, press="snapkv", budget=24)
-    assert response.model_extra["mixkv"] == {"press": "snapkv", "budget": 24, "window_size": 8}
-    assert response.choices[0].message.content == reference(long_prompt, 12, press=press)[1]
+    """A request's ``press``/``budget``/``window_size`` (``extra_body``) override the server's; the
+    answer equals ``with press(model): model.generate(...)`` and the prefill frees pages."""
+    long_prompt = " ".join(PROMPTS)  # 70 tokens or so: 5 pages of 16 before compression
+    for choice in (PressChoice("snapkv", budget=24, window_size=4), PressChoice("knorm", 20, 8), FULL):
+        extra = {"press": choice.name} if choice.name == "full" else choice.describe()
+        response = _chat(client, long_prompt, max_tokens=12, **extra)
+        report = response.model_extra["mixkv"]
+        assert {k: report[k] for k in ("press", "budget", "window_size")} == choice.describe()
+        assert response.choices[0].message.content == reference(long_prompt, 12, press=choice)[1]
+        compression = report["compression"]
+        assert compression["prompt_tokens"] == response.usage.prompt_tokens
+        if choice.name == "full":
+            assert compression["kept_tokens"] == compression["prompt_tokens"]
+        else:
+            assert compression["kept_tokens"] == choice.budget
+            assert compression["freed_pages"] >= 2
+    assert (
+        _chat(client, long_prompt, max_tokens=12, budget=40).model_extra["mixkv"]["press"] == "mixkv-snapkv"
+    )
     assert _wait_for_free_pages(server)["pages_in_use"] == 0
 
 
@@ -385,6 +400,7 @@ def test_mixkv_serve_command_in_a_subprocess(tmp_path: Path, reference: Any) -> 
     tokenizer.save_pretrained(tmp_path / "tiny")
     port = _free_port()
     command = [sys.executable, "-m", "mixkv", "serve", str(tmp_path / "tiny"), "--port", str(port)]
+    command += ["--press", "mixkv-snapkv", "--budget", "16", "--window-size", "8"]  # DEFAULT_PRESS
     command += ["--max-cache-tokens", "512", "--page-size", "16", "--max-batch-tokens", "64"]
     env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -419,3 +435,4 @@ def test_mixkv_serve_command_in_a_subprocess(tmp_path: Path, reference: Any) -> 
             output, _ = process.communicate()
     assert f"http://127.0.0.1:{port}/v1" in output
     assert "32 pages x 16 tokens = 512 tokens" in output
+    assert "default press: mixkv-snapkv, budget 16, window 8" in output

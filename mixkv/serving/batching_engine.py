@@ -4,7 +4,8 @@
 paged cache, see ``transformers``' ``ContinuousBatchingManager``), a dispatcher thread that routes
 the manager's outputs to the :class:`RequestHandle` of each request, and the page accounting the
 ``/v1/mixkv/cache`` endpoint reports. Everything that depends on *which* manager runs the requests
-sits in one class, :class:`ManagerSeam`.
+sits in one class, :class:`ManagerSeam`: today mixkv's ``PressBatchingManager``
+(:mod:`mixkv.integration.continuous_batching`), which compresses each request's prompt with its press.
 
 Example
 -------
@@ -87,12 +88,16 @@ class CacheSizing:
 
 @dataclass(frozen=True)
 class PageUsage:
-    """The paged cache's pages: how many exist, how many requests hold, which request holds how many."""
+    """The paged cache's pages: how many exist, how many requests hold, which request holds how many.
+
+    A page is ``page_size`` tokens of every layer.
+    """
 
     page_size: int
     pages_total: int
     pages_in_use: int
     per_request: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def pages_free(self) -> int:
@@ -102,12 +107,11 @@ class PageUsage:
 class ManagerSeam:
     """THE SEAM: the one place that knows which batching manager runs the requests.
 
-    Today it builds ``transformers``' own ``ContinuousBatchingManager`` through
-    ``model.init_continuous_batching``, which runs the full cache only, so every press is refused
-    (:meth:`refusal`). ``PressBatchingManager`` (``mixkv.integration.continuous_batching``, branch
-    ``cb-presses``) replaces it here and only here: construct it in :meth:`__init__`, pass ``press=`` in
-    :meth:`add`, ask it in :meth:`refusal`, read ``page_usage()`` / ``cache_capacity_tokens`` in
-    :meth:`usage` / :meth:`capacity_tokens`, and account for compression in :meth:`tokens_needed`.
+    It runs :class:`~mixkv.integration.continuous_batching.PressBatchingManager` (transformers'
+    ``ContinuousBatchingManager`` compressing each request's prompt at the end of its prefill),
+    with no default press: the server passes every request's press (or ``"full"``) explicitly. A
+    model that manager cannot compress (sliding-window layers, e.g. Gemma 3) is still served with
+    the full cache, and every press is refused with the reason.
 
     Parameters
     ----------
@@ -120,56 +124,89 @@ class ManagerSeam:
     """
 
     #: Name of the engine, as ``/v1/mixkv/cache`` reports it.
-    engine_name = "transformers.ContinuousBatchingManager (full cache only)"
+    engine_name = "mixkv.integration.continuous_batching.PressBatchingManager"
 
     def __init__(self, model: Any, generation_config: Any, sizing: CacheSizing) -> None:
+        from mixkv.integration.continuous_batching import PressBatchingManager
+
         self.sizing = sizing
-        self.manager = model.init_continuous_batching(
-            generation_config=generation_config, continuous_batching_config=sizing.batching_config()
-        )
+        self.model_refusal: str | None = None
+        config = sizing.batching_config()
+        try:
+            self.manager = PressBatchingManager(
+                model, generation_config=generation_config, batching_config=config
+            )
+        except ValueError as exc:  # the model, not a press: serve it with the full cache only
+            self.model_refusal = str(exc)
+            self.manager = PressBatchingManager(
+                model, generation_config=generation_config, batching_config=config, block_sharing=True
+            )
 
     def start(self) -> None:
-        """Build the paged cache (in the caller's thread, so its size is known at once) and start."""
-        self.manager.warmup()
+        """Start the manager's thread (its paged cache is built already, so its size is known)."""
         self.manager.start()
 
     def refusal(self, press: Any) -> str | None:
         """Why the engine cannot run ``press`` (None: it can; None is the full cache)."""
+        from mixkv.integration.paged_support import check_press
+
         if press is None:
             return None
-        return (
-            f"this server's engine ({self.engine_name}) runs no press yet: {type(press).__name__} needs "
-            "mixkv.integration.continuous_batching.PressBatchingManager; use press 'full'"
-        )
+        if self.model_refusal is not None:
+            return self.model_refusal
+        try:
+            check_press(press)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def add(
         self, input_ids: list[int], request_id: str, max_new_tokens: int, press: Any, stream: bool
     ) -> None:
-        """Queue one request (``press`` has passed :meth:`refusal`)."""
-        assert press is None, "the seam's manager runs no press"
+        """Queue one request (``press`` has passed :meth:`refusal`; None runs the full cache).
+
+        Raises
+        ------
+        ValueError
+            When the manager refuses the request (a press, or a request that can never fit).
+        """
+        from mixkv.integration.continuous_batching import FULL
+
         self.manager.add_request(
-            input_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=stream
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            streaming=stream,
+            press=FULL if press is None else press,
         )
 
     def tokens_needed(self, prompt_tokens: int, max_new_tokens: int, press: Any) -> int:
-        """Cache entries one request may hold at its peak (full cache: prompt + answer)."""
-        return prompt_tokens + max_new_tokens
+        """Cache entries one request may hold at its peak: its whole prompt until its prefill ends,
+        then what the press keeps of it plus the answer."""
+        held = prompt_tokens if press is None else min(prompt_tokens, press.sequence_budget(prompt_tokens))
+        return max(prompt_tokens, held + max_new_tokens)
 
     def capacity_tokens(self) -> int:
-        """The most tokens one request can ever hold: every page of the cache."""
-        return self.usage().pages_total * self.sizing.page_size
+        """The most tokens one request can ever hold."""
+        return int(self.manager.cache_capacity_tokens)
 
     def usage(self) -> PageUsage:
-        """Pages in use, read from the allocators' block tables (no prefix sharing: no page is shared)."""
-        processor = self.manager.batch_processor
-        if processor is None:
+        """Pages in use and free, and per request."""
+        if self.manager.batch_processor is None:  # stopped
             return PageUsage(self.sizing.page_size, self.sizing.num_blocks, 0)
-        cache = processor.cache
-        per_request: dict[str, int] = {}
-        for allocator in cache.cache_allocators.values():
-            for request_id, blocks in dict(allocator.block_table).items():
-                per_request[request_id] = per_request.get(request_id, 0) + len(blocks)
-        return PageUsage(self.sizing.page_size, int(cache.num_blocks), sum(per_request.values()), per_request)
+        pages = self.manager.page_usage()
+        return PageUsage(pages.page_size, pages.total, pages.in_use, dict(pages.pages), dict(pages.tokens))
+
+    def compression(self, request_id: str) -> dict[str, Any] | None:
+        """What the end of a request's prefill kept and freed, once it has happened."""
+        record = self.manager.compression_info(request_id)
+        if record is None:
+            return None
+        return {
+            "prompt_tokens": record.prompt_tokens,
+            "kept_tokens": record.kept_tokens,
+            "freed_pages": record.freed_pages,
+        }
 
     def fatal_error(self) -> str | None:
         """The error that stopped the manager's thread, if one did."""
@@ -188,9 +225,8 @@ class ManagerSeam:
         self.manager.cancel_request(request_id)
 
     def stop(self) -> None:
-        """Stop the manager's thread (requests still running fail)."""
-        if self.manager.is_running():
-            self.manager.stop(block=True, timeout=10, hard_stop=True)
+        """Stop the manager's thread (requests still running fail) and give the model its attention back."""
+        self.manager.stop(block=True, timeout=10, hard_stop=True)
 
 
 class RequestHandle:
@@ -382,6 +418,10 @@ class BatchingEngine:
     def usage(self) -> PageUsage:
         """The cache's pages now."""
         return self.seam.usage()
+
+    def compression(self, request_id: str) -> dict[str, Any] | None:
+        """``{"prompt_tokens", "kept_tokens", "freed_pages"}`` of a request's prefill, once it ended."""
+        return self.seam.compression(request_id)
 
     def in_flight(self) -> list[RequestHandle]:
         """The requests submitted and not finished, oldest first."""

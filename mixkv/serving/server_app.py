@@ -128,6 +128,8 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
                 "generated_tokens": handle.generated_tokens,
                 "max_tokens": handle.max_new_tokens,
                 "pages": pages.per_request.get(handle.request_id, 0),
+                "cached_tokens": pages.tokens.get(handle.request_id, 0),
+                "compression": engine.compression(handle.request_id),
             }
             for handle in engine.in_flight()
         ]
@@ -192,6 +194,8 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
             )
         except EngineError as exc:
             raise APIError(503, str(exc), code="engine_unavailable") from exc
+        except ValueError as exc:  # the manager's own refusal (its checks match ours; kept as a net)
+            raise APIError(400, str(exc), param="press", code="request_refused") from exc
         meta: dict[str, Any] = {"completion_id": completion_id, "model": settings.model_id, "created": now()}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -208,7 +212,7 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
                 reason=finish_reason(generated, eos_ids),
                 prompt_tokens=len(input_ids),
                 completion_tokens=len(generated),
-                press=choice.describe(),
+                press=choice.describe() | {"compression": engine.compression(completion_id)},
             )
         )
 
