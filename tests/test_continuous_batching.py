@@ -377,3 +377,11 @@ def test_refused_models_and_settings(model: Any) -> None:
     finally:
         small.stop()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_an_older_transformers_is_refused_naming_the_version_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.2.0")
+    reason = engine_unavailable_reason()
+    assert reason is not None and "5.25" in reason and "5.2.0" in reason

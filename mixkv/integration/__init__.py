@@ -13,7 +13,9 @@ A press attaches to a model through a :class:`PressSession` (``with press(model)
 - ``cache``: the compressed cache layers; ``decoder_layout``: which modules and layers a model has.
 
 Beside them: ``compressed_context`` (compress once, ask many), ``calibration`` (head statistics
-measured on a model) and ``kvpress_bridge`` (kvpress presses at run time).
+measured on a model), ``kvpress_bridge`` (kvpress presses at run time) and ``continuous_batching``
+(presses inside transformers' continuous-batching engine, with ``paged_compression`` and
+``paged_support``; imported on demand, not from here).
 """
 
 from mixkv.integration.cache import DenseCompressedLayer, PackedCompressedLayer, kv_cache_bytes
