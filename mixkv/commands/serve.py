@@ -124,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = BatchingEngine(
         model, eos_token_id=_eos(model, tokenizer), sizing=sizing, pad_token_id=tokenizer.pad_token_id
     )
-    engine.start()  # builds the paged cache now: its size is known, and the press can be checked
+    try:
+        engine.start()  # builds the paged cache now: its size is known, and the press can be checked
+    except (RuntimeError, ValueError) as exc:  # e.g. a transformers release without the engine mixkv needs
+        parser.exit(2, f"mixkv serve: the batching engine cannot start: {exc}\n")
     refusal = engine.refusal(press)
     if refusal is not None:
         engine.stop()

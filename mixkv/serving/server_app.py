@@ -176,7 +176,7 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
         if refusal is not None:
             raise APIError(
                 400,
-                f"Press {choice.name!r} is not supported: {refusal}.",
+                f"This server's engine refuses press {choice.name!r}: {refusal}.",
                 param="press",
                 code="press_not_supported",
             )
