@@ -394,12 +394,42 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_mixkv_serve_command_in_a_subprocess(tmp_path: Path, reference: Any) -> None:
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model and tokenizer saved as a model directory (``tiny``)."""
+    directory = tmp_path_factory.mktemp("serve") / "tiny"
     model, tokenizer = _model()
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_serve_command_refuses_a_press_the_engine_cannot_run(
+    tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mixkv.commands.serve import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                str(tiny_dir),
+                "--press",
+                "adakv",
+                "--budget",
+                "64",
+                "--max-cache-tokens",
+                "64",
+                "--page-size",
+                "16",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "--press adakv: adakv is not supported in continuous batching" in capsys.readouterr().err
+
+
+def test_mixkv_serve_command_in_a_subprocess(tiny_dir: Path, reference: Any) -> None:
     port = _free_port()
-    command = [sys.executable, "-m", "mixkv", "serve", str(tmp_path / "tiny"), "--port", str(port)]
+    command = [sys.executable, "-m", "mixkv", "serve", str(tiny_dir), "--port", str(port)]
     command += ["--press", "mixkv-snapkv", "--budget", "16", "--window-size", "8"]  # DEFAULT_PRESS
     command += ["--max-cache-tokens", "512", "--page-size", "16", "--max-batch-tokens", "64"]
     env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

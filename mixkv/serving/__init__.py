@@ -1,7 +1,8 @@
 """``mixkv serve``'s server: OpenAI-compatible chat completions over continuous batching with presses.
 
 :mod:`~mixkv.serving.server_app` holds the FastAPI app, :mod:`~mixkv.serving.batching_engine` the
-engine (a batching manager over a paged KV cache, behind one seam), :mod:`~mixkv.serving.press_choice`
+engine (a batching manager over a paged KV cache, behind the one seam of
+:mod:`~mixkv.serving.manager_seam`), :mod:`~mixkv.serving.press_choice`
 the per-request press, :mod:`~mixkv.serving.openai_format` OpenAI's request and response formats and
 :mod:`~mixkv.serving.api_errors` the error bodies. Needs the ``serve`` extra (fastapi, uvicorn).
 

@@ -123,7 +123,11 @@ def validation_error(errors: list[Any]) -> APIError:
             400, f"Missing required parameter: {param}.", param=param, code="missing_required_parameter"
         )
     if not loc and kind in ("model_attributes_type", "dict_type"):
-        return APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        return APIError(
+            400,
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+            code="invalid_json",
+        )
     where = f" at {param}" if param else ""
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return APIError(
