@@ -2,7 +2,7 @@
 
 Layers, bottom to top: ``functional`` (tensor maths) <- ``presses`` <- ``integration`` and the model
 loaders (``weights``, ``model_loading``, ``tiny_vlm``) <- ``eval``, ``benchmarks``, ``demos``,
-``harnesses`` <- ``commands``. Every import counts, also those inside functions and under
+``harnesses``, ``serving`` <- ``commands``. Every import counts, also those inside functions and under
 ``TYPE_CHECKING``; the one accepted upward call is a press entering its session
 (``with press(model)``), as in kvpress.
 """
@@ -25,6 +25,7 @@ LAYERS = {
     "mixkv.benchmarks": 3,
     "mixkv.demos": 3,
     "mixkv.harnesses": 3,
+    "mixkv.serving": 3,
     "mixkv.commands": 4,
     "mixkv.__main__": 5,
     "mixkv": 5,  # the package's own __init__: the public API

@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": ("bench", "speed and memory of every method"),
     "calibrate": ("calibrate", "per-head redundancy / visual-head statistics for a model"),
     "presses": ("presses", "every method name, its press, parameters and defaults"),
+    "serve": ("serve", "OpenAI-compatible chat server with a press over continuous batching (extra serve)"),
     "lm-eval": ("lm_eval", "lm-evaluation-harness with model type `mixkv` (extra lm-eval)"),
     "lmms-eval": ("lmms_eval", "lmms-eval with model type `mixkv` (extra lmms-eval)"),
     "train-tiny-vlm": ("train_tiny_vlm", "retrain the tiny VLM's vision encoder (about 50 min on 2 cores)"),
