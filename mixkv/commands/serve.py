@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"mixkv serve: {settings.model_id} at http://{args.host}:{args.port}/v1 (OpenAI API; "
         f"GET /v1/mixkv/cache for the pages)\n"
-        f"  KV cache: {pages.pages_total} pages x {pages.page_size} tokens = {engine.capacity_tokens()} tokens, "
+        f"  KV cache: {pages.total} pages x {pages.page_size} tokens = {engine.capacity_tokens()} tokens, "
         f"{args.max_batch_tokens} tokens per forward; default press: {press_text}",
         flush=True,
     )

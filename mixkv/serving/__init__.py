@@ -15,7 +15,8 @@ Example
 
 from __future__ import annotations
 
-from mixkv.serving.batching_engine import BatchingEngine, CacheSizing, EngineError, PageUsage
+from mixkv.serving.batching_engine import BatchingEngine, EngineError
+from mixkv.serving.manager_seam import CacheSizing
 from mixkv.serving.press_choice import PressChoice, PressError
 from mixkv.serving.server_app import ServerSettings, create_app
 
@@ -23,7 +24,6 @@ __all__ = [
     "BatchingEngine",
     "CacheSizing",
     "EngineError",
-    "PageUsage",
     "PressChoice",
     "PressError",
     "ServerSettings",

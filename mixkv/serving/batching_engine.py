@@ -26,9 +26,10 @@ import logging
 import threading
 from typing import Any
 
-from mixkv.serving.manager_seam import CacheSizing, ManagerSeam, PageUsage
+from mixkv.integration.continuous_batching import PageUsage
+from mixkv.serving.manager_seam import CacheSizing, ManagerSeam
 
-__all__ = ["BatchingEngine", "CacheSizing", "EngineError", "PageUsage", "RequestHandle"]
+__all__ = ["BatchingEngine", "EngineError", "RequestHandle"]
 
 logger = logging.getLogger("mixkv.serving")
 

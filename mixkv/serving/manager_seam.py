@@ -1,9 +1,8 @@
-"""THE SEAM between the server and the batching manager, and the cache's size and pages.
+"""The server's side of the batching manager, and the size of its paged cache.
 
 :class:`ManagerSeam` is the one place that names the manager running the server's requests
 (:class:`~mixkv.integration.continuous_batching.PressBatchingManager`); swapping the engine is a
-change here only. :class:`CacheSizing` says how big its paged cache is, :class:`PageUsage` what
-its pages hold.
+change here only. :class:`CacheSizing` says how big its paged cache is.
 
 Example
 -------
@@ -19,10 +18,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CacheSizing", "ManagerSeam", "PageUsage"]
+from mixkv.integration.continuous_batching import PageUsage
+
+__all__ = ["CacheSizing", "ManagerSeam"]
 
 
 @dataclass(frozen=True)
@@ -74,26 +75,8 @@ class CacheSizing:
         )
 
 
-@dataclass(frozen=True)
-class PageUsage:
-    """The paged cache's pages: how many exist, how many requests hold, which request holds how many.
-
-    A page is ``page_size`` tokens of every layer.
-    """
-
-    page_size: int
-    pages_total: int
-    pages_in_use: int
-    per_request: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def pages_free(self) -> int:
-        return self.pages_total - self.pages_in_use
-
-
 class ManagerSeam:
-    """THE SEAM: the one place that knows which batching manager runs the requests.
+    """The one place that knows which batching manager runs the requests.
 
     It runs :class:`~mixkv.integration.continuous_batching.PressBatchingManager` (transformers'
     ``ContinuousBatchingManager`` compressing each request's prompt at the end of its prefill),
@@ -180,10 +163,9 @@ class ManagerSeam:
 
     def usage(self) -> PageUsage:
         """Pages in use and free, and per request."""
-        if self.manager.batch_processor is None:  # stopped
-            return PageUsage(self.sizing.page_size, self.sizing.num_blocks, 0)
-        pages = self.manager.page_usage()
-        return PageUsage(pages.page_size, pages.total, pages.in_use, dict(pages.pages), dict(pages.tokens))
+        if self.manager.batch_processor is None:  # stopped: every page is free
+            return PageUsage(self.sizing.page_size, self.sizing.num_blocks, self.sizing.num_blocks, {}, {})
+        return self.manager.page_usage()
 
     def compression(self, request_id: str) -> dict[str, Any] | None:
         """What the end of a request's prefill kept and freed, once it has happened."""

@@ -127,7 +127,7 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
                 "prompt_tokens": handle.prompt_tokens,
                 "generated_tokens": handle.generated_tokens,
                 "max_tokens": handle.max_new_tokens,
-                "pages": pages.per_request.get(handle.request_id, 0),
+                "pages": pages.pages.get(handle.request_id, 0),
                 "cached_tokens": pages.tokens.get(handle.request_id, 0),
                 "compression": engine.compression(handle.request_id),
             }
@@ -136,9 +136,9 @@ def create_app(engine: BatchingEngine, tokenizer: Any, settings: ServerSettings)
         return {
             "engine": engine.seam.engine_name,
             "page_size": pages.page_size,
-            "pages_total": pages.pages_total,
-            "pages_in_use": pages.pages_in_use,
-            "pages_free": pages.pages_free,
+            "pages_total": pages.total,
+            "pages_in_use": pages.in_use,
+            "pages_free": pages.free,
             "capacity_tokens": engine.capacity_tokens(),
             "max_batch_tokens": engine.sizing.max_batch_tokens,
             "default_press": settings.default_press.describe(),
