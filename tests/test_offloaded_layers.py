@@ -1,0 +1,68 @@
+"""Presses on a model whose layers are offloaded by accelerate (``device_map`` with ``"disk"`` entries).
+
+accelerate keeps an offloaded layer's weights on the meta device and loads them for each forward
+through hooks on the modules; a press's own hooks and attention function sit beside those and must
+give exactly the outputs of the same model kept whole in memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixkv
+from tests.helpers_tiny import press_test_llama
+
+pytest.importorskip("accelerate")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    whole = press_test_llama()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    whole.save_pretrained(folder)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    for layer in range(whole.config.num_hidden_layers):
+        device_map[f"model.layers.{layer}"] = "disk" if layer % 2 else "cpu"
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        folder,
+        device_map=device_map,
+        offload_folder=tmp_path_factory.mktemp("offload"),
+        attn_implementation="sdpa",
+    )
+    return whole, offloaded
+
+
+def test_the_offloaded_model_really_keeps_layers_off_memory(models):
+    _, offloaded = models
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "press",
+    [
+        mixkv.SnapKVPress(budget=40, window_size=8),
+        mixkv.AdaKVPress(budget=40, window_size=8),
+        mixkv.MixKVPress(budget=40, window_size=8, base="adakv"),
+    ],
+    ids=["snapkv", "adakv", "mixkv-adakv"],
+)
+def test_a_press_on_offloaded_layers_answers_as_on_the_whole_model(models, press):
+    whole, offloaded = models
+    ids = torch.randint(4, whole.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(1))
+    with press(whole):
+        expected = whole.generate(ids, max_new_tokens=8, do_sample=False)
+    kept = press.last_report.kept_tokens.clone()
+    press.last_report = None  # the offloaded run must write its own
+    with press(offloaded):
+        answer = offloaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(answer, expected)
+    assert press.last_report is not None and press.last_report.compressed_layers
+    assert torch.equal(press.last_report.kept_tokens, kept)
