@@ -301,6 +301,156 @@ def test_an_eager_model_matches_too() -> None:
     assert model.config._attn_implementation == "eager"
 
 
+# -- bounded decoding ------------------------------------------------------------------------------
+
+DECODE_TOKENS = 40
+DECODE_TARGET = 24
+INTERVAL = 8
+
+
+def _decoding(base: str = "snapkv") -> Any:
+    inner = PRESSES[base]()
+    return mixkv.DecodingPress(inner, budget=DECODE_TARGET, interval=INTERVAL)
+
+
+def _alone_decoding(model: Any, press: Any, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with press(model):
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=DECODE_TOKENS, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _held_under_decoding(prompt: int, generated: int, remaining_prefill: int) -> int:
+    """Tokens a request holds after a step, by DecodingPress's rule (cache_compressor.on_decode)."""
+    if not generated:
+        return prompt - remaining_prefill
+    held = min(prompt, BUDGET)
+    floor = max(held if prompt > BUDGET else 0, DECODE_TARGET)
+    for _ in range(generated - 1):  # decode forwards so far
+        held += 1
+        if held >= floor + INTERVAL:
+            held = floor = DECODE_TARGET
+    return held
+
+
+@pytest.mark.parametrize("base", ["snapkv", "mixkv-snapkv"])
+def test_decoding_press_recompresses_each_request_as_generate_does(model: Any, base: str) -> None:
+    """Requests of different lengths arriving at different times, 40 new tokens (several
+    recompressions each): every output equals its own ``with DecodingPress(...)(model): generate``,
+    and after every step each request holds ceil(held / page) pages, held following the rule."""
+    lengths = (12, 150, 40, 77, 31, 96, 20, 130, 57)
+    prompts = _prompts(lengths, seed=4)
+    failures: list[str] = []
+    most = [0]
+
+    def check(manager: PressBatchingManager) -> None:
+        usage = manager.page_usage()
+        expected: dict[str, int] = {}
+        for rid, state in manager.batch_processor.scheduler.active_requests.items():
+            held = _held_under_decoding(
+                len(state.initial_tokens), len(state.generated_tokens), len(state.remaining_prefill_tokens)
+            )
+            if usage.tokens[rid] != held:
+                failures.append(f"{rid}: holds {usage.tokens[rid]} tokens, expected {held}")
+            if state.generated_tokens:
+                most[0] = max(most[0], held)
+            expected[rid] = math.ceil(held / PAGE)
+        expected = {rid: pages for rid, pages in expected.items() if pages}
+        if usage.pages != expected or usage.in_use != sum(expected.values()):
+            failures.append(f"{usage.pages} (in use {usage.in_use}) != {expected}")
+
+    press = _decoding(base)
+    gen = GenerationConfig(max_new_tokens=DECODE_TOKENS, do_sample=False, eos_token_id=-1)
+    steps = Steps()
+    manager = PressBatchingManager(model, press=press, generation_config=gen, batching_config=_config())
+    manager.add_step_callback(steps)
+    manager.add_step_callback(check)
+    ids: list[str] = []
+    results: dict[str, Any] = {}
+    with manager:
+        for number, wave in enumerate([prompts[:3], prompts[3:6], prompts[6:]]):
+            if number:
+                steps.wait(5)
+            ids += [
+                rid for rid in (manager.add_request(p, max_new_tokens=DECODE_TOKENS) for p in wave) if rid
+            ]
+        while len(results) < len(ids):
+            result = manager.get_result(timeout=10)
+            assert result is not None, "continuous batching did not finish"
+            assert result.error is None, result.error
+            results[result.request_id] = result
+    assert not failures, failures[:3]
+    assert most[0] == BUDGET + INTERVAL - 1  # the bound: max(prompt budget, target) + interval - 1
+    compressions = press.compressions
+    for prompt, rid in zip(prompts, ids, strict=True):
+        assert results[rid].generated_tokens == _alone_decoding(model, press, prompt), len(prompt)
+    layers = model.config.num_hidden_layers
+    assert compressions >= 4 * len(prompts) * layers  # recompressed several times per request
+
+
+# -- per-layer budgets --------------------------------------------------------------------------------
+
+PYRAMIDS = {
+    "pyramidkv": lambda: mixkv.PyramidKVPress(budget=BUDGET, window_size=WINDOW),
+    "mixkv-pyramidkv": lambda: mixkv.MixKVPress(budget=BUDGET, window_size=WINDOW, base="pyramidkv"),
+}
+
+
+@pytest.mark.parametrize("name", list(PYRAMIDS))
+def test_per_layer_budgets_match_generate_and_hold_their_largest_layer(model: Any, name: str) -> None:
+    """Each layer keeps its own budget in its first slots, the others masked: outputs equal
+    ``with press(model): generate``; a request's cache length, and pages, follow its largest layer."""
+    from mixkv.functional import pyramid_budgets
+
+    press = PYRAMIDS[name]()
+    lengths = (12, 150, 40, 77, 31, 96, 50, 130, 20)
+    prompts = _prompts(lengths, seed=6)
+    layers = model.config.num_hidden_layers
+
+    def largest(prompt: int) -> int:
+        if prompt <= BUDGET:
+            return prompt
+        return int(pyramid_budgets(layers, BUDGET, WINDOW, prompt).max())
+
+    failures: list[str] = []
+
+    def check(manager: PressBatchingManager) -> None:
+        usage = manager.page_usage()
+        expected: dict[str, int] = {}
+        for rid, state in manager.batch_processor.scheduler.active_requests.items():
+            prompt = len(state.initial_tokens)
+            if state.generated_tokens:
+                held = largest(prompt) + len(state.generated_tokens) - 1
+            else:
+                held = prompt - len(state.remaining_prefill_tokens)
+            expected[rid] = math.ceil(held / PAGE)
+        expected = {rid: pages for rid, pages in expected.items() if pages}
+        if usage.pages != expected or usage.in_use != sum(expected.values()):
+            failures.append(f"{usage.pages} (in use {usage.in_use}) != {expected}")
+
+    outputs, manager = _run(model, [prompts[:4], prompts[4:]], press=press, callbacks=(check,))
+    assert not failures, failures[:3]
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == _alone(model, press, prompt), len(prompt)
+    for i, prompt in enumerate(prompts):
+        record = manager.compression_info(f"req_{i}")
+        assert record is not None and record.kept_tokens == largest(len(prompt))
+        if len(prompt) > BUDGET:  # the largest layer keeps more than the mean (all of a short prompt)
+            assert BUDGET < record.kept_tokens <= len(prompt)
+            assert record.kept_tokens < len(prompt) or len(prompt) < 2 * BUDGET
+
+
+def test_per_layer_budgets_on_an_eager_model() -> None:
+    model = random_llama(128, layers=2, attn_implementation="eager", initializer_range=0.2)
+    press = PYRAMIDS["pyramidkv"]()
+    prompts = _prompts((60, 25, 90), seed=2)
+    outputs = generate_batch(model, prompts, press=press, generation_config=GEN, batching_config=_config())
+    for prompt, output in zip(prompts, outputs.values(), strict=True):
+        assert output.generated_tokens == _alone(model, press, prompt)
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 
@@ -314,8 +464,10 @@ _KvpressLike.__module__ = "kvpress.presses.snapkv_press"
 @pytest.mark.parametrize(
     ("make", "words"),
     [
-        (lambda: mixkv.PyramidKVPress(budget=64), ("pyramidkv", "each layer")),
-        (lambda: mixkv.MixKVPress(budget=64, base="pyramidkv"), ("mixkv-pyramidkv", "each layer")),
+        (
+            lambda: mixkv.DecodingPress(mixkv.PyramidKVPress(budget=64)),
+            ("DecodingPress(pyramidkv)", "per-layer budgets", "one length for every layer"),
+        ),
         (lambda: mixkv.AdaKVPress(budget=64), ("adakv", "each KV head")),
         (lambda: mixkv.MixKVPress(budget=64, base="adakv"), ("mixkv-adakv", "each KV head")),
         (lambda: mixkv.SparseMMPress(budget=64, head_scores=torch.rand(3, 4)), ("sparsemm", "each KV head")),
@@ -323,7 +475,10 @@ _KvpressLike.__module__ = "kvpress.presses.snapkv_press"
             lambda: mixkv.MixKVPress(budget=64, base="sparsemm", head_scores=torch.rand(3, 4)),
             ("mixkv-sparsemm", "each KV head"),
         ),
-        (lambda: mixkv.DecodingPress(mixkv.SnapKVPress(budget=64)), ("DecodingPress", "decod")),
+        (
+            lambda: mixkv.DecodingPress(mixkv.AdaKVPress(budget=64)),
+            ("DecodingPress(adakv)", "each KV head"),
+        ),
         (_KvpressLike, ("kvpress presses", "mixkv press")),
     ],
 )

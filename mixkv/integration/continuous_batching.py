@@ -26,9 +26,24 @@ What is supported
 -----------------
 * Presses with one budget for every layer and KV head: SnapKV, MixKV on SnapKV, KeyDiff, Knorm,
   StreamingLLM, Random (``budget=`` or ``compression_ratio=``). Refused by name, with the reason:
-  PyramidKV and MixKV-PyramidKV (per-layer budgets: a request's paged cache has one length for
-  every layer), AdaKV, SparseMM and MixKV on them (per-head budgets: a page slot holds every KV
-  head), DecodingPress (bounded decoding is not implemented here), kvpress presses.
+  AdaKV, SparseMM and MixKV on them (per-head budgets: a page slot holds every KV head, and the
+  mask is shared by the heads), kvpress presses.
+* Per-layer budgets: PyramidKV and MixKV-PyramidKV. A request's paged cache has one length for
+  every layer, so layer ``l`` keeps its ``k_l`` entries in slots ``0..k_l-1``, the request's
+  length becomes ``max_l k_l``, and the attention function masks slots ``k_l..max-1`` of layer
+  ``l`` for that request (in a copy of the batch's mask, columns found from ``cu_seq_lens_k``).
+  Outputs are ``generate``'s; but the request holds pages for its **largest** layer budget (about
+  twice the mean with the default ``beta``), not for the mean: PyramidKV frees fewer pages than
+  SnapKV at the same budget. ``compression_info(...).kept_tokens`` is that largest count.
+* ``DecodingPress(press, budget=target, interval=N)`` around a uniform press (around per-layer
+  budgets it is refused: each layer would reach its bound at its own step): bounded decoding.
+  A request is compressed again, in every layer, once it holds ``N`` entries more than
+  ``max(target, what it kept last)``, with the rule of ``with DecodingPress(...)(model):
+  model.generate(...)`` (the queries of its last ``window_size`` tokens across decode steps, the
+  same scores and kept entries), so its output is that of ``generate``; the kept ``target``
+  entries go to its first slots, its pages beyond them back to the pool, and a request never holds
+  more than ``max(prompt budget, target) + N`` tokens (``N - 1`` between two steps). Its
+  ``compressions`` counts the layer compressions of all requests.
 * Full-attention models (Llama, Mistral without sliding window, Qwen2/3, Phi-3...) under ``sdpa``
   or ``eager``; sliding-window models (Gemma 3) and other attention implementations are refused.
 * A prompt no longer than its budget is not compressed: its output is exactly the engine's
@@ -86,8 +101,10 @@ from mixkv.integration.paged_support import (
     check_model,
     check_press,
     engine_unavailable_reason,
+    most_kept,
 )
 from mixkv.presses.base import BasePress
+from mixkv.presses.decoding import DecodingPress
 
 _UNAVAILABLE = engine_unavailable_reason()
 if TYPE_CHECKING or _UNAVAILABLE is None:
@@ -116,7 +133,8 @@ DEFAULT_CACHE_TOKENS = 8192
 DEFAULT_MAX_BATCH_TOKENS = 256
 _KEEP_RECORDS = 4096
 
-PressArg = BasePress | Literal["full"] | None
+AnyPress = BasePress | DecodingPress
+PressArg = BasePress | DecodingPress | Literal["full"] | None
 
 
 @dataclass(frozen=True)
@@ -179,7 +197,7 @@ class PressBatchingManager(_EngineManager):
         self,
         model: Any,
         *,
-        press: BasePress | None = None,
+        press: AnyPress | None = None,
         generation_config: GenerationConfig | None = None,
         batching_config: ContinuousBatchingConfig | None = None,
         max_cache_tokens: int | None = None,
@@ -200,7 +218,7 @@ class PressBatchingManager(_EngineManager):
         self.default_press = press
         self.block_sharing = block_sharing
         self._lock = threading.RLock()
-        self._press_by_request: dict[str, BasePress | None] = {}
+        self._press_by_request: dict[str, AnyPress | None] = {}
         self._seen: set[str] = set()
         self._records: OrderedDict[str, PrefillCompression] = OrderedDict()
         self._callbacks: list[Callable[[PressBatchingManager], None]] = []
@@ -286,10 +304,11 @@ class PressBatchingManager(_EngineManager):
         chosen = self._resolve_press(press)
         prompt = len(input_ids)
         new_tokens = self.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        held = prompt if chosen is None else min(prompt, chosen.sequence_budget(prompt))
-        if prompt > self._capacity or (new_tokens is not None and held + new_tokens > self._capacity):
+        layers = len(self._layout.compressible_layers) if self._compressor is not None else 1
+        held = _most_held(chosen, prompt, new_tokens, layers)
+        if prompt > self._capacity or held > self._capacity:
             raise ValueError(
-                f"a request of {prompt} prompt tokens ({held} kept) and {new_tokens} new tokens can never fit in "
+                f"a request of {prompt} prompt tokens and {new_tokens} new tokens (at most {held} held) can never fit in "
                 f"this cache of {self._capacity} tokens (cache_capacity_tokens); give the manager a larger "
                 "max_cache_tokens or shorten the request"
             )
@@ -311,7 +330,7 @@ class PressBatchingManager(_EngineManager):
             self._press_by_request.pop(request_id, None)
         return added
 
-    def _resolve_press(self, press: PressArg) -> BasePress | None:
+    def _resolve_press(self, press: PressArg) -> AnyPress | None:
         if press is None:
             return self.default_press
         if isinstance(press, str):
@@ -432,6 +451,18 @@ class PressBatchingManager(_EngineManager):
                 self._press_by_request.pop(request_id, None)
 
 
+def _most_held(press: AnyPress | None, prompt: int, new_tokens: int | None, num_layers: int) -> int:
+    """The most tokens a request may hold at once (an upper bound)."""
+    inner = press.press if isinstance(press, DecodingPress) else press
+    kept = prompt if inner is None else most_kept(inner, prompt, num_layers)
+    if new_tokens is None:
+        return kept
+    most = kept + new_tokens
+    if isinstance(press, DecodingPress):  # compressed again once it holds interval more than the floor
+        most = min(most, max(kept, press.target) + press.interval)
+    return most
+
+
 def _sdpa_function(implementation: str) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -484,7 +515,7 @@ def generate_batch(
     model: Any,
     inputs: list[list[int]],
     *,
-    press: BasePress | None = None,
+    press: AnyPress | None = None,
     generation_config: GenerationConfig | None = None,
     batching_config: ContinuousBatchingConfig | None = None,
     max_new_tokens: int | None = None,

@@ -12,6 +12,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from mixkv.functional import pyramid_budgets
 from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SparseMMPress
@@ -23,16 +24,17 @@ WRITTEN_AGAINST = "5.25"
 
 #: Press classes whose budget is the same for every layer and KV head (the registry names).
 UNIFORM_PRESSES = ("snapkv", "mixkv-snapkv", "keydiff", "knorm", "streamingllm", "random")
+#: Press classes with one budget per layer, supported by masking each layer's unused slots.
+PER_LAYER_PRESSES = ("pyramidkv", "mixkv-pyramidkv")
 
-_PER_LAYER = (
-    "it gives each layer its own budget, but a request's paged cache has one length for every layer "
-    "(one block table and one key length per request)"
-)
 _PER_HEAD = (
     "it gives each KV head its own budget, but a paged cache slot holds every KV head of a layer and "
     "the paged attention mask is shared by all heads"
 )
-_USE_INSTEAD = f"use a press with a uniform budget: {', '.join(UNIFORM_PRESSES)}"
+_USE_INSTEAD = (
+    f"use a press with a uniform budget ({', '.join(UNIFORM_PRESSES)}) or per-layer budgets "
+    f"({', '.join(PER_LAYER_PRESSES)})"
+)
 
 
 def engine_unavailable_reason() -> str | None:
@@ -68,23 +70,48 @@ def press_name(press: Any) -> str:
     return type(press).__name__
 
 
+def per_layer_budgets(press: Any) -> bool:
+    """PyramidKV or MixKV on PyramidKV: one budget per layer, the same for every KV head."""
+    if isinstance(press, MixKVPress):
+        return press.base == "pyramidkv"
+    return type(press) is PyramidKVPress
+
+
+def most_kept(press: BasePress, prompt: int, num_layers: int) -> int:
+    """The most entries any layer of a request keeps of a ``prompt``-token prompt (its cache length
+    after the prompt's compression)."""
+    budget = press.sequence_budget(prompt)
+    if prompt <= budget:
+        return prompt
+    if per_layer_budgets(press):
+        beta = press.beta  # type: ignore[attr-defined]
+        return int(pyramid_budgets(num_layers, budget, press.window_size, prompt, beta=beta).max())
+    return budget
+
+
 def check_press(press: Any) -> None:
     """Refuse, by name and with the reason, a press that continuous batching cannot apply exactly.
 
     Raises
     ------
     ValueError
-        For per-layer budgets (PyramidKV, MixKV-PyramidKV), per-head budgets (AdaKV, SparseMM and
-        MixKV on them), bounded decoding (DecodingPress), kvpress presses, or a press overriding
-        ``head_budgets``.
+        For per-head budgets (AdaKV, SparseMM and MixKV on them), kvpress presses, a press
+        overriding ``head_budgets`` (other than PyramidKV's), or a :class:`~mixkv.DecodingPress`
+        around a refused press or around per-layer budgets (PyramidKV, MixKV-PyramidKV).
     """
     if isinstance(press, DecodingPress):
-        raise ValueError(
-            "DecodingPress (bounded decoding) is not supported in continuous batching: it compresses again "
-            "every `interval` generated tokens, which needs each request's last window of decode queries "
-            "per layer and a second page release while decoding; pass its inner press "
-            f"({press_name(press.press)}) to compress the prompt only"
-        )
+        try:
+            check_press(press.press)
+        except ValueError as error:
+            raise ValueError(f"DecodingPress({press_name(press.press)}): {error}") from None
+        if per_layer_budgets(press.press):
+            raise ValueError(
+                f"DecodingPress({press_name(press.press)}) is not supported in continuous batching: per-layer "
+                "budgets make each layer reach its decoding bound at its own step, but a request's paged "
+                "cache has one length for every layer; use DecodingPress around a press with a uniform "
+                f"budget ({', '.join(UNIFORM_PRESSES)})"
+            )
+        return
     if not isinstance(press, BasePress):
         origin = type(press).__module__.split(".")[0]
         what = "kvpress presses" if origin == "kvpress" else f"{type(press).__name__} objects"
@@ -94,11 +121,10 @@ def check_press(press: Any) -> None:
             "use the mixkv press of the same method (e.g. mixkv.SnapKVPress)"
         )
     name = press_name(press)
+    if per_layer_budgets(press):
+        return
     if isinstance(press, MixKVPress) and press.base != "snapkv":
-        reason = _PER_LAYER if press.base == "pyramidkv" else _PER_HEAD
-        raise ValueError(f"{name} is not supported in continuous batching: {reason}; {_USE_INSTEAD}")
-    if isinstance(press, PyramidKVPress):
-        raise ValueError(f"{name} is not supported in continuous batching: {_PER_LAYER}; {_USE_INSTEAD}")
+        raise ValueError(f"{name} is not supported in continuous batching: {_PER_HEAD}; {_USE_INSTEAD}")
     if isinstance(press, (AdaKVPress, SparseMMPress)):
         raise ValueError(f"{name} is not supported in continuous batching: {_PER_HEAD}; {_USE_INSTEAD}")
     if not isinstance(press, MixKVPress) and type(press).head_budgets is not BasePress.head_budgets:
