@@ -14,6 +14,7 @@ COMMANDS = {
     "compare": ("compare", "two eval runs (e.g. float32 vs bfloat16) on the same examples"),
     "fidelity": ("fidelity", "top-1 agreement and KL vs the full cache on natural text"),
     "bench": ("bench", "speed and memory of every method"),
+    "bench-serving": ("bench_serving", "a request stream at a fixed cache size: full cache vs presses"),
     "calibrate": ("calibrate", "per-head redundancy / visual-head statistics for a model"),
     "presses": ("presses", "every method name, its press, parameters and defaults"),
     "serve": ("serve", "OpenAI-compatible chat server with a press over continuous batching (extra serve)"),
