@@ -23,6 +23,9 @@ Segments of equal length (uniform budgets) stay one group, one call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -95,12 +98,67 @@ def padded_segment_index(
     return index.flatten(), valid
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """One length group of :func:`length_groups`, prepared once per layer by :func:`plan_groups` so
+    that a decoding step does no host work and no index arithmetic it can avoid.
+
+    Only Python ints and the group's segment ids (the tensor :func:`length_groups` made) are held:
+    the plan adds no tensor to what a cache layer holds.
+    """
+
+    #: The group's segment ids (None: every segment, in order), as :func:`length_groups` gives them.
+    segments: torch.Tensor | None
+    #: The same segments as a slice when they are consecutive (queries, tail and output are then
+    #: views, not copies), else None.
+    rows: slice | None
+    #: The group's longest segment: every segment is padded to it.
+    longest: int
+    #: When the group's entries are one run of consecutive segments of equal length, the packed row
+    #: where the run starts: its padded block is then a view of the packed tensor. Else None.
+    first_entry: int | None
+    #: First packed row and length of each segment (for the gather when ``first_entry`` is None).
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    #: Whether some segment is shorter than ``longest`` (its padding must be masked).
+    padded: bool
+
+
+def plan_groups(segment_lengths: torch.Tensor, groups: Sequence[LengthGroup]) -> list[GroupPlan]:
+    """The :class:`GroupPlan` of each of ``groups`` (:func:`length_groups` of ``segment_lengths``).
+
+    Reads the lengths on the host once: call it when a layer is built, not at every step.
+    """
+    lengths = segment_lengths.tolist()
+    starts = [0] * len(lengths)
+    for segment in range(1, len(lengths)):
+        starts[segment] = starts[segment - 1] + lengths[segment - 1]
+    plans = []
+    for segments, longest in groups:
+        ids = list(range(len(lengths))) if segments is None else segments.tolist()
+        first = ids[0] if ids else 0
+        consecutive = ids == list(range(first, first + len(ids)))
+        equal = all(lengths[segment] == longest for segment in ids)
+        plans.append(
+            GroupPlan(
+                segments=segments,
+                rows=slice(first, first + len(ids)) if consecutive else None,
+                longest=longest,
+                first_entry=(starts[first] if ids else 0) if consecutive and equal else None,
+                starts=tuple(starts[segment] for segment in ids),
+                lengths=tuple(lengths[segment] for segment in ids),
+                padded=not equal,
+            )
+        )
+    return plans
+
+
 def packed_attention(
     queries: torch.Tensor,
     packed_keys: torch.Tensor,
     packed_values: torch.Tensor,
     segment_lengths: torch.Tensor,
-    groups: list[LengthGroup],
+    groups: Sequence[LengthGroup] | Sequence[GroupPlan],
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
     tail_visible: torch.Tensor | None,
@@ -115,8 +173,9 @@ def packed_attention(
     packed_keys, packed_values : Tensor ``(T, D)``
         Packed entries of all segments, in segment order.
     segment_lengths : LongTensor ``(S,)``
-    groups : list of ``(segments, longest)``
-        :func:`length_groups` of ``segment_lengths``; each group is attended in one call.
+    groups : list of ``(segments, longest)`` or of :class:`GroupPlan`
+        :func:`length_groups` of ``segment_lengths`` (or :func:`plan_groups` of those, which a
+        layer computes once); each group is attended in one call.
     tail_keys, tail_values : Tensor ``(S, T_tail, D)``
     tail_visible : BoolTensor broadcastable to ``(S, R, T_tail)``, or None
         True where a query row may attend to a tail entry; None when every tail entry is visible.
@@ -128,51 +187,92 @@ def packed_attention(
     -------
     Tensor ``(S, R, D)``
     """
-    if tail_visible is None:
-        tail_visible = torch.ones((1, 1, 1), dtype=torch.bool, device=queries.device)
-    operands = (queries, packed_keys, packed_values, segment_lengths, tail_keys, tail_values, tail_visible)
-    if len(groups) == 1:
-        return _attend_group(*operands, *groups[0], scaling)
+    plans = _plans(segment_lengths, groups)
+    operands = (queries, packed_keys, packed_values, tail_keys, tail_values, tail_visible)
+    if len(plans) == 1:
+        return _attend_group(*operands, plans[0], scaling)
     out = queries.new_empty(queries.shape)
-    for segments, longest in groups:
-        out[segments] = _attend_group(*operands, segments, longest, scaling)
+    for plan in plans:
+        result = _attend_group(*operands, plan, scaling)
+        if plan.rows is not None:
+            out[plan.rows] = result
+        else:
+            assert plan.segments is not None
+            out.index_copy_(0, plan.segments, result)
     return out
+
+
+def _plans(
+    segment_lengths: torch.Tensor, groups: Sequence[LengthGroup] | Sequence[GroupPlan]
+) -> list[GroupPlan]:
+    planned = [group for group in groups if isinstance(group, GroupPlan)]
+    if len(planned) == len(groups):
+        return planned
+    return plan_groups(segment_lengths, [group for group in groups if not isinstance(group, GroupPlan)])
 
 
 def _attend_group(
     queries: torch.Tensor,
     packed_keys: torch.Tensor,
     packed_values: torch.Tensor,
-    segment_lengths: torch.Tensor,
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
-    tail_visible: torch.Tensor,
-    segments: torch.Tensor | None,
-    longest: int,
+    tail_visible: torch.Tensor | None,
+    plan: GroupPlan,
     scaling: float,
 ) -> torch.Tensor:
-    """:func:`packed_attention` of one length group, padded to its ``longest``: ``(S', R, D)``."""
+    """:func:`packed_attention` of one length group, padded to its ``longest``: ``(S', R, D)``.
+
+    Every segment's keys are its entries, padding up to ``longest``, then its tail: the same block,
+    entry for entry, whatever the group's shape, so the result does not depend on which of the
+    shortcuts below was taken (a masked slot adds an exact zero, whatever finite entry it holds).
+    """
 
     def rows(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if segments is None or tensor.shape[0] == 1 else tensor[segments]
+        if tensor.shape[0] == 1:
+            return tensor  # one segment, or broadcast over segments
+        if plan.rows is not None:
+            return tensor[plan.rows]
+        assert plan.segments is not None
+        return tensor.index_select(0, plan.segments)
 
     queries, tail_keys, tail_values = rows(queries), rows(tail_keys), rows(tail_values)
     count, query_rows, head_dim = queries.shape
-    index, valid = padded_segment_index(segment_lengths, longest, segments)
-    keys = torch.cat([packed_keys.index_select(0, index).view(count, longest, head_dim), tail_keys], 1)
-    values = torch.cat([packed_values.index_select(0, index).view(count, longest, head_dim), tail_values], 1)
-    visible = torch.cat(
-        [
-            valid.unsqueeze(1).expand(count, query_rows, longest),
-            rows(tail_visible).expand(count, query_rows, tail_keys.shape[1]),
-        ],
-        dim=-1,
-    )
+    longest, tail_length = plan.longest, tail_keys.shape[1]
+    valid = None
+    if plan.first_entry is not None:  # one run of equal segments: a view, nothing to gather
+        run = slice(plan.first_entry, plan.first_entry + count * longest)
+        prefix_keys = packed_keys[run].view(count, longest, head_dim)
+        prefix_values = packed_values[run].view(count, longest, head_dim)
+    else:
+        device = packed_keys.device
+        slots = torch.arange(longest, device=device)
+        starts = torch.tensor(plan.starts, device=device).unsqueeze(1)
+        # A padding slot reads the entries after its segment's (clamped to the last row); masked.
+        index = (starts + slots).clamp_(max=max(packed_keys.shape[0] - 1, 0)).flatten()
+        prefix_keys = packed_keys.index_select(0, index).view(count, longest, head_dim)
+        prefix_values = packed_values.index_select(0, index).view(count, longest, head_dim)
+        if plan.padded:
+            valid = slots < torch.tensor(plan.lengths, device=device).unsqueeze(1)  # (S', longest)
+    keys = torch.cat([prefix_keys, tail_keys], 1)
+    values = torch.cat([prefix_values, tail_values], 1)
+    mask = None  # every entry visible to every row
+    if tail_visible is not None:
+        prefix_visible = valid.unsqueeze(1) if valid is not None else tail_visible.new_ones((1, 1, 1))
+        mask = torch.cat(
+            [
+                prefix_visible.expand(count, query_rows, longest),
+                rows(tail_visible).expand(count, query_rows, tail_length),
+            ],
+            dim=-1,
+        ).unsqueeze(1)
+    elif valid is not None:  # the same mask for every row: (S', 1, 1, longest + tail)
+        mask = F.pad(valid, (0, tail_length), value=True)[:, None, None, :]
     out = F.scaled_dot_product_attention(
         queries.unsqueeze(1),
         keys.unsqueeze(1),
         values.unsqueeze(1),
-        attn_mask=visible.unsqueeze(1),
+        attn_mask=mask,
         scale=scaling,
     )
     return out.squeeze(1)

@@ -26,6 +26,7 @@ from mixkv.functional.attention import (
     length_groups,
     packed_attention,
     padded_segment_index,
+    plan_groups,
 )
 
 _DETACHED_MESSAGE = (
@@ -180,8 +181,10 @@ class PackedCompressedLayer(CompressedLayer):
         self.segment_lengths = segment_lengths
         # A Python int, fixed at creation (the packed part never grows): no device sync per step.
         self.max_segment_length = int(segment_lengths.max()) if segment_lengths.numel() else 0
-        # Same for the segments' grouping by length (see packed_attention).
+        # Same for the segments' grouping by length (see packed_attention), and for what each
+        # group's attention needs (host ints only: no tensor beyond the groups' segment ids).
         self.length_groups = length_groups(segment_lengths)
+        self.group_plans = plan_groups(segment_lengths, self.length_groups)
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
@@ -192,10 +195,7 @@ class PackedCompressedLayer(CompressedLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = torch.ones(
-            (self.tail_valid.shape[0], key_states.shape[-2]), dtype=torch.bool, device=self.tail_valid.device
-        )
-        self.tail_valid = torch.cat([self.tail_valid, new], dim=-1)
+        self.tail_valid = F.pad(self.tail_valid, (0, key_states.shape[-2]), value=True)
         return super().update(key_states, value_states)
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
@@ -248,7 +248,7 @@ class PackedCompressedLayer(CompressedLayer):
             self.packed_keys,
             self.packed_values,
             self.segment_lengths,
-            self.length_groups,
+            self.group_plans,
             keys.reshape(segments, tail_len, head_dim),
             values.reshape(segments, tail_len, head_dim),
             visible,
