@@ -98,59 +98,133 @@ def padded_segment_index(
     return index.flatten(), valid
 
 
+#: A group of at most this many segments that needs a gather has its padded block assembled by one
+#: ``torch.cat`` of views (each segment's entries, filler for its padding, its tail) instead of an
+#: ``index_select`` with an index built at every call: fewer, cheaper operations for the few
+#: segments of a small batch, too many views for a large one.
+PIECEWISE_SEGMENTS = 16
+
+
 @dataclass(frozen=True)
 class GroupPlan:
-    """One length group of :func:`length_groups`, prepared once per layer by :func:`plan_groups` so
-    that a decoding step does no host work and no index arithmetic it can avoid.
+    """One length group of :func:`length_groups`, prepared once per layer (:func:`plan_packed`)."""
 
-    Only Python ints and the group's segment ids (the tensor :func:`length_groups` made) are held:
-    the plan adds no tensor to what a cache layer holds.
-    """
-
-    #: The group's segment ids (None: every segment, in order), as :func:`length_groups` gives them.
+    #: The group's segment ids, in increasing order.
+    ids: tuple[int, ...]
+    #: The same as a tensor (None: every segment, in order), as :func:`length_groups` gives them.
     segments: torch.Tensor | None
-    #: The same segments as a slice when they are consecutive (queries, tail and output are then
-    #: views, not copies), else None.
+    #: The segments as a slice when they are consecutive (their queries, tails and outputs are
+    #: then views), else None.
     rows: slice | None
     #: The group's longest segment: every segment is padded to it.
     longest: int
-    #: When the group's entries are one run of consecutive segments of equal length, the packed row
-    #: where the run starts: its padded block is then a view of the packed tensor. Else None.
-    first_entry: int | None
-    #: First packed row and length of each segment (for the gather when ``first_entry`` is None).
+    #: ``(S', 1, longest, D)`` views of the packed keys and values when the group's entries are one
+    #: run of consecutive segments of equal length (nothing to gather), else None.
+    prefix: tuple[torch.Tensor, torch.Tensor] | None
+    #: For a small group that needs a gather, each segment's padded prefix as views of the packed
+    #: keys, values and the additive mask (0 for an entry, -inf for filler): its entries, then (if
+    #: shorter than ``longest``) as many of the first packed rows as filler. None otherwise.
+    pieces: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None
+    #: First packed row and length of each segment.
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
     #: Whether some segment is shorter than ``longest`` (its padding must be masked).
     padded: bool
 
 
-def plan_groups(segment_lengths: torch.Tensor, groups: Sequence[LengthGroup]) -> list[GroupPlan]:
-    """The :class:`GroupPlan` of each of ``groups`` (:func:`length_groups` of ``segment_lengths``).
+@dataclass(frozen=True)
+class PackedPlan:
+    """What :func:`packed_attention` needs of a layer's packed part, worked out once (the packed part
+    never changes): its groups, each with its rows and views of its padded block where possible.
 
-    Reads the lengths on the host once: call it when a layer is built, not at every step.
+    It holds Python ints, the groups' segment ids and *views*: of the packed tensors, and of a
+    two-element constant shared by every plan of a device and dtype. No storage of its own, so a
+    layer that keeps it holds no more bytes than before.
     """
+
+    groups: tuple[GroupPlan, ...]
+    #: The groups' rows are slices that tile every segment in order: the outputs concatenate.
+    tiled: bool
+    #: ``[-inf, 0]`` in the packed tensors' dtype: the additive mask's values (the pieces' masks
+    #: are views of it), those ``scaled_dot_product_attention`` turns a boolean mask into.
+    bias: torch.Tensor
+
+
+_BIAS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _bias(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if (device, dtype) not in _BIAS:
+        _BIAS[device, dtype] = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)
+    return _BIAS[device, dtype]
+
+
+def plan_packed(
+    packed_keys: torch.Tensor,
+    packed_values: torch.Tensor,
+    segment_lengths: torch.Tensor,
+    groups: Sequence[LengthGroup],
+) -> PackedPlan:
+    """The :class:`PackedPlan` of ``groups`` (:func:`length_groups` of ``segment_lengths``) over
+    these packed tensors. Reads the lengths on the host once: call it when a layer is built."""
     lengths = segment_lengths.tolist()
     starts = [0] * len(lengths)
     for segment in range(1, len(lengths)):
         starts[segment] = starts[segment - 1] + lengths[segment - 1]
+    bias = _bias(packed_keys.device, packed_keys.dtype)
+    hidden, seen = bias[:1], bias[1:]
     plans = []
     for segments, longest in groups:
         ids = list(range(len(lengths))) if segments is None else segments.tolist()
         first = ids[0] if ids else 0
         consecutive = ids == list(range(first, first + len(ids)))
         equal = all(lengths[segment] == longest for segment in ids)
+        prefix = pieces = None
+        if consecutive and equal:
+            run = starts[first] if ids else 0
+            prefix = (
+                _rows_view(packed_keys, run, len(ids), longest),
+                _rows_view(packed_values, run, len(ids), longest),
+            )
+        elif len(ids) <= PIECEWISE_SEGMENTS:
+            key_pieces: list[torch.Tensor] = []
+            value_pieces: list[torch.Tensor] = []
+            flag_pieces: list[torch.Tensor] = []
+            for segment in ids:
+                entries = slice(starts[segment], starts[segment] + lengths[segment])
+                key_pieces.append(packed_keys[entries])
+                value_pieces.append(packed_values[entries])
+                flag_pieces.append(seen.expand(lengths[segment]))
+                filler = longest - lengths[segment]
+                if filler:  # any finite rows will do: masked (there are at least `longest` rows)
+                    key_pieces.append(packed_keys[:filler])
+                    value_pieces.append(packed_values[:filler])
+                    flag_pieces.append(hidden.expand(filler))
+            pieces = (tuple(key_pieces), tuple(value_pieces), tuple(flag_pieces))
         plans.append(
             GroupPlan(
+                ids=tuple(ids),
                 segments=segments,
                 rows=slice(first, first + len(ids)) if consecutive else None,
                 longest=longest,
-                first_entry=(starts[first] if ids else 0) if consecutive and equal else None,
+                prefix=prefix,
+                pieces=pieces,
                 starts=tuple(starts[segment] for segment in ids),
                 lengths=tuple(lengths[segment] for segment in ids),
                 padded=not equal,
             )
         )
-    return plans
+    order = sorted(plans, key=lambda plan: plan.ids[0] if plan.ids else -1)
+    covered = 0
+    for plan in order:
+        if plan.rows is None or plan.rows.start != covered:
+            return PackedPlan(tuple(plans), tiled=False, bias=bias)
+        covered = plan.rows.stop
+    return PackedPlan(tuple(order), tiled=covered == len(lengths), bias=bias)
+
+
+def _rows_view(packed: torch.Tensor, first: int, count: int, length: int) -> torch.Tensor:
+    return packed[first : first + count * length].view(count, 1, length, packed.shape[1])
 
 
 def packed_attention(
@@ -158,7 +232,7 @@ def packed_attention(
     packed_keys: torch.Tensor,
     packed_values: torch.Tensor,
     segment_lengths: torch.Tensor,
-    groups: Sequence[LengthGroup] | Sequence[GroupPlan],
+    groups: Sequence[LengthGroup] | PackedPlan,
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
     tail_visible: torch.Tensor | None,
@@ -173,9 +247,9 @@ def packed_attention(
     packed_keys, packed_values : Tensor ``(T, D)``
         Packed entries of all segments, in segment order.
     segment_lengths : LongTensor ``(S,)``
-    groups : list of ``(segments, longest)`` or of :class:`GroupPlan`
-        :func:`length_groups` of ``segment_lengths`` (or :func:`plan_groups` of those, which a
-        layer computes once); each group is attended in one call.
+    groups : list of ``(segments, longest)``, or :class:`PackedPlan`
+        :func:`length_groups` of ``segment_lengths`` (or their :func:`plan_packed` over these
+        packed tensors, which a layer works out once); each group is attended in one call.
     tail_keys, tail_values : Tensor ``(S, T_tail, D)``
     tail_visible : BoolTensor broadcastable to ``(S, R, T_tail)``, or None
         True where a query row may attend to a tail entry; None when every tail entry is visible.
@@ -187,95 +261,116 @@ def packed_attention(
     -------
     Tensor ``(S, R, D)``
     """
-    plans = _plans(segment_lengths, groups)
-    operands = (queries, packed_keys, packed_values, tail_keys, tail_values, tail_visible)
-    if len(plans) == 1:
-        return _attend_group(*operands, plans[0], scaling)
+    plan = (
+        groups
+        if isinstance(groups, PackedPlan)
+        else plan_packed(packed_keys, packed_values, segment_lengths, groups)
+    )
+    visible = None if tail_visible is None else tail_visible.unsqueeze(1)
+    operands = (queries, tail_keys, tail_values, packed_keys, packed_values, visible, plan.bias)
+    if plan.tiled:
+        results = [_attend_group(*operands, group, scaling) for group in plan.groups]
+        return (results[0] if len(results) == 1 else torch.cat(results)).squeeze(1)
+    results = [_attend_group(*operands, group, scaling).squeeze(1) for group in plan.groups]
+    if queries.shape[0] <= PIECEWISE_SEGMENTS:  # few segments: one concatenation of row views
+        row_of: dict[int, torch.Tensor] = {}
+        for group, result in zip(plan.groups, results, strict=True):
+            for position, segment in enumerate(group.ids):
+                row_of[segment] = result[position : position + 1]
+        return torch.cat([row_of[segment] for segment in range(queries.shape[0])])
     out = queries.new_empty(queries.shape)
-    for plan in plans:
-        result = _attend_group(*operands, plan, scaling)
-        if plan.rows is not None:
-            out[plan.rows] = result
+    for group, result in zip(plan.groups, results, strict=True):
+        if group.rows is not None:
+            out[group.rows] = result
         else:
-            assert plan.segments is not None
-            out.index_copy_(0, plan.segments, result)
+            assert group.segments is not None
+            out.index_copy_(0, group.segments, result)
     return out
-
-
-def _plans(
-    segment_lengths: torch.Tensor, groups: Sequence[LengthGroup] | Sequence[GroupPlan]
-) -> list[GroupPlan]:
-    planned = [group for group in groups if isinstance(group, GroupPlan)]
-    if len(planned) == len(groups):
-        return planned
-    return plan_groups(segment_lengths, [group for group in groups if not isinstance(group, GroupPlan)])
 
 
 def _attend_group(
     queries: torch.Tensor,
-    packed_keys: torch.Tensor,
-    packed_values: torch.Tensor,
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
+    packed_keys: torch.Tensor,
+    packed_values: torch.Tensor,
     tail_visible: torch.Tensor | None,
-    plan: GroupPlan,
+    bias: torch.Tensor,
+    group: GroupPlan,
     scaling: float,
 ) -> torch.Tensor:
-    """:func:`packed_attention` of one length group, padded to its ``longest``: ``(S', R, D)``.
+    """:func:`packed_attention` of one length group, padded to its ``longest``: ``(S', 1, R, D)``.
 
-    Every segment's keys are its entries, padding up to ``longest``, then its tail: the same block,
-    entry for entry, whatever the group's shape, so the result does not depend on which of the
-    shortcuts below was taken (a masked slot adds an exact zero, whatever finite entry it holds).
+    Every segment's keys are its entries, padding up to ``longest``, then its tail: the same block
+    slot for slot whichever way it is assembled, and a masked slot adds an exact zero whatever
+    finite entry it holds, so the result is bit for bit the same on every path.
     """
+    every = group.rows is not None and group.rows.stop - group.rows.start == queries.shape[0]
 
-    def rows(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.shape[0] == 1:
-            return tensor  # one segment, or broadcast over segments
-        if plan.rows is not None:
-            return tensor[plan.rows]
-        assert plan.segments is not None
-        return tensor.index_select(0, plan.segments)
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        if every or tensor.shape[0] == 1:
+            return tensor  # every segment, one segment, or broadcast over segments
+        if group.rows is not None:
+            return tensor[group.rows]
+        if group.pieces is not None:
+            return torch.cat([tensor[segment : segment + 1] for segment in group.ids])
+        assert group.segments is not None
+        return tensor.index_select(0, group.segments)
 
-    queries, tail_keys, tail_values = rows(queries), rows(tail_keys), rows(tail_values)
-    count, query_rows, head_dim = queries.shape
-    longest, tail_length = plan.longest, tail_keys.shape[1]
-    valid = None
-    if plan.first_entry is not None:  # one run of equal segments: a view, nothing to gather
-        run = slice(plan.first_entry, plan.first_entry + count * longest)
-        prefix_keys = packed_keys[run].view(count, longest, head_dim)
-        prefix_values = packed_values[run].view(count, longest, head_dim)
+    longest, tail_length, head_dim = group.longest, tail_keys.shape[1], tail_keys.shape[2]
+    count = len(group.ids)
+    queries = pick(queries).unsqueeze(1)
+    query_rows = queries.shape[2]
+    shape = (count, 1, longest + tail_length, head_dim)
+    valid = None  # (S', 1, 1, longest) boolean: slots that hold an entry
+    prefix_bias = None  # the same as an additive mask
+    if group.pieces is not None:  # one concatenation of views: entries, filler, tail per segment
+        key_pieces, value_pieces, flag_pieces = group.pieces
+        key_parts: list[torch.Tensor] = []
+        value_parts: list[torch.Tensor] = []
+        piece = 0
+        for segment, length in zip(group.ids, group.lengths, strict=True):
+            step = 1 if length == longest else 2
+            key_parts += [*key_pieces[piece : piece + step], tail_keys[segment]]
+            value_parts += [*value_pieces[piece : piece + step], tail_values[segment]]
+            piece += step
+        keys = torch.cat(key_parts).view(shape)
+        values = torch.cat(value_parts).view(shape)
+        if group.padded:
+            prefix_bias = torch.cat(flag_pieces).view(count, 1, 1, longest)
+            if tail_visible is not None or prefix_bias.dtype != queries.dtype:
+                valid, prefix_bias = prefix_bias == 0, None
     else:
-        device = packed_keys.device
-        slots = torch.arange(longest, device=device)
-        starts = torch.tensor(plan.starts, device=device).unsqueeze(1)
-        # A padding slot reads the entries after its segment's (clamped to the last row); masked.
-        index = (starts + slots).clamp_(max=max(packed_keys.shape[0] - 1, 0)).flatten()
-        prefix_keys = packed_keys.index_select(0, index).view(count, longest, head_dim)
-        prefix_values = packed_values.index_select(0, index).view(count, longest, head_dim)
-        if plan.padded:
-            valid = slots < torch.tensor(plan.lengths, device=device).unsqueeze(1)  # (S', longest)
-    keys = torch.cat([prefix_keys, tail_keys], 1)
-    values = torch.cat([prefix_values, tail_values], 1)
+        if group.prefix is not None:  # one run of equal segments: views, nothing to gather
+            prefix_keys, prefix_values = group.prefix
+        else:
+            device = packed_keys.device
+            starts = torch.tensor(group.starts, device=device).unsqueeze(1)
+            # A padding slot reads the rows after its segment's (clamped to the last one): masked.
+            last = max(packed_keys.shape[0] - 1, 0)
+            index = (starts + torch.arange(longest, device=device)).clamp_(max=last).flatten()
+            prefix_keys = packed_keys.index_select(0, index).view(count, 1, longest, head_dim)
+            prefix_values = packed_values.index_select(0, index).view(count, 1, longest, head_dim)
+            if group.padded:
+                lengths = torch.tensor(group.lengths, device=device).unsqueeze(1)
+                valid = (torch.arange(longest, device=device) < lengths)[:, None, None, :]
+        keys = torch.cat([prefix_keys, pick(tail_keys).unsqueeze(1)], 2)
+        values = torch.cat([prefix_values, pick(tail_values).unsqueeze(1)], 2)
     mask = None  # every entry visible to every row
     if tail_visible is not None:
-        prefix_visible = valid.unsqueeze(1) if valid is not None else tail_visible.new_ones((1, 1, 1))
+        prefix_visible = valid if valid is not None else tail_visible.new_ones((1, 1, 1, 1))
         mask = torch.cat(
             [
-                prefix_visible.expand(count, query_rows, longest),
-                rows(tail_visible).expand(count, query_rows, tail_length),
+                prefix_visible.expand(count, 1, query_rows, longest),
+                pick(tail_visible).expand(count, 1, query_rows, tail_length),
             ],
             dim=-1,
-        ).unsqueeze(1)
-    elif valid is not None:  # the same mask for every row: (S', 1, 1, longest + tail)
-        mask = F.pad(valid, (0, tail_length), value=True)[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        queries.unsqueeze(1),
-        keys.unsqueeze(1),
-        values.unsqueeze(1),
-        attn_mask=mask,
-        scale=scaling,
-    )
-    return out.squeeze(1)
+        )
+    elif prefix_bias is not None:  # the same for every query row; additive, as SDPA would make it
+        mask = torch.cat([prefix_bias, bias[1:].view(1, 1, 1, 1).expand(count, 1, 1, tail_length)], dim=-1)
+    elif valid is not None:  # the same for every query row
+        mask = F.pad(valid, (0, tail_length), value=True)
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
 
 
 def causal_tail_visibility(tail_length: int, query_length: int, device: torch.device) -> torch.Tensor:
