@@ -19,12 +19,26 @@ block mostly padding, and copying it at every decoding step costs more than the 
 :func:`length_groups` therefore splits the segments into groups whose lengths are within a factor
 of two, and each group gets its own block and call: at most twice a group's entries are gathered.
 Segments of equal length (uniform budgets) stay one group, one call.
+
+A decoding step's cost at a small batch is not the data (a few hundred entries per head) but the
+number of tensor operations: on a CPU, between the model's matrix products, each distinct one costs
+10-20 us, several times its cost in a tight loop. Everything about the packed part that does not
+change while decoding is therefore worked out once, when a layer is built (:func:`plan_packed`):
+each group's rows (a slice when its segments are consecutive), and its padded prefix as *views*
+of the packed tensors: the block itself for a run of equal segments, else each segment's entries
+followed by filler rows, with the additive mask as views of a shared ``[-inf, 0]`` constant. A step
+then assembles each group's keys, values and mask with one ``torch.cat`` each and attends; groups
+of more than :data:`PIECEWISE_SEGMENTS` segments build a gather index instead. The plan holds no
+storage of its own, so what a layer holds (``kv_cache_bytes``) is unchanged, and the block is the
+same slot for slot whichever way it is assembled (a masked slot adds an exact zero whatever finite
+entry it holds): outputs are bit for bit those of a gather into a zero-index-padded block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +130,8 @@ class GroupPlan:
     #: The segments as a slice when they are consecutive (their queries, tails and outputs are
     #: then views), else None.
     rows: slice | None
+    #: The group is every segment, in order (nothing to select).
+    every: bool
     #: The group's longest segment: every segment is padded to it.
     longest: int
     #: ``(S', 1, longest, D)`` views of the packed keys and values when the group's entries are one
@@ -145,6 +161,10 @@ class PackedPlan:
     groups: tuple[GroupPlan, ...]
     #: The groups' rows are slices that tile every segment in order: the outputs concatenate.
     tiled: bool
+    #: The packed keys and values it was worked out on, and their :func:`length_groups`.
+    keys: torch.Tensor
+    values: torch.Tensor
+    length_groups: tuple[LengthGroup, ...]
     #: ``[-inf, 0]`` in the packed tensors' dtype: the additive mask's values (the pieces' masks
     #: are views of it), those ``scaled_dot_product_attention`` turns a boolean mask into.
     bias: torch.Tensor
@@ -157,6 +177,17 @@ def _bias(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if (device, dtype) not in _BIAS:
         _BIAS[device, dtype] = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)
     return _BIAS[device, dtype]
+
+
+_TRUE: dict[torch.device, torch.Tensor] = {}
+
+
+def shared_true(device: torch.device) -> torch.Tensor:
+    """A ``(1, 1)`` boolean True shared by every caller on ``device``, to expand instead of
+    allocating new flags."""
+    if device not in _TRUE:
+        _TRUE[device] = torch.ones((1, 1), dtype=torch.bool, device=device)
+    return _TRUE[device]
 
 
 def plan_packed(
@@ -173,6 +204,7 @@ def plan_packed(
         starts[segment] = starts[segment - 1] + lengths[segment - 1]
     bias = _bias(packed_keys.device, packed_keys.dtype)
     hidden, seen = bias[:1], bias[1:]
+    source = (packed_keys, packed_values, tuple(groups))
     plans = []
     for segments, longest in groups:
         ids = list(range(len(lengths))) if segments is None else segments.tolist()
@@ -206,6 +238,7 @@ def plan_packed(
                 ids=tuple(ids),
                 segments=segments,
                 rows=slice(first, first + len(ids)) if consecutive else None,
+                every=ids == list(range(len(lengths))),
                 longest=longest,
                 prefix=prefix,
                 pieces=pieces,
@@ -218,9 +251,9 @@ def plan_packed(
     covered = 0
     for plan in order:
         if plan.rows is None or plan.rows.start != covered:
-            return PackedPlan(tuple(plans), tiled=False, bias=bias)
+            return PackedPlan(tuple(plans), False, *source, bias=bias)
         covered = plan.rows.stop
-    return PackedPlan(tuple(order), tiled=covered == len(lengths), bias=bias)
+    return PackedPlan(tuple(order), covered == len(lengths), *source, bias=bias)
 
 
 def _rows_view(packed: torch.Tensor, first: int, count: int, length: int) -> torch.Tensor:
@@ -261,11 +294,11 @@ def packed_attention(
     -------
     Tensor ``(S, R, D)``
     """
-    plan = (
-        groups
-        if isinstance(groups, PackedPlan)
-        else plan_packed(packed_keys, packed_values, segment_lengths, groups)
-    )
+    plan = groups
+    if not isinstance(plan, PackedPlan):
+        plan = plan_packed(packed_keys, packed_values, segment_lengths, plan)
+    elif plan.keys is not packed_keys or plan.values is not packed_values:  # planned on other tensors
+        plan = plan_packed(packed_keys, packed_values, segment_lengths, plan.length_groups)
     visible = None if tail_visible is None else tail_visible.unsqueeze(1)
     operands = (queries, tail_keys, tail_values, packed_keys, packed_values, visible, plan.bias)
     if plan.tiled:
@@ -305,18 +338,7 @@ def _attend_group(
     slot for slot whichever way it is assembled, and a masked slot adds an exact zero whatever
     finite entry it holds, so the result is bit for bit the same on every path.
     """
-    every = group.rows is not None and group.rows.stop - group.rows.start == queries.shape[0]
-
-    def pick(tensor: torch.Tensor) -> torch.Tensor:
-        if every or tensor.shape[0] == 1:
-            return tensor  # every segment, one segment, or broadcast over segments
-        if group.rows is not None:
-            return tensor[group.rows]
-        if group.pieces is not None:
-            return torch.cat([tensor[segment : segment + 1] for segment in group.ids])
-        assert group.segments is not None
-        return tensor.index_select(0, group.segments)
-
+    pick = partial(_pick, group=group)
     longest, tail_length, head_dim = group.longest, tail_keys.shape[1], tail_keys.shape[2]
     count = len(group.ids)
     queries = pick(queries).unsqueeze(1)
@@ -371,6 +393,18 @@ def _attend_group(
     elif valid is not None:  # the same for every query row
         mask = F.pad(valid, (0, tail_length), value=True)
     return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling)
+
+
+def _pick(tensor: torch.Tensor, group: GroupPlan) -> torch.Tensor:
+    """The group's rows of a per-segment ``tensor`` (a view where possible)."""
+    if group.every or tensor.shape[0] == 1:
+        return tensor  # every segment, or one broadcast over segments
+    if group.rows is not None:
+        return tensor[group.rows]
+    if group.pieces is not None:
+        return torch.cat([tensor[segment : segment + 1] for segment in group.ids])
+    assert group.segments is not None
+    return tensor.index_select(0, group.segments)
 
 
 def causal_tail_visibility(tail_length: int, query_length: int, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ from mixkv.functional.attention import (
     packed_attention,
     padded_segment_index,
     plan_packed,
+    shared_true,
 )
 
 _DETACHED_MESSAGE = (
@@ -195,10 +196,9 @@ class PackedCompressedLayer(CompressedLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = torch.ones((1, 1), dtype=torch.bool, device=self.tail_valid.device)
-        self.tail_valid = torch.cat(
-            [self.tail_valid, new.expand(self.tail_valid.shape[0], key_states.shape[-2])], -1
-        )
+        # New tokens are real: a view of a shared True, so growing the flags is one cat.
+        real = shared_true(self.tail_valid.device).expand(self.tail_valid.shape[0], key_states.shape[-2])
+        self.tail_valid = torch.cat([self.tail_valid, real], -1)
         return super().update(key_states, value_states)
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
