@@ -26,6 +26,8 @@ from mixkv.functional.attention import (
     length_groups,
     packed_attention,
     padded_segment_index,
+    plan_packed,
+    shared_true,
 )
 
 _DETACHED_MESSAGE = (
@@ -180,8 +182,10 @@ class PackedCompressedLayer(CompressedLayer):
         self.segment_lengths = segment_lengths
         # A Python int, fixed at creation (the packed part never grows): no device sync per step.
         self.max_segment_length = int(segment_lengths.max()) if segment_lengths.numel() else 0
-        # Same for the segments' grouping by length (see packed_attention).
+        # Same for the segments' grouping by length (see packed_attention), and for what each
+        # group's attention needs: views of the packed tensors and host ints, no storage of its own.
         self.length_groups = length_groups(segment_lengths)
+        self.packed_plan = plan_packed(packed_keys, packed_values, segment_lengths, self.length_groups)
         # `keys`/`values` are the dense tail so generic code that inspects shapes keeps working.
         self.keys, self.values = tail_keys, tail_values
         self.tail_valid = tail_valid
@@ -192,10 +196,9 @@ class PackedCompressedLayer(CompressedLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = torch.ones(
-            (self.tail_valid.shape[0], key_states.shape[-2]), dtype=torch.bool, device=self.tail_valid.device
-        )
-        self.tail_valid = torch.cat([self.tail_valid, new], dim=-1)
+        # New tokens are real: a view of a shared True, so growing the flags is one cat.
+        real = shared_true(self.tail_valid.device).expand(self.tail_valid.shape[0], key_states.shape[-2])
+        self.tail_valid = torch.cat([self.tail_valid, real], -1)
         return super().update(key_states, value_states)
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
@@ -248,7 +251,7 @@ class PackedCompressedLayer(CompressedLayer):
             self.packed_keys,
             self.packed_values,
             self.segment_lengths,
-            self.length_groups,
+            self.packed_plan,
             keys.reshape(segments, tail_len, head_dim),
             values.reshape(segments, tail_len, head_dim),
             visible,
