@@ -12,6 +12,10 @@ COMMANDS = {
     ),
     "eval": ("eval", "answer quality under compression: methods x budgets x tasks"),
     "compare": ("compare", "two eval runs (e.g. float32 vs bfloat16) on the same examples"),
+    "leaderboard": (
+        "leaderboard",
+        "every method of eval grids ranked per budget against the leader, with intervals",
+    ),
     "fidelity": ("fidelity", "top-1 agreement and KL vs the full cache on natural text"),
     "bench": ("bench", "speed and memory of every method"),
     "bench-serving": ("bench_serving", "a request stream at a fixed cache size: full cache vs presses"),

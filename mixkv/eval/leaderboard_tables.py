@@ -1,0 +1,319 @@
+"""A leaderboard of evaluation grids: every method ranked at each budget, with intervals, against the leader.
+
+Input is the ``examples.csv`` a ``mixkv eval`` run writes (one row per method, budget, task and
+example: score, KV fraction, timings, digests; :mod:`mixkv.eval.reporting`), so a leaderboard can
+be rebuilt from published files alone. For each grid and budget:
+
+* a method's **score** is the average over the grid's tasks of its mean example score (each task
+  counts once), with a task-stratified 95% bootstrap interval
+  (:func:`~mixkv.eval.stats.stratified_bootstrap_ci`); a method is listed at a budget only when it
+  has examples of every task of the grid;
+* its **KV fraction** is the mean over its examples of the cache kept over the full cache
+  (``kv_fraction``), so methods are compared at equal KV bytes where their budgets are equal;
+* the **leader** is the method with the highest score; every other method is compared with it on
+  the examples both hold (same task and ``example_sha1``): the difference in points with its
+  paired-bootstrap 95% interval, and wins / ties / losses (:func:`~mixkv.eval.stats.paired_comparison`).
+  A method whose interval includes 0 is *level with the leader*: the data do not separate them;
+* its **prefill** is the mean ``prefill_seconds`` of its records (what its compression step adds
+  to the shared prefill; see the grid's own documentation for what that column times).
+
+The full cache and ``closed-book`` (no budget) are reference lines, never ranked.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mixkv.eval.stats import PairedComparison, paired_comparison, stratified_bootstrap_ci
+from mixkv.eval.stats_tables import UNBUDGETED_METHODS
+
+__all__ = ["GridExamples", "Standing", "read_grid", "standings", "write_leaderboard"]
+
+#: (task, context length) of a cell: a context length is empty for multimodal tasks.
+TaskKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One example of one cell: what a leaderboard needs of an ``examples.csv`` row."""
+
+    example_sha1: str
+    score: float
+    kv_fraction: float
+    prefill_seconds: float
+
+
+#: A grid: per (method, budget; None for unbudgeted methods), per task, its examples in order.
+GridExamples = dict[tuple[str, int | None], dict[TaskKey, list[ExampleRow]]]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One method of a leaderboard at one budget.
+
+    Attributes
+    ----------
+    method, budget
+        The method and its budget (tokens kept per KV head; None for the full cache and
+        ``closed-book``).
+    n
+        Examples over all tasks.
+    score, low, high
+        Task-average score and its 95% interval, in [0, 1].
+    kv_fraction
+        Mean fraction of the full cache's KV entries kept.
+    prefill_seconds
+        Mean prefill time per example (NaN where the records carry none).
+    against_leader
+        This method (B) against the leader at its budget (A) on their common examples; None for the
+        leader itself and for the reference lines.
+    """
+
+    method: str
+    budget: int | None
+    n: int
+    score: float
+    low: float
+    high: float
+    kv_fraction: float
+    prefill_seconds: float
+    against_leader: PairedComparison | None = None
+
+    @property
+    def level_with_leader(self) -> bool:
+        """The leader itself, or a method whose paired interval against the leader includes 0."""
+        return self.against_leader is None or not self.against_leader.significant
+
+
+def _float(text: str) -> float:
+    return float(text) if text else math.nan
+
+
+def read_grid(path: Path | str) -> GridExamples:
+    """The examples of a grid from its ``examples.csv`` (or a directory holding one).
+
+    Raises
+    ------
+    ValueError
+        No such file, a file without the columns ``mixkv eval`` writes, or a score that is not a
+        number (a corpus-level metric has no per-example score to rank on).
+    """
+    table = Path(path)
+    if table.is_dir():
+        table = table / "examples.csv"
+    if not table.is_file():
+        raise ValueError(
+            f"No examples.csv at {path}: give the file or the directory `mixkv eval --out` wrote."
+        )
+    grid: GridExamples = {}
+    with table.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        needed = {
+            "method",
+            "budget",
+            "task",
+            "context_length",
+            "example",
+            "example_sha1",
+            "score",
+            "kv_fraction",
+        }
+        missing = needed - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{table} lacks the columns {sorted(missing)}: is it a `mixkv eval` examples.csv?"
+            )
+        for row in reader:
+            score = _float(row["score"])
+            if not math.isfinite(score):
+                raise ValueError(
+                    f"{table}: {row['method']} at budget {row['budget'] or '-'} on {row['task']}, example "
+                    f"{row['example']}, has no numeric score; a leaderboard needs per-example scores."
+                )
+            budget = int(row["budget"]) if row["budget"] else None
+            cells = grid.setdefault((row["method"], budget), {})
+            cells.setdefault((row["task"], row["context_length"]), []).append(
+                ExampleRow(
+                    example_sha1=row["example_sha1"],
+                    score=score,
+                    kv_fraction=_float(row["kv_fraction"]),
+                    prefill_seconds=_float(row.get("prefill_seconds", "")),
+                )
+            )
+    return grid
+
+
+def _standing(method: str, budget: int | None, tasks: Mapping[TaskKey, list[ExampleRow]]) -> Standing:
+    rows = [r for examples in tasks.values() for r in examples]
+    score, low, high = stratified_bootstrap_ci([[r.score for r in examples] for examples in tasks.values()])
+    prefill = [r.prefill_seconds for r in rows if math.isfinite(r.prefill_seconds)]
+    return Standing(
+        method=method,
+        budget=budget,
+        n=len(rows),
+        score=score,
+        low=low,
+        high=high,
+        kv_fraction=float(np.nanmean([r.kv_fraction for r in rows])),
+        prefill_seconds=float(np.mean(prefill)) if prefill else math.nan,
+    )
+
+
+def _paired(
+    leader: Mapping[TaskKey, list[ExampleRow]], other: Mapping[TaskKey, list[ExampleRow]]
+) -> PairedComparison | None:
+    """``other`` against ``leader`` on the examples both hold (matched by task and digest)."""
+    a: list[float] = []
+    b: list[float] = []
+    for task, examples in leader.items():
+        theirs = {r.example_sha1: r.score for r in other.get(task, [])}
+        for r in examples:
+            if r.example_sha1 in theirs:
+                a.append(r.score)
+                b.append(theirs[r.example_sha1])
+    return paired_comparison(a, b) if a else None
+
+
+def standings(grid: GridExamples, budget: int) -> tuple[list[Standing], list[Standing]]:
+    """The ranked methods of ``grid`` at ``budget`` (best first, each against the leader) and the
+    reference lines (full cache, ``closed-book``) where the grid has them on every task."""
+    tasks = {task for cells in grid.values() for task in cells}
+    ranked = [
+        _standing(method, b, cells)
+        for (method, b), cells in grid.items()
+        if b == budget and set(cells) == tasks and method not in UNBUDGETED_METHODS
+    ]
+    ranked.sort(key=lambda s: (-s.score, s.method))
+    if ranked:
+        leader = grid[(ranked[0].method, budget)]
+        ranked = [ranked[0]] + [
+            Standing(**{**vars(s), "against_leader": _paired(leader, grid[(s.method, budget)])})
+            for s in ranked[1:]
+        ]
+    references = [
+        _standing(method, None, grid[(method, None)])
+        for method in UNBUDGETED_METHODS
+        if (method, None) in grid and set(grid[(method, None)]) == tasks
+    ]
+    return ranked, references
+
+
+def _percent(s: Standing) -> str:
+    return f"{100 * s.score:.1f} [{100 * s.low:.1f}, {100 * s.high:.1f}]"
+
+
+def _seconds(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.2f}"
+
+
+def _grid_lines(name: str, grid: GridExamples, plot: Path | None) -> list[str]:
+    budgets = sorted({b for (_, b) in grid if b is not None})
+    tasks = sorted({task for cells in grid.values() for task in cells})
+    task_names = ", ".join(t if not length else f"{t} @ {length}" for t, length in tasks)
+    lines = [f"## {name}", "", f"Tasks ({len(tasks)}, each counting once in the average): {task_names}.", ""]
+    _, references = standings(grid, budgets[0]) if budgets else ([], [])
+    for ref in references:
+        label = "full cache" if ref.method == "full" else ref.method
+        lines.append(f"* {label}: {_percent(ref)} (n = {ref.n})")
+    if references:
+        lines.append("")
+    if plot is not None:
+        lines += [f"![score against KV fraction, {name}]({plot.name})", ""]
+    header = "| budget | rank | method | score % [95% CI] | n | KV kept | vs leader, points [95% CI] | W / T / L | prefill s |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for budget in budgets:
+        ranked, _ = standings(grid, budget)
+        for rank, s in enumerate(ranked, start=1):
+            c = s.against_leader
+            if c is None:
+                versus, record = "leader", "-"
+            else:
+                diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
+                versus = f"**{diff}**" if c.significant else f"{diff} (level)"
+                record = f"{c.wins} / {c.ties} / {c.losses}"
+            lines.append(
+                f"| {budget} | {rank} | {s.method} | {_percent(s)} | {s.n} | {100 * s.kv_fraction:.1f}% "
+                f"| {versus} | {record} | {_seconds(s.prefill_seconds)} |"
+            )
+    return [*lines, ""]
+
+
+def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
+    """Score against KV fraction, one line per method over its budgets, with 95% intervals."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    budgets = sorted({b for (_, b) in grid if b is not None})
+    by_method: dict[str, list[Standing]] = {}
+    references: list[Standing] = []
+    for budget in budgets:
+        ranked, references = standings(grid, budget)
+        for s in ranked:
+            by_method.setdefault(s.method, []).append(s)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (method, points) in enumerate(sorted(by_method.items())):
+        xs = [100 * s.kv_fraction for s in points]
+        ys = [100 * s.score for s in points]
+        errors = [[100 * (s.score - s.low) for s in points], [100 * (s.high - s.score) for s in points]]
+        style = "-" if method.startswith("mixkv") else "--"
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errors,
+            marker="o",
+            linestyle=style,
+            capsize=2,
+            label=method,
+            color=plt.get_cmap("tab20")(i % 20),
+        )
+    for ref in references:
+        ax.axhline(
+            100 * ref.score,
+            color="black",
+            linestyle="--" if ref.method == "full" else ":",
+            label="full cache" if ref.method == "full" else ref.method,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("KV kept (% of the full cache, log scale)")
+    ax.set_ylabel("score (%, task average)")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_leaderboard(grids: Mapping[str, Path | str], out: Path | str, *, plots: bool = True) -> Path:
+    """Write ``out/leaderboard.md`` (one section per grid) and, with matplotlib, one plot per grid
+    (``out/leaderboard-<i>.png``: score against KV fraction). ``grids`` maps a grid's title to its
+    ``examples.csv`` (or the run directory). Returns the Markdown's path.
+
+    Raises
+    ------
+    ValueError
+        No grid, or a grid :func:`read_grid` refuses.
+    """
+    if not grids:
+        raise ValueError("Give at least one grid: a title and the examples.csv of a `mixkv eval` run.")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["# Leaderboard", ""]
+    for i, (name, source) in enumerate(grids.items(), start=1):
+        grid = read_grid(source)
+        plot = _plot(name, grid, folder / f"leaderboard-{i}.png") if plots else None
+        lines += [*_grid_lines(name, grid, plot), f"Source: `{source}`.", ""]
+    path = folder / "leaderboard.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
