@@ -169,6 +169,42 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
     )
 
 
+def rope_inverse_frequencies(model: torch.nn.Module, layout: DecoderLayout) -> dict[int, torch.Tensor]:
+    """Inverse frequencies of the rotary embedding of each compressible layer (empty without one).
+
+    Read off the text decoder's rotary module (the one whose class name ends in
+    ``RotaryEmbedding`` and is not a vision tower's): its ``inv_freq``, or, for models with one
+    rotary embedding per layer type (Gemma 3), its ``<layer type>_inv_freq``.
+    """
+    rotary = next(
+        (
+            module
+            for module in model.modules()
+            if type(module).__name__.endswith("RotaryEmbedding") and "Vision" not in type(module).__name__
+        ),
+        None,
+    )
+    if rotary is None:
+        return {}
+    layer_types = _layer_types(layout.text_config)
+    out: dict[int, torch.Tensor] = {}
+    for layer_idx in layout.compressible_layers:
+        inv_freq = getattr(rotary, f"{layer_types[layer_idx]}_inv_freq", getattr(rotary, "inv_freq", None))
+        if isinstance(inv_freq, torch.Tensor):
+            out[layer_idx] = inv_freq.detach().float()
+    return out
+
+
+def rotary_tables(position_embeddings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(cos, sin)`` tables an attention module was given, if they are ``(B, Q, r)`` tensors."""
+    if not isinstance(position_embeddings, tuple) or len(position_embeddings) != 2:
+        return None
+    cos, sin = position_embeddings
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)) or cos.dim() != 3:
+        return None
+    return cos, sin
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the argument that takes the ``Cache`` in ``model.forward`` and ``model.generate``:
     ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated there), else
