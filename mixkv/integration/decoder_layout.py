@@ -195,14 +195,29 @@ def rope_inverse_frequencies(model: torch.nn.Module, layout: DecoderLayout) -> d
     return out
 
 
-def rotary_tables(position_embeddings: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``(cos, sin)`` tables an attention module was given, if they are ``(B, Q, r)`` tensors."""
+def rotary_tables(position_embeddings: Any, config: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(cos, sin)`` tables ``(B, Q, r)`` an attention module rotates its queries with.
+
+    They are the module's ``position_embeddings``, or, where the module combines three M-RoPE axes
+    itself (Qwen2-VL and Qwen2.5-VL before transformers 5.3: ``(3, B, Q, r)`` tables and the
+    config's ``mrope_section``), their combination as the module makes it. None for anything else.
+    """
     if not isinstance(position_embeddings, tuple) or len(position_embeddings) != 2:
         return None
     cos, sin = position_embeddings
-    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)) or cos.dim() != 3:
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
         return None
-    return cos, sin
+    if cos.dim() == 4 and cos.shape[0] == 3:
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        section = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if section is None:
+            return None
+        sections = list(section) * 2
+        cos, sin = (
+            torch.cat([part[i % 3] for i, part in enumerate(table.split(sections, dim=-1))], dim=-1)
+            for table in (cos, sin)
+        )
+    return (cos, sin) if cos.dim() == 3 else None
 
 
 def cache_argument(model: torch.nn.Module) -> str:

@@ -293,7 +293,7 @@ class PressSession:
             found = (value for value in (*args, *kwargs.values()) if isinstance(value, Cache))
             self._caches[layer_idx] = next(found, None)
             rotary = kwargs.get("position_embeddings")
-            self._rotary[layer_idx] = rotary_tables(rotary)
+            self._rotary[layer_idx] = rotary_tables(rotary, getattr(module, "config", None))
 
         return hook
 
