@@ -335,3 +335,12 @@ def test_mixkv_on_expected_attention_keeps_the_sinks(model):
 def test_bad_expected_attention_arguments_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mixkv.ExpectedAttentionPress(budget=64, **kwargs)
+
+
+def test_expected_attention_under_a_decoding_press_keeps_the_cache_bounded_while_generating(model):
+    bounded = mixkv.DecodingPress(mixkv.ExpectedAttentionPress(budget=BUDGET, window_size=WINDOW), interval=8)
+    cache = DynamicCache(config=model.config)
+    with bounded(model):
+        model.generate(prompt(), past_key_values=cache, max_new_tokens=30, do_sample=False)
+    assert bounded.compressions >= 3 * 3  # every layer compressed again while decoding
+    assert all(layer.keys.shape[2] < BUDGET + 8 for layer in cache.layers)
