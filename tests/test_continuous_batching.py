@@ -131,6 +131,8 @@ PRESSES = {
     "mixkv-snapkv": lambda: mixkv.MixKVPress(budget=BUDGET, window_size=WINDOW),
     "keydiff": lambda: mixkv.KeyDiffPress(budget=BUDGET, window_size=WINDOW),
     "streamingllm": lambda: mixkv.StreamingLLMPress(budget=BUDGET, window_size=WINDOW),
+    "tova": lambda: mixkv.TOVAPress(budget=BUDGET, window_size=WINDOW),
+    "mixkv-tova": lambda: mixkv.MixKVTOVAPress(budget=BUDGET, window_size=WINDOW),
 }
 
 
@@ -480,6 +482,8 @@ _KvpressLike.__module__ = "kvpress.presses.snapkv_press"
             ("DecodingPress(adakv)", "each KV head"),
         ),
         (_KvpressLike, ("kvpress presses", "mixkv press")),
+        (lambda: mixkv.ExpectedAttentionPress(budget=64), ("expectedattention", "rotary tables")),
+        (lambda: mixkv.MixKVExpectedAttentionPress(budget=64), ("mixkv-expectedattention", "rotary tables")),
     ],
 )
 def test_refused_presses_are_named_with_the_reason(model: Any, make: Any, words: tuple[str, ...]) -> None:

@@ -27,6 +27,10 @@ PRESS_NAMES = (
     "mixkv-pyramidkv",
     "mixkv-adakv",
     "mixkv-sparsemm",
+    "tova",
+    "mixkv-tova",
+    "expectedattention",
+    "mixkv-expectedattention",
 )
 
 
@@ -196,3 +200,44 @@ def test_left_padded_batch_generates_like_each_sequence_alone(family, press_name
             kept_alone.append(press.last_report.kept_tokens[0])
     assert torch.equal(batched, torch.stack(alone))
     assert torch.equal(batch_kept, torch.stack(kept_alone))
+
+
+def pre_rotary_queries(module, hidden):
+    """The queries ``module`` computes from ``hidden`` before its rotary embedding ``(B, H, L, D)``."""
+    batch, length, _ = hidden.shape
+    if hasattr(module, "q_proj"):
+        query = module.q_proj(hidden)
+    else:  # Phi-3: one fused projection, queries first
+        query = module.qkv_proj(hidden)[..., : module.config.num_attention_heads * module.head_dim]
+    query = query.view(batch, length, -1, module.head_dim)
+    if hasattr(module, "q_norm"):
+        query = module.q_norm(query)
+    return query.transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_expected_attention_un_rotates_the_window_to_the_models_own_pre_rotary_queries(family):
+    case = cached_case(family)
+    layout = mixkv.integration.describe_decoder(case.model)
+    hidden = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: hidden.__setitem__(i, kwargs["hidden_states"]), with_kwargs=True
+        )
+        for i, module in enumerate(layout.attention_modules)
+    ]
+    press = make_press("expectedattention", case, BUDGET)
+    seen = {}
+    original = press.scores
+    object.__setattr__(press, "scores", lambda ctx: seen.setdefault(ctx.layer_idx, ctx) and original(ctx))
+    try:
+        with press(case.model):
+            case.model(**case.inputs, past_key_values=DynamicCache(config=case.model.config))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(seen) == list(layout.compressible_layers)
+    for layer_idx, ctx in seen.items():
+        expected = pre_rotary_queries(layout.attention_modules[layer_idx], hidden[layer_idx][:, -WINDOW:])
+        got = mixkv.functional.unrotate_queries(ctx.queries, *ctx.query_rotary)
+        torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-3)

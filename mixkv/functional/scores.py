@@ -27,12 +27,18 @@ from torch import Tensor
 from mixkv.functional.checks import as_int
 
 __all__ = [
+    "expected_attention",
+    "future_rotary",
     "head_redundancy",
     "key_diversity",
     "key_norm_scores",
+    "last_query_attention",
+    "leading_real_positions",
     "mix_scores",
+    "mixkv_mix",
     "mixkv_scores",
     "pool_scores",
+    "unrotate_queries",
     "value_norm_importance",
     "window_attention",
     "window_importance",
@@ -627,9 +633,344 @@ def mixkv_scores(
             f"importance must have shape {(batch, kv_heads, seq_len - window)} (window_importance of the same "
             f"queries and keys), got {tuple(importance.shape)}"
         )
+    return _mix_importance(importance, keys, values, window, valid, weight, dtype)
+
+
+def _mix_importance(
+    importance: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    window: int,
+    valid: Tensor,
+    weight: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Validated core of :func:`mixkv_mix`: ``r div + (1 - r) (imp + n')`` rescaled to ``mean(imp)``."""
+    prefix_valid = valid[..., : keys.shape[2] - window]
+    importance = importance.to(dtype)
     target = _masked_mean(importance, prefix_valid)
     unit = _unit_keys(keys, dtype)
     diversity = _diversity(unit, valid, window, target)
     if weight is None:
         weight = _redundancy(unit, valid)
     return mix_scores(importance + _value_norm_term(values, window, prefix_valid, target), diversity, weight)
+
+
+def mixkv_mix(
+    importance: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    window_size: int,
+    *,
+    redundancy: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""The MixKV mix on any importance score: :func:`mixkv_scores` with ``I`` replaced by ``imp``.
+
+    .. math:: s = r \, \mathrm{div} + (1 - r) \, (\mathrm{imp} + n')
+
+    with ``n'`` and ``div`` rescaled to the mean of ``imp`` over the valid prefix of each head. The
+    importance must be finite and non-negative at real positions (an attention-like score: TOVA's,
+    ExpectedAttention's), so that its mean sets the scale of the other two terms.
+
+    Parameters
+    ----------
+    importance : Tensor
+        ``(B, Hkv, N - W)`` importance, ``-inf`` at padded positions.
+    keys, values : Tensor
+        ``(B, Hkv, N, D)``.
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    redundancy, key_mask
+        As in :func:`mixkv_scores`.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` mixed scores, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, _ = _check_cache("keys", keys)
+    _check_values(values, batch, kv_heads, seq_len)
+    window = _check_window("window_size", window_size, seq_len)
+    _check_floating("importance", importance, "(batch, num_kv_heads, prefix_len)")
+    if importance.shape != (batch, kv_heads, seq_len - window):
+        raise ValueError(
+            f"importance must have shape {(batch, kv_heads, seq_len - window)}, got {tuple(importance.shape)}"
+        )
+    dtype = _score_dtype(importance, keys, values)
+    weight = None if redundancy is None else _check_redundancy(redundancy, batch, kv_heads, dtype)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    return _mix_importance(importance, keys, values, window, valid, weight, dtype)
+
+
+def leading_real_positions(key_mask: Tensor, count: int) -> Tensor:
+    """True at the first ``count`` real entries of each row of a bool mask (left padding shifts nothing).
+
+    The attention sinks of StreamingLLM and ExpectedAttention."""
+    return key_mask & (key_mask.long().cumsum(-1) <= count)
+
+
+def last_query_attention(
+    queries: Tensor,
+    keys: Tensor,
+    window_size: int,
+    *,
+    per_head: bool = False,
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    r"""TOVA's score: the attention the last prompt token pays to each prefix position.
+
+    .. math::
+
+        a_{h'}(j) = \operatorname{softmax}_j\big(s \, q_{h', N} \cdot k_{h, j}\big), \qquad
+        \text{TOVA}(j) = \frac{1}{H} \sum_{h'} a_{h'}(j)
+
+    over all ``N`` real keys, for prefix positions ``j < N - W``: one score shared by every KV
+    head (the authors' and kvpress's default). With ``per_head`` the mean runs over the ``g`` query
+    heads of each KV head instead.
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``(B, H, Wq, D)`` post-rotary queries of the last positions; only the last one is used.
+    keys : Tensor
+        ``(B, Hkv, N, D)`` post-rotary keys.
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    per_head : bool
+        Average over each KV head's query group instead of over every query head.
+    scaling, key_mask
+        As in :func:`window_attention`.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` attention probabilities, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    _check_queries(queries, batch, kv_heads, seq_len, head_dim)
+    window = _check_window("window_size", window_size, seq_len)
+    scale = _check_scaling(scaling, head_dim)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    attention = _window_attention(queries[:, :, -1:], keys, scale, valid)[..., : seq_len - window]
+    if not per_head:
+        attention = attention.mean(1, keepdim=True).expand(-1, kv_heads, -1)
+    return _mask_pads(attention, valid[..., : seq_len - window].expand(batch, kv_heads, -1))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dim (transformers' layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _check_rotary(name: str, cos: object, sin: object, batch: int, length: int, head_dim: int) -> int:
+    """Validate ``(B, length, r)`` cos/sin tables of an even ``r <= D``; return ``r``."""
+    cos_t = _check_floating(f"{name}_cos", cos, "(batch, positions, rotary_dim)")
+    sin_t = _check_floating(f"{name}_sin", sin, "(batch, positions, rotary_dim)")
+    rotary = cos_t.shape[-1]
+    if cos_t.shape != sin_t.shape or cos_t.shape[0] not in (1, batch) or cos_t.shape[1] != length:
+        raise ValueError(
+            f"{name}_cos and {name}_sin must both have shape (batch, {length}, rotary_dim) with batch 1 or "
+            f"{batch}, got {tuple(cos_t.shape)} and {tuple(sin_t.shape)}"
+        )
+    if rotary % 2 or rotary > head_dim or rotary == 0:
+        raise ValueError(f"rotary_dim must be even and at most head_dim ({head_dim}), got {rotary}")
+    return rotary
+
+
+def unrotate_queries(queries: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    r"""Undo transformers' rotary embedding: the pre-rotary queries of post-rotary ones.
+
+    Rotary embedding maps ``x`` to ``y = x c + rot(x) s`` on the first ``r`` dims (``c``, ``s``:
+    the model's cos/sin tables of the positions, attention scaling included; ``rot`` swaps the two
+    halves and negates the first); its inverse is
+
+    .. math:: x = \frac{y \, c - \operatorname{rot}(y) \, s}{c^2 + s^2}
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``(B, H, L, D)`` post-rotary queries.
+    cos, sin : Tensor
+        ``(B or 1, L, r)`` the tables the model rotated them with (``r <= D`` even; the last
+        ``D - r`` dims are not rotated, as in partial-rotary models).
+
+    Returns
+    -------
+    Tensor
+        ``(B, H, L, D)`` pre-rotary queries, float32 (float64 for float64 input).
+    """
+    batch, _, length, head_dim = _check_floating(
+        "queries", queries, "(batch, num_heads, positions, head_dim)"
+    ).shape
+    rotary = _check_rotary("query", cos, sin, batch, length, head_dim)
+    dtype = _score_dtype(queries)
+    c, s = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    rotated = queries.to(dtype)[..., :rotary]
+    plain = (rotated * c - _rotate_half(rotated) * s) / (c.square() + s.square())
+    return torch.cat([plain, queries.to(dtype)[..., rotary:]], dim=-1)
+
+
+def future_rotary(
+    cos_last: Tensor, sin_last: Tensor, inv_freq: Tensor, n_future: int
+) -> tuple[Tensor, Tensor]:
+    r"""The rotary tables of the ``n_future`` positions after the last one, extrapolated from it.
+
+    With ``phi = atan2(s, c)`` and ``a = sqrt(c^2 + s^2)`` read off the last position's tables and
+    ``theta`` the model's inverse frequencies (each repeated for both halves), position
+    ``last + t`` has angle ``phi + t theta``:
+
+    .. math:: c_t = a \cos(\phi + t \theta), \quad s_t = a \sin(\phi + t \theta), \quad t = 1 .. F
+
+    This is the 1-D rotary embedding of the next text positions for every model whose text positions
+    advance by one per token, M-RoPE included (a text token has the same position on every axis).
+
+    Parameters
+    ----------
+    cos_last, sin_last : Tensor
+        ``(B, r)`` tables of the last position.
+    inv_freq : Tensor
+        ``(r / 2,)`` inverse frequencies of the rotary embedding.
+    n_future : int
+        ``F >= 1``.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(B, F, r)`` cos and sin, float32 (float64 for float64 input).
+    """
+    future = as_int("n_future", n_future)
+    if future < 1:
+        raise ValueError(f"n_future_positions must be at least 1, got {future}")
+    dtype = _score_dtype(cos_last, sin_last)
+    cos_last, sin_last = cos_last.to(dtype), sin_last.to(dtype)
+    if inv_freq.shape != (cos_last.shape[-1] // 2,):
+        raise ValueError(
+            f"inv_freq must have shape ({cos_last.shape[-1] // 2},) (half the rotary dim), got {tuple(inv_freq.shape)}"
+        )
+    theta = torch.cat([inv_freq, inv_freq]).to(dtype=dtype, device=cos_last.device)
+    steps = torch.arange(1, future + 1, dtype=dtype, device=cos_last.device)
+    angle = torch.atan2(sin_last, cos_last)[:, None, :] + steps[None, :, None] * theta
+    amplitude = torch.sqrt(cos_last.square() + sin_last.square())[:, None, :]
+    return amplitude * angle.cos(), amplitude * angle.sin()
+
+
+def expected_attention(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    future_cos: Tensor,
+    future_sin: Tensor,
+    window_size: int,
+    *,
+    n_sink: int = 4,
+    use_covariance: bool = True,
+    use_vnorm: bool = True,
+    epsilon: float = 0.0,
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
+) -> Tensor:
+    r"""ExpectedAttention's score: the attention future queries are expected to pay each position.
+
+    Queries are modelled as a Gaussian fitted on the given pre-rotary queries (mean ``mu``,
+    covariance ``Sigma``, divided by the count), moved to the future by the rotation ``R`` averaged
+    over the next ``F`` positions; the expected attention logit of ``q ~ N(R mu, R Sigma R^T)`` is
+    the log of ``E[exp(s q . k)]``:
+
+    .. math::
+
+        z_{h'}(j) = s \, (R \mu_{h'}) \cdot k_j + \tfrac{s^2}{2} \, k_j^\top R \Sigma_{h'} R^\top k_j,
+        \qquad
+        e_h(j) = \frac{1}{g} \sum_{h' \in h} \operatorname{softmax}_j z_{h'}(j), \qquad
+        \text{score}(j) = (e_h(j) + \epsilon) \, \lVert v_j \rVert_2
+
+    The softmax runs over every real key but the first ``n_sink`` (attention sinks, which are always
+    kept: they score the row's maximum plus one). ``R = mean_t (diag(c_t) + diag(s_t) P)`` with
+    ``P x = rot(x)`` on the rotary dims, the identity on the others. With ``s = 1/sqrt(D)`` this is
+    kvpress 0.5.5's ``ExpectedAttentionPress`` (Devoto et al., NVIDIA 2025).
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``(B, H, L, D)`` pre-rotary queries to fit the Gaussian on (:func:`unrotate_queries`).
+    keys, values : Tensor
+        ``(B, Hkv, N, D)`` post-rotary keys and values.
+    future_cos, future_sin : Tensor
+        ``(B or 1, F, r)`` rotary tables of the future positions (:func:`future_rotary`).
+    window_size : int
+        ``W``; the last ``W`` positions are not scored.
+    n_sink : int
+        Leading real tokens left out of the softmax and always kept.
+    use_covariance, use_vnorm : bool
+        Include the covariance term; weight by the value norm.
+    epsilon : float
+        Added to ``e`` before the value-norm weighting.
+    scaling : float, optional
+        Logit scale ``s``; ``1 / sqrt(D)`` by default.
+    key_mask : Tensor, optional
+        ``(B, N)`` or ``(B, Hkv, N)`` real-entry mask.
+    query_mask : Tensor, optional
+        ``(B, L)`` real-query mask (padded queries are left out of the Gaussian).
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, N - W)`` scores, ``-inf`` at padded positions.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    _check_values(values, batch, kv_heads, seq_len)
+    q = _check_floating("queries", queries, "(batch, num_heads, positions, head_dim)")
+    if q.shape[0] != batch or q.shape[3] != head_dim or q.shape[1] % kv_heads:
+        raise ValueError(
+            f"queries must have shape (batch={batch}, num_heads (a multiple of {kv_heads}), positions, "
+            f"head_dim={head_dim}), got {tuple(q.shape)}"
+        )
+    window = _check_window("window_size", window_size, seq_len)
+    sinks = as_int("n_sink", n_sink)
+    if sinks < 0:
+        raise ValueError(f"n_sink must be >= 0, got {sinks}")
+    rotary = _check_rotary("future", future_cos, future_sin, batch, future_cos.shape[1], head_dim)
+    scale = _check_scaling(scaling, head_dim)
+    dtype = _score_dtype(queries, keys, values)
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device).expand(batch, kv_heads, seq_len)
+    group = q.shape[1] // kv_heads
+
+    # The Gaussian of the queries.
+    weights = torch.ones(batch, q.shape[2], dtype=dtype, device=q.device)
+    if query_mask is not None:
+        weights = query_mask.to(device=q.device, dtype=dtype)
+    count = weights.sum(-1).clamp_min(1)[:, None, None]  # (B, 1, 1)
+    q = q.to(dtype)
+    mean = torch.einsum("bhld,bl->bhd", q, weights) / count
+    centred = (q - mean[:, :, None]) * weights[:, None, :, None]
+    cov = torch.einsum("bhli,bhlj->bhij", centred, centred) / count[..., None]
+
+    # The rotation averaged over the future positions.
+    eye = torch.eye(head_dim, dtype=dtype, device=q.device)
+    swap = torch.zeros(rotary, rotary, dtype=dtype, device=q.device)
+    half = rotary // 2
+    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)
+    c, s = future_cos.to(dtype).mean(1), future_sin.to(dtype).mean(1)  # (B or 1, r)
+    rotation = eye.expand(c.shape[0], head_dim, head_dim).clone()
+    rotation[:, :rotary, :rotary] = torch.diag_embed(c) + s[:, :, None] * swap
+    mean = torch.einsum("bij,bhj->bhi", rotation.expand(batch, -1, -1), mean)
+
+    grouped_keys = keys.to(dtype).repeat_interleave(group, dim=1)  # (B, H, N, D)
+    logits = scale * torch.einsum("bhd,bhnd->bhn", mean, grouped_keys)
+    if use_covariance:
+        cov = rotation[:, None] @ cov @ rotation.transpose(-1, -2)[:, None]
+        logits = logits + scale**2 / 2 * torch.einsum("bhni,bhij,bhnj->bhn", grouped_keys, cov, grouped_keys)
+    sink = leading_real_positions(valid, sinks)
+    scored = (valid & ~sink).repeat_interleave(group, dim=1)
+    probs = logits.masked_fill(~scored, -math.inf).softmax(-1).nan_to_num(0.0)
+    score = probs.reshape(batch, kv_heads, group, seq_len).mean(2)
+    if use_vnorm:
+        score = (score + epsilon) * torch.linalg.vector_norm(values.to(dtype), dim=-1)
+    score = score[..., : seq_len - window]
+    prefix_valid, prefix_sink = valid[..., : seq_len - window], sink[..., : seq_len - window]
+    top = torch.where(prefix_valid & ~prefix_sink, score, -math.inf).amax(-1, keepdim=True)
+    score = torch.where(prefix_sink, top.clamp_min(0.0) + 1, score)
+    return _mask_pads(score, prefix_valid)

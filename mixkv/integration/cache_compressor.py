@@ -44,6 +44,8 @@ class CacheState:
     seconds: float = 0.0  # time spent compressing the prompt
     # layer -> queries of the last `window_size` tokens (a chunk may be shorter than the window)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> their rotary cos/sin tables (where the model gave them)
+    rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
     # layer -> entries per KV head right after its last compression (bounded decoding)
     held_after_compression: dict[int, float] = field(default_factory=dict)
     # ids of the whole prompt its first prompt forward completes (``declare_prompt``)
@@ -61,12 +63,21 @@ class CacheCompressor:
         The model's decoder (which layers are compressible, visual placeholders).
     decoding : DecodingPress, optional
         Bounded decoding: compress again while generating.
+    rope_frequencies : dict[int, Tensor], optional
+        Inverse frequencies of each compressible layer's rotary embedding, for presses that need them.
     """
 
-    def __init__(self, press: BasePress, layout: DecoderLayout, decoding: DecodingPress | None) -> None:
+    def __init__(
+        self,
+        press: BasePress,
+        layout: DecoderLayout,
+        decoding: DecodingPress | None,
+        rope_frequencies: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         self.press = press
         self.layout = layout
         self.decoding = decoding
+        self.rope_frequencies = rope_frequencies or {}
         # Layers this session made (compressions and forks): detached on exit. Weak, so that forks
         # dropped by their user are freed before the session ends.
         self.created: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
@@ -113,7 +124,7 @@ class CacheCompressor:
         record.kept[:, layer_idx] = lengths.unsqueeze(-1).cpu()
         budgets = torch.tensor(record.budgets, device=keys.device)
         compress_rows = lengths > budgets
-        window_queries = self._window_queries(state, layer_idx, query)
+        window_queries = self._window_queries(state, call)
         if held.keys.shape[2] <= self.press.window_size:
             record.skipped_layers[layer_idx] = "prompt not longer than the observation window"
         elif window_queries.shape[2] < self.press.window_size:
@@ -150,7 +161,7 @@ class CacheCompressor:
         if decoding is None or layer_idx not in self.layout.compressible_layers:
             return
         state = self.state(cache)
-        window_queries = self._window_queries(state, layer_idx, call.query)
+        window_queries = self._window_queries(state, call)
         layer = cache.layers[layer_idx]
         held_now = _mean_held(layer) if isinstance(layer, CompressedLayer) else float(call.keys.shape[2])
         floor = max(state.held_after_compression.get(layer_idx, 0.0), float(decoding.target))
@@ -169,14 +180,20 @@ class CacheCompressor:
         state.held_after_compression[layer_idx] = _mean_held(new_layer)
         decoding.compressions += 1
 
-    def _window_queries(self, state: CacheState, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
-        """The last ``window_size`` queries through this cache and layer, across forwards."""
-        window = self.press.window_size
+    def _window_queries(self, state: CacheState, call: AttentionCall) -> torch.Tensor:
+        """The last ``window_size`` queries through this cache and layer, across forwards (their
+        rotary tables go to ``state.rotary``)."""
+        window, layer_idx, query, rotary = self.press.window_size, call.layer_idx, call.query, call.rotary
         previous = state.queries.get(layer_idx)
         if previous is not None and query.shape[2] < window:
             query = torch.cat([previous, query], dim=2)
+            earlier = state.rotary.get(layer_idx)
+            rotary = None if earlier is None or rotary is None else _cat_tables(earlier, rotary)
         recent = query[:, :, -window:]
         state.queries[layer_idx] = recent.clone()  # a view would keep the whole forward's queries alive
+        state.rotary[layer_idx] = (
+            None if rotary is None else (rotary[0][:, -window:].clone(), rotary[1][:, -window:].clone())
+        )
         return recent
 
     def _compress(
@@ -211,6 +228,8 @@ class CacheCompressor:
             kernel_size=press.kernel_size,
             pooling=press.pooling,
             context_lengths=context_lengths,
+            query_rotary=self.state(cache).rotary.get(layer_idx),
+            rope_inv_freq=self.rope_frequencies.get(layer_idx),
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)
@@ -235,6 +254,17 @@ class CacheCompressor:
         budgets = [self.press.sequence_budget(int(n)) for n in state.lengths.tolist()]
         self._record = PrefillRecord.start(state.lengths, budgets, self.layout, ids, key_mask)
         return self._record
+
+
+def _cat_tables(
+    earlier: tuple[torch.Tensor, torch.Tensor], later: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables of two runs of positions, one after the other (batch 1 tables broadcast)."""
+    batch = max(earlier[0].shape[0], later[0].shape[0])
+    return tuple(  # type: ignore[return-value]
+        torch.cat([a.expand(batch, -1, -1), b.expand(batch, -1, -1)], dim=1)
+        for a, b in zip(earlier, later, strict=True)
+    )
 
 
 def _mean_held(layer: CompressedLayer) -> float:

@@ -169,6 +169,57 @@ def describe_decoder(model: torch.nn.Module) -> DecoderLayout:
     )
 
 
+def rope_inverse_frequencies(model: torch.nn.Module, layout: DecoderLayout) -> dict[int, torch.Tensor]:
+    """Inverse frequencies of the rotary embedding of each compressible layer (empty without one).
+
+    Read off the text decoder's rotary module (the one whose class name ends in
+    ``RotaryEmbedding`` and is not a vision tower's): its ``inv_freq``, or, for models with one
+    rotary embedding per layer type (Gemma 3), its ``<layer type>_inv_freq``.
+    """
+    rotary = next(
+        (
+            module
+            for module in model.modules()
+            if type(module).__name__.endswith("RotaryEmbedding") and "Vision" not in type(module).__name__
+        ),
+        None,
+    )
+    if rotary is None:
+        return {}
+    layer_types = _layer_types(layout.text_config)
+    out: dict[int, torch.Tensor] = {}
+    for layer_idx in layout.compressible_layers:
+        inv_freq = getattr(rotary, f"{layer_types[layer_idx]}_inv_freq", getattr(rotary, "inv_freq", None))
+        if isinstance(inv_freq, torch.Tensor):
+            out[layer_idx] = inv_freq.detach().float()
+    return out
+
+
+def rotary_tables(position_embeddings: Any, config: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(cos, sin)`` tables ``(B, Q, r)`` an attention module rotates its queries with.
+
+    They are the module's ``position_embeddings``, or, where the module combines three M-RoPE axes
+    itself (Qwen2-VL and Qwen2.5-VL before transformers 5.3: ``(3, B, Q, r)`` tables and the
+    config's ``mrope_section``), their combination as the module makes it. None for anything else.
+    """
+    if not isinstance(position_embeddings, tuple) or len(position_embeddings) != 2:
+        return None
+    cos, sin = position_embeddings
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
+        return None
+    if cos.dim() == 4 and cos.shape[0] == 3:
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        section = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if section is None:
+            return None
+        sections = list(section) * 2
+        cos, sin = (
+            torch.cat([part[i % 3] for i, part in enumerate(table.split(sections, dim=-1))], dim=-1)
+            for table in (cos, sin)
+        )
+    return (cos, sin) if cos.dim() == 3 else None
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the argument that takes the ``Cache`` in ``model.forward`` and ``model.generate``:
     ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated there), else

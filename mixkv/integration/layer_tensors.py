@@ -33,6 +33,9 @@ class AttentionCall:
         The model's attention mask (4-D, bool for sdpa or additive float for eager).
     scaling : float
         The attention module's logit scale.
+    rotary : tuple of Tensor ``(B, Q, r)``, optional
+        The cos and sin tables the module rotated the queries with (its ``position_embeddings``),
+        when it was given them for every query.
     """
 
     layer_idx: int
@@ -41,6 +44,7 @@ class AttentionCall:
     values: torch.Tensor
     attention_mask: torch.Tensor | None
     scaling: float
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from packaging.version import Version
 
 from mixkv.functional import pyramid_budgets
 from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
+from mixkv.presses.attention_scorers import ExpectedAttentionPress
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SparseMMPress
 from mixkv.presses.decoding import DecodingPress
@@ -23,7 +24,16 @@ from mixkv.presses.mixkv import MixKVPress
 WRITTEN_AGAINST = "5.25"
 
 #: Press classes whose budget is the same for every layer and KV head (the registry names).
-UNIFORM_PRESSES = ("snapkv", "mixkv-snapkv", "keydiff", "knorm", "streamingllm", "random")
+UNIFORM_PRESSES = (
+    "snapkv",
+    "mixkv-snapkv",
+    "keydiff",
+    "knorm",
+    "streamingllm",
+    "random",
+    "tova",
+    "mixkv-tova",
+)
 #: Press classes with one budget per layer, supported by masking each layer's unused slots.
 PER_LAYER_PRESSES = ("pyramidkv", "mixkv-pyramidkv")
 
@@ -66,7 +76,10 @@ def press_name(press: Any) -> str:
         return f"mixkv-{press.base}"
     if isinstance(press, BasePress):
         name = type(press).__name__
-        return name.removesuffix("Press").lower() if type(press).__module__.startswith("mixkv.") else name
+        if not type(press).__module__.startswith("mixkv."):
+            return name
+        short = name.removesuffix("Press").lower()
+        return short.replace("mixkv", "mixkv-", 1) if short.startswith("mixkv") else short
     return type(press).__name__
 
 
@@ -95,7 +108,8 @@ def check_press(press: Any) -> None:
     Raises
     ------
     ValueError
-        For per-head budgets (AdaKV, SparseMM and MixKV on them), kvpress presses, a press
+        For per-head budgets (AdaKV, SparseMM and MixKV on them), ExpectedAttention (and MixKV on
+        it), kvpress presses, a press
         overriding ``head_budgets`` (other than PyramidKV's), or a :class:`~mixkv.DecodingPress`
         around a refused press or around per-layer budgets (PyramidKV, MixKV-PyramidKV).
     """
@@ -121,6 +135,11 @@ def check_press(press: Any) -> None:
             "use the mixkv press of the same method (e.g. mixkv.SnapKVPress)"
         )
     name = press_name(press)
+    if isinstance(press, ExpectedAttentionPress):
+        raise ValueError(
+            f"{name} is not supported in continuous batching: it needs each layer's rotary tables, which the "
+            f"paged attention path does not pass on; {_USE_INSTEAD}"
+        )
     if per_layer_budgets(press):
         return
     if isinstance(press, MixKVPress) and press.base != "snapkv":

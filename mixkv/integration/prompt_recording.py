@@ -61,7 +61,14 @@ class RecordedPrompt:
             self.input_ids = input_ids
             self.prompt_ids = prompt_ids
             self.query_tokens = call.query.shape[2]
-        self.calls.append(dataclasses.replace(call, query=call.query[:, :, -self.window :].clone()))
+        rotary = (
+            None
+            if call.rotary is None
+            else (call.rotary[0][:, -self.window :].clone(), call.rotary[1][:, -self.window :].clone())
+        )
+        self.calls.append(
+            dataclasses.replace(call, query=call.query[:, :, -self.window :].clone(), rotary=rotary)
+        )
 
     def check_replayable(self, layout: DecoderLayout, window_size: int, model_name: str) -> None:
         """Refuse to compress this recording under a press of ``window_size`` on ``layout``.

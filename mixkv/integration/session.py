@@ -54,7 +54,12 @@ from mixkv.integration.attention_functions import (
 )
 from mixkv.integration.cache import CompressedLayer, PackedCompressedLayer
 from mixkv.integration.cache_compressor import CacheCompressor
-from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
+from mixkv.integration.decoder_layout import (
+    DecoderLayout,
+    describe_decoder,
+    rope_inverse_frequencies,
+    rotary_tables,
+)
 from mixkv.integration.layer_tensors import AttentionCall, key_mask_from_attention_mask
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
 from mixkv.integration.prompt_recording import RecordedPrompt
@@ -79,7 +84,11 @@ class PressSession:
         self._bound: list[int] = []
         self._saved_implementation: str | None = None
         self._caches: dict[int, Cache | None] = {}
-        self._compressor = CacheCompressor(press, self.layout, decoding)
+        # layer -> the cos/sin tables its attention module was given in the current forward
+        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._compressor = CacheCompressor(
+            press, self.layout, decoding, rope_inverse_frequencies(model, self.layout)
+        )
         self._input_ids: torch.Tensor | None = None
         # Caches whose prompt this session has handled: later forwards through them only append
         # (or, under a DecodingPress, are compressed every `interval` tokens).
@@ -141,6 +150,7 @@ class PressSession:
             layer.active = False
         self._compressor.clear()
         self._caches.clear()
+        self._rotary.clear()
         self._input_ids = None
         self._prefilled.clear()
         self._open.clear()
@@ -282,6 +292,8 @@ class PressSession:
             # The argument is `past_key_values` up to transformers 5.23 and `cache` from 5.24 on.
             found = (value for value in (*args, *kwargs.values()) if isinstance(value, Cache))
             self._caches[layer_idx] = next(found, None)
+            rotary = kwargs.get("position_embeddings")
+            self._rotary[layer_idx] = rotary_tables(rotary, getattr(module, "config", None))
 
         return hook
 
@@ -357,7 +369,10 @@ class PressSession:
             output = binding.original(module, query, key, value, attention_mask, **kwargs)
         if cache is None or not isinstance(layer, CacheLayerMixin):
             return output
-        call = AttentionCall(layer_idx, query, key, value, attention_mask, float(scaling))
+        rotary = self._rotary.get(layer_idx)
+        if rotary is not None and rotary[0].shape[1] != query.shape[2]:
+            rotary = None
+        call = AttentionCall(layer_idx, query, key, value, attention_mask, float(scaling), rotary)
         if prompt_forward:
             if self._recording is not None:
                 if self._chunk is not None:

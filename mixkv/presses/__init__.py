@@ -1,5 +1,11 @@
 """Presses: small dataclasses that decide which KV entries to keep (``with press(model): ...``)."""
 
+from mixkv.presses.attention_scorers import (
+    ExpectedAttentionPress,
+    MixKVExpectedAttentionPress,
+    MixKVTOVAPress,
+    TOVAPress,
+)
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.compression_report import CompressionReport
@@ -14,9 +20,12 @@ __all__ = [
     "BasePress",
     "CompressionReport",
     "DecodingPress",
+    "ExpectedAttentionPress",
     "KeyDiffPress",
     "KnormPress",
+    "MixKVExpectedAttentionPress",
     "MixKVPress",
+    "MixKVTOVAPress",
     "PressEntry",
     "PyramidKVPress",
     "RandomPress",
@@ -24,6 +33,7 @@ __all__ = [
     "SnapKVPress",
     "SparseMMPress",
     "StreamingLLMPress",
+    "TOVAPress",
     "from_name",
     "list_presses",
 ]

@@ -46,6 +46,11 @@ class ScoringContext:
     context_lengths : LongTensor ``(B,)``, optional
         Real tokens each sequence has seen (the prompt so far); defaults to the real entries of
         a ``(B, N)`` ``key_mask``.
+    query_rotary : tuple of Tensor ``(B, W, r)``, optional
+        The cos and sin tables the model rotated the window's queries with (its rotary position
+        embedding), where the integration knows them.
+    rope_inv_freq : Tensor ``(r / 2,)``, optional
+        The inverse frequencies of the layer's rotary embedding, where the integration knows them.
     """
 
     queries: torch.Tensor
@@ -59,6 +64,8 @@ class ScoringContext:
     kernel_size: int = 5
     pooling: Literal["avg", "max"] = "avg"
     context_lengths: torch.Tensor | None = None
+    query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_inv_freq: torch.Tensor | None = None
     _importance: torch.Tensor | None = field(default=None, repr=False)
 
     @property

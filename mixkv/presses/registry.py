@@ -12,6 +12,8 @@ Names
     The mixkv press of that name.
 ``"mixkv-<base>"``
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy.
+``"tova"``, ``"expectedattention"``, ``"mixkv-tova"``, ``"mixkv-expectedattention"``
+    TOVA, ExpectedAttention, and the MixKV mix with their score as importance (uniform budgets).
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
     NVIDIA's ``kvpress`` presses (only when ``kvpress`` is installed), for side-by-side comparisons.
     They take a compression ratio, derived from ``budget`` as ``1 - budget / context_tokens``.
@@ -26,6 +28,12 @@ from typing import Any
 
 import torch
 
+from mixkv.presses.attention_scorers import (
+    ExpectedAttentionPress,
+    MixKVExpectedAttentionPress,
+    MixKVTOVAPress,
+    TOVAPress,
+)
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.mixkv import MixKVPress
@@ -105,6 +113,16 @@ _ENTRIES: tuple[PressEntry, ...] = (
     PressEntry("knorm", "keys with the smallest norm", KnormPress),
     PressEntry("streamingllm", "first n_sink tokens + the most recent", StreamingLLMPress),
     PressEntry("random", "random eviction (baseline)", RandomPress),
+    PressEntry("tova", "the last token's attention, averaged over heads", TOVAPress),
+    PressEntry("mixkv-tova", "MixKV with TOVA's score as importance, uniform budget", MixKVTOVAPress),
+    PressEntry(
+        "expectedattention", "expected attention of future queries x value norm", ExpectedAttentionPress
+    ),
+    PressEntry(
+        "mixkv-expectedattention",
+        "MixKV with ExpectedAttention's score as importance, uniform budget",
+        MixKVExpectedAttentionPress,
+    ),
     PressEntry("kvpress-snapkv", "kvpress's SnapKVPress", kvpress_options={"window_size": 32}),
     PressEntry(
         "kvpress-adakv", "kvpress's AdaKVPress over its SnapKVPress", kvpress_options={"window_size": 32}
