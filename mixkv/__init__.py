@@ -15,6 +15,7 @@ from mixkv.presses import (
     DecodingPress,
     KeyDiffPress,
     KnormPress,
+    LookMPress,
     MixKVPress,
     PyramidKVPress,
     RandomPress,
@@ -22,6 +23,7 @@ from mixkv.presses import (
     SnapKVPress,
     SparseMMPress,
     StreamingLLMPress,
+    VLCachePress,
 )
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
+    "LookMPress",
     "MixKVPress",
     "PressSession",
     "PyramidKVPress",
@@ -43,5 +46,6 @@ __all__ = [
     "SnapKVPress",
     "SparseMMPress",
     "StreamingLLMPress",
+    "VLCachePress",
     "kv_cache_bytes",
 ]

@@ -131,6 +131,7 @@ PRESSES = {
     "mixkv-snapkv": lambda: mixkv.MixKVPress(budget=BUDGET, window_size=WINDOW),
     "keydiff": lambda: mixkv.KeyDiffPress(budget=BUDGET, window_size=WINDOW),
     "streamingllm": lambda: mixkv.StreamingLLMPress(budget=BUDGET, window_size=WINDOW),
+    "lookm": lambda: mixkv.LookMPress(budget=BUDGET, window_size=WINDOW),  # merges kept values
 }
 
 

@@ -27,6 +27,8 @@ PRESS_NAMES = (
     "mixkv-pyramidkv",
     "mixkv-adakv",
     "mixkv-sparsemm",
+    "vlcache",
+    "mixkv-vlcache",
 )
 
 

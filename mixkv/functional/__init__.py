@@ -6,7 +6,9 @@ from mixkv.functional.budgets import (
     group_head_scores,
     head_score_budgets,
     pyramid_budgets,
+    running_density_budget,
 )
+from mixkv.functional.merging import pivot_merge
 from mixkv.functional.scores import (
     head_redundancy,
     key_diversity,
@@ -14,6 +16,8 @@ from mixkv.functional.scores import (
     mix_scores,
     mixkv_scores,
     pool_scores,
+    post_vision_attention,
+    post_vision_rows,
     value_norm_importance,
     window_attention,
     window_importance,
@@ -30,8 +34,12 @@ __all__ = [
     "key_norm_scores",
     "mix_scores",
     "mixkv_scores",
+    "pivot_merge",
     "pool_scores",
+    "post_vision_attention",
+    "post_vision_rows",
     "pyramid_budgets",
+    "running_density_budget",
     "select_top_per_head",
     "value_norm_importance",
     "window_attention",

@@ -5,6 +5,7 @@ from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPres
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.mixkv import MixKVPress
+from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
@@ -16,6 +17,7 @@ __all__ = [
     "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
+    "LookMPress",
     "MixKVPress",
     "PressEntry",
     "PyramidKVPress",
@@ -24,6 +26,7 @@ __all__ = [
     "SnapKVPress",
     "SparseMMPress",
     "StreamingLLMPress",
+    "VLCachePress",
     "from_name",
     "list_presses",
 ]
