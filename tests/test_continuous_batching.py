@@ -481,6 +481,8 @@ _KvpressLike.__module__ = "kvpress.presses.snapkv_press"
             ("DecodingPress(adakv)", "each KV head"),
         ),
         (_KvpressLike, ("kvpress presses", "mixkv press")),
+        (lambda: mixkv.VLCachePress(budget=64), ("vlcache", "head_budgets")),
+        (lambda: mixkv.MixKVPress(budget=64, base="vlcache"), ("mixkv-vlcache", "sparsity")),
     ],
 )
 def test_refused_presses_are_named_with_the_reason(model: Any, make: Any, words: tuple[str, ...]) -> None:
