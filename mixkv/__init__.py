@@ -16,6 +16,7 @@ from mixkv.presses import (
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
+    LookMPress,
     MixKVExpectedAttentionPress,
     MixKVPress,
     MixKVTOVAPress,
@@ -26,6 +27,7 @@ from mixkv.presses import (
     SparseMMPress,
     StreamingLLMPress,
     TOVAPress,
+    VLCachePress,
 )
 
 __version__ = "0.1.0"
@@ -40,6 +42,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KnormPress",
+    "LookMPress",
     "MixKVExpectedAttentionPress",
     "MixKVPress",
     "MixKVTOVAPress",
@@ -51,5 +54,6 @@ __all__ = [
     "SparseMMPress",
     "StreamingLLMPress",
     "TOVAPress",
+    "VLCachePress",
     "kv_cache_bytes",
 ]

@@ -133,6 +133,7 @@ PRESSES = {
     "streamingllm": lambda: mixkv.StreamingLLMPress(budget=BUDGET, window_size=WINDOW),
     "tova": lambda: mixkv.TOVAPress(budget=BUDGET, window_size=WINDOW),
     "mixkv-tova": lambda: mixkv.MixKVTOVAPress(budget=BUDGET, window_size=WINDOW),
+    "lookm": lambda: mixkv.LookMPress(budget=BUDGET, window_size=WINDOW),  # merges kept values
 }
 
 
@@ -484,6 +485,8 @@ _KvpressLike.__module__ = "kvpress.presses.snapkv_press"
         (_KvpressLike, ("kvpress presses", "mixkv press")),
         (lambda: mixkv.ExpectedAttentionPress(budget=64), ("expectedattention", "rotary tables")),
         (lambda: mixkv.MixKVExpectedAttentionPress(budget=64), ("mixkv-expectedattention", "rotary tables")),
+        (lambda: mixkv.VLCachePress(budget=64), ("vlcache", "head_budgets")),
+        (lambda: mixkv.MixKVPress(budget=64, base="vlcache"), ("mixkv-vlcache", "sparsity")),
     ],
 )
 def test_refused_presses_are_named_with_the_reason(model: Any, make: Any, words: tuple[str, ...]) -> None:

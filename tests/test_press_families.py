@@ -31,6 +31,8 @@ PRESS_NAMES = (
     "mixkv-tova",
     "expectedattention",
     "mixkv-expectedattention",
+    "vlcache",
+    "mixkv-vlcache",
 )
 
 

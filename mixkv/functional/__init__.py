@@ -6,7 +6,9 @@ from mixkv.functional.budgets import (
     group_head_scores,
     head_score_budgets,
     pyramid_budgets,
+    running_density_budget,
 )
+from mixkv.functional.merging import pivot_merge
 from mixkv.functional.scores import (
     expected_attention,
     future_rotary,
@@ -19,6 +21,8 @@ from mixkv.functional.scores import (
     mixkv_mix,
     mixkv_scores,
     pool_scores,
+    post_vision_attention,
+    post_vision_rows,
     unrotate_queries,
     value_norm_importance,
     window_attention,
@@ -41,8 +45,12 @@ __all__ = [
     "mix_scores",
     "mixkv_mix",
     "mixkv_scores",
+    "pivot_merge",
     "pool_scores",
+    "post_vision_attention",
+    "post_vision_rows",
     "pyramid_budgets",
+    "running_density_budget",
     "select_top_per_head",
     "unrotate_queries",
     "value_norm_importance",

@@ -20,6 +20,7 @@ __all__ = [
     "group_head_scores",
     "head_score_budgets",
     "pyramid_budgets",
+    "running_density_budget",
 ]
 
 _TIE_DECIMALS = 9
@@ -395,3 +396,60 @@ def group_head_scores(query_head_scores: Tensor, num_kv_heads: int) -> Tensor:
             f"num_kv_heads ({kv_heads}) must be a positive divisor of the number of query heads ({heads})"
         )
     return (scores / scores.sum()).reshape(layers, kv_heads, heads // kv_heads).sum(-1)
+
+
+def running_density_budget(
+    density: Tensor,
+    density_sum: Tensor,
+    layers_seen: int,
+    layers_left: int,
+    remaining: Tensor,
+    available: Tensor,
+) -> Tensor:
+    r"""VL-Cache's layer share of the prefix budget, allocated as layers are compressed, in order.
+
+    VL-Cache gives layer ``l`` a share of the total budget proportional to its attention density
+    ``d_l = 1 - gamma_l``. A layer is compressed as soon as its attention is computed, before the
+    later layers' densities are known, so this gives layer ``l`` (with ``n`` layers left, itself
+    included) the density-proportional share of the remaining prefix budget ``R`` with every unseen
+    layer assumed at the mean density ``d-bar`` of the layers seen so far (``l`` included):
+
+    .. math::
+
+        p_l = \operatorname{clip}\Big(\Big\lfloor R \, \frac{d_l}{d_l + (n - 1) \bar d} + \tfrac12
+            \Big\rfloor, 0, \min(R, \mathrm{available}_l)\Big)
+
+    and the last layer takes what remains (``n = 1``), so the total over layers is exact unless the
+    last layers hold fewer entries than remain.
+
+    Parameters
+    ----------
+    density : Tensor
+        ``(B,)`` density ``d_l`` of this layer, in ``(0, 1]``.
+    density_sum : Tensor
+        ``(B,)`` sum of the densities of the layers seen so far, this one included.
+    layers_seen : int
+        Layers seen so far, this one included (``>= 1``).
+    layers_left : int
+        Layers still to compress, this one included (``>= 1``).
+    remaining : Tensor
+        ``(B,)`` long, prefix budget not yet given to earlier layers.
+    available : Tensor
+        ``(B,)`` long, real prefix entries this layer holds.
+
+    Returns
+    -------
+    Tensor
+        ``(B,)`` long prefix entries this layer keeps (its budget minus the window).
+    """
+    seen = as_int("layers_seen", layers_seen)
+    left = as_int("layers_left", layers_left)
+    if seen < 1 or left < 1:
+        raise ValueError(f"layers_seen and layers_left must be >= 1, got {seen} and {left}")
+    if bool((density <= 0).any()):
+        raise ValueError("density must be positive (1 - sparsity, and a row's maximum is never sparse)")
+    cap = torch.minimum(remaining, available).clamp_min(0)
+    mean = density_sum.to(torch.float64) / seen
+    share = density.to(torch.float64) / (density.to(torch.float64) + (left - 1) * mean)
+    ideal = torch.floor(remaining.to(torch.float64) * share + 0.5).long()
+    return torch.minimum(ideal.clamp_min(0), cap)

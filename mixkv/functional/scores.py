@@ -38,6 +38,8 @@ __all__ = [
     "mixkv_mix",
     "mixkv_scores",
     "pool_scores",
+    "post_vision_attention",
+    "post_vision_rows",
     "unrotate_queries",
     "value_norm_importance",
     "window_attention",
@@ -218,8 +220,11 @@ def _mask_pads(x: Tensor, valid: Tensor) -> Tensor:
     return x.masked_fill(~valid, -math.inf)
 
 
-def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor) -> Tensor:
-    """Validated core of :func:`window_attention`; ``valid`` is ``(B, 1, N)`` or ``(B, Hkv, N)``."""
+def _window_probs(
+    queries: Tensor, keys: Tensor, scale: float, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row window attention ``(B, Hkv, g, W, N)``, the keys each row sees ``(B, 1 or Hkv, W, N)``
+    and the real window queries ``(B, 1 or Hkv, W)``; ``valid`` is ``(B, 1, N)`` or ``(B, Hkv, N)``."""
     dtype = _score_dtype(queries, keys)
     batch, heads, window, head_dim = queries.shape
     kv_heads, seq_len = keys.shape[1], keys.shape[2]
@@ -229,10 +234,18 @@ def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor
     positions = torch.arange(seq_len, device=keys.device)
     causal = positions[None, :] <= positions[seq_len - window :, None]  # (W, N)
     query_valid = valid[..., seq_len - window :]  # (B, 1 or Hkv, W)
+    sees = causal & valid[..., None, :]
     # A padded window query is dropped from the mean below; letting it see every key keeps its row finite.
-    visible = (causal & valid[..., None, :]) | ~query_valid[..., None]  # (B, 1 or Hkv, W, N)
+    visible = sees | ~query_valid[..., None]  # (B, 1 or Hkv, W, N)
     probs = logits.masked_fill(~visible[:, :, None], -math.inf).softmax(dim=-1)
-    weights = query_valid.to(dtype) / query_valid.sum(-1, keepdim=True).clamp_min(1)
+    return probs, sees, query_valid
+
+
+def _window_attention(queries: Tensor, keys: Tensor, scale: float, valid: Tensor) -> Tensor:
+    """Validated core of :func:`window_attention`; ``valid`` is ``(B, 1, N)`` or ``(B, Hkv, N)``."""
+    probs, _, query_valid = _window_probs(queries, keys, scale, valid)
+    batch, kv_heads, group, window, seq_len = probs.shape
+    weights = query_valid.to(probs.dtype) / query_valid.sum(-1, keepdim=True).clamp_min(1)
     attention = torch.einsum("bkgwn,bkw->bkn", probs, weights.expand(batch, kv_heads, window)) / group
     return attention[..., : seq_len - window]
 
@@ -974,3 +987,112 @@ def expected_attention(
     top = torch.where(prefix_valid & ~prefix_sink, score, -math.inf).amax(-1, keepdim=True)
     score = torch.where(prefix_sink, top.clamp_min(0.0) + 1, score)
     return _mask_pads(score, prefix_valid)
+
+
+def post_vision_rows(
+    visual_mask: Tensor | None, window_size: int, *, key_mask: Tensor | None = None
+) -> Tensor:
+    r"""The window queries that follow the prompt's last visual token (VL-Cache's post-vision queries).
+
+    Row ``i`` of the window (prompt position ``N - W + i``) is a post-vision query when it is a real
+    token placed after every visual (image or video) token of its sequence. A sequence with no
+    visual token, or none of whose window rows follows its last visual token, uses every real
+    window row (text-only prompts are scored by their last ``W`` queries).
+
+    Parameters
+    ----------
+    visual_mask : Tensor or None
+        ``(B, N)`` bool, True at visual placeholder positions; None for a text-only prompt.
+    window_size : int
+        ``W``.
+    key_mask : Tensor, optional
+        ``(B, N)`` (or ``(B, Hkv, N)``) real-token mask; only real window rows are returned.
+
+    Returns
+    -------
+    Tensor
+        ``(B, W)`` bool; every sequence with a real window row has at least one True.
+    """
+    if visual_mask is None and key_mask is None:
+        raise ValueError("post_vision_rows needs visual_mask or key_mask to know the batch and length")
+    reference = visual_mask if visual_mask is not None else key_mask
+    assert reference is not None
+    batch, seq_len = reference.shape[0], reference.shape[-1]
+    window = _check_window("window_size", window_size, seq_len)
+    device = reference.device
+    real = _valid_mask(key_mask, batch, seq_len, device)[:, 0, seq_len - window :]
+    if visual_mask is None:
+        return real
+    if tuple(visual_mask.shape) != (batch, seq_len) or visual_mask.dtype != torch.bool:
+        raise ValueError(f"visual_mask must be a bool tensor of shape ({batch}, {seq_len})")
+    positions = torch.arange(seq_len, device=device)
+    last_visual = torch.where(visual_mask.to(device), positions, -1).max(-1).values  # (B,)
+    rows = real & (positions[seq_len - window :][None, :] > last_visual[:, None])
+    return torch.where(rows.any(-1, keepdim=True), rows, real)
+
+
+def post_vision_attention(
+    queries: Tensor,
+    keys: Tensor,
+    rows: Tensor,
+    *,
+    threshold: float = 0.01,
+    scaling: float | None = None,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""VL-Cache's accumulated post-vision attention and the layer's attention sparsity.
+
+    With ``A_{h'} = softmax(s Q_{h'} K_h^T + M)`` over the window rows (mask ``M`` as in
+    :func:`window_attention`) and ``R`` the post-vision rows:
+
+    .. math::
+
+        \mathrm{score}_h(j) = \frac{1}{g} \sum_{h' \in h} \sum_{i \in R} A_{h'}[i, j], \qquad
+        \gamma = \frac{1}{H |R|} \sum_{h'} \sum_{i \in R}
+            \frac{|\{j \le i : A_{h'}[i, j] < \tau \max_{j'} A_{h'}[i, j']\}|}{|\{j \le i\}|}
+
+    i.e. the score is the attention each prefix position receives from the post-vision queries,
+    summed over those queries and averaged over the GQA group, and the sparsity ``gamma`` is the
+    fraction of the entries a post-vision query can see (real keys, causally) whose probability is
+    below ``tau`` (``threshold``) times the row's maximum, averaged over query heads and rows.
+
+    Parameters
+    ----------
+    queries, keys, scaling, key_mask
+        As in :func:`window_attention`.
+    rows : Tensor
+        ``(B, W)`` bool, the post-vision window rows (:func:`post_vision_rows`); at least one per
+        sequence.
+    threshold : float
+        ``tau`` in ``(0, 1)``; VL-Cache counts an entry as sparse below 1% of its row's maximum.
+
+    Returns
+    -------
+    scores : Tensor
+        ``(B, Hkv, N - W)``, ``-inf`` at padded positions.
+    sparsity : Tensor
+        ``(B,)`` layer sparsity ``gamma`` in ``[0, 1)``.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("keys", keys)
+    window = _check_queries(queries, batch, kv_heads, seq_len, head_dim)
+    scale = _check_scaling(scaling, head_dim)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"threshold must be in (0, 1) (a fraction of the row maximum, e.g. 0.01), got {threshold}"
+        )
+    if not isinstance(rows, Tensor) or rows.dtype != torch.bool or tuple(rows.shape) != (batch, window):
+        raise ValueError(f"rows must be a bool tensor of shape (batch, window) = ({batch}, {window})")
+    valid = _valid_mask(key_mask, batch, seq_len, keys.device)
+    probs, sees, query_valid = _window_probs(queries, keys, scale, valid)
+    used = rows.to(keys.device)[:, None, :] & query_valid  # (B, 1 or Hkv, W)
+    if not bool(used.any(-1).all()):
+        raise ValueError("every sequence needs at least one real post-vision row (see post_vision_rows)")
+    group = probs.shape[2]
+    weights = used.to(probs.dtype).expand(batch, kv_heads, window)
+    scores = torch.einsum("bkgwn,bkw->bkn", probs, weights)[..., : seq_len - window] / group
+    row_max = probs.amax(-1, keepdim=True)
+    sparse = (probs < threshold * row_max) & sees[:, :, None]
+    fraction = sparse.sum(-1).to(probs.dtype) / sees.sum(-1).clamp_min(1).to(probs.dtype)[:, :, None]
+    per_row = fraction.mean(2)  # (B, Hkv, W): mean over the GQA group
+    per_head = (per_row * weights).sum(-1) / weights.sum(-1)  # (B, Hkv)
+    return _mask_pads(scores, valid[..., : seq_len - window]), per_head.mean(-1)

@@ -133,7 +133,12 @@ class CacheCompressor:
             )
         elif bool(compress_rows.any()):
             start = time.perf_counter()
-            _, selection = self._compress(call, cache, window_queries, held, budgets, compress_rows, lengths)
+            visual = None
+            if record.is_image is not None and record.is_video is not None:
+                visual = (record.is_image | record.is_video).to(keys.device)
+            _, selection = self._compress(
+                call, cache, window_queries, held, budgets, compress_rows, lengths, visual
+            )
             record.compressed_layers.append(layer_idx)
             record.count_kept(held.key_mask, selection, self.press.window_size)
             state.seconds += time.perf_counter() - start
@@ -205,11 +210,13 @@ class CacheCompressor:
         budgets: torch.Tensor,
         compress_rows: torch.Tensor,
         context_lengths: torch.Tensor,
+        visual_mask: torch.Tensor | None = None,
     ) -> tuple[CompressedLayer, tuple[torch.Tensor, torch.Tensor]]:
         """Replace the layer by one holding the selected entries and the last ``window_size``.
 
         ``budgets``, ``compress_rows`` and ``context_lengths`` are per sequence ``(B,)``: the
-        budget, whether to cut to it, and the real tokens seen. Returns the new layer, the selected
+        budget, whether to cut to it, and the real tokens seen; ``visual_mask`` ``(B, N)`` marks the
+        visual placeholders of a layer holding the whole prompt (None otherwise). Returns the new layer, the selected
         prefix indices and their validity (:func:`~mixkv.functional.select_top_per_head`).
         """
         press = self.press
@@ -230,6 +237,7 @@ class CacheCompressor:
             context_lengths=context_lengths,
             query_rotary=self.state(cache).rotary.get(layer_idx),
             rope_inv_freq=self.rope_frequencies.get(layer_idx),
+            visual_mask=visual_mask,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)

@@ -97,6 +97,9 @@ def compress_layer(
         kept.prefix_counts,
         kept.window_valid,
     )
+    merged = press.merge_evicted(ctx, indices, valid)
+    if merged is not None:  # a merging press (LOOK-M) changes the kept entries, not which are kept
+        keys, values = merged
     gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
     kept_keys = keys[:, :, :prefix].gather(2, gather_index)
     kept_values = values[:, :, :prefix].gather(2, gather_index)

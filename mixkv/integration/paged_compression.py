@@ -405,6 +405,9 @@ class PagedCompressor:
                 "paged cache slot holds every KV head, so every head must keep the same number"
             )
         prefix_kept = int(counts[0])
+        merged = press.merge_evicted(ctx, kept.indices, kept.valid)
+        if merged is not None:  # a merging press (LOOK-M) changes the kept entries, not which are kept
+            keys, values = merged
         window = press.window_size
         heads, head_dim = keys.shape[1], keys.shape[3]
         positions = torch.cat(

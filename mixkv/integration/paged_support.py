@@ -33,6 +33,7 @@ UNIFORM_PRESSES = (
     "random",
     "tova",
     "mixkv-tova",
+    "lookm",
 )
 #: Press classes with one budget per layer, supported by masking each layer's unused slots.
 PER_LAYER_PRESSES = ("pyramidkv", "mixkv-pyramidkv")
@@ -142,6 +143,12 @@ def check_press(press: Any) -> None:
         )
     if per_layer_budgets(press):
         return
+    if isinstance(press, MixKVPress) and press.base == "vlcache":
+        raise ValueError(
+            f"{name} is not supported in continuous batching: VL-Cache's budgets differ between layers with "
+            f"each prompt's attention sparsity, which the paged cache's per-layer slots are not planned for; "
+            f"{_USE_INSTEAD}"
+        )
     if isinstance(press, MixKVPress) and press.base != "snapkv":
         raise ValueError(f"{name} is not supported in continuous batching: {_PER_HEAD}; {_USE_INSTEAD}")
     if isinstance(press, (AdaKVPress, SparseMMPress)):

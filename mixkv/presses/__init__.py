@@ -11,6 +11,7 @@ from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPres
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.mixkv import MixKVPress
+from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
@@ -23,6 +24,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KnormPress",
+    "LookMPress",
     "MixKVExpectedAttentionPress",
     "MixKVPress",
     "MixKVTOVAPress",
@@ -34,6 +36,7 @@ __all__ = [
     "SparseMMPress",
     "StreamingLLMPress",
     "TOVAPress",
+    "VLCachePress",
     "from_name",
     "list_presses",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -51,6 +51,11 @@ class ScoringContext:
         embedding), where the integration knows them.
     rope_inv_freq : Tensor ``(r / 2,)``, optional
         The inverse frequencies of the layer's rotary embedding, where the integration knows them.
+    visual_mask : BoolTensor ``(B, N)``, optional
+        True at the entries holding image or video placeholder tokens. Given when the layer holds
+        the whole prompt, position for position (a one-go prefill, a declared prompt, a recorded
+        prompt) of a model with visual placeholders; None otherwise (text-only models, chunked
+        prompts, re-compressions while decoding).
     """
 
     queries: torch.Tensor
@@ -66,7 +71,10 @@ class ScoringContext:
     context_lengths: torch.Tensor | None = None
     query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     rope_inv_freq: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
     _importance: torch.Tensor | None = field(default=None, repr=False)
+    #: What a press derives once per layer and needs in both ``head_budgets`` and ``scores``.
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def window_size(self) -> int:
@@ -196,3 +204,13 @@ class BasePress:
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         """Selection score of every prefix position ``(B, Hkv, N - W)``; higher is kept."""
         raise NotImplementedError
+
+    def merge_evicted(
+        self, ctx: ScoringContext, indices: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values ``(B, Hkv, N, D)`` to take the kept entries from, once the evicted ones are
+        merged into them; None (the default) keeps the entries as they are.
+
+        ``indices`` / ``valid`` ``(B, Hkv, K)`` are the kept prefix positions and their validity
+        (:func:`~mixkv.functional.select_top_per_head`); the window is kept too."""
+        return None

@@ -11,8 +11,9 @@ import torch
 from mixkv.functional import mixkv_scores
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.multimodal import VLCachePress
 
-BASES = ("snapkv", "pyramidkv", "adakv", "sparsemm")
+BASES = ("snapkv", "pyramidkv", "adakv", "sparsemm", "vlcache")
 
 
 @dataclass
@@ -29,14 +30,16 @@ class MixKVPress(BasePress):
     min-max normalised negative cosine to the head's mean key (both rescaled to the mean of ``I``),
     and ``r_h`` the head's redundancy (mean pairwise cosine similarity of its keys, in [0, 1]).
     Redundant heads (keys all alike, typical of image tokens) are steered towards diversity.
-    The budget allocation is the base method's own, computed from ``I``.
+    The budget allocation is the base method's own, computed from ``I``. On ``base="vlcache"``
+    the importance ``I`` is VL-Cache's accumulated post-vision attention and the budgets are its
+    sparsity-proportional layer budgets (:class:`~mixkv.presses.VLCachePress`).
 
     Paper: Liu et al., "Mixing Importance with Diversity: Joint Optimization for KV Cache
     Compression in Large Vision-Language Models", 2025, https://arxiv.org/abs/2510.20707.
 
     Parameters
     ----------
-    base : {"snapkv", "pyramidkv", "adakv", "sparsemm"}, default "snapkv"
+    base : {"snapkv", "pyramidkv", "adakv", "sparsemm", "vlcache"}, default "snapkv"
         Budget policy to ride on.
     redundancy : Tensor, str or Path, optional
         Offline ``(layers, kv_heads)`` redundancy table (or a file from ``mixkv calibrate``). By
@@ -48,15 +51,18 @@ class MixKVPress(BasePress):
         PyramidKV's slope parameter, used when ``base="pyramidkv"``.
     floor_ratio, mass_scaling
         AdaKV's per-head floor and score scaling, used when ``base="adakv"``.
+    sparsity_threshold
+        VL-Cache's sparsity threshold (fraction of a row's maximum), used when ``base="vlcache"``.
     """
 
-    base: Literal["snapkv", "pyramidkv", "adakv", "sparsemm"] = "snapkv"
+    base: Literal["snapkv", "pyramidkv", "adakv", "sparsemm", "vlcache"] = "snapkv"
     redundancy: torch.Tensor | str | Path | None = field(default=None, repr=False)
     head_scores: torch.Tensor | str | Path | None = field(default=None, repr=False)
     min_ratio: float = 0.1
     beta: int = 20
     floor_ratio: float = 0.2
     mass_scaling: bool = True
+    sparsity_threshold: float = 0.01
     _base_press: BasePress = field(init=False, repr=False, compare=False)
     _redundancy_table: torch.Tensor | None = field(init=False, repr=False, compare=False)
 
@@ -78,6 +84,8 @@ class MixKVPress(BasePress):
             base_press = PyramidKVPress(**common, beta=self.beta)  # type: ignore[arg-type]
         elif self.base == "adakv":
             base_press = AdaKVPress(**common, floor_ratio=self.floor_ratio, mass_scaling=self.mass_scaling)  # type: ignore[arg-type]
+        elif self.base == "vlcache":
+            base_press = VLCachePress(**common, sparsity_threshold=self.sparsity_threshold)  # type: ignore[arg-type]
         else:
             base_press = SparseMMPress(**common, head_scores=self.head_scores, min_ratio=self.min_ratio)  # type: ignore[arg-type]
         self._base_press = base_press
@@ -119,5 +127,6 @@ class MixKVPress(BasePress):
             redundancy=redundancy,
             scaling=ctx.scaling,
             key_mask=ctx.key_mask,
-            importance=ctx.importance,  # shared with the base's budget allocation, computed once
+            # shared with the base's budget allocation, computed once
+            importance=self._base_press.scores(ctx) if self.base == "vlcache" else ctx.importance,
         )

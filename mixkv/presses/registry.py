@@ -10,10 +10,14 @@ Names
     No press: the full cache (:func:`from_name` returns None).
 ``"snapkv"``, ``"pyramidkv"``, ``"adakv"``, ``"sparsemm"``, ``"keydiff"``, ``"knorm"``, ``"streamingllm"``, ``"random"``
     The mixkv press of that name.
+``"vlcache"``, ``"lookm"``
+    The VLM presses :class:`~mixkv.presses.VLCachePress` and :class:`~mixkv.presses.LookMPress`.
 ``"mixkv-<base>"``
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy.
 ``"tova"``, ``"expectedattention"``, ``"mixkv-tova"``, ``"mixkv-expectedattention"``
     TOVA, ExpectedAttention, and the MixKV mix with their score as importance (uniform budgets).
+    :class:`~mixkv.presses.MixKVPress` on the base's budget policy (``mixkv-vlcache``: on VL-Cache's
+    scores and layer budgets).
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
     NVIDIA's ``kvpress`` presses (only when ``kvpress`` is installed), for side-by-side comparisons.
     They take a compression ratio, derived from ``budget`` as ``1 - budget / context_tokens``.
@@ -37,6 +41,7 @@ from mixkv.presses.attention_scorers import (
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.mixkv import MixKVPress
+from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
 __all__ = [
@@ -123,6 +128,9 @@ _ENTRIES: tuple[PressEntry, ...] = (
         "MixKV with ExpectedAttention's score as importance, uniform budget",
         MixKVExpectedAttentionPress,
     ),
+    PressEntry("vlcache", "post-vision attention, layer budgets from attention sparsity", VLCachePress),
+    _mixkv("vlcache"),
+    PressEntry("lookm", "text-prior eviction, evicted entries merged into kept ones", LookMPress),
     PressEntry("kvpress-snapkv", "kvpress's SnapKVPress", kvpress_options={"window_size": 32}),
     PressEntry(
         "kvpress-adakv", "kvpress's AdaKVPress over its SnapKVPress", kvpress_options={"window_size": 32}
