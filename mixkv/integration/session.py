@@ -58,6 +58,7 @@ from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
 from mixkv.integration.layer_tensors import AttentionCall, key_mask_from_attention_mask
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
 from mixkv.integration.prompt_recording import RecordedPrompt
+from mixkv.integration.tensor_parallel import find_head_shard
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -79,7 +80,7 @@ class PressSession:
         self._bound: list[int] = []
         self._saved_implementation: str | None = None
         self._caches: dict[int, Cache | None] = {}
-        self._compressor = CacheCompressor(press, self.layout, decoding)
+        self._compressor = CacheCompressor(press, self.layout, decoding, find_head_shard(self.layout))
         self._input_ids: torch.Tensor | None = None
         # Caches whose prompt this session has handled: later forwards through them only append
         # (or, under a DecodingPress, are compressed every `interval` tokens).

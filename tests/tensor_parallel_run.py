@@ -1,0 +1,98 @@
+"""The presses of ``tests/test_tensor_parallel.py``, run on a model in one process or on each rank.
+
+Run under ``torchrun --nproc-per-node 2 tests/tensor_parallel_run.py MODEL_DIR OUT_DIR``, every rank
+loads ``MODEL_DIR`` with ``tp_plan="auto"`` (KV heads split over the ranks), runs :func:`run_presses`
+and saves what it got to ``OUT_DIR/rank{r}.pt``; the test runs the same presses in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+import mixkv
+from mixkv.integration.cache import CompressedLayer
+from mixkv.integration.decoder_layout import prefill, prefill_in_chunks
+
+PROMPT_TOKENS = 120
+NEW_TOKENS = 8
+
+
+def presses(layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """Uniform and head-wise presses (with per-head tables of the whole model), by name."""
+    tables = torch.Generator().manual_seed(3)
+    head_scores = torch.rand(layers, heads, generator=tables) + 0.05
+    redundancy = torch.rand(layers, kv_heads, generator=tables)
+    common = {"budget": 40, "window_size": 8}
+    return {
+        "snapkv": mixkv.SnapKVPress(**common),
+        "pyramidkv": mixkv.PyramidKVPress(**common),
+        "adakv": mixkv.AdaKVPress(**common),
+        "mixkv-adakv": mixkv.MixKVPress(**common, base="adakv"),
+        "sparsemm": mixkv.SparseMMPress(**common, head_scores=head_scores),
+        "mixkv-snapkv-table": mixkv.MixKVPress(**common, redundancy=redundancy),
+        "adakv-decoding": mixkv.DecodingPress(mixkv.AdaKVPress(**common), interval=4),
+        "adakv-chunks": mixkv.AdaKVPress(**common),
+    }
+
+
+def kept_entries(cache: Any) -> list[list[torch.Tensor]]:
+    """Per layer and KV head held by this process, the keys the cache holds, oldest first."""
+    held = []
+    for layer in cache.layers:
+        keys, _, mask = layer.entries() if isinstance(layer, CompressedLayer) else (layer.keys, None, None)
+        if mask is None:
+            mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
+        head_mask = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
+        held.append([keys[0, head][head_mask[0, head]].clone() for head in range(keys.shape[1])])
+    return held
+
+
+def run_presses(model: Any) -> dict[str, dict[str, Any]]:
+    """Greedy answers, reports and kept keys of every press of :func:`presses` on one prompt."""
+    config = model.config
+    ids = torch.randint(4, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, press in presses(
+        config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    ).items():
+        options: dict[str, Any] = {"prefill_chunk_size": 48} if name.endswith("chunks") else {}
+        new_tokens = 3 * NEW_TOKENS if name.endswith("decoding") else NEW_TOKENS
+        with press(model):
+            out = model.generate(
+                ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **options
+            )
+        report = press.last_report
+        results[name] = {
+            "answer": out.sequences[0, PROMPT_TOKENS:].tolist(),
+            "kept_tokens": report.kept_tokens,
+            "kept_keys": kept_entries(out.past_key_values),
+        }
+        # The report's bytes are measured right after prefill, before any answer token.
+        with press(model) as session:
+            cache = DynamicCache()
+            if name.endswith("chunks"):
+                prefill_in_chunks(model, ids, cache, 48, session)
+            else:
+                prefill(model, ids, cache)
+        results[name]["bytes"] = (press.last_report.compressed_bytes, press.last_report.full_bytes)
+        results[name]["own_bytes"] = mixkv.kv_cache_bytes(cache)
+        if name.endswith("decoding"):
+            results[name]["compressions"] = press.compressions
+    return results
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto")
+    torch.save(run_presses(model), os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
