@@ -86,12 +86,41 @@ def run_presses(model: Any) -> dict[str, dict[str, Any]]:
     return results
 
 
+class KvpressLikePress:
+    """Stands for a press of NVIDIA's kvpress (recognised by its module)."""
+
+    __module__ = "kvpress.presses.snapkv_press"
+
+
+def refusals(model: Any) -> dict[str, str]:
+    """What each path refused on a tensor-parallel model says (empty string if it was not refused)."""
+    from mixkv.integration.calibration import calibrate
+    from mixkv.integration.kvpress_bridge import press_applied
+    from mixkv.integration.paged_support import check_model
+
+    attempts = {
+        "calibrate": lambda: calibrate(model, []),
+        "continuous batching": lambda: check_model(model),
+        "kvpress": lambda: press_applied(KvpressLikePress(), model).__enter__(),
+    }
+    said = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            said[what] = ""
+        except ValueError as error:
+            said[what] = str(error)
+    return said
+
+
 def main(model_dir: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto")
-    torch.save(run_presses(model), os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+    results: dict[str, Any] = run_presses(model)
+    results["refusals"] = refusals(model)
+    torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
 if __name__ == "__main__":

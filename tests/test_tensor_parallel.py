@@ -117,6 +117,13 @@ def test_bounded_decoding_compresses_alike_on_every_rank(runs):
     ] * RANKS
 
 
+@pytest.mark.parametrize("what", ["calibrate", "continuous batching", "kvpress"])
+def test_paths_that_would_see_one_ranks_heads_are_refused_by_name(runs, what):
+    _, ranks = runs
+    for rank in ranks:
+        assert "not supported on a tensor-parallel model" in rank["refusals"][what]
+
+
 def test_kv_heads_that_do_not_split_evenly_over_the_ranks_are_refused():
     with pytest.raises(ValueError, match="cannot be split evenly over 2 tensor-parallel ranks"):
         HeadShard(group=None, rank=0, size=2, num_kv_heads=3)

@@ -44,6 +44,29 @@ def find_head_shard(layout: DecoderLayout) -> HeadShard | None:
     return None
 
 
+def is_tensor_parallel(model: torch.nn.Module) -> bool:
+    """Whether any of ``model``'s weights is a shard of a tensor-parallel plan."""
+    return any(
+        isinstance(parameter, DTensor) and any(isinstance(p, Shard) for p in parameter.placements)
+        for parameter in model.parameters()
+    )
+
+
+def refuse_tensor_parallel(model: torch.nn.Module, what: str, why: str) -> None:
+    """Refuse ``what`` on a tensor-parallel model, saying ``why``.
+
+    Raises
+    ------
+    ValueError
+        If :func:`is_tensor_parallel`.
+    """
+    if is_tensor_parallel(model):
+        raise ValueError(
+            f"{what} is not supported on a tensor-parallel model (tp_plan): {why}; load the model "
+            "without tp_plan (one process, or device_map='auto' to spread its layers over devices)"
+        )
+
+
 def check_local_heads(shard: HeadShard | None, keys: torch.Tensor) -> None:
     """Refuse a layer whose cached heads are not what :func:`find_head_shard` expects.
 
