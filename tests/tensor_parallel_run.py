@@ -1,8 +1,9 @@
 """The presses of ``tests/test_tensor_parallel.py``, run on a model in one process or on each rank.
 
 Run under ``torchrun --nproc-per-node 2 tests/tensor_parallel_run.py MODEL_DIR OUT_DIR``, every rank
-loads ``MODEL_DIR`` with ``tp_plan="auto"`` (KV heads split over the ranks), runs :func:`run_presses`
-and saves what it got to ``OUT_DIR/rank{r}.pt``; the test runs the same presses in one process.
+loads ``MODEL_DIR`` with ``DistributedConfig(tp_plan="auto")`` (KV heads split over the ranks), runs
+:func:`run_presses` and :func:`refusals` and saves what it got to ``OUT_DIR/rank{r}.pt``; the test
+runs the same presses in one process.
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def refusals(model: Any) -> dict[str, str]:
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, distributed_config=DistributedConfig(tp_plan="auto")
+    )
     results: dict[str, Any] = run_presses(model)
     results["refusals"] = refusals(model)
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

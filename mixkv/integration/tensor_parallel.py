@@ -9,8 +9,10 @@ the first attention call that the rank really holds its share of the heads
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch.distributed.tensor import DTensor, Shard
+import torch.distributed as dist
 
 from mixkv.integration.decoder_layout import DecoderLayout
 from mixkv.presses.head_shard import HeadShard
@@ -27,8 +29,8 @@ def find_head_shard(layout: DecoderLayout) -> HeadShard | None:
     """
     for module in layout.attention_modules:
         for parameter in module.parameters():
-            if isinstance(parameter, DTensor) and any(isinstance(p, Shard) for p in parameter.placements):
-                mesh = parameter.device_mesh
+            mesh = _shard_mesh(parameter)
+            if mesh is not None:
                 if mesh.ndim != 1:
                     raise ValueError(
                         f"mixkv supports tensor parallelism over a one-dimensional device mesh; this model's "
@@ -46,10 +48,18 @@ def find_head_shard(layout: DecoderLayout) -> HeadShard | None:
 
 def is_tensor_parallel(model: torch.nn.Module) -> bool:
     """Whether any of ``model``'s weights is a shard of a tensor-parallel plan."""
-    return any(
-        isinstance(parameter, DTensor) and any(isinstance(p, Shard) for p in parameter.placements)
-        for parameter in model.parameters()
-    )
+    return any(_shard_mesh(parameter) is not None for parameter in model.parameters())
+
+
+def _shard_mesh(parameter: torch.Tensor) -> Any:
+    """The device mesh over which ``parameter`` is sharded, or None (a whole tensor)."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(parameter, DTensor) and any(isinstance(p, Shard) for p in parameter.placements):
+        return parameter.device_mesh
+    return None
 
 
 def refuse_tensor_parallel(model: torch.nn.Module, what: str, why: str) -> None:
