@@ -38,38 +38,56 @@ def presses(layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
         "mixkv-snapkv-table": mixkv.MixKVPress(**common, redundancy=redundancy),
         "adakv-decoding": mixkv.DecodingPress(mixkv.AdaKVPress(**common), interval=4),
         "adakv-chunks": mixkv.AdaKVPress(**common),
+        "mixkv-adakv-batch": mixkv.MixKVPress(**common, base="adakv"),
     }
 
 
-def kept_entries(cache: Any) -> list[list[torch.Tensor]]:
-    """Per layer and KV head held by this process, the keys the cache holds, oldest first."""
+def kept_entries(cache: Any) -> list[list[list[torch.Tensor]]]:
+    """Per layer, sequence and KV head held by this process, the real keys the cache holds, oldest
+    first."""
     held = []
     for layer in cache.layers:
         keys, _, mask = layer.entries() if isinstance(layer, CompressedLayer) else (layer.keys, None, None)
         if mask is None:
             mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
         head_mask = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
-        held.append([keys[0, head][head_mask[0, head]].clone() for head in range(keys.shape[1])])
+        held.append(
+            [
+                [keys[row, head][head_mask[row, head]].clone() for head in range(keys.shape[1])]
+                for row in range(keys.shape[0])
+            ]
+        )
     return held
 
 
+def prompts(vocab_size: int, batch: bool) -> dict[str, torch.Tensor]:
+    """One prompt, or two with the second 30 tokens shorter (left-padded with id 0)."""
+    ids = torch.randint(4, vocab_size, (2, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    if not batch:
+        return {"input_ids": ids[:1]}
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
 def run_presses(model: Any) -> dict[str, dict[str, Any]]:
-    """Greedy answers, reports and kept keys of every press of :func:`presses` on one prompt."""
+    """Greedy answers, reports and kept keys of every press of :func:`presses` on one prompt (two
+    for the names ending in ``-batch``)."""
     config = model.config
-    ids = torch.randint(4, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     results = {}
     for name, press in presses(
         config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     ).items():
         options: dict[str, Any] = {"prefill_chunk_size": 48} if name.endswith("chunks") else {}
         new_tokens = 3 * NEW_TOKENS if name.endswith("decoding") else NEW_TOKENS
+        inputs = prompts(config.vocab_size, batch=name.endswith("batch"))
         with press(model):
             out = model.generate(
-                ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **options
+                **inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **options
             )
         report = press.last_report
         results[name] = {
-            "answer": out.sequences[0, PROMPT_TOKENS:].tolist(),
+            "answer": out.sequences[:, PROMPT_TOKENS:].tolist(),
             "kept_tokens": report.kept_tokens,
             "kept_keys": kept_entries(out.past_key_values),
         }
@@ -77,9 +95,9 @@ def run_presses(model: Any) -> dict[str, dict[str, Any]]:
         with press(model) as session:
             cache = DynamicCache()
             if name.endswith("chunks"):
-                prefill_in_chunks(model, ids, cache, 48, session)
+                prefill_in_chunks(model, inputs["input_ids"], cache, 48, session)
             else:
-                prefill(model, ids, cache)
+                prefill(model, inputs.pop("input_ids"), cache, **inputs)
         results[name]["bytes"] = (press.last_report.compressed_bytes, press.last_report.full_bytes)
         results[name]["own_bytes"] = mixkv.kv_cache_bytes(cache)
         if name.endswith("decoding"):

@@ -3,7 +3,8 @@
 ``torchrun --nproc-per-node 2`` loads a tiny Llama (8 query heads, 4 KV heads) with
 ``tp_plan="auto"``: each rank caches 2 KV heads of every layer. Every press must answer as in one
 process, each rank must keep exactly its heads' share of the one-process cache (head-wise budgets
-are allocated over all 4 heads), and the report must describe the whole model.
+are allocated over all 4 heads), and the report must describe the whole model; one case is a
+left-padded batch of two prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PRESSES = (
     "mixkv-snapkv-table",
     "adakv-decoding",
     "adakv-chunks",
+    "mixkv-adakv-batch",
 )
 
 
@@ -82,12 +84,13 @@ def test_every_rank_answers_as_one_process(runs, name):
 @pytest.mark.parametrize("name", PRESSES)
 def test_each_rank_keeps_its_heads_share_of_the_one_process_cache(runs, name):
     one, ranks = runs
-    for layer, heads in enumerate(one[name]["kept_keys"]):
-        sharded = [head for rank in ranks for head in rank[name]["kept_keys"][layer]]
-        assert len(sharded) == len(heads) == 4
-        for got, expected in zip(sharded, heads, strict=True):
-            assert got.shape == expected.shape, (layer, got.shape, expected.shape)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    for layer, rows in enumerate(one[name]["kept_keys"]):
+        for row, heads in enumerate(rows):
+            sharded = [head for rank in ranks for head in rank[name]["kept_keys"][layer][row]]
+            assert len(sharded) == len(heads) == 4
+            for got, expected in zip(sharded, heads, strict=True):
+                assert got.shape == expected.shape, (layer, row, got.shape, expected.shape)
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", PRESSES)
