@@ -1,9 +1,10 @@
 """The presses of ``tests/test_tensor_parallel.py``, run on a model in one process or on each rank.
 
-Run under ``torchrun --nproc-per-node 2 tests/tensor_parallel_run.py MODEL_DIR OUT_DIR``, every rank
-loads ``MODEL_DIR`` with ``DistributedConfig(tp_plan="auto")`` (KV heads split over the ranks), runs
-:func:`run_presses` and :func:`refusals` and saves what it got to ``OUT_DIR/rank{r}.pt``; the test
-runs the same presses in one process.
+Run under ``torchrun --nproc-per-node 2 tests/tensor_parallel_run.py MODEL_DIR VLM_DIR OUT_DIR``, every
+rank loads ``MODEL_DIR`` with ``DistributedConfig(tp_plan="auto")`` (KV heads split over the ranks),
+runs :func:`run_presses` and :func:`refusals`, loads the VLM of ``VLM_DIR`` likewise and runs
+:func:`run_vlm` on its ``inputs.pt``, and saves what it got to ``OUT_DIR/rank{r}.pt``; the test runs
+the same presses in one process.
 """
 
 from __future__ import annotations
@@ -105,6 +106,24 @@ def run_presses(model: Any) -> dict[str, dict[str, Any]]:
     return results
 
 
+def run_vlm(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Greedy answer, report and kept keys of MixKV-AdaKV on a VLM prompt with an image."""
+    prompt = inputs["input_ids"].shape[1]
+    press = mixkv.MixKVPress(budget=prompt // 3, window_size=4, base="adakv")
+    with press(model):
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True
+        )
+    report = press.last_report
+    return {
+        "answer": out.sequences[:, prompt:].tolist(),
+        "kept_tokens": report.kept_tokens,
+        "image_tokens_kept": report.image_tokens_kept,
+        "position_keep_fraction": report.position_keep_fraction,
+        "kept_keys": kept_entries(out.past_key_values),
+    }
+
+
 class KvpressLikePress:
     """Stands for a press of NVIDIA's kvpress (recognised by its module)."""
 
@@ -132,17 +151,18 @@ def refusals(model: Any) -> dict[str, str]:
     return said
 
 
-def main(model_dir: str, out_dir: str) -> None:
-    from transformers import AutoModelForCausalLM, DistributedConfig
+def main(model_dir: str, vlm_dir: str, out_dir: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, distributed_config=DistributedConfig(tp_plan="auto")
-    )
+    parallel = DistributedConfig(tp_plan="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=parallel)
     results: dict[str, Any] = run_presses(model)
     results["refusals"] = refusals(model)
+    vlm = AutoModelForImageTextToText.from_pretrained(vlm_dir, distributed_config=parallel)
+    results["vlm"] = run_vlm(vlm, torch.load(os.path.join(vlm_dir, "inputs.pt")))
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

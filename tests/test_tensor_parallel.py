@@ -4,7 +4,7 @@
 ``tp_plan="auto"``: each rank caches 2 KV heads of every layer. Every press must answer as in one
 process, each rank must keep exactly its heads' share of the one-process cache (head-wise budgets
 are allocated over all 4 heads), and the report must describe the whole model; one case is a
-left-padded batch of two prompts.
+left-padded batch of two prompts, one a tiny Qwen2-VL (2 KV heads, one per rank) with an image.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from mixkv.presses.head_shard import HeadShard
+from tests.families import build_case
 from tests.helpers_tiny import random_llama
-from tests.tensor_parallel_run import run_presses
+from tests.tensor_parallel_run import run_presses, run_vlm
 
 RANKS = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ PRESSES = (
     "adakv-decoding",
     "adakv-chunks",
     "mixkv-adakv-batch",
+    "vlm",
 )
 
 
@@ -55,6 +57,10 @@ def runs(tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
+    vlm = build_case("qwen2_vl")
+    vlm_folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    vlm.model.save_pretrained(vlm_folder)
+    torch.save(vlm.inputs, vlm_folder / "inputs.pt")
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
@@ -66,12 +72,13 @@ def runs(tmp_path_factory):
         f"--nproc-per-node={RANKS}",
         str(ROOT / "tests" / "tensor_parallel_run.py"),
         str(folder),
+        str(vlm_folder),
         str(out),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]
-    return run_presses(model), ranks
+    return {**run_presses(model), "vlm": run_vlm(vlm.model, vlm.inputs)}, ranks
 
 
 @pytest.mark.parametrize("name", PRESSES)
@@ -87,7 +94,7 @@ def test_each_rank_keeps_its_heads_share_of_the_one_process_cache(runs, name):
     for layer, rows in enumerate(one[name]["kept_keys"]):
         for row, heads in enumerate(rows):
             sharded = [head for rank in ranks for head in rank[name]["kept_keys"][layer][row]]
-            assert len(sharded) == len(heads) == 4
+            assert len(sharded) == len(heads)
             for got, expected in zip(sharded, heads, strict=True):
                 assert got.shape == expected.shape, (layer, row, got.shape, expected.shape)
                 torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
@@ -96,14 +103,26 @@ def test_each_rank_keeps_its_heads_share_of_the_one_process_cache(runs, name):
 @pytest.mark.parametrize("name", PRESSES)
 def test_every_ranks_report_describes_the_whole_model(runs, name):
     one, ranks = runs
-    held_by_all = sum(rank[name]["own_bytes"] for rank in ranks)
     for rank in ranks:
         assert torch.equal(rank[name]["kept_tokens"], one[name]["kept_tokens"])
+        if name == "vlm":  # its bytes are not measured
+            continue
+        held_by_all = sum(each[name]["own_bytes"] for each in ranks)
         compressed, full = rank[name]["bytes"]
         # A rank whose heads keep equal counts stores them densely: a few bytes of packing
         # bookkeeping less than one process, so the bytes are those all ranks hold.
         assert full == one[name]["bytes"][1]
         assert compressed == held_by_all
+
+
+def test_every_ranks_report_counts_the_image_tokens_all_heads_kept(runs):
+    one, ranks = runs
+    assert one["vlm"]["image_tokens_kept"][0] > 0
+    for rank in ranks:
+        assert rank["vlm"]["image_tokens_kept"] == pytest.approx(one["vlm"]["image_tokens_kept"], abs=1e-5)
+        torch.testing.assert_close(
+            rank["vlm"]["position_keep_fraction"], one["vlm"]["position_keep_fraction"], rtol=0, atol=1e-6
+        )
 
 
 def test_head_wise_budgets_differ_between_heads_so_the_gather_matters(runs):
