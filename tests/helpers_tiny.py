@@ -88,18 +88,19 @@ def random_llama(
     *,
     layers: int,
     kv_heads: int = 2,
+    heads: int = 4,
     seed: int = 0,
     attn_implementation: str = "sdpa",
     **config: Any,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama of width 64 (4 query heads of 16 dims, MLP 128), in eval mode.
+    """A randomly initialised Llama of width 64 (query heads of 16 dims, MLP 128), in eval mode.
 
     Parameters
     ----------
     vocab_size : int
         Token ids.
-    layers, kv_heads : int
-        Decoder layers and KV heads per layer.
+    layers, kv_heads, heads : int
+        Decoder layers, KV heads and query heads per layer (4 query heads by default).
     seed : int
         Seed of the initialisation.
     attn_implementation : str
@@ -119,7 +120,7 @@ def random_llama(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=16,
         **config,

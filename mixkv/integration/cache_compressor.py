@@ -28,7 +28,9 @@ from mixkv.integration.layer_tensors import (
     key_mask_from_attention_mask,
 )
 from mixkv.integration.prefill_report import PrefillRecord
+from mixkv.integration.tensor_parallel import check_local_heads
 from mixkv.presses.base import ScoringContext
+from mixkv.presses.head_shard import HeadShard
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -65,6 +67,9 @@ class CacheCompressor:
         Bounded decoding: compress again while generating.
     rope_frequencies : dict[int, Tensor], optional
         Inverse frequencies of each compressible layer's rotary embedding, for presses that need them.
+    head_shard : HeadShard, optional
+        Under tensor parallelism, this rank's share of every layer's KV heads: head-wise budgets,
+        the decisions of bounded decoding and the report are then computed over all ranks' heads.
     """
 
     def __init__(
@@ -73,11 +78,13 @@ class CacheCompressor:
         layout: DecoderLayout,
         decoding: DecodingPress | None,
         rope_frequencies: dict[int, torch.Tensor] | None = None,
+        head_shard: HeadShard | None = None,
     ) -> None:
         self.press = press
         self.layout = layout
         self.decoding = decoding
         self.rope_frequencies = rope_frequencies or {}
+        self.head_shard = head_shard
         # Layers this session made (compressions and forks): detached on exit. Weak, so that forks
         # dropped by their user are freed before the session ends.
         self.created: weakref.WeakSet[CompressedLayer] = weakref.WeakSet()
@@ -109,6 +116,7 @@ class CacheCompressor:
         # Sliding-window layers are skipped before their mask is read: it hides more than padding.
         if layer_idx not in self.layout.compressible_layers:
             return
+        check_local_heads(self.head_shard, keys)
         state = self.state(cache)
         held = held_layer(cache.layers[layer_idx], call)
         record = self._record
@@ -140,7 +148,7 @@ class CacheCompressor:
                 call, cache, window_queries, held, budgets, compress_rows, lengths, visual
             )
             record.compressed_layers.append(layer_idx)
-            record.count_kept(held.key_mask, selection, self.press.window_size)
+            record.count_kept(held.key_mask, selection, self.press.window_size, self.head_shard)
             state.seconds += time.perf_counter() - start
         else:
             record.skipped_layers[layer_idx] = "every prompt fits in its budget"
@@ -155,8 +163,8 @@ class CacheCompressor:
         state.prompt_tokens = cache.get_seq_length(self.layout.compressible_layers[0])
         for layer_idx, layer in enumerate(cache.layers):
             if isinstance(layer, CompressedLayer):
-                state.held_after_compression[layer_idx] = _mean_held(layer)
-        self.press.last_report = record.report(cache, self.layout, state.seconds)
+                state.held_after_compression[layer_idx] = _mean_held(layer, self.head_shard)
+        self.press.last_report = record.report(cache, self.layout, state.seconds, self.head_shard)
 
     def on_decode(self, call: AttentionCall, cache: Cache) -> None:
         """Bounded decoding: compress a layer again once it holds ``interval`` entries per head more
@@ -168,7 +176,11 @@ class CacheCompressor:
         state = self.state(cache)
         window_queries = self._window_queries(state, call)
         layer = cache.layers[layer_idx]
-        held_now = _mean_held(layer) if isinstance(layer, CompressedLayer) else float(call.keys.shape[2])
+        held_now = (
+            _mean_held(layer, self.head_shard)
+            if isinstance(layer, CompressedLayer)
+            else float(call.keys.shape[2])
+        )
         floor = max(state.held_after_compression.get(layer_idx, 0.0), float(decoding.target))
         if (
             held_now < floor + decoding.interval
@@ -182,7 +194,7 @@ class CacheCompressor:
         seen_real = state.lengths.to(held.keys.device) + (held.seen_tokens - state.prompt_tokens)
         compress_rows = torch.ones(batch, dtype=torch.bool, device=held.keys.device)
         new_layer, _ = self._compress(call, cache, window_queries, held, budgets, compress_rows, seen_real)
-        state.held_after_compression[layer_idx] = _mean_held(new_layer)
+        state.held_after_compression[layer_idx] = _mean_held(new_layer, self.head_shard)
         decoding.compressions += 1
 
     def _window_queries(self, state: CacheState, call: AttentionCall) -> torch.Tensor:
@@ -238,6 +250,7 @@ class CacheCompressor:
             query_rotary=self.state(cache).rotary.get(layer_idx),
             rope_inv_freq=self.rope_frequencies.get(layer_idx),
             visual_mask=visual_mask,
+            head_shard=self.head_shard,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)
@@ -275,6 +288,10 @@ def _cat_tables(
     )
 
 
-def _mean_held(layer: CompressedLayer) -> float:
-    """Entries per KV head the layer holds, averaged over heads, for its fullest sequence."""
-    return float(layer.held_counts().float().mean(-1).max())
+def _mean_held(layer: CompressedLayer, head_shard: HeadShard | None) -> float:
+    """Entries per KV head the layer holds, averaged over heads (of every tensor-parallel rank, so
+    that all ranks decide alike), for its fullest sequence."""
+    per_sequence = layer.held_counts().float().mean(-1)
+    if head_shard is not None:
+        per_sequence = head_shard.sum(per_sequence) / head_shard.size
+    return float(per_sequence.max())

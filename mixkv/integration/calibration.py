@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from mixkv.functional import head_redundancy
 from mixkv.integration.chat_prompts import render_user_turn, tokenizer_of, user_content
 from mixkv.integration.decoder_layout import cache_argument, describe_decoder
+from mixkv.integration.tensor_parallel import refuse_tensor_parallel
 from mixkv.presses.head_tables import HeadStatistics
 
 
@@ -33,6 +34,7 @@ def calibrate(
     The model must use eager attention (``attn_implementation="eager"``): visual-head scores are
     read from the attention probabilities.
     """
+    refuse_tensor_parallel(model, "calibrate", "each rank would measure only its own KV heads' statistics")
     layout = describe_decoder(model)
     if layout.text_config._attn_implementation != "eager":
         raise ValueError(

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mixkv.integration.tensor_parallel import refuse_tensor_parallel
+
 __all__ = ["clear_kvpress_masks", "kvpress_masks_keys", "press_applied"]
 
 
@@ -37,10 +39,23 @@ def clear_kvpress_masks(model: torch.nn.Module) -> None:
 def press_applied(press: Any, model: torch.nn.Module) -> Iterator[Any]:
     """``with press(model)`` (nothing for None) that leaves no kvpress state on ``model``: masks
     an earlier kvpress run left are cleared on entry and the press's own on exit
-    (:func:`clear_kvpress_masks`). Yields what ``press(model)`` gives."""
+    (:func:`clear_kvpress_masks`). Yields what ``press(model)`` gives.
+
+    Raises
+    ------
+    ValueError
+        For a kvpress press on a tensor-parallel model.
+    """
     if press is None:
         yield None
         return
+    if type(press).__module__.split(".")[0] == "kvpress":
+        refuse_tensor_parallel(
+            model,
+            f"kvpress's {type(press).__name__}",
+            "kvpress sees only the KV heads of its own rank (its head-wise budgets would differ from "
+            "one process); use the mixkv press of the same method",
+        )
     clear_kvpress_masks(model)
     try:
         with press(model) as entered:

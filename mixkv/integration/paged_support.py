@@ -14,6 +14,7 @@ from packaging.version import Version
 
 from mixkv.functional import pyramid_budgets
 from mixkv.integration.decoder_layout import DecoderLayout, describe_decoder
+from mixkv.integration.tensor_parallel import refuse_tensor_parallel
 from mixkv.presses.attention_scorers import ExpectedAttentionPress
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SparseMMPress
@@ -168,8 +169,13 @@ def check_model(model: torch.nn.Module) -> DecoderLayout:
     ValueError
         For a model family or attention implementation mixkv does not support (only ``sdpa`` and
         ``eager``), sliding-window or chunked-attention layers (e.g. Gemma 3), or latent (MLA)
-        attention.
+        attention, or a tensor-parallel model.
     """
+    refuse_tensor_parallel(
+        model,
+        "continuous batching with a press",
+        "the paged compression was written for a paged cache holding every KV head of a layer",
+    )
     layout = describe_decoder(model)
     from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
 

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache
 from mixkv.integration.cache import CompressedLayer, kv_cache_bytes, layer_bytes
 from mixkv.integration.decoder_layout import DecoderLayout
 from mixkv.presses.compression_report import CompressionReport
+from mixkv.presses.head_shard import HeadShard
 
 
 @dataclass
@@ -67,34 +68,48 @@ class PrefillRecord:
         return record
 
     def count_kept(
-        self, key_mask: torch.Tensor, selection: tuple[torch.Tensor, torch.Tensor], window: int
+        self,
+        key_mask: torch.Tensor,
+        selection: tuple[torch.Tensor, torch.Tensor],
+        window: int,
+        head_shard: HeadShard | None = None,
     ) -> None:
         """Add the image, video and per-position entries one layer's compression kept.
 
         ``selection`` is the kept prefix positions and their validity ``(B, Hkv, K)``; the last
         ``window`` entries are always kept. Counted only for one-go prefills (the forward's ids
-        cover the whole cache).
+        cover the whole cache). Under tensor parallelism (``head_shard``) the means run over the
+        KV heads of every rank.
         """
         if self.image_kept is None or self.video_kept is None:
             return
         indices, valid = selection
         prefix = key_mask.shape[-1] - window
         window_valid = key_mask[:, prefix:]
-        self.image_kept += _kept_of(self.is_image, indices, valid, prefix, window_valid)
-        self.video_kept += _kept_of(self.is_video, indices, valid, prefix, window_valid)
-        if self.position_kept is not None:
-            batch, heads = indices.shape[0], indices.shape[1]
-            in_prefix = torch.zeros(batch, prefix)
-            in_prefix.scatter_add_(
-                1, indices.reshape(batch, -1).cpu(), valid.reshape(batch, -1).float().cpu()
+        batch, heads = indices.shape[0], indices.shape[1]
+        image = _kept_of(self.is_image, indices, valid, prefix, window_valid)
+        video = _kept_of(self.is_video, indices, valid, prefix, window_valid)
+        in_prefix = torch.zeros(batch, prefix)
+        in_prefix.scatter_add_(1, indices.reshape(batch, -1).cpu(), valid.reshape(batch, -1).float().cpu())
+        in_prefix /= heads
+        if head_shard is not None:  # equal shares of heads: the mean over all is the mean of means
+            image, video, in_prefix = (
+                head_shard.sum(part) / head_shard.size for part in (image, video, in_prefix)
             )
-            self.position_kept[:, :prefix] += in_prefix / heads
+        self.image_kept += image
+        self.video_kept += video
+        if self.position_kept is not None:
+            self.position_kept[:, :prefix] += in_prefix
             self.position_kept[:, prefix:] += window_valid.float().cpu()
 
-    def report(self, cache: Cache, layout: DecoderLayout, seconds: float) -> CompressionReport:
+    def report(
+        self, cache: Cache, layout: DecoderLayout, seconds: float, head_shard: HeadShard | None = None
+    ) -> CompressionReport:
         """The report of the forward, measured on ``cache`` after its last layer.
 
-        ``seconds`` is the time spent compressing the prompt so far.
+        ``seconds`` is the time spent compressing the prompt so far. Under tensor parallelism
+        (``head_shard``) the report describes the whole model: kept tokens of every rank's heads,
+        bytes summed over the ranks.
         """
         lengths = torch.tensor(self.lengths)
         full_bytes = 0
@@ -102,7 +117,10 @@ class PrefillRecord:
         for layer_idx, layer in enumerate(cache.layers):
             if isinstance(layer, CompressedLayer):
                 compressed_layers.append(layer_idx)
-                self.kept[:, layer_idx] = layer.held_counts().cpu()
+                counts = layer.held_counts()
+                if head_shard is not None:
+                    counts = head_shard.gather_heads(counts)
+                self.kept[:, layer_idx] = counts.cpu()
                 keys, _ = layer.dense()
                 # What a DynamicLayer would hold for every token seen: keys and values.
                 full_bytes += (
@@ -122,6 +140,11 @@ class PrefillRecord:
                 self.skipped_layers[layer_idx] = (
                     "sliding-window layer (its cache is already bounded by the window)"
                 )
+        compressed_bytes = kv_cache_bytes(cache)
+        if head_shard is not None:
+            full_bytes, compressed_bytes = head_shard.sum(
+                torch.tensor([full_bytes, compressed_bytes])
+            ).tolist()
         return CompressionReport(
             context_lengths=self.lengths,
             budgets=self.budgets,
@@ -129,7 +152,7 @@ class PrefillRecord:
             compressed_layers=compressed_layers,
             skipped_layers=self.skipped_layers,
             full_bytes=full_bytes,
-            compressed_bytes=kv_cache_bytes(cache),
+            compressed_bytes=compressed_bytes,
             compression_seconds=seconds,
             **self._token_counts(lengths),
         )

@@ -63,6 +63,7 @@ from mixkv.integration.decoder_layout import (
 from mixkv.integration.layer_tensors import AttentionCall, key_mask_from_attention_mask
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
 from mixkv.integration.prompt_recording import RecordedPrompt
+from mixkv.integration.tensor_parallel import find_head_shard
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -87,7 +88,11 @@ class PressSession:
         # layer -> the cos/sin tables its attention module was given in the current forward
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._compressor = CacheCompressor(
-            press, self.layout, decoding, rope_inverse_frequencies(model, self.layout)
+            press,
+            self.layout,
+            decoding,
+            rope_frequencies=rope_inverse_frequencies(model, self.layout),
+            head_shard=find_head_shard(self.layout),
         )
         self._input_ids: torch.Tensor | None = None
         # Caches whose prompt this session has handled: later forwards through them only append

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from mixkv.functional import window_importance
+from mixkv.presses.head_shard import HeadShard
 
 if TYPE_CHECKING:
     from mixkv.integration.session import PressSession
@@ -56,6 +57,9 @@ class ScoringContext:
         the whole prompt, position for position (a one-go prefill, a declared prompt, a recorded
         prompt) of a model with visual placeholders; None otherwise (text-only models, chunked
         prompts, re-compressions while decoding).
+    head_shard : HeadShard, optional
+        Under tensor parallelism, which of the layer's KV heads this rank holds (``keys`` and
+        ``values`` hold only those); None when the process holds every head.
     """
 
     queries: torch.Tensor
@@ -72,6 +76,7 @@ class ScoringContext:
     query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     rope_inv_freq: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
+    head_shard: HeadShard | None = None
     _importance: torch.Tensor | None = field(default=None, repr=False)
     #: What a press derives once per layer and needs in both ``head_budgets`` and ``scores``.
     memo: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -98,6 +103,24 @@ class ScoringContext:
         if self.key_mask.dim() == 3:
             return self.key_mask
         return self.key_mask[:, None, :].expand(-1, self.keys.shape[1], -1)
+
+    @property
+    def layer_kv_heads(self) -> int:
+        """KV heads of the whole layer, over every tensor-parallel rank."""
+        return self.keys.shape[1] if self.head_shard is None else self.head_shard.num_kv_heads
+
+    def layer_importance(self) -> torch.Tensor:
+        """:attr:`importance` of every KV head of the layer ``(B, Hkv, P)``, gathered from all
+        tensor-parallel ranks (positions a rank lacks are ``-inf``)."""
+        if self.head_shard is None:
+            return self.importance
+        return self.head_shard.gather_heads(self.importance, fill=float("-inf"))
+
+    def own_heads(self, per_layer_head: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a tensor whose last axis runs over the whole layer's KV heads."""
+        if self.head_shard is None:
+            return per_layer_head
+        return per_layer_head[..., self.head_shard.heads]
 
     @property
     def importance(self) -> torch.Tensor:

@@ -73,9 +73,11 @@ class AdaKVPress(SnapKVPress):
     mass_scaling: bool = True
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
+        # Allocated over every KV head of the layer, also when tensor-parallel ranks hold a share each.
+        importance = ctx.layer_importance()
         rows = [
             adaptive_head_budgets(
-                ctx.importance[b],
+                importance[b],
                 int(ctx.budgets[b]),
                 ctx.window_size,
                 floor_ratio=self.floor_ratio,
@@ -83,7 +85,7 @@ class AdaKVPress(SnapKVPress):
             )
             for b in range(ctx.keys.shape[0])
         ]
-        return torch.stack(rows).to(ctx.keys.device)
+        return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)
 
 
 @dataclass
@@ -125,7 +127,9 @@ class SparseMMPress(SnapKVPress):
         )
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
-        num_heads, kv_heads = ctx.queries.shape[1], ctx.keys.shape[1]
+        # The table covers whole layers; a tensor-parallel rank keeps its share of the allocation.
+        kv_heads = ctx.layer_kv_heads
+        num_heads = ctx.queries.shape[1] * kv_heads // ctx.keys.shape[1]
         table = self._table
         if table.shape[1] == num_heads:
             table = group_head_scores(table, kv_heads)
@@ -137,4 +141,4 @@ class SparseMMPress(SnapKVPress):
             ]
             for budget, length in zip(ctx.budgets.tolist(), ctx.lengths.tolist(), strict=True)
         ]
-        return torch.stack(rows).to(ctx.keys.device)
+        return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)

@@ -116,7 +116,7 @@ class MixKVPress(BasePress):
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         redundancy = None
         if self._redundancy_table is not None:
-            redundancy = self._redundancy_table[ctx.layer_idx].to(ctx.keys.device)
+            redundancy = ctx.own_heads(self._redundancy_table[ctx.layer_idx]).to(ctx.keys.device)
         return mixkv_scores(
             ctx.queries,
             ctx.keys,
