@@ -15,9 +15,9 @@ renderers (so the shipped encoder reads them):
 * ``board_two_codes``, ``chart_two_values``, ``gui_two_marks`` -- the ``index``-th test image of
   the family (the same image as ``board_codes`` etc.), asked for two rows at once: "What are the
   codes next to A and B?". The answer starts with ``"A:"`` and must give both numbers in order
-  (``numbers_in_order``). The first number is decided by the last prompt token's forward pass,
-  before any press compresses the cache; the second is generated after it, and no question token
-  sits next to it in the image, so it must be read from the kept image tokens.
+  (``numbers_in_order``). The model writes the second row's key itself before its number, so the
+  second number is generated well after compression, with no question token next to it in the
+  window: on ``gui_marks`` one digit survives budget 32 because the question's own tokens carry it.
 
 The questions' targets are drawn from a generator seeded with ``("test", task, seed, index)``.
 """
