@@ -53,6 +53,13 @@ def _inputs(processor, example):
     return encode_example(processor, example, example_prompt(processor, example))
 
 
+def test_a_four_board_prompt_holds_1600_image_tokens(tiny_vlm, tmp_path):
+    model, processor = tiny_vlm
+    example = _examples("boards4_codes", 1, tmp_path)[0]
+    ids = _inputs(processor, example)["input_ids"]
+    assert int((ids == model.config.image_token_id).sum()) == 1600
+
+
 def test_the_loaded_vision_tower_and_projector_are_the_trained_ones(tiny_vlm, tmp_path):
     from transformers import AutoConfig
 

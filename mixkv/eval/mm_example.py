@@ -27,13 +27,15 @@ class MMExample:
     id : str
         Identifier, unique within its dataset.
     image_path : Path
-        Image file the question is about; for a video example, the folder of its frames.
+        Image file the question is about (the first one when there are several); for a video
+        example, the folder of its frames.
     question : str
         Text prompt for the model.
     answers : list of str
         Reference answers (empty when the split has no public answers). For ``point_in_box``
         examples it holds the target box as text ``"[x1, y1, x2, y2]"``; the numbers are in
-        ``extra["bbox"]``.
+        ``extra["bbox"]``. For ``numbers_in_order`` examples it holds every number asked for, in
+        order (all are needed, they are not alternatives).
     metric : str
         Name of the metric in :data:`mixkv.eval.mm_metrics.METRIC_NAMES`.
     extra : dict
@@ -43,6 +45,9 @@ class MMExample:
     answer_prefix : str
         Text the assistant's turn starts with, appended to the prompt after the generation prompt
         (empty for the benchmarks; the tiny VLM's tasks start the answer with the row's key).
+    more_images : list of Path
+        Further image files after ``image_path``, shown in order in the same user turn (empty for
+        a one-image example).
     """
 
     id: str
@@ -53,13 +58,24 @@ class MMExample:
     extra: dict[str, Any] = field(default_factory=dict)
     frames: list[Path] = field(default_factory=list)
     answer_prefix: str = ""
+    more_images: list[Path] = field(default_factory=list)
 
     @property
     def is_video(self) -> bool:
         """Whether the example shows a clip of frames rather than one image."""
         return bool(self.frames)
 
+    @property
+    def image_paths(self) -> list[Path]:
+        """Every image file of an image example, in prompt order (``image_path`` first)."""
+        return [self.image_path, *self.more_images]
+
     def __post_init__(self) -> None:
+        if self.frames and self.more_images:
+            raise ValueError(
+                f"MMExample {self.id!r}: a video example cannot also have more_images; "
+                "give either frames or images."
+            )
         if self.metric not in mm_metrics.METRIC_NAMES:
             raise ValueError(
                 f"MMExample {self.id!r}: unknown metric {self.metric!r}; "
@@ -139,6 +155,10 @@ def score_examples(
         elif metric == "exact_match":
             result[metric] = sum(
                 mm_metrics.exact_match(p, a) for p, a in zip(preds, answers, strict=True)
+            ) / len(preds)
+        elif metric == "numbers_in_order":
+            result[metric] = sum(
+                mm_metrics.numbers_in_order(p, a) for p, a in zip(preds, answers, strict=True)
             ) / len(preds)
         elif metric == "mark_in_box":
             result[metric] = sum(

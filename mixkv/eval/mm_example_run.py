@@ -58,6 +58,7 @@ DEFAULT_NEW_TOKENS: dict[str, int] = {
     "multiple_choice": 8,
     "exact_match": 10,
     "mark_in_box": 4,
+    "numbers_in_order": 24,
 }
 
 
@@ -169,6 +170,7 @@ def run_mm_example(
     record: dict[str, Any] = {
         "id": example.id,
         "image": str(example.image_path),
+        "images": 0 if example.is_video else len(example.image_paths),
         "frames": len(example.frames),
         "question": example.question,
         "answers": list(example.answers),
@@ -211,8 +213,12 @@ def run_mm_example(
 
 
 def example_prompt(processor: Any, example: MMExample) -> str:
-    """The example's prompt text: its question with an image or video placeholder, then its answer prefix."""
-    prompt = build_mm_prompt(processor, example.question, "video" if example.is_video else "image")[0]
+    """The example's prompt text: its question after one placeholder per image (or one video placeholder),
+    then its answer prefix."""
+    if example.is_video:
+        prompt = build_mm_prompt(processor, example.question, "video")[0]
+    else:
+        prompt = build_mm_prompt(processor, example.question, "image", len(example.image_paths))[0]
     return prompt + example.answer_prefix
 
 
@@ -226,7 +232,7 @@ def _open_rgb(path: Path, example: MMExample) -> Any:
 
 
 def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
-    """The processor's tensors for ``prompt`` with the example's image, or its frames as one video
+    """The processor's tensors for ``prompt`` with the example's images, or its frames as one video
     (ValueError when the processor has no video processor)."""
     if example.is_video:
         if getattr(processor, "video_processor", None) is None:
@@ -237,7 +243,8 @@ def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str,
         frames = [_open_rgb(frame, example) for frame in example.frames]
         batch = processor(text=[prompt], videos=[frames], return_tensors="pt")
     else:
-        batch = processor(text=[prompt], images=[_open_rgb(example.image_path, example)], return_tensors="pt")
+        images = [_open_rgb(path, example) for path in example.image_paths]
+        batch = processor(text=[prompt], images=images, return_tensors="pt")
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 

@@ -10,8 +10,9 @@ aggregates a list of predictions. The metrics are implemented from their public 
 * ``cider_d`` -- CIDEr-D (TextCaps), with a simple tokenizer approximating the PTB tokenizer.
 * ``point_in_box`` -- ScreenSpot click accuracy, with a parser of points and boxes in model text.
 * ``multiple_choice`` -- the option letter of a Video-MME style answer.
-* ``exact_match``, ``mark_in_box`` -- the tiny VLM's tasks: the first word or number of the
-  answer, and the set-of-marks button the answer names.
+* ``exact_match``, ``mark_in_box``, ``numbers_in_order`` -- the tiny VLM's tasks: the first word
+  or number of the answer, the set-of-marks button the answer names, and the first numbers of an
+  answer that reads several regions.
 
 The module's one job is these metrics as their benchmarks define them; it is long because each
 follows its official rules in full (VQA's answer normalisation, CIDEr-D's document frequencies,
@@ -46,6 +47,7 @@ __all__ = [
     "mean_relaxed_accuracy",
     "mean_vqa_accuracy",
     "normalize_vqa_answer",
+    "numbers_in_order",
     "ocrbench_correct",
     "ocrbench_score",
     "parse_point",
@@ -66,6 +68,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "multiple_choice",
     "exact_match",
     "mark_in_box",
+    "numbers_in_order",
 )
 """Names of the metrics, as used in ``MMExample.metric``."""
 
@@ -1025,3 +1028,25 @@ def mark_in_box(prediction: str, marks: Mapping[str, Sequence[float]], bbox: Seq
         return 0.0
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
     return 1.0 if point_in_box(centre, bbox) else 0.0
+
+
+def numbers_in_order(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the prediction's first ``len(answers)`` integers are ``answers``, in that order.
+
+    For answers that read several regions (two codes, two values, two marks): ``answers`` is the
+    list of every number asked for, in the order the question names them, not a list of
+    alternatives. ``"388474\\nYara Pope: 678791"`` matches ``["388474", "678791"]``; one number
+    wrong, missing or out of order scores 0.0 (no partial credit).
+
+    Raises
+    ------
+    ValueError
+        If ``answers`` is empty or holds anything but digits.
+    """
+    refs = _as_answer_list(answers, "numbers_in_order")
+    if not all(r.isdigit() for r in refs):
+        raise ValueError(
+            f"numbers_in_order: every reference must be an integer written in digits, got {refs!r}."
+        )
+    found = _FIRST_INTEGER.findall(prediction)[: len(refs)]
+    return 1.0 if found == refs else 0.0

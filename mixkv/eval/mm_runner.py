@@ -300,7 +300,7 @@ def run_mm_eval(
         if not examples:
             raise ValueError(f"Task {name!r} has no examples.")
         for ex in examples:
-            for path in ex.frames or [ex.image_path]:
+            for path in ex.frames or ex.image_paths:
                 if not path.is_file():
                     raise FileNotFoundError(
                         f"Image file {path} of example {ex.id!r} (task {name}) not found."
@@ -361,6 +361,10 @@ def _fingerprint(examples: Sequence[MMExample]) -> str:
         h.update(repr((ex.id, ex.question, list(ex.answers), ex.metric, ex.image_path.name, size)).encode())
         if frames:  # image examples keep their fingerprint (and finished cells) from before
             h.update(repr(frames).encode())
+        if ex.more_images:  # so do one-image examples
+            h.update(
+                repr([(p.name, p.stat().st_size if p.is_file() else -1) for p in ex.more_images]).encode()
+            )
         if ex.answer_prefix:
             h.update(repr(("answer_prefix", ex.answer_prefix)).encode())
     return h.hexdigest()

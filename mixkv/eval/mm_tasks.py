@@ -40,8 +40,17 @@ SYNTHETIC_TASK_NAMES: tuple[str, ...] = (
     "synthetic_gui_grounding",
     "synthetic_video_needle",
 )
-#: The tiny VLM's families (:mod:`mixkv.eval.tiny_vlm_tasks`), held-out test images rendered on the fly.
-TINY_VLM_TASKS: tuple[str, ...] = ("board_codes", "chart_values", "gui_marks")
+#: The tiny VLM's tasks (:mod:`mixkv.eval.tiny_vlm_tasks`), held-out test images rendered on the fly:
+#: one region of one image, then the coverage tasks (several images, several regions).
+TINY_VLM_TASKS: tuple[str, ...] = (
+    "board_codes",
+    "chart_values",
+    "gui_marks",
+    "boards4_codes",
+    "board_two_codes",
+    "chart_two_values",
+    "gui_two_marks",
+)
 #: Every multimodal task name.
 MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES + TINY_VLM_TASKS
 

@@ -168,20 +168,29 @@ def visual_placeholder(processor: Any, kind: str) -> str:
     return token
 
 
-def build_mm_prompt(processor: Any, question: str, kind: str = "image") -> tuple[str, str]:
-    """The prompt text for one image (or one video, ``kind="video"``) and a question, and how it
-    was built.
+def build_mm_prompt(processor: Any, question: str, kind: str = "image", count: int = 1) -> tuple[str, str]:
+    """The prompt text for ``count`` images (or videos, ``kind="video"``) and a question, and how
+    it was built.
 
     Returns
     -------
     (str, str)
-        The prompt (with the processor's image or video placeholder, not yet expanded) and
-        ``"chat_template"`` or ``"plain"`` (no chat template: ``<placeholder>\\n<question>``).
+        The prompt (with the processor's image or video placeholders, not yet expanded) and
+        ``"chat_template"`` or ``"plain"`` (no chat template: ``<placeholder>...\\n<question>``).
+
+    Raises
+    ------
+    ValueError
+        If ``count < 1``.
     """
+    if count < 1:
+        raise ValueError(f"build_mm_prompt: count must be at least 1, got {count}.")
     if has_chat_template(processor):
-        content = user_content(question, images=int(kind == "image"), videos=int(kind == "video"))
+        content = user_content(
+            question, images=count * int(kind == "image"), videos=count * int(kind == "video")
+        )
         return render_user_turn(processor, content), "chat_template"
-    return f"{visual_placeholder(processor, kind)}\n{question}", "plain"
+    return f"{visual_placeholder(processor, kind) * count}\n{question}", "plain"
 
 
 def chat_prompt_parts(processor: Any, context: str, images: int = 0) -> tuple[str, str]:

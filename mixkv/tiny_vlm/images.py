@@ -43,7 +43,9 @@ __all__ = [
     "IMAGE_SIZE",
     "SPLITS",
     "CellImage",
+    "distinct_names",
     "render",
+    "render_board",
 ]
 
 CELL = 16
@@ -105,8 +107,10 @@ class CellImage:
     answer : str
         The reference answer that follows the prefix (a code, a value or a mark number).
     extra : dict
-        Family-specific fields; ``gui`` has ``marks`` (mark number -> button box in pixels) and
-        ``bbox`` (the target button's box).
+        Family-specific fields: ``board`` has ``names`` and ``codes`` (row by row), ``chart``
+        ``categories`` and ``values``, ``gui`` ``buttons``, ``marks`` (mark number -> button box in
+        pixels), ``mark_of`` (button label -> its mark number) and ``bbox`` (the target button's
+        box).
     """
 
     image: Image.Image
@@ -169,14 +173,14 @@ def _dark(rng: random.Random) -> Color:
     return (rng.randint(0, 70), rng.randint(0, 70), rng.randint(0, 90))
 
 
-def _render_board(rng: random.Random) -> CellImage:
+def _render_board(rng: random.Random, given_names: list[str] | None = None) -> CellImage:
     canvas = _Canvas(rng, _light(rng))
     ink = _dark(rng)
     title = rng.choice(_BOARD_TITLES)
     canvas.fill_cells(0, 0, GRID, (rng.randint(150, 210),) * 3)  # header band
     canvas.write(0, rng.randint(0, GRID - 1 - len(title)), title, (255, 255, 255))
-    k = rng.randint(8, 14)
-    names: list[str] = []
+    names: list[str] = list(given_names or [])
+    k = len(names) or rng.randint(8, 14)
     while len(names) < k:
         name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
         if name not in names:
@@ -253,12 +257,51 @@ def _render_gui(rng: random.Random) -> CellImage:
     for text, row in zip(rng.sample(_STATIC, rng.randint(1, 2)), rng.sample(free, 2), strict=False):
         canvas.write(row, rng.randint(0, GRID - 1 - len(text)), text, (70, 70, 70))
     target = rng.randrange(k)
-    extra = {"buttons": labels, "marks": mark_boxes, "bbox": boxes[labels[target]], "target": labels[target]}
+    extra = {
+        "buttons": labels,
+        "marks": mark_boxes,
+        "mark_of": {label: str(mark) for label, mark in zip(labels, marks, strict=True)},
+        "bbox": boxes[labels[target]],
+        "target": labels[target],
+    }
     question = f"Which mark does the {labels[target]} button have?"
     return canvas.result(question, f"{labels[target]}:", str(marks[target]), extra)
 
 
 _RENDERERS = {"board": _render_board, "chart": _render_chart, "gui": _render_gui}
+
+
+def distinct_names(rng: random.Random, count: int) -> list[str]:
+    """``count`` names ``"First Last"`` no two of which share a first name or a surname.
+
+    Raises
+    ------
+    ValueError
+        If ``count`` exceeds the smaller of the two name lists (22).
+    """
+    if not 0 <= count <= min(len(_FIRST), len(_LAST)):
+        raise ValueError(f"count must be between 0 and {min(len(_FIRST), len(_LAST))}, got {count}.")
+    return [
+        f"{first} {last}"
+        for first, last in zip(rng.sample(_FIRST, count), rng.sample(_LAST, count), strict=True)
+    ]
+
+
+def render_board(key: str, names: list[str]) -> CellImage:
+    """A note board listing exactly ``names`` (in rows drawn at random), its look, codes and layout
+    drawn from a generator seeded with ``key``.
+
+    The several-image tasks use it to give names that no other board of the prompt repeats; ``key``
+    should start with a split (``"test/..."``) so that it never draws a training image.
+
+    Raises
+    ------
+    ValueError
+        If ``names`` is empty, repeats a name or has more than 18 names (the board's free rows).
+    """
+    if not names or len(set(names)) != len(names) or len(names) > GRID - 2:
+        raise ValueError(f"names must be 1 to {GRID - 2} distinct names, got {names!r}.")
+    return _render_board(random.Random(key), names)
 
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
