@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mixkv.commands import main as cli_main  # noqa: E402
 from mixkv.harnesses.lm_eval_model import MixKVHarnessLM  # noqa: E402
+from tests.harness_launch import launch_two_processes  # noqa: E402
 from tests.helpers_tiny import _WORDS, tiny_llama, word_tokenizer  # noqa: E402
 
 WINDOW = 8
@@ -285,21 +286,6 @@ def test_mixkv_lm_eval_command_registers_the_model_type_in_a_fresh_process(model
     failing = [*command[:8], args(model_dir, press="snapkv", budget=BUDGET, window=8), *command[9:]]
     done = subprocess.run(failing, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "['window']" in done.stderr and "window -> window_size" in done.stderr
-
-
-def launch_two_processes(module_args, tmp_path):
-    """``accelerate launch --multi_gpu --num_processes 2 -m ...`` on the CPU (gloo), on a free port."""
-    import os
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(port), "-m", *module_args]
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
 
 
 def by_document(samples):
