@@ -97,6 +97,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer (or processor, for vision-language models), offline.
 
@@ -115,6 +116,8 @@ def load_model(
         measured here use float32 (each result says which).
     attn_implementation
         ``"sdpa"`` (default) or ``"eager"``.
+    device
+        Where the model's weights go (``"cpu"`` by default, ``"cuda"``...).
 
     Returns
     -------
@@ -144,6 +147,7 @@ def load_model(
     if isinstance(target, Path):
         _check_weights(target)
     source = str(target)
+    model: Any
     try:
         config = AutoConfig.from_pretrained(source)
         if is_vlm_config(config):
@@ -161,7 +165,7 @@ def load_model(
             f"Could not load {source!r} offline ({exc}). Pass a local model directory, a .gguf file, "
             f"or one of: {', '.join(MODEL_ALIASES)}."
         ) from exc
-    model.eval()
+    model.to(device).eval()
     return model, frontend
 
 

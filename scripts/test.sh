@@ -30,5 +30,5 @@ python3 -m venv .venv-harnesses
 if ! .venv-harnesses/bin/python -c "import torchvision" 2>/dev/null; then
     .venv-harnesses/bin/python -m pip uninstall -q -y torchvision
 fi
-HF_DATASETS_OFFLINE=1 timeout 900 .venv-harnesses/bin/python -m pytest -q \
+HF_DATASETS_OFFLINE=1 timeout 1200 .venv-harnesses/bin/python -m pytest -q \
     tests/test_lm_eval_harness.py tests/test_lmms_eval_harness.py

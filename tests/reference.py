@@ -19,16 +19,16 @@ def kept_positions(layer, full_keys):
     """Which prompt positions of ``full_keys`` ``(B, Hkv, N, D)`` a compressed layer still holds,
     found by matching key vectors exactly: ``(B, Hkv, N)`` bool."""
     batch, kv_heads, length, _ = full_keys.shape
-    kept = torch.zeros(batch, kv_heads, length, dtype=torch.bool)
+    kept = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=full_keys.device)
     for b in range(batch):
         for h in range(kv_heads):
             if isinstance(layer, DenseCompressedLayer):
                 held = layer.keys[b, h]
             elif isinstance(layer, PackedCompressedLayer):
                 segment = b * kv_heads + h
-                segments = torch.arange(layer.segment_lengths.numel()).repeat_interleave(
-                    layer.segment_lengths
-                )
+                segments = torch.arange(
+                    layer.segment_lengths.numel(), device=full_keys.device
+                ).repeat_interleave(layer.segment_lengths)
                 held = torch.cat([layer.packed_keys[segments == segment], layer.keys[b, h]])
             else:
                 raise TypeError(type(layer).__name__)

@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mixkv.commands import main as cli_main  # noqa: E402
 from mixkv.harnesses.lm_eval_model import MixKVHarnessLM  # noqa: E402
+from tests.harness_launch import launch_two_processes  # noqa: E402
 from tests.helpers_tiny import _WORDS, tiny_llama, word_tokenizer  # noqa: E402
 
 WINDOW = 8
@@ -285,6 +286,67 @@ def test_mixkv_lm_eval_command_registers_the_model_type_in_a_fresh_process(model
     failing = [*command[:8], args(model_dir, press="snapkv", budget=BUDGET, window=8), *command[9:]]
     done = subprocess.run(failing, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "['window']" in done.stderr and "window -> window_size" in done.stderr
+
+
+def by_document(samples):
+    """Each document's filtered answers as text, as the samples file writes them (``str`` of
+    every number: log-likelihoods compare to their last digit)."""
+
+    def text(value):
+        return [text(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+
+    return {s["doc_id"]: text(s["filtered_resps"]) for s in samples}
+
+
+def test_two_processes_split_the_documents_and_merge_into_the_one_process_results(
+    model_dir, task_manager, tmp_path
+):
+    tasks = ["mixkv_tiny_gen", "mixkv_tiny_mc"]  # 3 documents: rank 0 gets 2, rank 1 one and padding
+    model_args = args(model_dir, press="snapkv", budget=BUDGET, window_size=WINDOW)
+    one = lm_eval.simple_evaluate(
+        model="mixkv",
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=task_manager,
+        device="cpu",
+        batch_size=1,
+        log_samples=True,
+    )
+    command = ["mixkv", "lm-eval", "run", "--model", "mixkv", "--model_args", model_args]
+    command += ["--tasks", ",".join(tasks), "--include_path", str(task_manager.include_path)]
+    command += [
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
+    done = launch_two_processes(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(f"Building contexts for {task} on rank 1" in done.stderr for task in tasks)
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    two = json.loads(results_file.read_text())
+    for task in tasks:
+        assert two["results"][task] == one["results"][task]
+        (samples_file,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        assert by_document(samples) == by_document(one["samples"][task])
+    merged, expected = two["config"]["mixkv"], one["config"]["mixkv"]
+    assert merged["compressed_prompts"] == expected["compressed_prompts"] == 6  # padding not counted
+    assert merged.keys() == expected.keys() and merged["press_options"] == expected["press_options"]
+    statistics = [k for k in expected if k not in ("press", "press_options")]
+    assert [merged[k] for k in statistics] == pytest.approx([expected[k] for k in statistics], rel=1e-12)
+
+
+def test_a_multi_process_launch_that_accelerate_sees_as_one_process_is_refused(model_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(ValueError, match=r"accelerate sees a single process.*ACCELERATE_USE_CPU=true"):
+        MixKVHarnessLM(
+            pretrained=str(model_dir), device="cpu", press="snapkv", budget=BUDGET, window_size=WINDOW
+        )
 
 
 def scores(resps):

@@ -16,6 +16,7 @@ from lmms_eval.tasks import TaskManager
 from mixkv.commands import main as cli_main
 from mixkv.harnesses.lmms_eval_model import MixKVLMMs
 from tests.families import build_case, draw_image, vlm_processor
+from tests.harness_launch import launch_two_processes
 
 WINDOW = 8
 BUDGET = 24  # prompts hold 64 image tokens and ~10 text tokens
@@ -69,11 +70,10 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lmms-tasks")
+def write_task(path, documents):
+    """The local image task ``mixkv_tiny_vqa`` with ``documents`` pages, written into ``path``."""
     docs = []
-    for i in range(2):
+    for i in range(documents):
         draw_image(i, 150, 120).save(path / f"page{i}.png")
         docs.append(
             {"image": str(path / f"page{i}.png"), "question": "w80 w81 w82 w83 w84 w85", "answer": "w90"}
@@ -82,6 +82,11 @@ def task_dir(tmp_path_factory):
     (path / "vqa.yaml").write_text(TASK.format(data=path / "docs.jsonl"))
     (path / "utils.py").write_text(UTILS)
     return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("lmms-tasks"), 2)
 
 
 def evaluate(model_dir, task_dir, model="mixkv", gen_kwargs="", full_output=False, **press):
@@ -309,3 +314,43 @@ def test_mixkv_lmms_eval_command_exits_non_zero_when_the_evaluation_fails(
     )
     assert code == 1
     assert "the evaluation failed" in capsys.readouterr().err
+
+
+def answers(samples):
+    """Each document's filtered answer (a list of one in memory, the text itself in the samples file)."""
+    return {s["doc_id"]: "".join(s["filtered_resps"]) for s in samples}
+
+
+def test_two_processes_split_the_documents_and_merge_into_the_one_process_results(model_dir, tmp_path):
+    (tmp_path / "tasks").mkdir()
+    tasks = write_task(tmp_path / "tasks", 3)  # rank 0 answers 2 documents, rank 1 one and a padding copy
+    press = {"press": "snapkv", "budget": BUDGET, "window_size": WINDOW}
+    _, one = evaluate(model_dir, tasks, full_output=True, **press)
+    command = ["lmms_eval", "--model", "mixkv", "--model_args"]
+    command += [f"pretrained={model_dir},device_map=cpu,press=snapkv,budget={BUDGET},window_size={WINDOW}"]
+    command += ["--tasks", "mixkv_tiny_vqa", "--include_path", str(tasks), "--device", "cpu"]
+    command += ["--batch_size", "1", "--log_samples", "--output_path", str(tmp_path / "out")]
+    done = launch_two_processes(command, tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Error during evaluation" not in output, output[-3000:]
+    assert "Running on rank 1" in output
+    (results_file,) = (tmp_path / "out").rglob("*results*.json")
+    two = json.loads(results_file.read_text())
+    assert (
+        two["results"]["mixkv_tiny_vqa"]["exact_match,none"]
+        == one["results"]["mixkv_tiny_vqa"]["exact_match,none"]
+    )
+    (samples_file,) = (tmp_path / "out").rglob("*mixkv_tiny_vqa*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert answers(samples) == answers(one["samples"]["mixkv_tiny_vqa"])
+    names = ["kept_tokens_per_kv_head", "kv_fraction", "context_tokens", "compressed_prompts"]
+    merged = [two["throughput"][f"avg_mixkv_{name}"] for name in names]
+    assert merged == pytest.approx([one["throughput"][f"avg_mixkv_{name}"] for name in names], rel=1e-12)
+    assert two["throughput"]["avg_mixkv_compressed_prompts"] == 3  # the padding copy is not run
+
+
+def test_a_multi_process_launch_that_accelerate_sees_as_one_process_is_refused(model_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(ValueError, match=r"accelerate sees a single process.*ACCELERATE_USE_CPU=true"):
+        MixKVLMMs(pretrained=str(model_dir), device="cpu", press="full")

@@ -138,3 +138,45 @@ def test_the_plan_holds_views_of_the_packed_tensors_only():
     cache = DynamicCache()
     cache.layers.append(layer)
     assert kv_cache_bytes(cache) == sum(tensor.nbytes for tensor in layer.tensors())
+
+
+def segment_by_segment(
+    queries, packed_keys, packed_values, segment_lengths, tail_keys, tail_values, visible, scale
+):
+    """Softmax attention of each segment over its own packed entries and tail, one segment at a time
+    in float64 on the CPU: the definition that packed attention computes."""
+    queries, packed_keys, packed_values, tail_keys, tail_values = (
+        t.cpu().double() for t in (queries, packed_keys, packed_values, tail_keys, tail_values)
+    )
+    ends = segment_lengths.cpu().cumsum(0).tolist()
+    out = []
+    for s, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        keys = torch.cat([packed_keys[start:end], tail_keys[s]])
+        values = torch.cat([packed_values[start:end], tail_values[s]])
+        logits = queries[s] @ keys.T * scale
+        if visible is not None:
+            tail_mask = visible[s].cpu().expand(queries.shape[1], -1)
+            logits[:, end - start :] = logits[:, end - start :].masked_fill(~tail_mask, float("-inf"))
+        out.append(logits.softmax(-1) @ values)
+    return torch.stack(out)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize(
+    "dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)], ids=["float32", "bfloat16"]
+)
+@pytest.mark.parametrize("lengths,rows,tail,padded_tail", CASES)
+def test_packed_attention_on_the_test_device_equals_attention_segment_by_segment(
+    lengths, rows, tail, padded_tail, dtype, tolerance, device
+):
+    operands = random_case(lengths, rows, tail, padded_tail=padded_tail, seed=len(lengths), dtype=dtype)
+    queries, packed_keys, packed_values, segment_lengths, tail_keys, tail_values, visible = (
+        None if t is None else t.to(device) for t in operands
+    )
+    plan = plan_packed(packed_keys, packed_values, segment_lengths, length_groups(segment_lengths))
+    out = packed_attention(
+        queries, packed_keys, packed_values, segment_lengths, plan, tail_keys, tail_values, visible, 0.25
+    )
+    assert out.device.type == device.type and out.dtype == dtype
+    expected = segment_by_segment(*operands, 0.25)
+    assert (out.cpu().double() - expected).abs().max() <= tolerance

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mixkv.commands.eval import main as cli_main
 from mixkv.eval import runner
@@ -283,6 +284,32 @@ def test_cli_runs_a_grid_from_a_model_directory(tiny, tmp_path, capsys):
     assert cli_main(argv) == 0
     assert "2 cell(s) computed" in capsys.readouterr().out
     assert (tmp_path / "out" / "results.md").exists()
+
+
+def test_cli_device_places_the_model_and_is_recorded_in_the_run_configuration(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--methods", "full", "--tasks", "niah_single_1"]
+    argv += ["--context-lengths", "128", "--n", "1", "--max-new-tokens", "1", "--device", "cpu"]
+    assert cli_main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("gpu0", "'gpu0' is not a torch device"),
+        pytest.param(
+            "cuda",
+            "torch sees no CUDA GPU here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_cli_refuses_a_device_torch_cannot_run_on(device, message, capsys):
+    assert cli_main(["--device", device, "--methods", "full", "--n", "1"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_bad_budget_returns_2(capsys):

@@ -12,7 +12,7 @@ import torch
 from mixkv.benchmarks.bench_report import machine_info, markdown_table, write_results
 from mixkv.benchmarks.random_models import RANDOM_MODELS, load_bench_model
 from mixkv.benchmarks.timed_runs import DEFAULT_METHODS, memory_flat_check, run_bench
-from mixkv.commands.parsing import int_list, split_list
+from mixkv.commands.parsing import checked_device, int_list, split_list
 from mixkv.presses.registry import NAMES
 
 
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "decoding_intervals",
             )
         }
+        checked_device(args.device)
     except ValueError as error:
         parser.error(str(error))
     if args.threads:

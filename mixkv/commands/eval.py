@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mixkv.commands.parsing import int_list, method_pairs, split_list
+from mixkv.commands.parsing import checked_device, int_list, method_pairs, split_list
 
 __all__ = ["build_parser", "main"]
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="text tasks: parameter dtype, float32 (default) or bfloat16 (about 2.3x faster on CPUs with "
         "AVX512-BF16); recorded in every cell",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu (default), cuda, cuda:1...; recorded in run.json's configuration",
     )
     p.add_argument("--out", default="mixkv_results", help="output directory (default ./mixkv_results)")
     p.add_argument(
@@ -235,6 +240,7 @@ def _run_text(args: argparse.Namespace, run_eval: Any) -> Any:
         compare=method_pairs(args.compare),
         report_only=args.report_only,
         resume_from=args.resume_from,
+        device=checked_device(args.device),
     )
 
 
@@ -326,6 +332,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         head_scores=args.head_scores,
         share_prefill=not args.no_shared_prefill,
         report_only=args.report_only,
+        device=checked_device(args.device),
     )
 
 

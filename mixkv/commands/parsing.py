@@ -1,4 +1,5 @@
-"""Parsing helpers shared by the ``mixkv`` commands: comma-separated lists, integers, method pairs."""
+"""Parsing helpers shared by the ``mixkv`` commands: comma-separated lists, integers, method pairs,
+devices."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def method_pairs(values: str | Sequence[str] | None) -> list[tuple[str, str]]:
             )
         pairs.append((a.strip(), b.strip()))
     return pairs
+
+
+def checked_device(name: str) -> str:
+    """A ``--device`` value, refused with what to change when torch cannot run there (not a device
+    name, or ``cuda`` on a machine whose torch sees no GPU)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device ({exc}); e.g. cpu or cuda.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu.")
+    return name

@@ -108,7 +108,7 @@ def run_mm_example(
     """
     prompt = example_prompt(processor, example)
     if inputs is None:
-        inputs = encode_example(processor, example, prompt)
+        inputs = encode_example(processor, example, prompt, model.device)
     ids = inputs["input_ids"]
     n_prompt = int(ids.shape[1])
     n_image, n_video = _placeholder_counts(model, ids[0])
@@ -231,9 +231,11 @@ def _open_rgb(path: Path, example: MMExample) -> Any:
         return im.convert("RGB")
 
 
-def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str, Any]:
-    """The processor's tensors for ``prompt`` with the example's images, or its frames as one video
-    (ValueError when the processor has no video processor)."""
+def encode_example(
+    processor: Any, example: MMExample, prompt: str, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """The processor's tensors for ``prompt`` with the example's images, or its frames as one video,
+    on ``device`` (ValueError when the processor has no video processor)."""
     if example.is_video:
         if getattr(processor, "video_processor", None) is None:
             raise ValueError(
@@ -245,7 +247,7 @@ def encode_example(processor: Any, example: MMExample, prompt: str) -> dict[str,
     else:
         images = [_open_rgb(path, example) for path in example.image_paths]
         batch = processor(text=[prompt], images=images, return_tensors="pt")
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 _PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")

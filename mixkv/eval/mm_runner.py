@@ -70,6 +70,8 @@ class MultimodalSettings:
         The SparseMM methods' visual-head scores, or None.
     sources
         Where each task's data came from, recorded in the configuration.
+    device
+        Where a model loaded from its directory runs (a model passed in: where it is); recorded.
     """
 
     window_size: int
@@ -78,6 +80,7 @@ class MultimodalSettings:
     share_prefill: bool
     head_table: torch.Tensor | None
     sources: Mapping[str, Any]
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class MultimodalGrid:
             "n": {t: len(datasets[t]) for t in spec.tasks},
             "sources": json.loads(json.dumps(dict(settings.sources), default=str)),
             "share_prefill": settings.share_prefill,
+            "device": settings.device,
         }
         self.model: Any = None
         self.processor: Any = None
@@ -171,7 +175,7 @@ class MultimodalGrid:
         else:
             from mixkv.model_loading import load_model
 
-            self.model, self.processor = load_model(self.spec.model)
+            self.model, self.processor = load_model(self.spec.model, device=self.settings.device)
             _check_vlm(self.model, self.processor, str(self.spec.model))
         self._prompt_format = build_mm_prompt(self.processor, "?")[1]
 
@@ -184,7 +188,9 @@ class MultimodalGrid:
     def prepare(self, example: MMExample, pending: Sequence[tuple[str, Cell]]) -> _EncodedExample:
         """The example encoded once for every pending cell, and its shared prefix when a mixkv cell
         can continue it."""
-        inputs = encode_example(self.processor, example, example_prompt(self.processor, example))
+        inputs = encode_example(
+            self.processor, example, example_prompt(self.processor, example), self.model.device
+        )
         prefix = None
         if self.settings.share_prefill and any(c.method not in KVPRESS_METHODS for _, c in pending):
             prefix = prefill_image_prefix(self.model, inputs, tail_tokens=self.settings.window_size)
@@ -234,6 +240,7 @@ def run_mm_eval(
     head_scores: str | Path | None = None,
     share_prefill: bool = True,
     report_only: bool = False,
+    device: str = "cpu",
 ) -> EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
 
@@ -278,6 +285,8 @@ def run_mm_eval(
     report_only
         Compute nothing and load no model: report the finished cells and the checkpoints of
         unfinished ones, as for :func:`mixkv.eval.runner.run_eval`.
+    device
+        Where a model loaded from its directory runs, as for :func:`mixkv.eval.runner.run_eval`.
 
     Returns
     -------
@@ -343,6 +352,7 @@ def run_mm_eval(
         share_prefill=share_prefill,
         head_table=head_table,
         sources=sources or {},
+        device=str(next(model_spec[0].parameters()).device) if isinstance(model_spec, tuple) else device,
     )
     return run_grid(spec, MultimodalGrid(spec, tasks, settings))
 

@@ -62,6 +62,8 @@ class TextSettings:
         Decode an example's cells as one batch where they can be.
     dtype
         Parameter dtype of a model loaded by name (a model passed in: its own); recorded.
+    device
+        Where a model loaded by name runs (a model passed in: where it is); recorded.
     """
 
     n: int
@@ -70,6 +72,7 @@ class TextSettings:
     share_prefill: bool
     batch_decoding: bool
     dtype: torch.dtype
+    device: str = "cpu"
 
 
 class TextGrid:
@@ -105,6 +108,7 @@ class TextGrid:
                 "share_prefill": settings.share_prefill,
                 "batch_decoding": settings.batch_decoding,
                 "dtype": dtype_name,
+                "device": settings.device,
             }
             for p in spec.protocols
         }
@@ -147,7 +151,9 @@ class TextGrid:
         else:
             from mixkv.model_loading import load_model
 
-            self.model, self.tokenizer = load_model(self.spec.model, dtype=self.settings.dtype)
+            self.model, self.tokenizer = load_model(
+                self.spec.model, dtype=self.settings.dtype, device=self.settings.device
+            )
         layout = describe_decoder(self.model)
         # Sliding-window caches evict as they grow: such models decode every cell on its own.
         self.stackable = self.settings.batch_decoding and len(layout.compressible_layers) == layout.num_layers
@@ -284,6 +290,7 @@ def run_eval(
     compare: Sequence[tuple[str, str]] = (),
     report_only: bool = False,
     resume_from: str | Path | None = None,
+    device: str = "cpu",
 ) -> EvalResult:
     """Run (or resume) an evaluation grid and write per-cell JSON, a Markdown table and plots.
 
@@ -363,6 +370,10 @@ def run_eval(
         long sweep continues on another machine from its published records. Used only with the
         same identity (model, dtype, seed, protocol, window, answer length) and, as any checkpoint,
         only as far as each record's ``example_sha1`` is the regenerated example's.
+    device
+        Where a model loaded by name or path runs: ``"cpu"`` (default), ``"cuda"``... (recorded in
+        the run's configuration, not in the cells' identity: a device changes results only by
+        float rounding). A model passed in runs where it is.
 
     Returns
     -------
@@ -423,6 +434,7 @@ def run_eval(
         share_prefill=share_prefill,
         batch_decoding=batch_decoding,
         dtype=torch_dtype,
+        device=str(next(model_spec[0].parameters()).device) if isinstance(model_spec, tuple) else device,
     )
     return run_grid(spec, TextGrid(spec, settings))
 

@@ -25,6 +25,19 @@ The results file's ``config`` holds ``mixkv``: the press, its options and, over 
 prefilled under the press, the mean context tokens, the mean kept tokens per KV head and the KV
 fraction (cache bytes kept over the full cache's).
 
+Several processes (data parallel)
+---------------------------------
+Under the harness's own multi-process launch (``accelerate launch --num_processes N -m mixkv
+lm-eval run ...``, or ``torchrun``) each process loads the model and evaluates its share of the
+documents; the harness gathers the samples and metrics to rank 0, which writes the results. The
+rank and the number of processes come from accelerate's state, on GPUs and on the CPU (the ``hf``
+model splits the documents only over several GPUs; on the CPU every process would evaluate every
+document). The harness pads a rank's requests with copies of its last one so that ranks run equal
+counts; those copies are answered without being run again, so the statistics count each prompt
+once, and rank 0's results hold the statistics of every rank (gathered with the samples). On the
+CPU, accelerate sees several processes only with ``ACCELERATE_USE_CPU=true`` (gloo); a launch of
+several processes that accelerate sees as one is refused (``ValueError``).
+
 How requests run under the press
 --------------------------------
 ``generate_until``
@@ -47,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +70,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from mixkv.harnesses.press_arguments import (
+    RunTotals,
     attached,
     default_device,
     split_press_arguments,
@@ -113,12 +128,60 @@ class MixKVHarnessLM(HFLM):
             raise
         if self.backend != "causal":
             raise ValueError("mixkv compresses decoder-only models; this model is a seq2seq one.")
+        self._other_ranks: dict[int, RunTotals] = {}
+        self._join_data_parallel(tensor_parallel=hf_kwargs.get("tp_plan") is not None)
+
+    def _join_data_parallel(self, tensor_parallel: bool) -> None:
+        """Take the rank and the number of processes from accelerate's state (see the module
+        documentation); refuse a multi-process launch that accelerate sees as one process."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            return
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and not tensor_parallel:
+            raise ValueError(
+                f"This process is one of {launched} (WORLD_SIZE={launched}) but accelerate sees a single "
+                "process, so every process would evaluate every document. On the CPU, accelerate runs "
+                "several processes only with ACCELERATE_USE_CPU=true: launch with "
+                f"`ACCELERATE_USE_CPU=true accelerate launch --num_processes {launched} -m mixkv lm-eval run ...` "
+                "(or set it for torchrun)."
+            )
 
     def get_model_info(self) -> dict[str, Any]:
-        """The ``hf`` model's information plus ``mixkv``: the press, its options and its statistics."""
-        return {**super().get_model_info(), "mixkv": self.press_run.info()}
+        """The ``hf`` model's information plus ``mixkv``: the press, its options and its statistics
+        (on rank 0 of several processes: over every rank)."""
+        run = self.press_run.fresh()
+        run.merge(self.press_run)
+        for totals in self._other_ranks.values():
+            run.add_totals(totals)
+        return {**super().get_model_info(), "mixkv": run.info()}
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """The harness's gather of samples and metrics to rank ``dst``, which also receives every
+        rank's press statistics (the latest ones: the harness gathers more than once)."""
+        if self.world_size <= 1:
+            return list(super().gather_object(obj, dst))
+        gathered = super().gather_object((obj, self.press_run.totals()), dst)
+        if gathered is None:
+            return None
+        for rank, (_, totals) in enumerate(gathered):
+            if rank != self.rank:
+                self._other_ranks[rank] = totals
+        return [sent for sent, _ in gathered]
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        requests, padding = _without_padding(requests) if self.world_size > 1 else (requests, 0)
+        answers = self._generate_until(requests, disable_tqdm)
+        return answers + answers[-1:] * padding
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        requests, padding = _without_padding(requests) if self.world_size > 1 else (requests, 0)
+        answers = self._loglikelihood(requests, disable_tqdm)
+        return answers + answers[-1:] * padding
+
+    def _generate_until(self, requests: list[Instance], disable_tqdm: bool) -> list[str]:
         prefixed = []
         for request in requests:
             context, gen_kwargs = request.args
@@ -128,7 +191,7 @@ class MixKVHarnessLM(HFLM):
             prefixed.append(dataclasses.replace(request, arguments=(context + prefix, gen_kwargs)))
         return list(super().generate_until(prefixed, disable_tqdm=disable_tqdm))
 
-    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def _loglikelihood(self, requests: list[Instance], disable_tqdm: bool) -> list[tuple[float, bool]]:
         if self.answer_prefix:
             requests = [
                 dataclasses.replace(r, arguments=(r.args[0] + self.answer_prefix, *r.args[1:]))
@@ -195,3 +258,22 @@ class MixKVHarnessLM(HFLM):
             if request_str is not None and answer is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return [answer for answer in results if answer is not None]
+
+
+def _without_padding(requests: list[Instance]) -> tuple[list[Instance], int]:
+    """The requests without the copies the harness appends to give every rank as many requests
+    (``repeats`` copies of the last request, once per missing request), and how many there were.
+
+    The harness sends each request ``repeats`` times in a row; its padding repeats the last request
+    object again, so a last run of the same object longer than its ``repeats`` is padding.
+    """
+    if not requests:
+        return requests, 0
+    last = requests[-1]
+    run = 0
+    while run < len(requests) and requests[-1 - run] is last:
+        run += 1
+    padding = run - max(int(getattr(last, "repeats", 1) or 1), 1)
+    if padding <= 0:
+        return requests, 0
+    return requests[:-padding], padding

@@ -17,7 +17,16 @@ tokens and question) is prefilled, compressed at the end of its prefill and the 
 from the compressed cache (the paper's query-aware protocol). Greedy unless the task asks for a
 temperature; the answer is cut at the first ``until`` string (generation runs to
 ``max_new_tokens`` or the end-of-sequence token: transformers' ``stop_strings`` fails on some
-tokenizers). Requests run one at a time, in one process, with a progress bar.
+tokenizers). Requests run one at a time, with a progress bar.
+
+Several processes (data parallel): under lmms-eval's own multi-process launch (``accelerate launch
+--num_processes N -m lmms_eval --model mixkv ...``, or ``torchrun``) each process loads the model
+on its device (``cuda:<local rank>`` for ``device=cuda``) and answers its share of the documents;
+lmms-eval gathers the samples and metrics to rank 0. The rank and the number of processes come
+from accelerate's state; on the CPU accelerate sees several processes only with
+``ACCELERATE_USE_CPU=true`` (gloo), and a launch of several processes that accelerate sees as one
+is refused (``ValueError``). lmms-eval pads a rank's requests with marked copies of its last one;
+those are not run.
 
 Model arguments: ``pretrained`` (a model directory or hub id in the local cache), ``device``
 (default ``cuda`` when available, else ``cpu``), ``device_map`` (default: ``device``), ``dtype``
@@ -33,7 +42,10 @@ by name. Log-likelihood requests are refused.
 Each ``generate_until`` call logs lmms-eval's throughput metrics plus the compression's
 (``mixkv_kept_tokens_per_kv_head``, ``mixkv_kv_fraction``, ``mixkv_context_tokens``,
 ``mixkv_compressed_prompts``): they land in the results file's ``throughput`` section as
-``avg_mixkv_...``.
+``avg_mixkv_...``. With several processes the compression's statistics are gathered from every
+rank when lmms-eval cleans the model up after its requests (every rank does) and logged once, on
+rank 0, over all ranks; the tokens and times of the ``throughput`` section stay rank 0's, as for
+lmms-eval's own models.
 
 Why not lmms-eval's ``huggingface`` model with a press around it: in lmms-eval 0.7.3 it loads
 ``AutoModel`` (a VLM without its language-model head: it compares model type names with the config
@@ -43,15 +55,18 @@ refuses.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mixkv.harnesses.press_arguments import (
+    PressRun,
     attached,
     default_device,
     default_dtype,
@@ -118,7 +133,8 @@ class MixKVLMMs(lmms):
                 "lmms-eval's model type mixkv answers one request at a time: use --batch_size 1."
             )
         super().__init__()
-        device = device or default_device()
+        device = self._join_data_parallel(device or default_device())
+        self._ranks_run: PressRun | None = None  # this process's share, when there are several
         placement = device_map or device
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         is_vlm = type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
@@ -130,10 +146,42 @@ class MixKVLMMs(lmms):
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         ).eval()
+        self._device = self.model.device
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
         self.system_prompt = system_prompt.replace("\\n", "\n") if system_prompt else None
         self.answer_prefix = _text(answer_prefix)
+
+    def _join_data_parallel(self, device: str) -> str:
+        """Take the rank and the number of processes from accelerate's state (see the module
+        documentation) and return this process's device: accelerate's (``cuda:<local rank>``) for
+        a device of its type given without an index, else ``device``."""
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            given = torch.device(device)
+            return (
+                str(accelerator.device)
+                if given.type == accelerator.device.type and given.index is None
+                else device
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1:
+            raise ValueError(
+                f"This process is one of {launched} (WORLD_SIZE={launched}) but accelerate sees a single "
+                "process, so lmms-eval cannot split the documents over them. On the CPU, accelerate runs "
+                "several processes only with ACCELERATE_USE_CPU=true: launch with "
+                f"`ACCELERATE_USE_CPU=true accelerate launch --num_processes {launched} -m lmms_eval --model mixkv ...` "
+                "(or set it for torchrun)."
+            )
+        return device
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (lmms-eval puts its request counts there to gather them)."""
+        return self._device
 
     @property
     def tokenizer(self) -> Any:
@@ -153,6 +201,10 @@ class MixKVLMMs(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="mixkv responding")
         with attached(self.press, self.model):
             for request in requests:
+                if isinstance(request.metadata, dict) and request.metadata.get("__padding_only__"):
+                    results.append(GenerationResult(text="", token_counts=TokenCounts()))
+                    progress.update(1)
+                    continue
                 _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
                 chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
                 run.forget_report()
@@ -166,6 +218,10 @@ class MixKVLMMs(lmms):
         self.press_run.merge(run)
         elapsed = time.perf_counter() - start
         metrics = {f"mixkv_{k}": v for k, v in _short_names(run.statistics()).items()}
+        if self.world_size > 1:  # logged over every rank by clean()
+            self._ranks_run = self._ranks_run or self.press_run.fresh()
+            self._ranks_run.merge(run)
+            metrics = {}
         log_metrics(
             total_elapsed_time=elapsed,
             total_gen_tokens=generated_tokens,
@@ -173,6 +229,25 @@ class MixKVLMMs(lmms):
             additional_metrics={**metrics, "total_requests": len(requests)} if requests else None,
         )
         return results
+
+    def clean(self) -> None:
+        """lmms-eval's clean-up after the requests (every rank calls it); with several processes,
+        first log the compression statistics of every rank's requests, on rank 0."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            own = (self._ranks_run or self.press_run.fresh()).totals()
+            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            torch.distributed.gather_object(own, gathered, dst=0)
+            self._ranks_run = None
+            if gathered is not None:
+                merged = self.press_run.fresh()
+                for totals in gathered:
+                    merged.add_totals(totals)
+                metrics = {f"mixkv_{k}": v for k, v in _short_names(merged.statistics()).items()}
+                if metrics:
+                    log_metrics(
+                        total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=metrics
+                    )
+        super().clean()
 
     def _answer(self, chat: ChatMessages, gen_kwargs: dict[str, Any]) -> tuple[str, TokenCounts]:
         """The answer to one chat and its token counts (prompt and generated)."""

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_PRESS",
     "HARNESS_PRESS_NAMES",
     "PressRun",
+    "RunTotals",
     "attached",
     "default_device",
     "default_dtype",
@@ -50,6 +51,18 @@ def press_options(name: str) -> tuple[str, ...]:
         "compression_ratio",
         *(k for k in entry.parameters() if k not in ("budget", "compression_ratio")),
     )
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """The sums a :class:`PressRun` keeps: prompts prefilled under the press, their context tokens,
+    their mean kept tokens per KV head, and the KV-cache bytes of the full and compressed caches."""
+
+    sequences: int
+    context_tokens: float
+    kept_tokens: float
+    full_bytes: int
+    compressed_bytes: int
 
 
 @dataclass
@@ -100,11 +113,21 @@ class PressRun:
 
     def merge(self, other: PressRun) -> None:
         """Add what ``other`` recorded."""
-        self._sequences += other._sequences
-        self._context_tokens += other._context_tokens
-        self._kept_tokens += other._kept_tokens
-        self._full_bytes += other._full_bytes
-        self._compressed_bytes += other._compressed_bytes
+        self.add_totals(other.totals())
+
+    def totals(self) -> RunTotals:
+        """What was recorded, as plain numbers (to send to another process)."""
+        return RunTotals(
+            self._sequences, self._context_tokens, self._kept_tokens, self._full_bytes, self._compressed_bytes
+        )
+
+    def add_totals(self, totals: RunTotals) -> None:
+        """Add what another run recorded (its :meth:`totals`)."""
+        self._sequences += totals.sequences
+        self._context_tokens += totals.context_tokens
+        self._kept_tokens += totals.kept_tokens
+        self._full_bytes += totals.full_bytes
+        self._compressed_bytes += totals.compressed_bytes
 
     def reset(self) -> None:
         """Forget the recorded reports."""
