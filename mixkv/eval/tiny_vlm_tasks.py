@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixkv.eval.mm_example import MMExample
+from mixkv.eval.mm_example import MMExample, save_png
 from mixkv.tiny_vlm.images import render
 
 __all__ = ["TASK_FAMILIES", "make_tiny_vlm_suite", "write_calibration_prompts"]
@@ -41,7 +41,7 @@ def make_tiny_vlm_suite(task: str, n: int, seed: int, out_dir: str | Path) -> li
         cell_image = render(family, seed, index, "test")
         path = folder / f"{task}_{seed}_{index}.png"
         if not path.is_file():
-            cell_image.image.save(path, format="PNG")
+            save_png(cell_image.image, path)
         metric = "mark_in_box" if family == "gui" else "exact_match"
         extra = {"task": task, "seed": seed, "index": index, "cell_text": cell_image.text, **cell_image.extra}
         examples.append(
