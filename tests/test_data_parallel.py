@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,19 +132,40 @@ def _held_indices(cell_dir: Path, rank: int) -> set[int]:
     return indices
 
 
-def test_a_failed_rank_is_resumed_by_one_process_computing_only_its_missing_examples(
-    model_dir, one_process, tmp_path, monkeypatch
-):
-    out = tmp_path / "failed"
+@pytest.fixture(scope="module")
+def failed_run(model_dir, tmp_path_factory) -> Path:
+    """The grid launched on two processes, rank 1 failing on its second example (example 3)."""
+    out = tmp_path_factory.mktemp("dp") / "failed"
     failed = launch(
         model_dir, out, module="tests.data_parallel_crash", MIXKV_TEST_FAIL_RANK="1", MIXKV_TEST_FAIL_AT="2"
     )
     assert failed.returncode != 0
     assert "A rank of the data-parallel grid failed" in failed.stderr and "RankFailed" in failed.stderr
+    return out
+
+
+def test_a_failed_rank_leaves_each_rank_its_share_checkpointed_and_no_cell_written(failed_run):
     for protocol in PROTOCOLS:  # rank 0 did examples 0 and 2; rank 1 example 1, then failed on 3
-        assert _held_indices(out / protocol / "cells", 0) == {0, 2}
-        assert _held_indices(out / protocol / "cells", 1) == {1}
-        assert not list((out / protocol / "cells").glob("*.json"))
+        assert _held_indices(failed_run / protocol / "cells", 0) == {0, 2}
+        assert _held_indices(failed_run / protocol / "cells", 1) == {1}
+        assert not list((failed_run / protocol / "cells").glob("*.json"))
+
+
+def test_report_only_shows_a_failed_data_parallel_run_as_far_as_every_rank_went(
+    model_dir, failed_run, tmp_path
+):
+    out = tmp_path / "failed"
+    shutil.copytree(failed_run, out)
+    assert cli_main(["--model", str(model_dir), *GRID, "--out", str(out), "--report-only"]) == 0
+    report = (out / "query_aware" / "results.md").read_text()
+    assert "A run in progress" in report and "n = 3 per cell" in report  # examples 0-2, without a gap
+
+
+def test_a_failed_rank_is_resumed_by_one_process_computing_only_the_missing_example(
+    model_dir, one_process, failed_run, tmp_path, monkeypatch
+):
+    out = tmp_path / "failed"
+    shutil.copytree(failed_run, out)
     prepared: list[int] = []
     prepare = TextGrid.prepare
 
