@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from mixkv.commands.eval import main as cli_main
+from mixkv.eval.cell_store import Cell, load_partial, partial_path, save_partial
 from mixkv.eval.data_parallel import DataParallel, data_parallel, grid_differences
 from mixkv.eval.runner import TextGrid
 
@@ -116,6 +117,44 @@ def test_one_process_without_a_launcher_is_rank_0_of_1(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with data_parallel() as dp:
         assert dp == DataParallel(0, 1)
+
+
+CELL = Cell("snapkv", 40, "niah_single_1", 128)
+IDENTITY = {"model": "m", "seed": 0}
+
+
+def _record(index: int, by: str) -> dict[str, Any]:
+    return {"example_sha1": f"digest{index}", "score": 1.0, "by": by}
+
+
+def test_every_rank_checkpoint_is_read_by_example_index_the_first_holding_one_winning(tmp_path):
+    save_partial(tmp_path, CELL, IDENTITY, {0: (_record(0, "one"), 1.0)})
+    save_partial(
+        tmp_path, CELL, IDENTITY, {0: (_record(0, "rank0"), 1.0), 2: (_record(2, "rank0"), 2.0)}, rank=0
+    )
+    save_partial(tmp_path, CELL, IDENTITY, {1: (_record(1, "rank1"), 3.0)}, rank=1)
+    held = load_partial(tmp_path, CELL, IDENTITY, [f"digest{i}" for i in range(4)])
+    assert {i: (record["by"], seconds) for i, (record, seconds) in held.items()} == {
+        0: ("one", 1.0),
+        1: ("rank1", 3.0),
+        2: ("rank0", 2.0),
+    }
+
+
+def test_a_checkpointed_record_of_another_example_is_not_used(tmp_path):
+    save_partial(
+        tmp_path, CELL, IDENTITY, {0: (_record(0, "rank0"), 1.0), 2: (_record(2, "rank0"), 1.0)}, rank=0
+    )
+    held = load_partial(tmp_path, CELL, IDENTITY, ["digest0", "digest1", "another example"])
+    assert sorted(held) == [0]
+
+
+def test_a_checkpoint_written_before_indices_were_recorded_holds_examples_0_1_and_so_on(tmp_path):
+    legacy = {"schema": 1, "cell": CELL.as_dict(), "identity": IDENTITY, "seconds": 4.0}
+    legacy["examples"] = [_record(0, "old"), _record(1, "old")]
+    partial_path(tmp_path, CELL).write_text(json.dumps(legacy))
+    held = load_partial(tmp_path, CELL, IDENTITY, ["digest0", "digest1", "digest2"])
+    assert {i: seconds for i, (_, seconds) in held.items()} == {0: 2.0, 1: 2.0}
 
 
 def test_two_processes_write_the_files_one_process_writes(model_dir, one_process, tmp_path):

@@ -445,8 +445,9 @@ def _compute_share(
     write_group: Any,
 ) -> dict[tuple[str, Cell], Held]:
     """Compute this rank's examples of ``groups``, example-major within each (task, context
-    length), checkpointing every example; ``write_group(group, held)`` after each group when given.
-    Returns what every cell holds, by example index."""
+    length), checkpointing every example (a rank: the examples of its share, in its own file);
+    ``write_group(group, held)`` after each group when given. Returns what every cell holds, by
+    example index: its checkpoints read at the start of the group and what this rank computed."""
     adapter.load_model()
     held: dict[tuple[str, Cell], Held] = {}
     checkpoint_rank = None if dp.world_size == 1 else dp.rank
@@ -459,13 +460,14 @@ def _compute_share(
             bar.set_description(label if dp.world_size == 1 else f"{label} (rank 0 of {dp.world_size})")
             examples = adapter.examples(task, length)
             digests = [adapter.digest(example) for example in examples]
+            share = dp.share(len(examples))  # one process: every example
             for p, cell in group:
                 identity = adapter.identity(p, cell)
                 held[p, cell] = (
                     load_partial(outs[p] / "cells", cell, identity, digests) if spec.resume else {}
                 )
-                bar.update(sum(1 for i in held[p, cell] if i in dp.share(len(examples))))
-            for i in dp.share(len(examples)):
+                bar.update(sum(1 for i in held[p, cell] if i in share))
+            for i in share:
                 example = examples[i]
                 pending = [key for key in group if i not in held[key]]
                 if not pending:
@@ -479,8 +481,9 @@ def _compute_share(
                         held[p, cell][i] = (record, spent)
                         bar.update(1)
                     for cell in cells_now:  # an interrupted run resumes with the examples checkpointed
+                        mine = {j: entry for j, entry in held[p, cell].items() if j in share}
                         save_partial(
-                            outs[p] / "cells", cell, adapter.identity(p, cell), held[p, cell], checkpoint_rank
+                            outs[p] / "cells", cell, adapter.identity(p, cell), mine, checkpoint_rank
                         )
             if write_group is not None:
                 write_group(group, held)
