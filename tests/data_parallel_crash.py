@@ -20,11 +20,11 @@ if __name__ == "__main__":
     if os.environ["RANK"] == os.environ["MIXKV_TEST_FAIL_RANK"]:
         fail_at, prepare, calls = int(os.environ["MIXKV_TEST_FAIL_AT"]), TextGrid.prepare, [0]
 
-        def failing_prepare(self, example, pending):  # type: ignore[no-untyped-def]
+        def failing_prepare(self, example, pending):
             calls[0] += 1
             if calls[0] == fail_at:
                 raise RankFailed(f"rank {os.environ['RANK']} fails on its example {fail_at}, as told")
             return prepare(self, example, pending)
 
-        TextGrid.prepare = failing_prepare  # type: ignore[method-assign]
+        TextGrid.prepare = failing_prepare
     sys.exit(main(sys.argv[1:]))

@@ -208,7 +208,7 @@ def test_a_failed_rank_is_resumed_by_one_process_computing_only_the_missing_exam
     prepared: list[int] = []
     prepare = TextGrid.prepare
 
-    def counted(self, example, pending):  # type: ignore[no-untyped-def]
+    def counted(self, example, pending):
         prepared.append(len(pending))
         return prepare(self, example, pending)
 
@@ -224,7 +224,7 @@ def test_an_interrupted_one_process_run_is_resumed_by_two_processes(
     out = tmp_path / "interrupted"
     prepare, calls = TextGrid.prepare, [0]
 
-    def interrupted(self, example, pending):  # type: ignore[no-untyped-def]
+    def interrupted(self, example, pending):
         calls[0] += 1
         if calls[0] == 3:  # examples 0 and 1 are checkpointed
             raise KeyboardInterrupt
