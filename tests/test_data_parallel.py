@@ -1,6 +1,7 @@
 """Data-parallel ``mixkv eval``: two processes under ``torchrun`` (gloo on the CPU) write the files
-one process writes, a failed rank's run resumes to them with one process or two, and the ranks'
-shares cover every example once (:mod:`mixkv.eval.data_parallel`)."""
+one process writes; a run with a failed rank is resumed to them by one process, an interrupted
+one-process run by two; the ranks' shares cover every example once; checkpoints are read by
+example index, whichever process wrote them (:mod:`mixkv.eval.data_parallel`)."""
 
 from __future__ import annotations
 
