@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinates the model answers in, for screenspot / synthetic_gui_grounding",
     )
     p.add_argument(
-        "--n", type=int, default=5, help="examples per cell (default 5; multimodal: first n / n generated)"
+        "-n",
+        "--n",
+        type=int,
+        default=5,
+        help="examples per cell (default 5; multimodal: first n / n generated); under torchrun write -n, "
+        "since torchrun takes --n for its own --nnodes",
     )
     p.add_argument(
         "--suite",
@@ -187,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"mixkv eval: error: {exc}", file=sys.stderr)
         return 2
+    if result.rank is not None and result.rank[0] != 0:
+        print(
+            f"rank {result.rank[0]} of {result.rank[1]}: its share of the examples is done; rank 0 wrote the files."
+        )
+        return 0
     print(
         f"{len(result.computed)} cell(s) computed, {len(result.reused)} reused, "
         f"{len(result.recomputed)} recomputed (corrupt/stale), {len(result.skipped)} skipped."

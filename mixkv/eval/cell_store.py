@@ -2,9 +2,11 @@
 
 A finished cell (method, budget, task, context length) is written as one JSON file, atomically, in
 ``out_dir/cells``; on resume finished cells are read back instead of recomputed. Within a cell
-every finished example is checkpointed (``cells/.<name>.partial``), so an interrupted run resumes
-after the last finished example, not at the start of the cell; a checkpoint is used only for the
-same run (identity) and only as far as its examples' contexts match the regenerated ones. A cell
+every finished example is checkpointed with its index (``cells/.<name>.partial``; each rank of a
+data-parallel run writes its own, ``cells/.<name>.rank<r>.partial``), so an interrupted run
+computes only the examples no checkpoint holds, whichever number of processes wrote them; a
+checkpoint is used only for the same run (identity), and a record only where its example is the
+one regenerated for its index. A cell
 file that cannot be read or does not match the run (corrupt, truncated, other seed, other
 model...) is reported, kept aside as ``<name>.json.corrupt`` (or ``.stale``) and recomputed; it is
 never used silently. Used by the grid engine (:mod:`mixkv.eval.grid`) for the text and the
@@ -14,6 +16,7 @@ multimodal grid.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +37,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "Cell",
     "EvalResult",
+    "Held",
     "cell_filename",
     "load_partial",
     "machine_info",
     "model_identity",
     "partial_path",
     "plan_cells",
+    "remove_partials",
     "resume_from_published",
     "save_partial",
     "software_versions",
@@ -67,6 +73,10 @@ _RECORD_COLUMNS: dict[str, Callable[[str], Any]] = {
     "decode_seconds": float,
     "output": str,
 }
+
+
+#: A cell's examples held so far: example index -> (its record, the seconds spent computing it).
+Held = dict[int, tuple[dict[str, Any], float]]
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,10 @@ class EvalResult:
         The Markdown summary.
     plot_paths
         PNG plots (empty when matplotlib is not installed).
+    rank
+        ``(rank, world size)`` of a process of a data-parallel run, None for one process. A rank
+        other than 0 computes its share of the examples and writes no cell file or report (rank 0
+        does): its result holds no cells.
     """
 
     cells: list[dict[str, Any]] = field(default_factory=list)
@@ -123,6 +137,7 @@ class EvalResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     table_path: Path | None = None
     plot_paths: list[Path] = field(default_factory=list)
+    rank: tuple[int, int] | None = None
 
 
 def software_versions() -> dict[str, str]:
@@ -210,49 +225,109 @@ def _load_cell(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> tupl
     return (data, "") if reason is None else (None, reason)
 
 
-def partial_path(cell_dir: Path, cell: Cell) -> Path:
-    return cell_dir / f".{cell.name}.partial"
+def partial_path(cell_dir: Path, cell: Cell, rank: int | None = None) -> Path:
+    """The checkpoint of ``cell`` written by a one-process run (``rank`` None) or by one rank of a
+    data-parallel run."""
+    return cell_dir / f".{cell.name}{'' if rank is None else f'.rank{rank}'}.partial"
+
+
+def _partial_paths(cell_dir: Path, cell: Cell) -> list[Path]:
+    """Every checkpoint of ``cell`` present: the one-process one first, then the ranks' in rank order."""
+    ranks = sorted(
+        int(match.group(1))
+        for path in cell_dir.glob(f".{glob.escape(cell.name)}.rank*.partial")
+        if (match := re.fullmatch(rf"\.{re.escape(cell.name)}\.rank(\d+)\.partial", path.name))
+    )
+    single = partial_path(cell_dir, cell)
+    return ([single] if single.exists() else []) + [partial_path(cell_dir, cell, r) for r in ranks]
 
 
 def save_partial(
-    cell_dir: Path, cell: Cell, identity: dict[str, Any], records: list[dict[str, Any]], seconds: float
+    cell_dir: Path, cell: Cell, identity: dict[str, Any], held: Held, rank: int | None = None
 ) -> None:
-    """Checkpoint the examples a cell has finished, so a long run resumes mid-cell."""
+    """Checkpoint the examples of a cell held so far (by index), so a long run resumes mid-cell;
+    ``rank``: that rank's own file (see :func:`partial_path`)."""
+    indices = sorted(held)
     data = {"schema": SCHEMA_VERSION, "cell": cell.as_dict(), "identity": identity}
-    _atomic_write_json(partial_path(cell_dir, cell), {**data, "seconds": seconds, "examples": records})
+    _atomic_write_json(
+        partial_path(cell_dir, cell, rank),
+        {
+            **data,
+            "seconds": sum(held[i][1] for i in indices),
+            "indices": indices,
+            "example_seconds": [held[i][1] for i in indices],
+            "examples": [held[i][0] for i in indices],
+        },
+    )
 
 
-def load_partial(
-    cell_dir: Path, cell: Cell, identity: dict[str, Any], digests: Sequence[str] | None
-) -> tuple[list[dict[str, Any]], float]:
-    """The finished leading examples of a cell's checkpoint, or none.
+def _read_partial(path: Path, cell: Cell, identity: dict[str, Any]) -> Held:
+    """One checkpoint's examples; ValueError (or OSError, KeyError, TypeError) when it cannot be used.
+    A checkpoint without ``indices`` (written before they were recorded) holds examples 0, 1, ...
+    and only its total seconds, shared evenly."""
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if (data["schema"], data["cell"], data["identity"]) != (SCHEMA_VERSION, cell.as_dict(), identity):
+        raise ValueError("checkpoint of another run")
+    records = data["examples"]
+    indices = data.get("indices", list(range(len(records))))
+    seconds = data.get("example_seconds", [float(data["seconds"]) / max(len(records), 1)] * len(records))
+    if not len(indices) == len(seconds) == len(records):
+        raise ValueError("indices, seconds and examples differ in length")
+    return {
+        int(i): (r, float(s))
+        for i, r, s in zip(indices, records, seconds, strict=True)
+        if isinstance(r, dict)
+    }
 
-    Records are kept only while they belong to this run (same schema, cell and identity) and each
-    one's example (context, question, answers: ``example_sha1``) is the one regenerated for its
-    position (not checked when ``digests`` is None); the rest is recomputed.
+
+def _checkpointed(cell_dir: Path, cell: Cell, identity: dict[str, Any]) -> Held:
+    """Every example of ``cell`` its checkpoints hold for this run (see :func:`load_partial`)."""
+    held: Held = {}
+    for path in _partial_paths(cell_dir, cell):
+        try:
+            found = _read_partial(path, cell, identity)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("Checkpoint %s not used (%s).", path, exc)
+            continue
+        for index, entry in found.items():
+            held.setdefault(index, entry)
+    return held
+
+
+def _leading(held: Held) -> int:
+    """How many examples 0, 1, ... ``held`` holds without a gap."""
+    count = 0
+    while count in held:
+        count += 1
+    return count
+
+
+def load_partial(cell_dir: Path, cell: Cell, identity: dict[str, Any], digests: Sequence[str] | None) -> Held:
+    """The finished examples of a cell's checkpoints, by index, whichever process wrote them.
+
+    Every checkpoint of the cell is read (a one-process run's and each rank's; where two hold an
+    index, the first in that order). Records are kept only while they belong to this run (same
+    schema, cell and identity) and only where the example (context, question, answers:
+    ``example_sha1``) is the one regenerated for its index (not checked when ``digests`` is None);
+    the rest is recomputed.
     """
-    path = partial_path(cell_dir, cell)
-    if not path.exists():
-        return [], 0.0
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if (data["schema"], data["cell"], data["identity"]) != (SCHEMA_VERSION, cell.as_dict(), identity):
-            raise ValueError("checkpoint of another run")
-        records = [r for r in data["examples"] if isinstance(r, dict)]
-        seconds = float(data["seconds"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("Checkpoint %s not used (%s); the cell starts over.", path, exc)
-        return [], 0.0
-    if digests is None:
-        kept = len(records)
-    else:
-        kept = 0
-        while kept < min(len(records), len(digests)) and records[kept].get("example_sha1") == digests[kept]:
-            kept += 1
-    if kept:
-        logger.info("Resuming %s after %d finished example(s).", cell.name, kept)
-    return records[:kept], seconds if kept == len(records) else 0.0
+    held = _checkpointed(cell_dir, cell, identity)
+    if digests is not None:
+        held = {
+            i: entry
+            for i, entry in held.items()
+            if i < len(digests) and entry[0].get("example_sha1") == digests[i]
+        }
+    if held:
+        logger.info("Resuming %s with %d finished example(s).", cell.name, len(held))
+    return held
+
+
+def remove_partials(cell_dir: Path, cell: Cell) -> None:
+    """Remove every checkpoint of ``cell`` (once its file is written, or when it is recomputed)."""
+    for path in _partial_paths(cell_dir, cell):
+        path.unlink(missing_ok=True)
 
 
 def cells_so_far(
@@ -278,7 +353,8 @@ def cells_so_far(
         if data is not None:
             out[cell] = data
             continue
-        records, _ = load_partial(cell_dir, cell, identity, None)
+        checkpointed = _checkpointed(cell_dir, cell, identity)
+        records = [checkpointed[i][0] for i in range(_leading(checkpointed))]
         fewer = _fewer_examples(path, cell, identity, n)  # a finished cell of a smaller n
         if fewer is not None and len(fewer["examples"]) > len(records):
             records = fewer["examples"]
@@ -363,14 +439,10 @@ def _extendable(path: Path, cell: Cell, identity: dict[str, Any], n: int) -> boo
     if data is None:
         return False
     examples = data["examples"]
-    partial = partial_path(path.parent, cell)
-    try:
-        with open(partial, encoding="utf-8") as fh:
-            longer = len(json.load(fh)["examples"]) >= len(examples)
-    except (OSError, ValueError, KeyError, TypeError):
-        longer = False
-    if not longer:
-        save_partial(path.parent, cell, identity, examples, float(data["timing"]["wall_seconds"]))
+    held = _checkpointed(path.parent, cell, identity)
+    if _leading(held) < len(examples):
+        each = float(data["timing"]["wall_seconds"]) / len(examples)
+        save_partial(path.parent, cell, identity, held | {i: (r, each) for i, r in enumerate(examples)})
     return True
 
 
@@ -481,7 +553,10 @@ def resume_from_published(
         published = rows.get(key, [])
         if [int(r["example"]) for r in published] != list(range(len(published))):
             raise ValueError(f"{table}: the rows of {cell.name} are not examples 0, 1, ... in order.")
-        if not published or len(published) <= _examples_held(cell_dir, cell, identity):
+        held = _checkpointed(cell_dir, cell, identity)
+        if not published or len(published) <= max(
+            _leading(held), _finished_examples(cell_dir, cell, identity)
+        ):
             continue
         # An empty field is a missing value, except an output (an empty answer is one).
         records = [
@@ -493,21 +568,17 @@ def resume_from_published(
             | {"resumed_from": str(source)}
             for r in published
         ]
-        seconds = sum(r["prefill_seconds"] + r["decode_seconds"] for r in records)
-        save_partial(cell_dir, cell, identity, records, seconds)
+        seconds = [r["prefill_seconds"] + r["decode_seconds"] for r in records]
+        save_partial(cell_dir, cell, identity, held | dict(enumerate(zip(records, seconds, strict=True))))
         seeded.append(cell.name)
     return seeded
 
 
-def _examples_held(cell_dir: Path, cell: Cell, identity: dict[str, Any]) -> int:
-    """How many examples of this run ``cell_dir`` already holds for ``cell`` (finished or checkpointed)."""
-    held = 0
-    for path in (cell_dir / cell.name, partial_path(cell_dir, cell)):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-            if data["identity"] == identity:
-                held = max(held, len(data["examples"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return held
+def _finished_examples(cell_dir: Path, cell: Cell, identity: dict[str, Any]) -> int:
+    """How many examples of this run the finished file of ``cell`` holds (0 without one)."""
+    try:
+        with open(cell_dir / cell.name, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return len(data["examples"]) if data["identity"] == identity else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

@@ -16,6 +16,12 @@ one of them is run and scored is the part of a :class:`GridAdapter`: the text gr
   (:mod:`mixkv.eval.cell_store`), or with ``report_only`` only what is finished so far;
 * example-major order within each (task, context length): an example is prepared once (its shared
   prefix prefilled) for every pending cell of every protocol;
+* data-parallel runs (``torchrun`` / ``accelerate launch``, :mod:`mixkv.eval.data_parallel`): rank 0
+  plans the cells as above and sends the plan to the others; each rank computes the examples of
+  its share (example ``i`` on rank ``i mod N``), checkpointing them in its own file; at the end rank
+  0 gathers every rank's records and writes the cell files and reports exactly as one process
+  does (records in example order). A crashed run resumes from all checkpoints, with any number of
+  processes;
 * ``results.md``, ``examples.csv`` and plots (:mod:`mixkv.eval.reporting`), and ``protocols.md``
   comparing the protocols of one run.
 """
@@ -33,18 +39,20 @@ from typing import Any, Protocol
 from mixkv.eval.cell_store import (
     Cell,
     EvalResult,
+    Held,
     cell_filename,
     cells_so_far,
     load_partial,
     machine_info,
-    partial_path,
     plan_cells,
+    remove_partials,
     resume_from_published,
     save_partial,
     software_versions,
     write_cell,
     write_run_identity,
 )
+from mixkv.eval.data_parallel import DataParallel, data_parallel
 from mixkv.eval.methods import as_list
 from mixkv.eval.reporting import write_summary
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
@@ -168,9 +176,12 @@ def check_budgets(budgets: Sequence[int] | int) -> list[int]:
 
 
 @contextlib.contextmanager
-def progress(total: int) -> Iterator[Any]:
-    """A progress bar over ``total`` examples on stderr (tqdm's, or one that shows nothing)."""
+def progress(total: int, shown: bool = True) -> Iterator[Any]:
+    """A progress bar over ``total`` examples on stderr (tqdm's, or, without tqdm or when not
+    ``shown``, one that shows nothing)."""
     try:
+        if not shown:
+            raise ImportError
         from tqdm.auto import tqdm
     except ImportError:
 
@@ -193,17 +204,95 @@ def progress(total: int) -> Iterator[Any]:
 def run_grid(spec: GridSpec, adapter: GridAdapter) -> EvalResult:
     """Run (or resume, or only report) the grid ``spec`` with ``adapter``; see the module
     documentation. With several protocols the result holds every protocol's cells (file names
-    prefixed with the protocol) and ``table_path`` is ``protocols.md``."""
+    prefixed with the protocol) and ``table_path`` is ``protocols.md``. In a data-parallel run,
+    only rank 0's result describes the grid (see :attr:`EvalResult.rank`).
+
+    Raises
+    ------
+    ValueError
+        Besides the adapter's refusals: the processes of a data-parallel run were given different
+        grids (another ``--out``, other methods...); on every rank.
+    """
+    with data_parallel() as dp:
+        return _run_grid(spec, adapter, dp)
+
+
+def _run_grid(spec: GridSpec, adapter: GridAdapter, dp: DataParallel) -> EvalResult:
     cells, skipped = _plan(spec)
-    sources = _published_sources(spec)
+    dp.check_same_grid(_describe(spec, adapter, cells))
     protocols = spec.protocols
     # One protocol: the run's files in out_dir; several: each protocol's in out_dir/<protocol>,
     # exactly as a run of that protocol alone with that out_dir writes them (either resumes the other).
     outs = {p: spec.out_dir if len(protocols) == 1 else spec.out_dir / p for p in protocols}
     results = {p: EvalResult(skipped=list(skipped)) for p in protocols}
-    todo: list[tuple[str, Cell]] = []
     finished: dict[str, dict[Cell, dict[str, Any]]] = {}
+    if dp.world_size == 1:
+        todo = _plan_files(spec, adapter, cells, outs, finished, results)
+    else:  # rank 0 plans (reading, setting aside, seeding files); the others take its plan, or its refusal
+        todo, refusal = [], None
+        if dp.is_main:
+            try:
+                todo = _plan_files(spec, adapter, cells, outs, finished, results)
+            except ValueError as exc:
+                refusal = str(exc)
+        todo, refusal = dp.broadcast((todo, refusal))
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    if todo:
+        _compute(spec, adapter, todo, outs, finished, results, dp)
+    if not dp.is_main:
+        return EvalResult(skipped=list(skipped), rank=(dp.rank, dp.world_size))
+
     for p in protocols:
+        write_summary(
+            results[p],
+            cells,
+            finished[p],
+            outs[p],
+            methods=spec.methods,
+            budgets=spec.budgets,
+            tasks=spec.tasks,
+            context_lengths=spec.context_lengths,
+            compare=spec.compare,
+        )
+    rank = None if dp.world_size == 1 else (dp.rank, dp.world_size)
+    if len(protocols) == 1:
+        results[protocols[0]].rank = rank
+        return results[protocols[0]]
+    merged = _protocols_result(results, outs, spec.out_dir)
+    merged.rank = rank
+    return merged
+
+
+def _describe(spec: GridSpec, adapter: GridAdapter, cells: Sequence[Cell]) -> dict[str, Any]:
+    """What a process computes and where it writes, compared across the ranks of a data-parallel run."""
+    return {
+        "out_dir": str(spec.out_dir.resolve()),
+        "cells": [cell.name for cell in cells],
+        "protocols": list(spec.protocols),
+        "seed": spec.seed,
+        "resume": spec.resume,
+        "report_only": spec.report_only,
+        "resume_from": None if spec.resume_from is None else str(spec.resume_from.resolve()),
+        "configs": [adapter.cell_config(p) for p in spec.protocols],
+        "identities": [adapter.identity(p, cell) for p in spec.protocols for cell in cells],
+    }
+
+
+def _plan_files(
+    spec: GridSpec,
+    adapter: GridAdapter,
+    cells: Sequence[Cell],
+    outs: dict[str, Path],
+    finished: dict[str, dict[Cell, dict[str, Any]]],
+    results: dict[str, EvalResult],
+) -> list[tuple[str, Cell]]:
+    """Each protocol's directories, ``run.json`` and published checkpoints; its finished cells into
+    ``finished`` (and ``results``); returns the ``(protocol, cell)`` pairs to compute."""
+    sources = _published_sources(spec)
+    todo: list[tuple[str, Cell]] = []
+    for p in spec.protocols:
         cell_dir = outs[p] / "cells"
         cell_dir.mkdir(parents=True, exist_ok=True)
 
@@ -222,26 +311,11 @@ def run_grid(spec: GridSpec, adapter: GridAdapter) -> EvalResult:
             finished[p] = cells_so_far(cells, cell_dir, expected, adapter.score)
         else:
             to_compute, finished[p] = plan_cells(cells, cell_dir, expected, spec.resume, results[p])
+            if not spec.resume:  # recomputed from scratch: no checkpoint of an earlier run is left to resume
+                for cell in to_compute:
+                    remove_partials(cell_dir, cell)
             todo += [(p, cell) for cell in to_compute]
-
-    if todo:
-        _compute(spec, adapter, todo, outs, finished, results)
-
-    for p in protocols:
-        write_summary(
-            results[p],
-            cells,
-            finished[p],
-            outs[p],
-            methods=spec.methods,
-            budgets=spec.budgets,
-            tasks=spec.tasks,
-            context_lengths=spec.context_lengths,
-            compare=spec.compare,
-        )
-    if len(protocols) == 1:
-        return results[protocols[0]]
-    return _protocols_result(results, outs, spec.out_dir)
+    return todo
 
 
 def _plan(spec: GridSpec) -> tuple[list[Cell], list[tuple[str, str]]]:
@@ -298,30 +372,104 @@ def _compute(
     outs: dict[str, Path],
     finished: dict[str, dict[Cell, dict[str, Any]]],
     results: dict[str, EvalResult],
+    dp: DataParallel,
 ) -> None:
-    """Compute the ``(protocol, cell)`` pairs of ``todo``, example-major within each (task, context
-    length), checkpointing every example; finished cells go to ``finished`` and ``results``."""
-    adapter.load_model()
-    versions, machine = software_versions(), machine_info()
+    """Compute this rank's share of the ``(protocol, cell)`` pairs of ``todo`` and write the
+    finished cells (rank 0; into ``finished`` and ``results``): one process writes each (task,
+    context length)'s cells as soon as they are done; a data-parallel run gathers every rank's
+    records at the end, and a rank's failure is raised on every rank."""
     groups: dict[tuple[str, int | None], list[tuple[str, Cell]]] = {}
     for p, cell in todo:
         groups.setdefault((cell.task, cell.context_length), []).append((p, cell))
-    with progress(sum(adapter.examples_per_cell(cell) for _, cell in todo)) as bar:
+    versions, machine = software_versions(), machine_info()
+
+    def write_group(group: Sequence[tuple[str, Cell]], held: dict[tuple[str, Cell], Held]) -> None:
+        for p, cell in group:
+            n = adapter.examples_per_cell(cell)
+            missing = [i for i in range(n) if i not in held[p, cell]]
+            if missing:
+                raise RuntimeError(f"{cell.name}: examples {missing} were computed by no rank.")
+            records = [held[p, cell][i][0] for i in range(n)]
+            score, extra = adapter.finished_cell(cell, records)
+            finished[p][cell] = write_cell(
+                outs[p] / "cells",
+                cell,
+                identity=adapter.identity(p, cell),
+                config=adapter.cell_config(p),
+                records=records,
+                score=score,
+                wall_seconds=sum(held[p, cell][i][1] for i in range(n)),
+                seed=spec.seed,
+                versions=versions,
+                machine=machine,
+                extra=extra,
+            )
+            remove_partials(outs[p] / "cells", cell)
+            results[p].computed.append(cell.name)
+
+    if dp.world_size == 1:
+        _compute_share(spec, adapter, groups, outs, dp, write_group)
+        return
+    held: dict[tuple[str, Cell], Held] = {}
+    failure = None
+    try:
+        held = _compute_share(spec, adapter, groups, outs, dp, None)
+    except Exception as exc:  # the others wait for this rank's records: tell them, then raise
+        failure = f"rank {dp.rank}: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        gathered = dp.gather((held, failure))
+        failures = [f for _, f in gathered or [] if f is not None]
+        failures = dp.broadcast(failures)
+    if failures:
+        raise RuntimeError(
+            "A rank of the data-parallel grid failed (its finished examples are checkpointed; rerun "
+            "to resume): " + "; ".join(failures)
+        )
+    if gathered is not None:  # rank 0: every rank's records, the first rank holding an example wins
+        union: dict[tuple[str, Cell], Held] = {key: {} for key in todo}
+        for rank_held, _ in gathered:
+            for key, entries in rank_held.items():
+                for index, entry in entries.items():
+                    union[key].setdefault(index, entry)
+        for group in groups.values():
+            write_group(group, union)
+
+
+def _compute_share(
+    spec: GridSpec,
+    adapter: GridAdapter,
+    groups: dict[tuple[str, int | None], list[tuple[str, Cell]]],
+    outs: dict[str, Path],
+    dp: DataParallel,
+    write_group: Any,
+) -> dict[tuple[str, Cell], Held]:
+    """Compute this rank's examples of ``groups``, example-major within each (task, context
+    length), checkpointing every example (a rank: the examples of its share, in its own file);
+    ``write_group(group, held)`` after each group when given. Returns what every cell holds, by
+    example index: its checkpoints read at the start of the group and what this rank computed."""
+    adapter.load_model()
+    held: dict[tuple[str, Cell], Held] = {}
+    checkpoint_rank = None if dp.world_size == 1 else dp.rank
+    total = sum(
+        len(dp.share(adapter.examples_per_cell(cell))) for group in groups.values() for _, cell in group
+    )
+    with progress(total, shown=dp.is_main) as bar:
         for (task, length), group in groups.items():
-            bar.set_description(task if length is None else f"{task} L={length}")
+            label = task if length is None else f"{task} L={length}"
+            bar.set_description(label if dp.world_size == 1 else f"{label} (rank 0 of {dp.world_size})")
             examples = adapter.examples(task, length)
             digests = [adapter.digest(example) for example in examples]
-            records: dict[tuple[str, Cell], list[dict[str, Any]]] = {}
-            seconds: dict[tuple[str, Cell], float] = {}
+            share = dp.share(len(examples))  # one process: every example
             for p, cell in group:
-                records[p, cell], seconds[p, cell] = (
-                    load_partial(outs[p] / "cells", cell, adapter.identity(p, cell), digests)
-                    if spec.resume
-                    else ([], 0.0)
+                identity = adapter.identity(p, cell)
+                held[p, cell] = (
+                    load_partial(outs[p] / "cells", cell, identity, digests) if spec.resume else {}
                 )
-                bar.update(len(records[p, cell]))
-            for i, example in enumerate(examples):
-                pending = [key for key in group if len(records[key]) == i]
+                bar.update(sum(1 for i in held[p, cell] if i in share))
+            for i in share:
+                example = examples[i]
+                pending = [key for key in group if i not in held[key]]
                 if not pending:
                     continue
                 prepared = adapter.prepare(example, pending)
@@ -330,34 +478,16 @@ def _compute(
                     if not cells_now:
                         continue
                     for cell, record, spent in adapter.run_cells(example, prepared, p, cells_now):
-                        records[p, cell].append(record)
-                        seconds[p, cell] += spent
+                        held[p, cell][i] = (record, spent)
                         bar.update(1)
-                    for cell in cells_now:  # an interrupted run resumes after the last finished example
+                    for cell in cells_now:  # an interrupted run resumes with the examples checkpointed
+                        mine = {j: entry for j, entry in held[p, cell].items() if j in share}
                         save_partial(
-                            outs[p] / "cells",
-                            cell,
-                            adapter.identity(p, cell),
-                            records[p, cell],
-                            seconds[p, cell],
+                            outs[p] / "cells", cell, adapter.identity(p, cell), mine, checkpoint_rank
                         )
-            for p, cell in group:
-                score, extra = adapter.finished_cell(cell, records[p, cell])
-                finished[p][cell] = write_cell(
-                    outs[p] / "cells",
-                    cell,
-                    identity=adapter.identity(p, cell),
-                    config=adapter.cell_config(p),
-                    records=records[p, cell],
-                    score=score,
-                    wall_seconds=seconds[p, cell],
-                    seed=spec.seed,
-                    versions=versions,
-                    machine=machine,
-                    extra=extra,
-                )
-                partial_path(outs[p] / "cells", cell).unlink(missing_ok=True)
-                results[p].computed.append(cell.name)
+            if write_group is not None:
+                write_group(group, held)
+    return held
 
 
 def _protocols_result(results: dict[str, EvalResult], outs: dict[str, Path], out: Path) -> EvalResult:

@@ -8,6 +8,7 @@ synthetic suite (:mod:`mixkv.eval.synthetic_images`) or the tiny VLM's task fami
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from mixkv.eval import mm_metrics
 
-__all__ = ["MMExample", "score_examples"]
+__all__ = ["MMExample", "save_png", "score_examples"]
 
 
 @dataclass
@@ -184,3 +185,12 @@ def score_examples(
                     sizes.append(size)
             result[metric] = mm_metrics.screenspot_accuracy(preds, bboxes, sizes, coordinate_scale)
     return result
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Write ``image`` (a PIL image) to ``path`` as a PNG, atomically: every process of a
+    data-parallel run renders the same synthetic examples, and none may read a file another one is
+    still writing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mixkv.eval.mm_example import MMExample
+from mixkv.eval.mm_example import MMExample, save_png
 
 __all__ = [
     "SYNTHETIC_TASKS",
@@ -424,7 +424,7 @@ def make_synthetic_suite(
         rng = random.Random(f"mixkv-synthetic/{task}/{seed}/{width}x{height}/{index}")
         image, question, answers, metric, extra = renderer(rng, width, height)
         path = out / f"{task}_{seed}_{index:05d}.png"
-        image.save(path, format="PNG")
+        save_png(image, path)
         extra = {"task": task, "seed": seed, "index": index, **extra}
         examples.append(
             MMExample(
@@ -491,7 +491,7 @@ def make_synthetic_video_suite(
                 image = Image.new("RGB", (width, height), _light(rng))
                 _draw_distractor_words(rng, ImageDraw.Draw(image), width, height, [])
             path = clip_dir / f"frame_{k:03d}.png"
-            image.save(path, format="PNG")
+            save_png(image, path)
             frames.append(path)
         examples.append(
             MMExample(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mixkv.eval.mm_example import MMExample
+from mixkv.eval.mm_example import MMExample, save_png
 from mixkv.tiny_vlm.images import CellImage, distinct_names, render, render_board
 
 __all__ = [
@@ -103,7 +103,7 @@ def make_tiny_vlm_suite(task: str, n: int, seed: int, out_dir: str | Path) -> li
 
 def _save(cell_image: CellImage, path: Path) -> Path:
     if not path.is_file():
-        cell_image.image.save(path, format="PNG")
+        save_png(cell_image.image, path)
     return path
 
 
