@@ -81,7 +81,7 @@ def test_missing_budget_is_refused():
 @pytest.mark.skipif(kvpress_available(), reason="kvpress is installed")
 @pytest.mark.parametrize("name", KVPRESS_NAMES)
 def test_kvpress_names_without_kvpress_are_refused(name):
-    with pytest.raises(ValueError, match="pip install kvpress"):
+    with pytest.raises(ValueError, match=r"pip install mixkv\[kvpress\]"):
         from_name(name, budget=64, context_tokens=1000)
 
 

@@ -211,6 +211,7 @@ class CacheCompressor:
             kernel_size=press.kernel_size,
             pooling=press.pooling,
             context_lengths=context_lengths,
+            layer_inputs=call.layer_inputs,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)

@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from mixkv.integration.cache import CompressedLayer
+from mixkv.presses.base import LayerInputs
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class AttentionCall:
         The model's attention mask (4-D, bool for sdpa or additive float for eager).
     scaling : float
         The attention module's logit scale.
+    layer_inputs : LayerInputs, optional
+        The attention module's inputs in a prompt forward, for presses that score from them.
     """
 
     layer_idx: int
@@ -41,6 +44,7 @@ class AttentionCall:
     values: torch.Tensor
     attention_mask: torch.Tensor | None
     scaling: float
+    layer_inputs: LayerInputs | None = None
 
 
 @dataclass(frozen=True)

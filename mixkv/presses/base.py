@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -12,6 +12,38 @@ from mixkv.functional import window_importance
 if TYPE_CHECKING:
     from mixkv.integration.session import PressSession
     from mixkv.presses.compression_report import CompressionReport
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a layer's attention module was called with in the forward being compressed.
+
+    Given only to presses that score from the module itself (``needs_layer_inputs``), as kvpress's
+    scorer presses do (:class:`~mixkv.presses.kvpress_scorers.KvpressScorerPress`).
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The whole model the press is attached to.
+    module : torch.nn.Module
+        The layer's attention module (its projections, config and ``layer_idx``).
+    hidden_states : Tensor ``(B, Q, hidden)``
+        The module's input in this forward (``Q`` = the forward's tokens).
+    attentions : Tensor ``(B, H, Q, N)`` or None
+        The attention weights the model's attention returned (eager attention only; None for sdpa).
+    forward_kwargs : dict
+        The keyword arguments of the module's forward (``position_embeddings``, the cache,
+        ``hidden_states``...), as a forward hook with keyword inputs receives them.
+    rotary_emb : torch.nn.Module or None
+        The text decoder's rotary embedding module.
+    """
+
+    model: Any
+    module: Any
+    hidden_states: torch.Tensor
+    attentions: torch.Tensor | None
+    forward_kwargs: dict[str, Any]
+    rotary_emb: Any = None
 
 
 @dataclass
@@ -46,6 +78,11 @@ class ScoringContext:
     context_lengths : LongTensor ``(B,)``, optional
         Real tokens each sequence has seen (the prompt so far); defaults to the real entries of
         a ``(B, N)`` ``key_mask``.
+    layer_inputs : LayerInputs, optional
+        The attention module's inputs in this forward, for presses with ``needs_layer_inputs``.
+    importance_source : str, default "window"
+        What :attr:`importance` holds: the SnapKV importance (``"window"``), or another score a
+        press put there in its place (``"kvpress-<scorer>"``).
     """
 
     queries: torch.Tensor
@@ -59,6 +96,8 @@ class ScoringContext:
     kernel_size: int = 5
     pooling: Literal["avg", "max"] = "avg"
     context_lengths: torch.Tensor | None = None
+    layer_inputs: LayerInputs | None = field(default=None, repr=False)
+    importance_source: str = "window"
     _importance: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -124,6 +163,10 @@ class BasePress:
     After a forward pass that compressed the cache, ``last_report`` holds a
     :class:`~mixkv.CompressionReport`.
     """
+
+    #: Whether the press scores from the attention module's inputs (:class:`LayerInputs`): such a
+    #: press needs the whole prompt in the forward it compresses (no prefix, chunks or recordings).
+    needs_layer_inputs: ClassVar[bool] = False
 
     budget: int | None = None
     compression_ratio: float | None = None
