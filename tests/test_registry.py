@@ -10,7 +10,7 @@ import torch
 import mixkv
 from mixkv.commands import main as cli_main
 from mixkv.presses import NAMES, from_name, list_presses
-from mixkv.presses.registry import KVPRESS_NAMES, build_press, kvpress_available
+from mixkv.presses.registry import KVPRESS_NAMES, build_press, kvpress_available, kvpress_scorer_press_names
 
 MIXKV_NAMES = [n for n in NAMES if n != "full" and n not in KVPRESS_NAMES]
 
@@ -83,6 +83,13 @@ def test_missing_budget_is_refused():
 def test_kvpress_names_without_kvpress_are_refused(name):
     with pytest.raises(ValueError, match=r"pip install mixkv\[kvpress\]"):
         from_name(name, budget=64, context_tokens=1000)
+
+
+@pytest.mark.skipif(kvpress_available(), reason="kvpress is installed")
+def test_kvpress_scorer_names_without_kvpress_are_refused():
+    with pytest.raises(ValueError, match=r"pip install mixkv\[kvpress\]"):
+        from_name("adakv@kvpress-tova", budget=64)
+    assert kvpress_scorer_press_names() == ()
 
 
 def test_parameters_list_the_press_defaults():
