@@ -21,7 +21,7 @@ from mixkv import kv_cache_bytes  # noqa: E402
 from mixkv.presses.kvpress_scorers import KvpressScorerPress, kvpress_scorer_names  # noqa: E402
 from mixkv.presses.registry import from_name, kvpress_scorer_press_names  # noqa: E402
 from tests.families import build_case  # noqa: E402
-from tests.helpers_tiny import press_test_llama, random_llama  # noqa: E402
+from tests.helpers_tiny import grid_run_twice, press_test_llama, random_llama  # noqa: E402
 
 PROMPT = 100
 BUDGET = 40
@@ -313,3 +313,24 @@ def test_a_multimodal_rope_model_refuses_a_scorer_that_rotates_queries():
         case.model, from_name("snapkv@kvpress-keydiff", budget=48, window_size=WINDOW), case.inputs
     )
     assert all(bool((layer.held_counts() == 48).all()) for layer in cache.layers)
+
+
+def test_a_text_grid_runs_kvpress_scorers_beside_mixkv_presses(tiny, tmp_path):
+    """Cells of kvpress scorers prefill on their own: sharing a prefix and decoding in a batch with
+    the other cells changes none of their answers, and their caches hold the budget."""
+    methods = ["snapkv", "snapkv@kvpress-tova", "mixkv-adakv@kvpress-knorm"]
+    cells = grid_run_twice(tiny, tmp_path, methods, share_prefill=False, batch_decoding=False)
+    assert sorted(cell["method"] for cell, _, _ in cells) == sorted(methods)
+    for cell, shared, alone in cells:
+        assert [e["output"] for e in shared] == [e["output"] for e in alone]
+        if "@" in cell["method"]:
+            assert not any(e.get("prefill_replayed") for e in shared)
+            assert all(e["shared_prefix_tokens"] == 0 for e in shared)
+            assert all(abs(e["kv_fraction"] - 40 / e["context_tokens"]) < 0.02 for e in shared)
+
+
+def test_a_grid_refuses_modifiers_on_a_kvpress_scorer():
+    from mixkv.eval.methods import parse_method
+
+    with pytest.raises(ValueError, match="takes no \\+chunk / \\+decode"):
+        parse_method("snapkv@kvpress-tova+chunk64")
