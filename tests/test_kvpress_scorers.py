@@ -187,6 +187,17 @@ def test_mixkv_on_a_kvpress_score_selects_other_entries_than_the_score_alone(mod
     )
 
 
+def test_mixkv_presses_lists_the_scorers_and_their_options(capsys):
+    from mixkv.commands import main as cli_main
+
+    assert cli_main(["presses"]) == 0
+    out = capsys.readouterr().out
+    assert "<method>@kvpress-<scorer>" in out
+    assert any(
+        line.split()[:2] == ["expectedattention", "n_future_positions=512,"] for line in out.splitlines()
+    )
+
+
 def test_scorer_options_reach_the_kvpress_press():
     press = from_name(
         "adakv@kvpress-expectedattention", budget=BUDGET, n_future_positions=64, floor_ratio=0.5

@@ -117,7 +117,7 @@ def test_mixkv_presses_command_lists_every_name(capsys):
 def test_mixkv_presses_json_gives_parameters(capsys):
     assert cli_main(["presses", "--json"]) == 0
     records = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert list(records) == list(NAMES)
+    assert list(records) == [*NAMES, *kvpress_scorer_press_names()]
     assert records["mixkv-adakv"]["parameters"]["floor_ratio"] == 0.2
 
 

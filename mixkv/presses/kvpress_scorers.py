@@ -153,7 +153,7 @@ def scorer_options(scorer: str) -> dict[str, Any]:
     cls = scorer_class(scorer)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.init and f.name not in ("compression_ratio", *_SHARED):
+        if f.init and not f.name.startswith("_") and f.name not in ("compression_ratio", *_SHARED):
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
             elif f.default_factory is not dataclasses.MISSING:
@@ -264,7 +264,7 @@ class KvpressScorerPress(BasePress):
             )
         cls = scorer_class(self.scorer)
         options = dict(self.scorer_options)
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        names = {f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
         shared = sorted(set(options) & set(_SHARED))
         if shared:
             raise ValueError(
