@@ -233,7 +233,7 @@ def test_kvpress_names_without_method_say_how_to_write_them():
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="checks the offline refusal")
-@pytest.mark.parametrize("scorer", ["qfilter", "kvzap"])
+@pytest.mark.parametrize("scorer", ["qfilter", "kvzap", "expectedattentionstats"])
 def test_a_scorer_calibrated_on_the_hub_is_refused_offline(model, ids, scorer):
     press = from_name(f"snapkv@kvpress-{scorer}", budget=BUDGET, window_size=WINDOW)
     with pytest.raises(ValueError, match="download their weights from the Hugging Face hub"):
