@@ -4,6 +4,7 @@ from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
+from mixkv.presses.kvpress_scorers import KvpressScorerPress
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
@@ -16,6 +17,7 @@ __all__ = [
     "DecodingPress",
     "KeyDiffPress",
     "KnormPress",
+    "KvpressScorerPress",
     "MixKVPress",
     "PressEntry",
     "PyramidKVPress",
