@@ -241,9 +241,9 @@ class KvpressScorerPress(BasePress):
     method_options : dict
         Options of the mixkv method (``{"floor_ratio": 0.2}``, ``{"head_scores": table}``...).
 
-    Paper: the scorer's own (see its kvpress docstring); kvpress: Devoto et al., "Expected
-    Attention: KV cache compression by estimating attention from future queries distribution",
-    2025, https://github.com/NVIDIA/kvpress.
+    Paper: the scorer's own (its kvpress docstring cites it); kvpress: NVIDIA,
+    https://github.com/NVIDIA/kvpress (0.5.5 tested). Defaults: the scorer's own options, the
+    method's own budgets (``window_size=32``, ``kernel_size=5``, average pooling).
     """
 
     scorer: str = "knorm"
