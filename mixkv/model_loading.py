@@ -16,7 +16,14 @@ import torch
 from mixkv.tiny_vlm.model import tiny_vlm_path
 from mixkv.weights import cache_root, convert_gguf, default_model_path, gemma_model_path, qwen_model_path
 
-__all__ = ["MODEL_ALIASES", "VLM_ALIASES", "is_vlm_config", "load_model", "parse_dtype"]
+__all__ = [
+    "MODEL_ALIASES",
+    "VLM_ALIASES",
+    "is_vlm_config",
+    "load_model",
+    "parse_dtype",
+    "vision_tower_key_mapping",
+]
 
 #: Built-in names accepted by :func:`load_model` and what they are.
 MODEL_ALIASES: dict[str, str] = {
@@ -151,8 +158,12 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source)
         if is_vlm_config(config):
+            mapping = vision_tower_key_mapping(target, config)
             model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=dtype, attn_implementation=attn_implementation
+                source,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                **({"key_mapping": mapping} if mapping else {}),
             )
             frontend = AutoProcessor.from_pretrained(source)
         else:
@@ -189,3 +200,31 @@ def parse_dtype(name: str) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}.")
     return _DTYPES[key]
+
+
+#: Checkpoint key of a CLIP-style vision tower saved without the ``vision_model`` level -> with it.
+_FLAT_TOWER = {r"^model\.vision_tower\.(?!vision_model\.)": "model.vision_tower.vision_model."}
+
+
+def vision_tower_key_mapping(target: Any, config: Any) -> dict[str, str] | None:
+    """Key renames for a VLM checkpoint whose vision tower was saved by a transformers whose CLIP
+    vision model has no ``vision_model`` level (5.25: ``model.vision_tower.encoder...``, the tiny
+    VLM's) and is loaded by one whose model has it (5.2, kvpress's: ``...vision_tower.vision_model.
+    encoder...``); None when the names already agree. Without it that transformers would leave the
+    tower's weights unloaded (random) and say so only in a load report."""
+    from transformers import AutoModel
+
+    weights = Path(target) / "model.safetensors" if isinstance(target, Path) else None
+    vision_config = getattr(config, "vision_config", None)
+    if weights is None or not weights.is_file() or vision_config is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        names = handle.keys()
+        tower = [key for key in names if key.startswith("model.vision_tower.")]
+    if not tower or any(key.startswith("model.vision_tower.vision_model.") for key in tower):
+        return None
+    with torch.device("meta"):
+        expects_level = hasattr(AutoModel.from_config(vision_config), "vision_model")
+    return _FLAT_TOWER if expects_level else None

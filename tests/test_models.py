@@ -110,3 +110,29 @@ def test_dtype_names_map_to_torch_dtypes_and_others_are_refused():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="bfloat16"):
         parse_dtype("half")
+
+
+def test_a_vlm_checkpoint_saved_without_the_vision_model_level_loads_every_weight(tmp_path):
+    """The tiny VLM was saved by a transformers whose CLIP tower has no ``vision_model`` level;
+    transformers 5.2 (kvpress's) has one and would leave the tower random without the renames."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mixkv.model_loading import vision_tower_key_mapping
+    from tests.families import build_case
+
+    model = build_case("llava").model
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    flat = {
+        k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v for k, v in weights.items()
+    }
+    save_file(flat, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    mapping = vision_tower_key_mapping(tmp_path, AutoConfig.from_pretrained(tmp_path))
+    kwargs = {"key_mapping": mapping} if mapping else {}
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True, **kwargs)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

@@ -10,7 +10,7 @@ import torch
 import mixkv
 from mixkv.commands import main as cli_main
 from mixkv.presses import NAMES, from_name, list_presses
-from mixkv.presses.registry import KVPRESS_NAMES, build_press, kvpress_available
+from mixkv.presses.registry import KVPRESS_NAMES, build_press, kvpress_available, kvpress_scorer_press_names
 
 MIXKV_NAMES = [n for n in NAMES if n != "full" and n not in KVPRESS_NAMES]
 
@@ -81,8 +81,15 @@ def test_missing_budget_is_refused():
 @pytest.mark.skipif(kvpress_available(), reason="kvpress is installed")
 @pytest.mark.parametrize("name", KVPRESS_NAMES)
 def test_kvpress_names_without_kvpress_are_refused(name):
-    with pytest.raises(ValueError, match="pip install kvpress"):
+    with pytest.raises(ValueError, match=r"pip install mixkv\[kvpress\]"):
         from_name(name, budget=64, context_tokens=1000)
+
+
+@pytest.mark.skipif(kvpress_available(), reason="kvpress is installed")
+def test_kvpress_scorer_names_without_kvpress_are_refused():
+    with pytest.raises(ValueError, match=r"pip install mixkv\[kvpress\]"):
+        from_name("adakv@kvpress-tova", budget=64)
+    assert kvpress_scorer_press_names() == ()
 
 
 def test_parameters_list_the_press_defaults():
@@ -110,7 +117,7 @@ def test_mixkv_presses_command_lists_every_name(capsys):
 def test_mixkv_presses_json_gives_parameters(capsys):
     assert cli_main(["presses", "--json"]) == 0
     records = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert list(records) == list(NAMES)
+    assert list(records) == [*NAMES, *kvpress_scorer_press_names()]
     assert records["mixkv-adakv"]["parameters"]["floor_ratio"] == 0.2
 
 

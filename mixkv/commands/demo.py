@@ -16,7 +16,7 @@ from mixkv.demos.document_demo import DEFAULT_METHODS, plot_rows, results_table,
 from mixkv.demos.image_demo import plot_keep_maps, run_image_demo
 from mixkv.eval.tiny_vlm_tasks import TASK_FAMILIES, make_tiny_vlm_suite
 from mixkv.model_loading import load_model
-from mixkv.presses.registry import NAMES
+from mixkv.presses.registry import NAMES, is_method_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         methods = split_list(args.methods)
-        bad = [m for m in methods if m not in NAMES]
+        bad = [m for m in methods if not is_method_name(m)]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose from: {', '.join(NAMES)}")
+            raise ValueError(
+                f"unknown method(s) {bad}; choose from: {', '.join(NAMES)}, or <method>@kvpress-<scorer> "
+                "(`mixkv presses`)"
+            )
         budgets = int_list(args.budgets, "--budgets")
         if not budgets or any(b < 1 for b in budgets):
             raise ValueError(f"--budgets needs positive integers, got {args.budgets!r}")

@@ -59,7 +59,8 @@ def run_image_demo(
 
     The observation window is 32 tokens, or half the budget below 64 (as in the evaluation). The
     image and most of the prompt are prefilled once with the full cache, and every run continues
-    from a copy of it (:func:`mixkv.eval.mm_example_run.prefill_image_prefix`), as the evaluation does.
+    from a copy of it (:func:`mixkv.eval.mm_example_run.prefill_image_prefix`), as the evaluation does;
+    kvpress scorers (``<method>@kvpress-<scorer>``) prefill the whole prompt themselves.
 
     Returns
     -------
@@ -83,7 +84,10 @@ def run_image_demo(
         window = observation_window(32, budget)
         press = build_press(method, budget, context_tokens=context_tokens, window_size=window)
         log(f"  running {method if budget is None else f'{method} @ {budget}'} ...")
-        record = run_mm_example(model, processor, example, press, inputs=inputs, prefix=prefix)
+        whole = getattr(press, "needs_layer_inputs", False)  # scores the whole prompt's forward
+        record = run_mm_example(
+            model, processor, example, press, inputs=inputs, prefix=None if whole else prefix
+        )
         keep = None
         if press is not None:
             keep = image_keep_map(press.last_report, inputs["input_ids"], image_token_id)

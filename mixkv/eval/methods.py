@@ -14,7 +14,16 @@ from typing import Any
 
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 from mixkv.presses.decoding import DecodingPress
-from mixkv.presses.registry import KVPRESS_MASKING_NAMES, KVPRESS_NAMES, NAMES, build_press, kvpress_available
+from mixkv.presses.registry import (
+    KVPRESS_MASKING_NAMES,
+    KVPRESS_NAMES,
+    NAMES,
+    build_press,
+    is_method_name,
+    kvpress_available,
+    press_entry,
+    split_scorer_name,
+)
 
 __all__ = [
     "CLOSED_BOOK",
@@ -25,6 +34,7 @@ __all__ = [
     "check_compare",
     "check_methods",
     "parse_method",
+    "scores_a_whole_forward",
 ]
 
 #: Methods backed by NVIDIA's ``kvpress`` package (only when it is importable).
@@ -35,6 +45,13 @@ CLOSED_BOOK = "closed-book"
 
 #: Every method name the text grid accepts: the press registry's names and :data:`CLOSED_BOOK`.
 METHODS: tuple[str, ...] = (*NAMES, CLOSED_BOOK)
+
+
+def scores_a_whole_forward(method: str) -> bool:
+    """Whether the method is a kvpress scorer run by mixkv (``<method>@kvpress-<scorer>``): its
+    press scores from the attention modules' inputs, so it prefills the whole prompt itself (no
+    shared prefix, no recorded prompt, no chunks)."""
+    return "@" in method and split_scorer_name(method) is not None
 
 
 def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
@@ -81,7 +98,11 @@ class MethodVariant:
         """Whether the method prefills only the tail of an example, under its press, from a copy of
         the shared full-cache prefix (kvpress presses replay instead, see
         :attr:`replays_a_prefill`; chunked prefills start from position 0)."""
-        return self.press_method not in (CLOSED_BOOK, *KVPRESS_METHODS) and self.prefill_chunk_size is None
+        return (
+            self.press_method not in (CLOSED_BOOK, *KVPRESS_METHODS)
+            and self.prefill_chunk_size is None
+            and not scores_a_whole_forward(self.press_method)
+        )
 
     @property
     def decodes_together(self) -> bool:
@@ -89,9 +110,12 @@ class MethodVariant:
         (:func:`~mixkv.eval.text_example_run.run_examples_together`, in the session of a mixkv press among
         them): the full cache, mixkv presses that do not compress while decoding, and kvpress
         presses that leave a plain shortened cache (not those that mask keys while decoding, nor
-        ``closed-book``, whose prompt is another)."""
+        ``closed-book``, whose prompt is another, nor kvpress scorers run by mixkv, which prefill on
+        their own: :func:`scores_a_whole_forward`)."""
         return (
-            self.press_method not in (CLOSED_BOOK, *KVPRESS_MASKING_NAMES) and self.decoding_interval is None
+            self.press_method not in (CLOSED_BOOK, *KVPRESS_MASKING_NAMES)
+            and self.decoding_interval is None
+            and not scores_a_whole_forward(self.press_method)
         )
 
     @property
@@ -114,8 +138,13 @@ def parse_method(name: str) -> MethodVariant:
     """Split ``"<method>[+chunkN][+decodeN]"`` (see :class:`MethodVariant`); ValueError for an
     unknown method or modifier, or a modifier on ``full`` or a kvpress method."""
     press_method, *modifiers = name.strip().lower().split("+")
-    if press_method not in METHODS:
+    if press_method not in METHODS and not is_method_name(press_method):
         raise ValueError(f"Unknown method {press_method!r}; choose from: {', '.join(METHODS)}.")
+    if modifiers and scores_a_whole_forward(press_method):
+        raise ValueError(
+            f"Method {name!r}: a kvpress scorer scores the whole prompt in one forward, so it takes no "
+            "+chunk / +decode modifier."
+        )
     found: dict[str, int] = {}
     for modifier in modifiers:
         kind = modifier.rstrip("0123456789")
@@ -143,7 +172,7 @@ def check_methods(
     ``closed_book`` (the text grid) :data:`CLOSED_BOOK` is accepted; otherwise those are refused."""
     out = [m.strip().lower() for m in as_list("methods", methods)]
     known = METHODS if closed_book else NAMES
-    unknown = [m for m in out if m.split("+")[0] not in known]
+    unknown = [m for m in out if m.split("+")[0] not in known and not _scorer_name(m.split("+")[0])]
     if any(m.split("+")[0] == CLOSED_BOOK for m in unknown):
         raise ValueError(
             f"{CLOSED_BOOK!r} (the question without its context) is a method of the text task grid "
@@ -165,6 +194,15 @@ def check_methods(
             "`pip install kvpress` or drop them."
         )
     return out
+
+
+def _scorer_name(method: str) -> bool:
+    """Whether ``method`` is a ``<method>@kvpress-<scorer>`` name; ValueError (saying why) for one
+    that cannot be (kvpress missing, not a scorer...)."""
+    if not scores_a_whole_forward(method):
+        return False
+    press_entry(method)
+    return True
 
 
 def check_compare(compare: Sequence[tuple[str, str]], methods: Sequence[str]) -> list[tuple[str, str]]:

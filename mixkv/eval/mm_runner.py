@@ -32,7 +32,7 @@ import torch
 
 from mixkv.eval.cell_store import Cell, EvalResult, model_identity
 from mixkv.eval.grid import GridSpec, check_budgets, run_grid
-from mixkv.eval.methods import KVPRESS_METHODS, check_compare, check_methods
+from mixkv.eval.methods import KVPRESS_METHODS, check_compare, check_methods, scores_a_whole_forward
 from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.eval.mm_example_run import (
     encode_example,
@@ -192,7 +192,7 @@ class MultimodalGrid:
             self.processor, example, example_prompt(self.processor, example), self.model.device
         )
         prefix = None
-        if self.settings.share_prefill and any(c.method not in KVPRESS_METHODS for _, c in pending):
+        if self.settings.share_prefill and any(_continues_a_prefix(c.method) for _, c in pending):
             prefix = prefill_image_prefix(self.model, inputs, tail_tokens=self.settings.window_size)
         return _EncodedExample(inputs, prefix, self.digest(example))
 
@@ -217,10 +217,16 @@ class MultimodalGrid:
                 max_new_tokens=self.settings.max_new_tokens,
                 coordinate_scale=self.settings.coordinate_scale,
                 inputs=prepared.inputs,
-                prefix=None if cell.method in KVPRESS_METHODS else prepared.prefix,
+                prefix=prepared.prefix if _continues_a_prefix(cell.method) else None,
             )
             record = {**record, "example_sha1": prepared.digest}
             yield cell, record, time.perf_counter() - start
+
+
+def _continues_a_prefix(method: str) -> bool:
+    """Whether the method's press continues the example's shared full-cache prefix: mixkv presses,
+    not kvpress's (nor kvpress scorers run by mixkv, which score the whole prompt's forward)."""
+    return method not in KVPRESS_METHODS and not scores_a_whole_forward(method)
 
 
 def run_mm_eval(

@@ -251,6 +251,7 @@ class CacheCompressor:
             rope_inv_freq=self.rope_frequencies.get(layer_idx),
             visual_mask=visual_mask,
             head_shard=self.head_shard,
+            layer_inputs=call.layer_inputs,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)

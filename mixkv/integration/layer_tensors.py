@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from mixkv.integration.cache import CompressedLayer
+from mixkv.presses.base import LayerInputs
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class AttentionCall:
     rotary : tuple of Tensor ``(B, Q, r)``, optional
         The cos and sin tables the module rotated the queries with (its ``position_embeddings``),
         when it was given them for every query.
+    layer_inputs : LayerInputs, optional
+        The attention module's inputs in a prompt forward, for presses that score from them.
     """
 
     layer_idx: int
@@ -45,6 +48,7 @@ class AttentionCall:
     attention_mask: torch.Tensor | None
     scaling: float
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    layer_inputs: LayerInputs | None = None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from mixkv.integration.layer_tensors import AttentionCall, key_mask_from_attenti
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
 from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.integration.tensor_parallel import find_head_shard
+from mixkv.presses.base import LayerInputs
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -104,6 +105,10 @@ class PressSession:
         self._in_chunked_prefill = False
         self._entered = False
         self._recording: RecordedPrompt | None = None
+        # layer -> the attention module's (args, kwargs) in the running forward, for presses that
+        # score from them (``press.needs_layer_inputs``)
+        self._module_inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._rotary_emb: torch.nn.Module | None = None
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> PressSession:
@@ -125,6 +130,8 @@ class PressSession:
                     module.register_forward_pre_hook(self._capture_cache(layer_idx), with_kwargs=True)
                 )
             self._handles.append(self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
+            if self.press.needs_layer_inputs:
+                self._rotary_emb = _text_rotary_embedding(self.model, modules)
             self._saved_implementation = implementation
             # Set the internal attribute: the public setter would also switch the vision tower.
             self.layout.text_config._attn_implementation_internal = FUNCTION_NAMES[implementation]
@@ -162,6 +169,8 @@ class PressSession:
         self._chunk = None
         self._in_chunked_prefill = False
         self._recording = None
+        self._module_inputs.clear()
+        self._rotary_emb = None
         if self._entered:
             self._entered = False
             unregister_functions()
@@ -256,6 +265,7 @@ class PressSession:
         """
         if not self._entered:
             raise RuntimeError("use recording_prompt() inside `with press(model) as session: ...`")
+        self._refuse_replay("recording_prompt()")
         recorded = RecordedPrompt(window=window if window is not None else self.press.window_size)
         self._recording, self._compressor.importance_memo = recorded, recorded.importance
         try:
@@ -278,6 +288,7 @@ class PressSession:
         """
         if not self._entered:
             raise RuntimeError("use compress_recorded() inside `with press(model) as session: ...`")
+        self._refuse_replay("compress_recorded()")
         recorded.check_replayable(self.layout, self.press.window_size, type(self.model).__name__)
         cache = recorded.full_cache()
         self._input_ids = recorded.input_ids
@@ -291,6 +302,13 @@ class PressSession:
             self._compressor.importance_memo = None
         return cache
 
+    def _refuse_replay(self, what: str) -> None:
+        if self.press.needs_layer_inputs:
+            raise ValueError(
+                f"{what} is not available under {type(self.press).__name__}: it scores from the attention "
+                "modules' inputs, which a recording does not keep; prefill the prompt under it"
+            )
+
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -299,6 +317,8 @@ class PressSession:
             self._caches[layer_idx] = next(found, None)
             rotary = kwargs.get("position_embeddings")
             self._rotary[layer_idx] = rotary_tables(rotary, getattr(module, "config", None))
+            if self.press.needs_layer_inputs:
+                self._module_inputs[layer_idx] = (args, kwargs)
 
         return hook
 
@@ -377,7 +397,16 @@ class PressSession:
         rotary = self._rotary.get(layer_idx)
         if rotary is not None and rotary[0].shape[1] != query.shape[2]:
             rotary = None
-        call = AttentionCall(layer_idx, query, key, value, attention_mask, float(scaling), rotary)
+        call = AttentionCall(
+            layer_idx,
+            query,
+            key,
+            value,
+            attention_mask,
+            float(scaling),
+            rotary,
+            layer_inputs=self._layer_inputs(module, layer_idx, output[1]),
+        )
         if prompt_forward:
             if self._recording is not None:
                 if self._chunk is not None:
@@ -388,6 +417,26 @@ class PressSession:
             self._compressor.on_decode(call, cache)
         return output
 
+    def _layer_inputs(
+        self, module: torch.nn.Module, layer_idx: int, attentions: torch.Tensor | None
+    ) -> LayerInputs | None:
+        """The attention module's inputs in this forward, for a press that scores from them."""
+        captured = self._module_inputs.pop(layer_idx, None)
+        if not self.press.needs_layer_inputs or captured is None:
+            return None
+        args, kwargs = captured
+        forward_kwargs = dict(kwargs)
+        if args:  # the hidden states, where the decoder layer passes them positionally
+            forward_kwargs.setdefault("hidden_states", args[0])
+        return LayerInputs(
+            model=self.model,
+            module=module,
+            hidden_states=forward_kwargs["hidden_states"],
+            attentions=attentions,
+            forward_kwargs=forward_kwargs,
+            rotary_emb=self._rotary_emb,
+        )
+
     def _on_prefill(self, call: AttentionCall, cache: Cache) -> None:
         """One layer of a prompt forward; after the last, the prompt ends unless a chunk is open."""
         self._compressor.on_prefill(call, cache, self._input_ids)
@@ -397,3 +446,21 @@ class PressSession:
             else:
                 self._open.add(cache)
             self._compressor.finish_prompt_forward(cache)
+
+
+def _text_rotary_embedding(
+    model: torch.nn.Module, attention_modules: list[torch.nn.Module]
+) -> torch.nn.Module | None:
+    """The rotary embedding module of the text decoder holding ``attention_modules`` (its
+    ``rotary_emb``, beside its ``layers``), or None where it has none."""
+    first = attention_modules[0]
+    for module in model.modules():
+        rotary = getattr(module, "rotary_emb", None)
+        layers = getattr(module, "layers", None)
+        if (
+            isinstance(rotary, torch.nn.Module)
+            and isinstance(layers, torch.nn.ModuleList)
+            and any(sub is first for layer in layers for sub in layer.modules())
+        ):
+            return rotary
+    return None

@@ -10,6 +10,7 @@ from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
+from mixkv.presses.kvpress_scorers import KvpressScorerPress
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
@@ -24,6 +25,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KnormPress",
+    "KvpressScorerPress",
     "LookMPress",
     "MixKVExpectedAttentionPress",
     "MixKVPress",

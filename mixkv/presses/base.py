@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -13,6 +13,38 @@ from mixkv.presses.head_shard import HeadShard
 if TYPE_CHECKING:
     from mixkv.integration.session import PressSession
     from mixkv.presses.compression_report import CompressionReport
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a layer's attention module was called with in the forward being compressed.
+
+    Given only to presses that score from the module itself (``needs_layer_inputs``), as kvpress's
+    scorer presses do (:class:`~mixkv.presses.kvpress_scorers.KvpressScorerPress`).
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The whole model the press is attached to.
+    module : torch.nn.Module
+        The layer's attention module (its projections, config and ``layer_idx``).
+    hidden_states : Tensor ``(B, Q, hidden)``
+        The module's input in this forward (``Q`` = the forward's tokens).
+    attentions : Tensor ``(B, H, Q, N)`` or None
+        The attention weights the model's attention returned (eager attention only; None for sdpa).
+    forward_kwargs : dict
+        The keyword arguments of the module's forward (``position_embeddings``, the cache,
+        ``hidden_states``...), as a forward hook with keyword inputs receives them.
+    rotary_emb : torch.nn.Module or None
+        The text decoder's rotary embedding module.
+    """
+
+    model: Any
+    module: Any
+    hidden_states: torch.Tensor
+    attentions: torch.Tensor | None
+    forward_kwargs: dict[str, Any]
+    rotary_emb: Any = None
 
 
 @dataclass
@@ -60,6 +92,11 @@ class ScoringContext:
     head_shard : HeadShard, optional
         Under tensor parallelism, which of the layer's KV heads this rank holds (``keys`` and
         ``values`` hold only those); None when the process holds every head.
+    layer_inputs : LayerInputs, optional
+        The attention module's inputs in this forward, for presses with ``needs_layer_inputs``.
+    importance_source : str, default "window"
+        What :attr:`importance` holds: the SnapKV importance (``"window"``), or another score a
+        press put there in its place (``"kvpress-<scorer>"``).
     """
 
     queries: torch.Tensor
@@ -77,6 +114,8 @@ class ScoringContext:
     rope_inv_freq: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
     head_shard: HeadShard | None = None
+    layer_inputs: LayerInputs | None = field(default=None, repr=False)
+    importance_source: str = "window"
     _importance: torch.Tensor | None = field(default=None, repr=False)
     #: What a press derives once per layer and needs in both ``head_budgets`` and ``scores``.
     memo: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -162,6 +201,10 @@ class BasePress:
     After a forward pass that compressed the cache, ``last_report`` holds a
     :class:`~mixkv.CompressionReport`.
     """
+
+    #: Whether the press scores from the attention module's inputs (:class:`LayerInputs`): such a
+    #: press needs the whole prompt in the forward it compresses (no prefix, chunks or recordings).
+    needs_layer_inputs: ClassVar[bool] = False
 
     budget: int | None = None
     compression_ratio: float | None = None

@@ -19,8 +19,15 @@ Names
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy (``mixkv-vlcache``: on VL-Cache's
     scores and layer budgets).
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
-    NVIDIA's ``kvpress`` presses (only when ``kvpress`` is installed), for side-by-side comparisons.
-    They take a compression ratio, derived from ``budget`` as ``1 - budget / context_tokens``.
+    NVIDIA's ``kvpress`` presses run by kvpress itself (only when ``kvpress`` is installed), for
+    side-by-side comparisons. They take a compression ratio, derived from ``budget`` as
+    ``1 - budget / context_tokens``.
+``"<method>@kvpress-<scorer>"``
+    A kvpress scorer press's score (``tova``, ``expectedattention``, ``knorm``...) as the importance
+    of a mixkv method (``snapkv``: uniform budget; ``pyramidkv``, ``adakv``, ``sparsemm``, and
+    ``mixkv-<base>``), run by mixkv: :class:`~mixkv.presses.kvpress_scorers.KvpressScorerPress`.
+    Only when kvpress is installed (:func:`kvpress_scorer_press_names` lists them); not in
+    :data:`NAMES`, which holds the names that need no optional package.
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ from mixkv.presses.attention_scorers import (
 )
 from mixkv.presses.base import BasePress
 from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPress, SparseMMPress
+from mixkv.presses.kvpress_scorers import (
+    INSTALL_HINT,
+    SCORER_METHODS,
+    KvpressScorerPress,
+    kvpress_scorer_names,
+    scorer_options,
+)
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
@@ -51,8 +65,12 @@ __all__ = [
     "PressEntry",
     "build_press",
     "from_name",
+    "is_method_name",
     "kvpress_available",
+    "kvpress_scorer_press_names",
     "list_presses",
+    "press_entry",
+    "split_scorer_name",
 ]
 
 
@@ -87,6 +105,14 @@ class PressEntry:
     def parameters(self) -> dict[str, Any]:
         """Options :func:`from_name` accepts for this name, with their defaults (``budget`` and
         ``compression_ratio`` default to None: give one of them)."""
+        if self.press_class is KvpressScorerPress:
+            method, scorer = self.fixed["method"], self.fixed["scorer"]
+            common = {
+                f.name: None if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(BasePress)
+                if f.init
+            }
+            return {**common, **_BY_NAME[method].parameters(), **scorer_options(scorer)}
         if self.kvpress_options is not None:
             return {"budget": None, "compression_ratio": None, **self.kvpress_options}
         if self.press_class is None:
@@ -162,6 +188,74 @@ def kvpress_available() -> bool:
     return True
 
 
+def split_scorer_name(name: str) -> tuple[str, str] | None:
+    """``(method, scorer)`` of a ``"<method>@kvpress-<scorer>"`` name, None for any other name."""
+    method, at, rest = name.partition("@")
+    if not at:
+        return None
+    if not rest.startswith("kvpress-"):
+        raise ValueError(
+            f"Method {name!r}: after '@' comes a kvpress scorer, 'kvpress-<scorer>' (e.g. snapkv@kvpress-tova)."
+        )
+    return method, rest[len("kvpress-") :]
+
+
+def kvpress_scorer_press_names() -> tuple[str, ...]:
+    """Every ``"<method>@kvpress-<scorer>"`` name of the installed kvpress (empty without it)."""
+    return tuple(
+        f"{method}@kvpress-{scorer}" for scorer in kvpress_scorer_names() for method in SCORER_METHODS
+    )
+
+
+def is_method_name(name: str) -> bool:
+    """Whether ``name`` is a method :func:`from_name` knows: one of :data:`NAMES`, or a
+    ``<method>@kvpress-<scorer>`` name of the installed kvpress."""
+    if name in _BY_NAME:
+        return True
+    try:
+        press_entry(name)
+    except ValueError:
+        return False
+    return True
+
+
+def press_entry(name: str) -> PressEntry:
+    """The :class:`PressEntry` of any method name, ``<method>@kvpress-<scorer>`` included.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; a scorer name whose method takes no kvpress score, without kvpress
+        installed, or whose kvpress press is not a scorer (saying why).
+    """
+    entry = _BY_NAME.get(name)
+    if entry is not None:
+        return entry
+    split = split_scorer_name(name)
+    if split is None:
+        hint = ""
+        if name.startswith("kvpress-"):
+            hint = (
+                f" kvpress itself runs only {', '.join(KVPRESS_NAMES)}; kvpress's scorer presses run inside "
+                f"mixkv as '<method>@{name}' (e.g. 'snapkv@{name}' for a uniform budget)."
+            )
+        raise ValueError(f"Unknown method {name!r}; choose from: {', '.join(NAMES)}.{hint}")
+    method, scorer = split
+    if method not in SCORER_METHODS:
+        raise ValueError(
+            f"Method {name!r}: {method!r} cannot take a kvpress score; before '@' comes one of "
+            f"{', '.join(SCORER_METHODS)}."
+        )
+    options = scorer_options(scorer)  # refuses a missing kvpress, an unknown or non-scorer press
+    del options
+    return PressEntry(
+        name,
+        f"kvpress's {scorer} score as the importance of {method}",
+        KvpressScorerPress,
+        {"method": method, "scorer": scorer},
+    )
+
+
 def from_name(
     name: str, budget: int | None = None, *, context_tokens: int | None = None, **options: Any
 ) -> Any:
@@ -195,9 +289,7 @@ def from_name(
     """
     if name == "full":
         return None
-    entry = _BY_NAME.get(name)
-    if entry is None:
-        raise ValueError(f"Unknown method {name!r}; choose from: {', '.join(NAMES)}.")
+    entry = press_entry(name)
     if budget is None and options.get("compression_ratio") is None:
         raise ValueError(f"Method {name!r} needs a budget.")
     unknown = sorted(set(options) - set(entry.parameters()) - {"compression_ratio"})
@@ -209,6 +301,8 @@ def from_name(
     if entry.kvpress_options is not None:
         return _kvpress_press(name, budget, context_tokens, {**entry.kvpress_options, **options})
     assert entry.press_class is not None
+    if entry.press_class is KvpressScorerPress:
+        return _scorer_press(entry, budget, options)
     return entry.press_class(budget=budget, **entry.fixed, **options)
 
 
@@ -253,17 +347,33 @@ def build_press(
         installed.
     """
     options: dict[str, Any] = {"head_scores": head_scores} if "sparsemm" in method else {}
-    entry = _BY_NAME.get(method)
+    entry = press_entry(method) if method != "full" else None
     if entry is not None and "window_size" in entry.parameters():
         options["window_size"] = window_size
     return from_name(method, budget, context_tokens=context_tokens, **options)
+
+
+def _scorer_press(entry: PressEntry, budget: int | None, options: dict[str, Any]) -> KvpressScorerPress:
+    """The :class:`KvpressScorerPress` of a ``<method>@kvpress-<scorer>`` entry: ``options`` split
+    between the press, its kvpress scorer and its mixkv method."""
+    common_names = {f.name for f in dataclasses.fields(BasePress) if f.init}
+    scorer_names = set(scorer_options(entry.fixed["scorer"]))
+    common = {k: v for k, v in options.items() if k in common_names}
+    return KvpressScorerPress(
+        budget=budget,
+        **common,
+        method=entry.fixed["method"],
+        scorer=entry.fixed["scorer"],
+        scorer_options={k: v for k, v in options.items() if k in scorer_names and k not in common_names},
+        method_options={k: v for k, v in options.items() if k not in scorer_names | common_names},
+    )
 
 
 def _kvpress_press(name: str, budget: int | None, context_tokens: int | None, options: dict[str, Any]) -> Any:
     if not kvpress_available():
         raise ValueError(
             f"Method {name!r} compares against NVIDIA's kvpress, which is not installed; "
-            "`pip install kvpress` or drop the kvpress-* methods."
+            f"`{INSTALL_HINT}` or drop the kvpress-* methods."
         )
     ratio = options.pop("compression_ratio", None)
     if ratio is None:
