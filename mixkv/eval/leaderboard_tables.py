@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixkv.eval.reporting import EXAMPLE_COLUMNS
 from mixkv.eval.stats import PairedComparison, paired_comparison, stratified_bootstrap_ci
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 
@@ -114,16 +115,8 @@ def read_grid(path: Path | str) -> GridExamples:
     grid: GridExamples = {}
     with table.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        needed = {
-            "method",
-            "budget",
-            "task",
-            "context_length",
-            "example",
-            "example_sha1",
-            "score",
-            "kv_fraction",
-        }
+        # the cell, the example, its score and KV fraction: the leading columns mixkv eval writes
+        needed = set(EXAMPLE_COLUMNS[: EXAMPLE_COLUMNS.index("kv_fraction") + 1])
         missing = needed - set(reader.fieldnames or ())
         if missing:
             raise ValueError(
