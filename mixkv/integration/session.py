@@ -69,6 +69,7 @@ from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.integration.reconstruction import Reconstruction
 from mixkv.integration.tensor_parallel import find_head_shard
 from mixkv.presses.base import LayerInputs
+from mixkv.presses.kvzip import KVzipPress
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -128,7 +129,8 @@ class PressSession:
                 "another mixkv press is already attached to this model; nesting presses is not supported"
             )
         if self.press.needs_reconstruction:
-            self.press.check_prompt_ids()  # type: ignore[attr-defined]
+            if isinstance(self.press, KVzipPress):
+                self.press.check_prompt_ids()
             if self.decoding is not None:
                 raise ValueError(
                     f"{type(self.press).__name__} cannot run under a DecodingPress: its re-compressions "
@@ -509,27 +511,27 @@ class PressSession:
         cache, calls = self._deferred_cache, dict(self._deferred)
         self._deferred.clear()
         self._deferred_cache = None
-        if cache is None or self._reconstruction is not None or self._input_ids is None:
-            return
         press = self.press
         ids = self._input_ids
-        reconstruction = Reconstruction(
-            cache,
-            ids.shape[1],
-            press.n_sink,
-            self.layout.compressible_layers,  # type: ignore[attr-defined]
-        )
+        if (
+            cache is None
+            or self._reconstruction is not None
+            or ids is None
+            or not isinstance(press, KVzipPress)
+        ):
+            return
+        reconstruction = Reconstruction(cache, ids.shape[1], press.n_sink, self.layout.compressible_layers)
         start = time.perf_counter()
         self._reconstruction = reconstruction
         try:
             with torch.no_grad():
-                for chunk in press.repeat_chunks(ids):  # type: ignore[attr-defined]
+                for chunk in press.repeat_chunks(ids):
                     reconstruction.chunk = chunk
                     prefill(self.model, chunk.ids, cache)
         finally:
             self._reconstruction = None
             reconstruction.restore()
-        press.last_reconstruction_seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+        press.last_reconstruction_seconds = time.perf_counter() - start
         self._compressor.reconstruction_scores = reconstruction.scores
         try:
             for layer_idx in sorted(calls):
