@@ -236,6 +236,13 @@ def test_decoding_press_is_refused():
         pass
 
 
+def test_continuous_batching_refuses_it_by_name():
+    from mixkv.integration.paged_support import check_press
+
+    with pytest.raises(ValueError, match=r"kvzip.*reconstruction"):
+        check_press(kvzip())
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("chunk_size", 0), ("n_sink", -1), ("allocation", "global"), ("repeat_prompt_ids", "Repeat")],

@@ -1175,18 +1175,25 @@ def reconstruction_attention(
         raise ValueError(f"block_rows must be an integer >= 1, got {block_rows!r}")
     scale = _check_scaling(scaling, head_dim)
     sink = min(n_sink, start)
+    width = end - start
     keys = torch.cat([context_keys[:, :, :sink], context_keys[:, :, start:end], repeat], dim=2).float()
     group = rows.shape[1] // kv_heads
-    grouped = rows.float().view(batch, kv_heads, group, tokens, head_dim)
-    width = end - start
-    best = torch.zeros(batch, kv_heads, width, dtype=torch.float32, device=keys.device)
-    columns = torch.arange(tokens, device=keys.device)
+    grouped = (rows.float() * scale).view(batch, kv_heads, group, tokens, head_dim)
+    # max_t softmax_t(j) = exp(max_t (l_tj - logsumexp_t)): one exp per column at the end
+    best = torch.full((batch, kv_heads, width), float("-inf"), dtype=torch.float32, device=keys.device)
     for first in range(0, tokens, block_rows):
         last = min(first + block_rows, tokens)
-        logits = torch.einsum("bhgtd,bhnd->bhgtn", grouped[:, :, :, first:last], keys) * scale
+        count = last - first
+        seen = keys[:, :, : sink + width + last]  # later repeat keys are masked for every row here
+        block = grouped[:, :, :, first:last].reshape(batch, kv_heads, group * count, head_dim)
+        logits = torch.matmul(block, seen.transpose(-1, -2)).view(batch, kv_heads, group, count, -1)
         # causal over the repeat's own keys: query t sees repeat keys 0..t
-        future = columns[None, :] > torch.arange(first, last, device=keys.device)[:, None]
-        logits[..., sink + width :] = logits[..., sink + width :].masked_fill(future, float("-inf"))
-        probs = logits.softmax(-1)[..., sink : sink + width]
-        best = torch.maximum(best, probs.amax(dim=(2, 3)))
-    return best
+        future = (
+            torch.arange(last, device=keys.device)[None, :]
+            > torch.arange(first, last, device=keys.device)[:, None]
+        )
+        logits[..., sink + width :].masked_fill_(future, float("-inf"))
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        block_best = (logits[..., sink : sink + width] - normaliser).amax(dim=(2, 3))
+        best = torch.maximum(best, block_best)
+    return best.exp()
