@@ -14,6 +14,7 @@ import mixkv
 from mixkv.functional import adaptive_head_budgets, reconstruction_attention
 from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
+from mixkv.presses.registry import build_press, from_name
 from tests.helpers_tiny import random_llama, word_tokenizer
 from tests.reference import kept_positions
 
@@ -259,3 +260,11 @@ def test_prompt_ids_of_a_tokenizer_without_chat_template_end_the_repeat_with_a_n
     assert ids["repeat_prompt_ids"] == tuple(
         tokenizer.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False)
     )
+
+
+def test_registry_name_builds_the_press_with_the_tokenizers_repeat_prompts():
+    tokenizer = word_tokenizer()
+    press = build_press("kvzip", 64, context_tokens=100, window_size=8, tokenizer=tokenizer)
+    assert isinstance(press, mixkv.KVzipPress) and (press.budget, press.window_size) == (64, 8)
+    assert press.repeat_prompt_ids == kvzip_prompt_ids(tokenizer)["repeat_prompt_ids"]
+    assert from_name("kvzip", 64).repeat_prompt_ids is None  # refused when it enters a model

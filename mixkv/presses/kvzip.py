@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -56,7 +56,7 @@ class KVzipPress(BasePress):
     ``repeat_prompt_ids`` precede the first chunk, ``continue_prompt_ids`` (default: the same)
     precede each later chunk, followed by the last ``overlap`` ids of the chunk before, and
     ``answer_prefix_ids`` (the chat template's switch to the assistant turn, may be empty) come
-    right before the chunk's tokens. :func:`mixkv.integration.kvzip_prompt_ids` builds kvpress's
+    right before the chunk's tokens. :func:`kvzip_prompt_ids` (also ``mixkv.integration.kvzip_prompt_ids``) builds kvpress's
     prompts from a tokenizer: ``KVzipPress(budget=128, **kvzip_prompt_ids(tokenizer))``.
 
     Costs a second forward over the whole prompt (and a bit more) after the prefill; one sequence at
@@ -162,3 +162,40 @@ class KVzipPress(BasePress):
 
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         return self._kvzip_scores(ctx)
+
+
+def kvzip_prompt_ids(tokenizer: Any) -> dict[str, tuple[int, ...]]:
+    """KVzip's repeat prompts as token ids of ``tokenizer``, for :class:`KVzipPress`.
+
+    The prompts of kvpress 0.5.5's ``KVzipPress``: ``"\\n\\nRepeat the previous context exactly."``
+    before the first chunk, ``"\\n\\nRepeat the part of the previous context exactly, starting
+    with"`` before each later one, then the chat template's switch from the user turn to the
+    assistant's answer (``"\\n"`` for a tokenizer without a chat template).
+
+    Returns
+    -------
+    dict
+        ``repeat_prompt_ids``, ``continue_prompt_ids`` and ``answer_prefix_ids``; use as
+        ``KVzipPress(budget=128, **kvzip_prompt_ids(tokenizer))``.
+    """
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        answer = "\n"
+    else:
+        dummy = "dummy context"
+        separator = "\n" + "#" * len(dummy)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": dummy + separator}],
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=False,
+        )
+        answer = rendered.split(separator)[1]
+    return {
+        "repeat_prompt_ids": encode("\n\nRepeat the previous context exactly."),
+        "continue_prompt_ids": encode("\n\nRepeat the part of the previous context exactly, starting with"),
+        "answer_prefix_ids": encode(answer),
+    }
