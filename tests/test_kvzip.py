@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.functional import adaptive_head_budgets, reconstruction_attention
+from mixkv.functional import adaptive_head_budgets, pooled_head_budgets, reconstruction_attention
 from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
 from mixkv.presses.registry import build_press, from_name
@@ -214,6 +214,29 @@ def test_adakv_allocation_gives_each_head_its_adakv_share_of_the_kvzip_scores():
     assert kept.min() < kept.max()  # the heads' shares differ on this model
 
 
+def test_global_allocation_keeps_the_best_entries_over_every_layer_and_head():
+    model, ids = llama("sdpa", kv_heads=4), context(seed=1)
+    press = ScoreCapture(
+        budget=8, window_size=1, repeat_prompt_ids=REPEAT, answer_prefix_ids=ANSWER, allocation="global"
+    )
+    press.seen = {}
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=DynamicCache(config=model.config))
+    kept = press.last_report.kept_tokens[0]  # (layers, Hkv), window included
+    pooled = torch.stack([press.seen[layer][0, :, : LENGTH - 1] for layer in (0, 1)])  # (L, Hkv, P)
+    pooled[..., :4] = 2.0  # the sinks rank first
+    threshold = pooled.flatten().topk(2 * 4 * 7).values.min()
+    assert kept.tolist() == ((pooled >= threshold).sum(-1) + 1).tolist()
+    assert int(kept.sum()) == 2 * 4 * 8
+    assert kept[0].sum() != kept[1].sum()  # the layers' shares differ on this model
+
+
+def test_pooled_head_budgets_count_each_heads_share_of_the_overall_top_entries():
+    scores = torch.tensor([[[0.9, 0.1, 0.5], [0.8, 0.7, float("-inf")]], [[0.2, 0.3, 0.6], [0.05, 0.4, 0.0]]])
+    assert pooled_head_budgets(scores, 5).tolist() == [[2, 2], [1, 0]]
+    assert int(pooled_head_budgets(scores, 100).sum()) == 11  # finite entries only
+
+
 def test_session_without_repeat_prompt_ids_is_refused_and_leaves_the_model_as_it_was():
     model = llama("sdpa")
     press = mixkv.KVzipPress(budget=16)
@@ -246,7 +269,7 @@ def test_continuous_batching_refuses_it_by_name():
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("chunk_size", 0), ("n_sink", -1), ("allocation", "global"), ("repeat_prompt_ids", "Repeat")],
+    [("chunk_size", 0), ("n_sink", -1), ("allocation", "layerwise"), ("repeat_prompt_ids", "Repeat")],
 )
 def test_bad_options_are_refused(option, value):
     with pytest.raises(ValueError, match=option):

@@ -3,10 +3,10 @@
 kvpress needs transformers < 5.3, so this runs in the transformers-5.2 stage of ``scripts/test.sh``.
 kvpress loads the tokenizer from the model's directory, so the tiny Llama and the word tokenizer are
 saved to a temporary one first. The scores are compared value for value (one reconstruction chunk
-and several); the kept entries with kvpress's per-layer layout (``layerwise=True``: each layer's
-lowest scores pooled over its KV heads), which is mixkv's ``allocation="adakv"`` with
-``floor_ratio=0`` (pooled over the layer's heads), on a prompt where kvpress happens to keep the last
-token, which mixkv always keeps (its observation window of one token).
+and several); the kept entries with kvpress's default layout (every layer and head pooled), which is
+mixkv's ``allocation="global"``, and with its ``layerwise=True`` (each layer's heads pooled), which
+is ``allocation="adakv"`` with ``floor_ratio=0``; each on a prompt where kvpress happens to keep the
+last token, which mixkv always keeps (its observation window of one token).
 """
 
 import pytest
@@ -108,3 +108,22 @@ def test_adakv_allocation_without_floor_keeps_the_entries_kvpress_layerwise_kvzi
         assert int(kept.sum()) == int(theirs[layer_idx].sum()) == 2 * 30
         assert torch.equal(kept, theirs[layer_idx])
     assert not torch.equal(theirs[0, 0], theirs[0, 1])  # the heads keep different positions
+
+
+def test_global_allocation_keeps_the_entries_kvpress_default_kvzip_keeps(model, tokenizer):
+    # kvpress's default pools every layer and head; on this prompt it keeps the last token everywhere.
+    ids = prompt(tokenizer, seed=8)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+    _, theirs = kvpress_run(model, ids, compression_ratio=0.25)
+    assert theirs[:, :, -1].all()
+    press = mixkv.KVzipPress(budget=30, window_size=1, allocation="global", **kvzip_prompt_ids(tokenizer))
+    ours = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=ours)
+    for layer_idx in range(2):
+        kept = kept_positions(ours.layers[layer_idx], full.layers[layer_idx].keys)[0]
+        assert torch.equal(kept, theirs[layer_idx])
+    assert int(theirs.sum()) == 2 * 2 * 30
+    assert theirs[0].sum() != theirs[1].sum()  # the layers keep different numbers

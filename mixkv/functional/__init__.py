@@ -5,6 +5,7 @@ from mixkv.functional.budgets import (
     allocate_exact,
     group_head_scores,
     head_score_budgets,
+    pooled_head_budgets,
     pyramid_budgets,
     running_density_budget,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "mixkv_scores",
     "pivot_merge",
     "pool_scores",
+    "pooled_head_budgets",
     "post_vision_attention",
     "post_vision_rows",
     "pyramid_budgets",

@@ -257,6 +257,7 @@ class CacheCompressor:
             reconstruction_scores=None
             if self.reconstruction_scores is None
             else self.reconstruction_scores.get(layer_idx),
+            reconstruction_layers=self.reconstruction_scores,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)

@@ -97,6 +97,9 @@ class ScoringContext:
     reconstruction_scores : Tensor ``(B, Hkv, N)``, optional
         KVzip's score of every entry of the layer (the most attention it received from the
         reconstruction forwards), for presses with ``needs_reconstruction``; None otherwise.
+    reconstruction_layers : dict[int, Tensor], optional
+        The same score for every compressible layer (layer index -> ``(B, Hkv, N)``), for budgets
+        pooled over layers.
     importance_source : str, default "window"
         What :attr:`importance` holds: the SnapKV importance (``"window"``), or another score a
         press put there in its place (``"kvpress-<scorer>"``).
@@ -119,6 +122,7 @@ class ScoringContext:
     head_shard: HeadShard | None = None
     layer_inputs: LayerInputs | None = field(default=None, repr=False)
     reconstruction_scores: torch.Tensor | None = field(default=None, repr=False)
+    reconstruction_layers: dict[int, torch.Tensor] | None = field(default=None, repr=False)
     importance_source: str = "window"
     _importance: torch.Tensor | None = field(default=None, repr=False)
     #: What a press derives once per layer and needs in both ``head_budgets`` and ``scores``.

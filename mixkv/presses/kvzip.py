@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from mixkv.functional import adaptive_head_budgets, leading_real_positions
+from mixkv.functional import adaptive_head_budgets, leading_real_positions, pooled_head_budgets
 from mixkv.presses.base import BasePress, ScoringContext
 
 
@@ -47,10 +47,12 @@ class KVzipPress(BasePress):
 
     Budgets: ``allocation="uniform"`` (default) keeps ``budget`` entries in every KV head of every
     layer, like the other mixkv presses; ``"adakv"`` shares each layer's slots between its KV heads
-    by the KVzip score (:func:`mixkv.functional.adaptive_head_budgets`, ``floor_ratio``), stored
-    packed. kvpress 0.5.5's ``KVzipPress`` instead pools the scores of every layer and head and
-    evicts the lowest globally (each layer and head keeps a different number); neither mixkv layout
-    does that.
+    by the KVzip score (:func:`mixkv.functional.adaptive_head_budgets`, ``floor_ratio``; with
+    ``floor_ratio=0`` it is kvpress's ``layerwise=True``), stored packed; ``"global"`` pools the
+    scores of every compressible layer and KV head and keeps the best ``L * Hkv * (budget - W)``
+    prefix entries over all of them (:func:`mixkv.functional.pooled_head_budgets`), kvpress 0.5.5's
+    default layout, so layers and heads keep different numbers (packed). The mean over layers and
+    heads is ``budget`` in every layout.
 
     The repeat prompt is given as token ids, since the press does not see the tokenizer:
     ``repeat_prompt_ids`` precede the first chunk, ``continue_prompt_ids`` (default: the same)
@@ -66,7 +68,8 @@ class KVzipPress(BasePress):
     Paper: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
     2025, https://arxiv.org/abs/2505.23416. Defaults (kvpress 0.5.5): ``chunk_size=2048``,
     ``n_sink=4``, ``overlap=8``; ``window_size=1`` (kvpress keeps no window; mixkv always keeps
-    the last prompt token at least), ``allocation="uniform"``, ``floor_ratio=0.2``.
+    the last prompt token at least), ``allocation="uniform"`` (kvpress: ``"global"``),
+    ``floor_ratio=0.2``.
     """
 
     #: Whether the session must run the reconstruction forwards before compressing.
@@ -79,7 +82,7 @@ class KVzipPress(BasePress):
     chunk_size: int = 2048
     overlap: int = 8
     n_sink: int = 4
-    allocation: Literal["uniform", "adakv"] = "uniform"
+    allocation: Literal["uniform", "adakv", "global"] = "uniform"
     floor_ratio: float = 0.2
     #: Seconds the reconstruction forwards of the last prompt took.
     last_reconstruction_seconds: float | None = field(default=None, init=False, repr=False, compare=False)
@@ -94,8 +97,8 @@ class KVzipPress(BasePress):
             low = 1 if name == "chunk_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.allocation not in ("uniform", "adakv"):
-            raise ValueError(f"allocation must be 'uniform' or 'adakv', got {self.allocation!r}")
+        if self.allocation not in ("uniform", "adakv", "global"):
+            raise ValueError(f"allocation must be 'uniform', 'adakv' or 'global', got {self.allocation!r}")
         if not 0.0 <= self.floor_ratio <= 1.0:
             raise ValueError(f"floor_ratio must be in [0, 1], got {self.floor_ratio}")
 
@@ -128,15 +131,18 @@ class KVzipPress(BasePress):
             chunks.append(RepeatChunk(start, end, row))
         return chunks
 
-    def _kvzip_scores(self, ctx: ScoringContext) -> torch.Tensor:
-        """KVzip score of every prefix entry ``(B, Hkv, N - W)``, the sinks above every other."""
-        if ctx.reconstruction_scores is None:
+    def _kvzip_scores(self, ctx: ScoringContext, layer_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """KVzip score of every prefix entry ``(B, Hkv, N - W)`` of the layer (or of ``layer_scores``
+        ``(B, Hkv, N)``, another layer's), the sinks above every other (scores are at most 1)."""
+        if layer_scores is None:
+            layer_scores = ctx.reconstruction_scores
+        if layer_scores is None:
             raise ValueError(
                 "KVzipPress scores from its reconstruction forwards, which this compression path does not "
                 "run (chunked prefill, DecodingPress, recorded prompts, continuous batching); use another press"
             )
         prefix = ctx.keys.shape[2] - ctx.window_size
-        scores = ctx.reconstruction_scores[..., :prefix].float()
+        scores = layer_scores[..., :prefix].float()
         prefix_mask = ctx.head_mask[..., :prefix]
         sink = leading_real_positions(prefix_mask, self.n_sink)
         top = scores.masked_fill(~prefix_mask, float("-inf")).amax(-1, keepdim=True)
@@ -145,6 +151,8 @@ class KVzipPress(BasePress):
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
         if self.allocation == "uniform":
             return super().head_budgets(ctx)
+        if self.allocation == "global":
+            return self._global_budgets(ctx)
         scores = self._kvzip_scores(ctx)
         if ctx.head_shard is not None:
             scores = ctx.head_shard.gather_heads(scores, fill=float("-inf"))
@@ -159,6 +167,33 @@ class KVzipPress(BasePress):
             for b in range(ctx.keys.shape[0])
         ]
         return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)
+
+    def _global_budgets(self, ctx: ScoringContext) -> torch.Tensor:
+        """Budgets of this layer's KV heads when every compressible layer's entries compete."""
+        layers = ctx.reconstruction_layers
+        if ctx.head_shard is not None:
+            raise ValueError(
+                "KVzipPress(allocation='global') is not supported under tensor parallelism; use 'uniform' or 'adakv'"
+            )
+        if layers is None or any(layer not in layers for layer in ctx.compressible_layers):
+            raise ValueError(
+                "KVzipPress(allocation='global') needs the reconstruction scores of every compressible layer, "
+                "which this compression path does not have"
+            )
+        prefix_mask = ctx.head_mask[..., : ctx.keys.shape[2] - ctx.window_size]
+        pooled = torch.stack(
+            [
+                self._kvzip_scores(ctx, layers[layer]).masked_fill(~prefix_mask, float("-inf"))
+                for layer in ctx.compressible_layers
+            ],
+            dim=1,
+        )  # (B, L, Hkv, P)
+        slots = len(ctx.compressible_layers) * ctx.keys.shape[1]
+        rows = [
+            pooled_head_budgets(pooled[b], slots * (int(ctx.budgets[b]) - ctx.window_size))[ctx.layer_rank]
+            for b in range(pooled.shape[0])
+        ]
+        return torch.stack(rows).to(ctx.keys.device) + ctx.window_size
 
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         return self._kvzip_scores(ctx)
