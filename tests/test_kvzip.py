@@ -14,6 +14,7 @@ import mixkv
 from mixkv.functional import adaptive_head_budgets, pooled_head_budgets, reconstruction_attention
 from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
+from mixkv.presses.kvzip import RepeatChunk
 from mixkv.presses.registry import build_press, from_name
 from tests.helpers_tiny import random_llama, word_tokenizer
 from tests.reference import kept_positions
@@ -235,6 +236,26 @@ def test_pooled_head_budgets_count_each_heads_share_of_the_overall_top_entries()
     scores = torch.tensor([[[0.9, 0.1, 0.5], [0.8, 0.7, float("-inf")]], [[0.2, 0.3, 0.6], [0.05, 0.4, 0.0]]])
     assert pooled_head_budgets(scores, 5).tolist() == [[2, 2], [1, 0]]
     assert int(pooled_head_budgets(scores, 100).sum()) == 11  # finite entries only
+
+
+def test_a_failing_reconstruction_leaves_the_prompts_cache_and_the_model_as_they_were():
+    class FailingChunks(mixkv.KVzipPress):
+        def repeat_chunks(self, context_ids):  # an empty chunk: the scoring refuses it in layer 0
+            return [RepeatChunk(5, 5, torch.tensor([[*REPEAT, 9, 10]]))]
+
+    model, ids = llama("sdpa"), context()
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+    cache = DynamicCache(config=model.config)
+    press = FailingChunks(budget=16, window_size=1, repeat_prompt_ids=REPEAT)
+    with pytest.raises(ValueError, match="start < end"), torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == LENGTH
+    for layer in (0, 1):
+        assert torch.equal(cache.layers[layer].keys, full.layers[layer].keys)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_session_without_repeat_prompt_ids_is_refused_and_leaves_the_model_as_it_was():
