@@ -16,7 +16,7 @@ from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
 from mixkv.presses.kvzip import RepeatChunk
 from mixkv.presses.registry import build_press, from_name
-from tests.helpers_tiny import random_llama, word_tokenizer
+from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, random_llama, word_tokenizer
 from tests.reference import kept_positions
 
 REPEAT = (1, 2, 3)
@@ -312,3 +312,28 @@ def test_registry_name_builds_the_press_with_the_tokenizers_repeat_prompts():
     assert isinstance(press, mixkv.KVzipPress) and (press.budget, press.window_size) == (64, 8)
     assert press.repeat_prompt_ids == kvzip_prompt_ids(tokenizer)["repeat_prompt_ids"]
     assert from_name("kvzip", 64).repeat_prompt_ids is None  # refused when it enters a model
+
+
+def test_prompt_ids_of_a_chat_tokenizer_end_the_repeat_with_the_switch_to_the_answer_turn():
+    tokenizer = bpe_tokenizer()
+    tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    ids = kvzip_prompt_ids(tokenizer)
+    # the user turn closes with "\n", then the template opens the assistant's turn
+    assert ids["answer_prefix_ids"] == tuple(tokenizer.encode("\n<|assistant|>\n", add_special_tokens=False))
+
+
+def test_generate_under_the_press_decodes_like_a_manual_loop_over_the_compressed_cache():
+    model, ids = llama("sdpa"), context()
+    with torch.no_grad():
+        press = kvzip(budget=16)
+        with press(model):
+            generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cache = DynamicCache(config=model.config)
+        tokens = []
+        with kvzip(budget=16)(model):
+            logits = model(ids, past_key_values=cache).logits[:, -1]
+            for _ in range(6):
+                tokens.append(int(logits.argmax(-1)))
+                logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[:, -1]
+    assert press.last_report.compressed_layers == [0, 1]
+    assert generated[0, LENGTH:].tolist() == tokens
