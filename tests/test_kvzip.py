@@ -6,11 +6,14 @@ column's KV group. The comparison with kvpress's own ``KVzipPress`` is in
 ``tests/test_kvzip_kvpress_reference.py`` (it needs kvpress and transformers 5.2).
 """
 
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 import mixkv
+from mixkv.eval.cell_store import cell_filename
 from mixkv.functional import adaptive_head_budgets, pooled_head_budgets, reconstruction_attention
 from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
@@ -337,3 +340,22 @@ def test_generate_under_the_press_decodes_like_a_manual_loop_over_the_compressed
                 logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[:, -1]
     assert press.last_report.compressed_layers == [0, 1]
     assert generated[0, LENGTH:].tolist() == tokens
+
+
+def test_eval_grid_runs_kvzip_on_each_prompts_own_prefill_with_the_tokenizers_repeat_prompts(tiny, tmp_path):
+    from mixkv.eval.runner import run_eval
+
+    run_eval(
+        tiny,
+        methods=["kvzip"],
+        budgets=[40],
+        tasks=["niah_single_1"],
+        context_lengths=[128],
+        n=1,
+        max_new_tokens=2,
+        out_dir=tmp_path,
+    )
+    record = json.loads((tmp_path / "cells" / cell_filename("kvzip", 40, "niah_single_1", 128)).read_text())
+    example = record["examples"][0]
+    assert record["kept_tokens_mean"] == 40.0
+    assert example["shared_prefix_tokens"] == 0  # no shared full-cache prefix: the press prefills it all
