@@ -19,6 +19,7 @@ from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
 from mixkv.presses.kvzip import RepeatChunk
 from mixkv.presses.registry import build_press, from_name
+from tests.families import LLM_FAMILIES, build_case
 from tests.helpers_tiny import SIMPLE_CHAT_TEMPLATE, bpe_tokenizer, random_llama, word_tokenizer
 from tests.reference import kept_positions
 
@@ -359,3 +360,33 @@ def test_eval_grid_runs_kvzip_on_each_prompts_own_prefill_with_the_tokenizers_re
     example = record["examples"][0]
     assert record["kept_tokens_mean"] == 40.0
     assert example["shared_prefix_tokens"] == 0  # no shared full-cache prefix: the press prefills it all
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_every_text_family_generates_as_without_press_at_a_budget_not_below_the_prompt(family):
+    case = build_case(family)
+    ids = case.inputs["input_ids"]
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": case.pad_token_id}
+    press = mixkv.KVzipPress(budget=case.prompt_len, window_size=8, repeat_prompt_ids=(70, 71, 72))
+    with torch.no_grad():
+        plain = case.model.generate(ids, **settings)
+        with press(case.model):
+            pressed = case.model.generate(ids, **settings)
+    assert press.last_reconstruction_seconds is not None  # the repeat ran, and left no trace
+    assert torch.equal(plain, pressed)
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_every_text_family_holds_the_budget_in_its_full_attention_layers(family):
+    case = build_case(family)
+    ids = case.inputs["input_ids"]
+    cache = DynamicCache(config=case.model.config)
+    press = mixkv.KVzipPress(budget=48, window_size=8, repeat_prompt_ids=(70, 71, 72))
+    with torch.no_grad(), press(case.model):
+        case.model(ids, past_key_values=cache)
+    compressed = press.last_report.compressed_layers
+    assert compressed  # every family has full-attention layers
+    for layer_idx in compressed:
+        assert isinstance(cache.layers[layer_idx], DenseCompressedLayer)
+        assert cache.layers[layer_idx].keys.shape[2] == 48
+    assert cache.get_seq_length(compressed[0]) == case.prompt_len
