@@ -48,10 +48,11 @@ METHODS: tuple[str, ...] = (*NAMES, CLOSED_BOOK)
 
 
 def scores_a_whole_forward(method: str) -> bool:
-    """Whether the method is a kvpress scorer run by mixkv (``<method>@kvpress-<scorer>``): its
-    press scores from the attention modules' inputs, so it prefills the whole prompt itself (no
-    shared prefix, no recorded prompt, no chunks)."""
-    return "@" in method and split_scorer_name(method) is not None
+    """Whether the method's press scores from the whole prompt's own forward, so it prefills the
+    whole prompt itself (no shared prefix, no recorded prompt, no chunks): a kvpress scorer run by
+    mixkv (``<method>@kvpress-<scorer>``, from the attention modules' inputs) or KVzip (from its
+    reconstruction forwards after the prompt's)."""
+    return method == "kvzip" or ("@" in method and split_scorer_name(method) is not None)
 
 
 def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
@@ -83,12 +84,21 @@ class MethodVariant:
     prefill_chunk_size: int | None = None
     decoding_interval: int | None = None
 
-    def press(self, budget: int | None, *, context_tokens: int, window_size: int = 32) -> Any:
-        """:func:`~mixkv.presses.registry.build_press` of ``press_method``, inside a
-        :class:`~mixkv.DecodingPress` when the variant has a decoding interval."""
+    def press(
+        self, budget: int | None, *, context_tokens: int, window_size: int = 32, tokenizer: Any = None
+    ) -> Any:
+        """:func:`~mixkv.presses.registry.build_press` of ``press_method`` (``tokenizer`` gives KVzip
+        its repeat prompts), inside a :class:`~mixkv.DecodingPress` when the variant has a decoding
+        interval."""
         if self.press_method == CLOSED_BOOK:
             return None
-        press = build_press(self.press_method, budget, context_tokens=context_tokens, window_size=window_size)
+        press = build_press(
+            self.press_method,
+            budget,
+            context_tokens=context_tokens,
+            window_size=window_size,
+            tokenizer=tokenizer,
+        )
         if self.decoding_interval is None:
             return press
         return DecodingPress(press, interval=self.decoding_interval)

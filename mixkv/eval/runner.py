@@ -234,7 +234,9 @@ class TextGrid:
                 )
                 yield cell, record, time.perf_counter() - start
                 continue
-            press = variant.press(cell.budget, context_tokens=prefill_tokens, window_size=window_size)
+            press = variant.press(
+                cell.budget, context_tokens=prefill_tokens, window_size=window_size, tokenizer=tokenizer
+            )
             start = time.perf_counter()
             record = run_example(
                 model,
@@ -255,7 +257,9 @@ class TextGrid:
                 tokenizer,
                 example,
                 [
-                    variants[c.method].press(c.budget, context_tokens=prefill_tokens, window_size=window_size)
+                    variants[c.method].press(
+                        c.budget, context_tokens=prefill_tokens, window_size=window_size, tokenizer=tokenizer
+                    )
                     for c in together
                 ],
                 protocol=protocol,

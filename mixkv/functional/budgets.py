@@ -453,3 +453,36 @@ def running_density_budget(
     share = density.to(torch.float64) / (density.to(torch.float64) + (left - 1) * mean)
     ideal = torch.floor(remaining.to(torch.float64) * share + 0.5).long()
     return torch.minimum(ideal.clamp_min(0), cap)
+
+
+def pooled_head_budgets(scores: Tensor, slots: int) -> Tensor:
+    r"""Prefix entries each (layer, KV head) keeps when the best ``slots`` entries are taken over all
+    of them together: kvpress's global pooling (KVzip's default layout).
+
+    ``c_{l,h} = |\{ j : s_{l,h,j} \in \operatorname{top}_{slots}(s) \}|``, over the finite scores
+    only (``-inf`` marks entries that cannot be kept); ties are broken by ``torch.topk``.
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``(L, Hkv, P)`` scores of the prefix entries of every layer and KV head.
+    slots : int
+        Entries kept in all; at most the number of finite scores is kept.
+
+    Returns
+    -------
+    Tensor
+        ``(L, Hkv)`` long counts summing to ``min(slots, finite entries)``.
+    """
+    if not isinstance(scores, Tensor) or scores.dim() != 3:
+        raise ValueError(
+            f"scores must be a (layers, kv_heads, positions) tensor, got {getattr(scores, 'shape', scores)!r}"
+        )
+    slots = as_int("slots", slots)
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    flat = scores.reshape(-1)
+    taken = min(slots, int(torch.isfinite(flat).sum()))
+    counts = torch.zeros(flat.numel(), dtype=torch.long, device=scores.device)
+    counts[flat.topk(taken).indices] = 1
+    return counts.view(scores.shape).sum(-1)

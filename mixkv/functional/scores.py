@@ -1096,3 +1096,104 @@ def post_vision_attention(
     per_row = fraction.mean(2)  # (B, Hkv, W): mean over the GQA group
     per_head = (per_row * weights).sum(-1) / weights.sum(-1)  # (B, Hkv)
     return _mask_pads(scores, valid[..., : seq_len - window]), per_head.mean(-1)
+
+
+def reconstruction_attention(
+    queries: Tensor,
+    context_keys: Tensor,
+    repeat_keys: Tensor,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    n_sink: int = 0,
+    scaling: float | None = None,
+    block_rows: int = 256,
+) -> Tensor:
+    r"""KVzip's score: the most attention a context entry receives while the context is repeated.
+
+    The queries of a repeat prompt (an instruction to repeat the context, then the context's tokens
+    again) attend to the context's cache. Each context entry ``j`` in ``[start, end)`` scores
+
+    .. math::
+
+        \text{KVzip}_h(j) = \max_{h' \in G(h)} \max_t \operatorname{softmax}\big(s \, q_{h', t}
+        \cdot [k_{h,\,0:n_s};\ k_{h,\,start:end};\ r_{h,\,0:t}]\big)_j
+
+    the softmax running over the first ``n_s = min(n_sink, start)`` context entries, the chunk
+    ``[start, end)`` being reconstructed and the repeat prompt's own keys up to ``t`` (causal); the
+    max runs over the repeat's queries and the query heads ``G(h)`` of KV head ``h``. With
+    ``start = 0`` and ``end = N`` this is exactly the attention of a plain forward over context and
+    repeat. This is the restricted softmax of KVzip's chunked scoring (Kim et al. 2025, kvpress
+    0.5.5's ``KVzipPress``).
+
+    Parameters
+    ----------
+    queries : Tensor
+        ``(B, H, T, D)`` post-rotary queries of the repeat prompt's ``T`` tokens.
+    context_keys : Tensor
+        ``(B, Hkv, N, D)`` post-rotary keys of the context.
+    repeat_keys : Tensor
+        ``(B, Hkv, T, D)`` post-rotary keys of the repeat prompt's tokens.
+    start, end : int
+        The context entries scored (the chunk being reconstructed); ``end`` defaults to ``N``.
+    n_sink : int
+        Leading context entries the softmax also covers when ``start > 0``.
+    scaling : float, optional
+        Logit scale ``s`` (default ``D ** -0.5``).
+    block_rows : int
+        Queries attended at a time (bounds the memory to ``B H block_rows (N + T)`` floats).
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hkv, end - start)`` float32 scores in ``[0, 1]``.
+    """
+    batch, kv_heads, seq_len, head_dim = _check_cache("context_keys", context_keys)
+    rows = _check_floating("queries", queries, "(batch, heads, tokens, head_dim)")
+    if rows.dim() != 4 or rows.shape[0] != batch or rows.shape[3] != head_dim or rows.shape[1] % kv_heads:
+        raise ValueError(
+            f"queries must be (batch={batch}, heads (a multiple of {kv_heads}), tokens, head_dim={head_dim}), "
+            f"got {tuple(rows.shape)}"
+        )
+    tokens = rows.shape[2]
+    repeat = _check_floating("repeat_keys", repeat_keys, "(batch, kv_heads, tokens, head_dim)")
+    if tuple(repeat.shape) != (batch, kv_heads, tokens, head_dim):
+        raise ValueError(
+            f"repeat_keys must be (batch, kv_heads, tokens, head_dim) = {(batch, kv_heads, tokens, head_dim)}, "
+            f"got {tuple(repeat.shape)}"
+        )
+    end = seq_len if end is None else as_int("end", end)
+    start = as_int("start", start)
+    if not 0 <= start < end <= seq_len:
+        raise ValueError(
+            f"need 0 <= start < end <= {seq_len} (the context's entries), got start={start}, end={end}"
+        )
+    n_sink = as_int("n_sink", n_sink)
+    if n_sink < 0:
+        raise ValueError(f"n_sink must be >= 0, got {n_sink}")
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows must be an integer >= 1, got {block_rows!r}")
+    scale = _check_scaling(scaling, head_dim)
+    sink = min(n_sink, start)
+    width = end - start
+    keys = torch.cat([context_keys[:, :, :sink], context_keys[:, :, start:end], repeat], dim=2).float()
+    group = rows.shape[1] // kv_heads
+    grouped = (rows.float() * scale).view(batch, kv_heads, group, tokens, head_dim)
+    # max_t softmax_t(j) = exp(max_t (l_tj - logsumexp_t)): one exp per column at the end
+    best = torch.full((batch, kv_heads, width), float("-inf"), dtype=torch.float32, device=keys.device)
+    for first in range(0, tokens, block_rows):
+        last = min(first + block_rows, tokens)
+        count = last - first
+        seen = keys[:, :, : sink + width + last]  # later repeat keys are masked for every row here
+        block = grouped[:, :, :, first:last].reshape(batch, kv_heads, group * count, head_dim)
+        logits = torch.matmul(block, seen.transpose(-1, -2)).view(batch, kv_heads, group, count, -1)
+        # causal over the repeat's own keys: query t sees repeat keys 0..t
+        future = (
+            torch.arange(last, device=keys.device)[None, :]
+            > torch.arange(first, last, device=keys.device)[:, None]
+        )
+        logits[..., sink + width :].masked_fill_(future, float("-inf"))
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        block_best = (logits[..., sink : sink + width] - normaliser).amax(dim=(2, 3))
+        best = torch.maximum(best, block_best)
+    return best.exp()

@@ -10,6 +10,7 @@ A press attaches to a model through a :class:`PressSession` (``with press(model)
 - ``layer_tensors``: the per-layer tensors handed from the attention call to compression;
 - ``prefill_report``: the bookkeeping behind the press's ``last_report``;
 - ``prompt_recording``: one prompt forward recorded for other presses to compress;
+- ``reconstruction``: KVzip's reconstruction forwards (``kvzip_prompt_ids`` builds its repeat prompts);
 - ``cache``: the compressed cache layers; ``decoder_layout``: which modules and layers a model has.
 
 Beside them: ``compressed_context`` (compress once, ask many), ``calibration`` (head statistics
@@ -24,6 +25,7 @@ from mixkv.integration.compressed_context import CompressedContext
 from mixkv.integration.decoder_layout import SUPPORTED_MODEL_TYPES, describe_decoder
 from mixkv.integration.session import PressSession
 from mixkv.presses.compression_report import CompressionReport
+from mixkv.presses.kvzip import kvzip_prompt_ids
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -35,4 +37,5 @@ __all__ = [
     "chat_prompt_parts",
     "describe_decoder",
     "kv_cache_bytes",
+    "kvzip_prompt_ids",
 ]

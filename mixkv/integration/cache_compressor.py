@@ -91,6 +91,8 @@ class CacheCompressor:
         # Where compressions look up and leave window importance: the recording being made or
         # compressed (None otherwise).
         self.importance_memo: dict[tuple[int, int, int, str], torch.Tensor] | None = None
+        # layer -> KVzip scores of its entries (B, Hkv, N), while a reconstructed prompt is compressed
+        self.reconstruction_scores: dict[int, torch.Tensor] | None = None
         self._states: weakref.WeakKeyDictionary[Cache, CacheState] = weakref.WeakKeyDictionary()
         self._record: PrefillRecord | None = None
 
@@ -252,6 +254,10 @@ class CacheCompressor:
             visual_mask=visual_mask,
             head_shard=self.head_shard,
             layer_inputs=call.layer_inputs,
+            reconstruction_scores=None
+            if self.reconstruction_scores is None
+            else self.reconstruction_scores.get(layer_idx),
+            reconstruction_layers=self.reconstruction_scores,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )
         new_layer, selection = compress_layer(press, ctx, compress_rows, held.seen_tokens)

@@ -111,7 +111,7 @@ def check_press(press: Any) -> None:
     ------
     ValueError
         For per-head budgets (AdaKV, SparseMM and MixKV on them), ExpectedAttention (and MixKV on
-        it), kvpress presses, a press
+        it), KVzip (its reconstruction forwards), kvpress presses, a press
         overriding ``head_budgets`` (other than PyramidKV's), or a :class:`~mixkv.DecodingPress`
         around a refused press or around per-layer budgets (PyramidKV, MixKV-PyramidKV).
     """
@@ -141,6 +141,11 @@ def check_press(press: Any) -> None:
         raise ValueError(
             f"{name} is not supported in continuous batching: it needs each layer's rotary tables, which the "
             f"paged attention path does not pass on; {_USE_INSTEAD}"
+        )
+    if press.needs_reconstruction:
+        raise ValueError(
+            f"{name} is not supported in continuous batching: it scores each prompt with reconstruction "
+            f"forwards after its prefill, which the batching engine does not run; {_USE_INSTEAD}"
         )
     if per_layer_budgets(press):
         return

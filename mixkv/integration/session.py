@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -57,14 +59,17 @@ from mixkv.integration.cache_compressor import CacheCompressor
 from mixkv.integration.decoder_layout import (
     DecoderLayout,
     describe_decoder,
+    prefill,
     rope_inverse_frequencies,
     rotary_tables,
 )
 from mixkv.integration.layer_tensors import AttentionCall, key_mask_from_attention_mask
 from mixkv.integration.prefill_chunks import PrefillChunk, generate_prefill_chunk
 from mixkv.integration.prompt_recording import RecordedPrompt
+from mixkv.integration.reconstruction import Reconstruction
 from mixkv.integration.tensor_parallel import find_head_shard
 from mixkv.presses.base import LayerInputs
+from mixkv.presses.kvzip import KVzipPress
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -109,6 +114,10 @@ class PressSession:
         # score from them (``press.needs_layer_inputs``)
         self._module_inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._rotary_emb: torch.nn.Module | None = None
+        # KVzip: the prompt forward's attention calls, compressed after the reconstruction forwards
+        self._deferred: dict[int, AttentionCall] = {}
+        self._deferred_cache: Cache | None = None
+        self._reconstruction: Reconstruction | None = None
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> PressSession:
@@ -119,6 +128,14 @@ class PressSession:
             raise ValueError(
                 "another mixkv press is already attached to this model; nesting presses is not supported"
             )
+        if self.press.needs_reconstruction:
+            if isinstance(self.press, KVzipPress):
+                self.press.check_prompt_ids()
+            if self.decoding is not None:
+                raise ValueError(
+                    f"{type(self.press).__name__} cannot run under a DecodingPress: its re-compressions "
+                    "have no reconstruction forward to score with"
+                )
         self._entered = True
         register_functions()
         try:
@@ -130,6 +147,8 @@ class PressSession:
                     module.register_forward_pre_hook(self._capture_cache(layer_idx), with_kwargs=True)
                 )
             self._handles.append(self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
+            if self.press.needs_reconstruction:
+                self._handles.append(self.model.register_forward_hook(self._reconstruct_after_forward))
             if self.press.needs_layer_inputs:
                 self._rotary_emb = _text_rotary_embedding(self.model, modules)
             self._saved_implementation = implementation
@@ -171,6 +190,9 @@ class PressSession:
         self._recording = None
         self._module_inputs.clear()
         self._rotary_emb = None
+        self._deferred.clear()
+        self._deferred_cache = None
+        self._reconstruction = None
         if self._entered:
             self._entered = False
             unregister_functions()
@@ -312,6 +334,9 @@ class PressSession:
     # -- hooks ----------------------------------------------------------------------------------
     def _capture_cache(self, layer_idx: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._reconstruction is not None:
+                self._reconstruction.remember(layer_idx)
+                return
             # The argument is `past_key_values` up to transformers 5.23 and `cache` from 5.24 on.
             found = (value for value in (*args, *kwargs.values()) if isinstance(value, Cache))
             self._caches[layer_idx] = next(found, None)
@@ -323,6 +348,8 @@ class PressSession:
         return hook
 
     def _capture_inputs(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._reconstruction is not None:  # the reconstruction forwards are not prompts
+            return
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
@@ -370,6 +397,12 @@ class PressSession:
         """One layer's attention: over the compressed layer if it is one, else the model's own
         function; then compress the layer at the end of a prompt forward (or while decoding)."""
         layer_idx = binding.layer_idx
+        if self._reconstruction is not None:
+            output_ = binding.original(module, query, key, value, attention_mask, **kwargs)
+            scale = kwargs.get("scaling")
+            scale = getattr(module, "scaling", query.shape[-1] ** -0.5) if scale is None else scale
+            self._reconstruction.score(layer_idx, query, key, float(scale))
+            return output_
         cache = self._caches.get(layer_idx)
         layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
         scaling = kwargs.get("scaling")
@@ -412,7 +445,10 @@ class PressSession:
                 if self._chunk is not None:
                     raise ValueError("recording_prompt() records a prompt run in one forward, not in chunks")
                 self._recording.add(call, self._input_ids, self._compressor.state(cache).prompt_ids)
-            self._on_prefill(call, cache)
+            if self.press.needs_reconstruction:
+                self._defer(call, cache)
+            else:
+                self._on_prefill(call, cache)
         elif cache in self._prefilled and self.decoding is not None:
             self._compressor.on_decode(call, cache)
         return output
@@ -436,6 +472,72 @@ class PressSession:
             forward_kwargs=forward_kwargs,
             rotary_emb=self._rotary_emb,
         )
+
+    # -- KVzip: reconstruction forwards --------------------------------------------------------------
+    def _defer(self, call: AttentionCall, cache: Cache) -> None:
+        """Keep a prompt forward's layer for compression once the reconstruction has scored it."""
+        name = type(self.press).__name__
+        if self._recording is not None:
+            raise ValueError(f"recording_prompt() is not available under {name}: prefill the prompt under it")
+        if self._chunk is not None:
+            raise ValueError(f"{name} needs the whole prompt in one forward: do not prefill it in chunks")
+        ids = self._input_ids
+        if ids is None or ids.shape[0] != 1 or call.keys.shape[0] != 1:
+            raise ValueError(
+                f"{name} reconstructs one prompt at a time from its token ids: call the model with "
+                "input_ids of shape (1, N) (no batch, no inputs_embeds)"
+            )
+        if call.keys.shape[2] != ids.shape[1] and call.layer_idx in self.layout.compressible_layers:
+            raise ValueError(
+                f"{name} reconstructs the prompt the forward carries: the cache held "
+                f"{call.keys.shape[2] - ids.shape[1]} entries before it; prefill the whole prompt under the press"
+            )
+        visual = self.layout.visual_token_masks(ids)
+        if visual is not None and bool((visual[0] | visual[1]).any()):
+            raise ValueError(f"{name} repeats text prompts only; this prompt holds image or video tokens")
+        window = self.press.window_size
+        rotary = call.rotary
+        if rotary is not None:
+            rotary = (rotary[0][:, -window:], rotary[1][:, -window:])
+        # Only the window's queries are needed later (the keys are the cache's own tensors).
+        self._deferred[call.layer_idx] = dataclasses.replace(
+            call, query=call.query[:, :, -window:].clone(), rotary=rotary
+        )
+        if call.layer_idx == self.layout.num_layers - 1:
+            self._deferred_cache = cache
+
+    def _reconstruct_after_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """After the prompt forward: run the repeat chunks, then compress every layer with their scores."""
+        cache, calls = self._deferred_cache, dict(self._deferred)
+        self._deferred.clear()
+        self._deferred_cache = None
+        press = self.press
+        ids = self._input_ids
+        if (
+            cache is None
+            or self._reconstruction is not None
+            or ids is None
+            or not isinstance(press, KVzipPress)
+        ):
+            return
+        reconstruction = Reconstruction(cache, ids.shape[1], press.n_sink, self.layout.compressible_layers)
+        start = time.perf_counter()
+        self._reconstruction = reconstruction
+        try:
+            with torch.no_grad():
+                for chunk in press.repeat_chunks(ids):
+                    reconstruction.chunk = chunk
+                    prefill(self.model, chunk.ids, cache)
+        finally:
+            self._reconstruction = None
+            reconstruction.restore()
+        press.last_reconstruction_seconds = time.perf_counter() - start
+        self._compressor.reconstruction_scores = reconstruction.scores
+        try:
+            for layer_idx in sorted(calls):
+                self._on_prefill(calls[layer_idx], cache)
+        finally:
+            self._compressor.reconstruction_scores = None
 
     def _on_prefill(self, call: AttentionCall, cache: Cache) -> None:
         """One layer of a prompt forward; after the last, the prompt ends unless a chunk is open."""

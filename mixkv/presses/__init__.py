@@ -11,6 +11,7 @@ from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPres
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.kvpress_scorers import KvpressScorerPress
+from mixkv.presses.kvzip import KVzipPress, kvzip_prompt_ids
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
@@ -23,6 +24,7 @@ __all__ = [
     "CompressionReport",
     "DecodingPress",
     "ExpectedAttentionPress",
+    "KVzipPress",
     "KeyDiffPress",
     "KnormPress",
     "KvpressScorerPress",
@@ -40,5 +42,6 @@ __all__ = [
     "TOVAPress",
     "VLCachePress",
     "from_name",
+    "kvzip_prompt_ids",
     "list_presses",
 ]

@@ -94,6 +94,12 @@ class ScoringContext:
         ``values`` hold only those); None when the process holds every head.
     layer_inputs : LayerInputs, optional
         The attention module's inputs in this forward, for presses with ``needs_layer_inputs``.
+    reconstruction_scores : Tensor ``(B, Hkv, N)``, optional
+        KVzip's score of every entry of the layer (the most attention it received from the
+        reconstruction forwards), for presses with ``needs_reconstruction``; None otherwise.
+    reconstruction_layers : dict[int, Tensor], optional
+        The same score for every compressible layer (layer index -> ``(B, Hkv, N)``), for budgets
+        pooled over layers.
     importance_source : str, default "window"
         What :attr:`importance` holds: the SnapKV importance (``"window"``), or another score a
         press put there in its place (``"kvpress-<scorer>"``).
@@ -115,6 +121,8 @@ class ScoringContext:
     visual_mask: torch.Tensor | None = None
     head_shard: HeadShard | None = None
     layer_inputs: LayerInputs | None = field(default=None, repr=False)
+    reconstruction_scores: torch.Tensor | None = field(default=None, repr=False)
+    reconstruction_layers: dict[int, torch.Tensor] | None = field(default=None, repr=False)
     importance_source: str = "window"
     _importance: torch.Tensor | None = field(default=None, repr=False)
     #: What a press derives once per layer and needs in both ``head_budgets`` and ``scores``.
@@ -205,6 +213,9 @@ class BasePress:
     #: Whether the press scores from the attention module's inputs (:class:`LayerInputs`): such a
     #: press needs the whole prompt in the forward it compresses (no prefix, chunks or recordings).
     needs_layer_inputs: ClassVar[bool] = False
+    #: Whether the press scores from reconstruction forwards the session runs after the prefill
+    #: (:class:`~mixkv.presses.kvzip.KVzipPress`).
+    needs_reconstruction: ClassVar[bool] = False
 
     budget: int | None = None
     compression_ratio: float | None = None

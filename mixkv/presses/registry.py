@@ -16,6 +16,9 @@ Names
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy.
 ``"tova"``, ``"expectedattention"``, ``"mixkv-tova"``, ``"mixkv-expectedattention"``
     TOVA, ExpectedAttention, and the MixKV mix with their score as importance (uniform budgets).
+``"kvzip"``
+    KVzip: scores from a forward that repeats the context (needs the tokenizer's repeat prompts:
+    ``repeat_prompt_ids=`` or :func:`build_press`'s ``tokenizer=``).
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy (``mixkv-vlcache``: on VL-Cache's
     scores and layer budgets).
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
@@ -54,6 +57,7 @@ from mixkv.presses.kvpress_scorers import (
     kvpress_scorer_names,
     scorer_options,
 )
+from mixkv.presses.kvzip import KVzipPress, kvzip_prompt_ids
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
@@ -153,6 +157,9 @@ _ENTRIES: tuple[PressEntry, ...] = (
         "mixkv-expectedattention",
         "MixKV with ExpectedAttention's score as importance, uniform budget",
         MixKVExpectedAttentionPress,
+    ),
+    PressEntry(
+        "kvzip", "the most attention an entry receives while the model repeats the context", KVzipPress
     ),
     PressEntry("vlcache", "post-vision attention, layer budgets from attention sparsity", VLCachePress),
     _mixkv("vlcache"),
@@ -313,12 +320,14 @@ def build_press(
     context_tokens: int,
     window_size: int = 32,
     head_scores: torch.Tensor | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     """The press a command runs on one prompt: :func:`from_name` with the commands' shared options.
 
     ``window_size`` goes to every press that has an observation window, ``head_scores`` to the
-    SparseMM-based ones (other names ignore it), and kvpress presses get their compression ratio
-    from ``budget`` and ``context_tokens``.
+    SparseMM-based ones (other names ignore it), the repeat prompts of ``tokenizer``
+    (:func:`~mixkv.presses.kvzip.kvzip_prompt_ids`) to KVzip, and kvpress presses get their
+    compression ratio from ``budget`` and ``context_tokens``.
 
     Parameters
     ----------
@@ -334,6 +343,9 @@ def build_press(
     head_scores
         Per-(layer, head) visual-head table for the SparseMM-based methods (e.g. from
         ``mixkv calibrate``).
+    tokenizer
+        The model's tokenizer, for KVzip's repeat prompts (other names ignore it; without it a
+        KVzip press is refused when it enters the model).
 
     Returns
     -------
@@ -350,6 +362,8 @@ def build_press(
     entry = press_entry(method) if method != "full" else None
     if entry is not None and "window_size" in entry.parameters():
         options["window_size"] = window_size
+    if entry is not None and entry.press_class is KVzipPress and tokenizer is not None:
+        options.update(kvzip_prompt_ids(tokenizer))
     return from_name(method, budget, context_tokens=context_tokens, **options)
 
 
