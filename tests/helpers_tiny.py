@@ -141,18 +141,19 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausa
     )
 
 
-def press_test_llama() -> LlamaForCausalLM:
+def press_test_llama(**overrides: Any) -> LlamaForCausalLM:
     """The press API tests' model: a 3-layer :func:`random_llama` over 128 ids, pad id 0, no BOS/EOS,
-    weights drawn 10x wider than the default (``initializer_range`` 0.2)."""
-    return random_llama(
-        128,
-        layers=3,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    weights drawn 10x wider than the default (``initializer_range`` 0.2); ``overrides`` (e.g.
+    ``kv_heads=4, heads=8``) go to :func:`random_llama`."""
+    settings: dict[str, Any] = {
+        "layers": 3,
+        "max_position_embeddings": 512,
+        "initializer_range": 0.2,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
+    return random_llama(128, **{**settings, **overrides})
 
 
 def scale_weight_matrices(model: torch.nn.Module, factor: float) -> torch.nn.Module:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from mixkv.presses.head_shard import HeadShard
 from tests.families import build_case
-from tests.helpers_tiny import random_llama
+from tests.helpers_tiny import press_test_llama
 from tests.tensor_parallel_run import run_presses, run_vlm
 
 RANKS = 2
@@ -44,17 +44,7 @@ def runs(tmp_path_factory):
     """``(one-process results, [results of rank 0, rank 1])`` of every press."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    model = random_llama(
-        128,
-        layers=3,
-        kv_heads=4,
-        heads=8,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    model = press_test_llama(kv_heads=4, heads=8)
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     vlm = build_case("qwen2_vl")
