@@ -254,9 +254,6 @@ class CacheCompressor:
             visual_mask=visual_mask,
             head_shard=self.head_shard,
             layer_inputs=call.layer_inputs,
-            reconstruction_scores=None
-            if self.reconstruction_scores is None
-            else self.reconstruction_scores.get(layer_idx),
             reconstruction_layers=self.reconstruction_scores,
             _importance=None if known is None else known.clone(),  # a clone: a press may not spoil it
         )

@@ -397,17 +397,15 @@ class PressSession:
         """One layer's attention: over the compressed layer if it is one, else the model's own
         function; then compress the layer at the end of a prompt forward (or while decoding)."""
         layer_idx = binding.layer_idx
-        if self._reconstruction is not None:
-            output_ = binding.original(module, query, key, value, attention_mask, **kwargs)
-            scale = kwargs.get("scaling")
-            scale = getattr(module, "scaling", query.shape[-1] ** -0.5) if scale is None else scale
-            self._reconstruction.score(layer_idx, query, key, float(scale))
-            return output_
-        cache = self._caches.get(layer_idx)
-        layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if self._reconstruction is not None:
+            output_ = binding.original(module, query, key, value, attention_mask, **kwargs)
+            self._reconstruction.score(layer_idx, query, key, float(scaling))
+            return output_
+        cache = self._caches.get(layer_idx)
+        layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
         prompt_forward = (
             cache is not None
             and isinstance(layer, CacheLayerMixin)

@@ -94,12 +94,10 @@ class ScoringContext:
         ``values`` hold only those); None when the process holds every head.
     layer_inputs : LayerInputs, optional
         The attention module's inputs in this forward, for presses with ``needs_layer_inputs``.
-    reconstruction_scores : Tensor ``(B, Hkv, N)``, optional
-        KVzip's score of every entry of the layer (the most attention it received from the
-        reconstruction forwards), for presses with ``needs_reconstruction``; None otherwise.
     reconstruction_layers : dict[int, Tensor], optional
-        The same score for every compressible layer (layer index -> ``(B, Hkv, N)``), for budgets
-        pooled over layers.
+        KVzip's score of every entry (the most attention it received from the reconstruction
+        forwards) for every compressible layer (layer index -> ``(B, Hkv, N)``), for presses with
+        ``needs_reconstruction``; None otherwise. This layer's is :attr:`reconstruction_scores`.
     importance_source : str, default "window"
         What :attr:`importance` holds: the SnapKV importance (``"window"``), or another score a
         press put there in its place (``"kvpress-<scorer>"``).
@@ -121,7 +119,6 @@ class ScoringContext:
     visual_mask: torch.Tensor | None = None
     head_shard: HeadShard | None = None
     layer_inputs: LayerInputs | None = field(default=None, repr=False)
-    reconstruction_scores: torch.Tensor | None = field(default=None, repr=False)
     reconstruction_layers: dict[int, torch.Tensor] | None = field(default=None, repr=False)
     importance_source: str = "window"
     _importance: torch.Tensor | None = field(default=None, repr=False)
@@ -152,16 +149,25 @@ class ScoringContext:
         return self.key_mask[:, None, :].expand(-1, self.keys.shape[1], -1)
 
     @property
+    def reconstruction_scores(self) -> torch.Tensor | None:
+        """KVzip's score ``(B, Hkv, N)`` of this layer's entries (None without a reconstruction)."""
+        return None if self.reconstruction_layers is None else self.reconstruction_layers.get(self.layer_idx)
+
+    @property
     def layer_kv_heads(self) -> int:
         """KV heads of the whole layer, over every tensor-parallel rank."""
         return self.keys.shape[1] if self.head_shard is None else self.head_shard.num_kv_heads
 
-    def layer_importance(self) -> torch.Tensor:
-        """:attr:`importance` of every KV head of the layer ``(B, Hkv, P)``, gathered from all
-        tensor-parallel ranks (positions a rank lacks are ``-inf``)."""
+    def layer_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """A ``(B, Hkv, P)`` tensor over this rank's KV heads, gathered over every KV head of the
+        layer from all tensor-parallel ranks (positions a rank lacks are ``-inf``)."""
         if self.head_shard is None:
-            return self.importance
-        return self.head_shard.gather_heads(self.importance, fill=float("-inf"))
+            return per_head
+        return self.head_shard.gather_heads(per_head, fill=float("-inf"))
+
+    def layer_importance(self) -> torch.Tensor:
+        """:attr:`importance` of every KV head of the layer ``(B, Hkv, P)`` (:meth:`layer_heads`)."""
+        return self.layer_heads(self.importance)
 
     def own_heads(self, per_layer_head: torch.Tensor) -> torch.Tensor:
         """This rank's share of a tensor whose last axis runs over the whole layer's KV heads."""

@@ -73,19 +73,29 @@ class AdaKVPress(SnapKVPress):
     mass_scaling: bool = True
 
     def head_budgets(self, ctx: ScoringContext) -> torch.Tensor:
-        # Allocated over every KV head of the layer, also when tensor-parallel ranks hold a share each.
-        importance = ctx.layer_importance()
-        rows = [
-            adaptive_head_budgets(
-                importance[b],
-                int(ctx.budgets[b]),
-                ctx.window_size,
-                floor_ratio=self.floor_ratio,
-                mass_scaling=self.mass_scaling,
-            )
-            for b in range(ctx.keys.shape[0])
-        ]
-        return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)
+        return adaptive_layer_budgets(
+            ctx, ctx.layer_importance(), floor_ratio=self.floor_ratio, mass_scaling=self.mass_scaling
+        )
+
+
+def adaptive_layer_budgets(
+    ctx: ScoringContext, layer_scores: torch.Tensor, *, floor_ratio: float, mass_scaling: bool
+) -> torch.Tensor:
+    """This rank's KV heads' budgets ``(B, Hkv)`` when each sequence's slots are shared over every
+    KV head of the layer by ``layer_scores`` ``(B, Hkv_layer, P)`` (gathered from all
+    tensor-parallel ranks: :meth:`ScoringContext.layer_heads`), with
+    :func:`~mixkv.functional.adaptive_head_budgets`."""
+    rows = [
+        adaptive_head_budgets(
+            layer_scores[b],
+            int(ctx.budgets[b]),
+            ctx.window_size,
+            floor_ratio=floor_ratio,
+            mass_scaling=mass_scaling,
+        )
+        for b in range(ctx.keys.shape[0])
+    ]
+    return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)
 
 
 @dataclass

@@ -8,8 +8,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from mixkv.functional import adaptive_head_budgets, leading_real_positions, pooled_head_budgets
+from mixkv.functional import leading_real_positions, pooled_head_budgets
 from mixkv.presses.base import BasePress, ScoringContext
+from mixkv.presses.budget_policies import adaptive_layer_budgets
 
 
 def _id_tuple(name: str, ids: Sequence[int] | torch.Tensor | None) -> tuple[int, ...] | None:
@@ -153,20 +154,9 @@ class KVzipPress(BasePress):
             return super().head_budgets(ctx)
         if self.allocation == "global":
             return self._global_budgets(ctx)
-        scores = self._kvzip_scores(ctx)
-        if ctx.head_shard is not None:
-            scores = ctx.head_shard.gather_heads(scores, fill=float("-inf"))
-        rows = [
-            adaptive_head_budgets(
-                scores[b],
-                int(ctx.budgets[b]),
-                ctx.window_size,
-                floor_ratio=self.floor_ratio,
-                mass_scaling=False,
-            )
-            for b in range(ctx.keys.shape[0])
-        ]
-        return ctx.own_heads(torch.stack(rows)).to(ctx.keys.device)
+        return adaptive_layer_budgets(
+            ctx, ctx.layer_heads(self._kvzip_scores(ctx)), floor_ratio=self.floor_ratio, mass_scaling=False
+        )
 
     def _global_budgets(self, ctx: ScoringContext) -> torch.Tensor:
         """Budgets of this layer's KV heads when every compressible layer's entries compete."""
