@@ -40,6 +40,7 @@ __all__ = [
     "pool_scores",
     "post_vision_attention",
     "post_vision_rows",
+    "sinks_on_top",
     "unrotate_queries",
     "value_norm_importance",
     "window_attention",
@@ -723,6 +724,15 @@ def leading_real_positions(key_mask: Tensor, count: int) -> Tensor:
     return key_mask & (key_mask.long().cumsum(-1) <= count)
 
 
+def sinks_on_top(scores: Tensor, prefix_mask: Tensor, n_sink: int) -> Tensor:
+    """``scores`` ``(B, Hkv, P)`` with the first ``n_sink`` real positions of each row
+    (:func:`leading_real_positions` of the bool ``prefix_mask``) raised above every other real
+    position - to the largest other real score, at least 0, plus one - so a top-k always keeps them."""
+    sink = leading_real_positions(prefix_mask, n_sink)
+    top = torch.where(prefix_mask & ~sink, scores, -math.inf).amax(-1, keepdim=True)
+    return torch.where(sink, top.clamp_min(0.0) + 1, scores)
+
+
 def last_query_attention(
     queries: Tensor,
     keys: Tensor,
@@ -983,10 +993,8 @@ def expected_attention(
     if use_vnorm:
         score = (score + epsilon) * torch.linalg.vector_norm(values.to(dtype), dim=-1)
     score = score[..., : seq_len - window]
-    prefix_valid, prefix_sink = valid[..., : seq_len - window], sink[..., : seq_len - window]
-    top = torch.where(prefix_valid & ~prefix_sink, score, -math.inf).amax(-1, keepdim=True)
-    score = torch.where(prefix_sink, top.clamp_min(0.0) + 1, score)
-    return _mask_pads(score, prefix_valid)
+    prefix_valid = valid[..., : seq_len - window]
+    return _mask_pads(sinks_on_top(score, prefix_valid, sinks), prefix_valid)
 
 
 def post_vision_rows(

@@ -10,8 +10,8 @@ from mixkv.functional import (
     expected_attention,
     future_rotary,
     last_query_attention,
-    leading_real_positions,
     mixkv_mix,
+    sinks_on_top,
     unrotate_queries,
 )
 from mixkv.presses.base import BasePress, ScoringContext
@@ -143,7 +143,4 @@ class MixKVExpectedAttentionPress(ExpectedAttentionPress):
 
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         mixed = mixkv_mix(super().scores(ctx), ctx.keys, ctx.values, ctx.window_size, key_mask=ctx.key_mask)
-        prefix_mask = ctx.head_mask[..., : ctx.keys.shape[2] - ctx.window_size]
-        sink = leading_real_positions(prefix_mask, self.n_sink)
-        top = mixed.masked_fill(sink | ~prefix_mask, float("-inf")).amax(-1, keepdim=True)
-        return torch.where(sink, top.nan_to_num(0.0, neginf=0.0) + 1, mixed)
+        return sinks_on_top(mixed, ctx.head_mask[..., : ctx.keys.shape[2] - ctx.window_size], self.n_sink)
