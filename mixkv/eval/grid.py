@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -442,7 +442,7 @@ def _compute_share(
     groups: dict[tuple[str, int | None], list[tuple[str, Cell]]],
     outs: dict[str, Path],
     dp: DataParallel,
-    write_group: Any,
+    write_group: Callable[[Sequence[tuple[str, Cell]], dict[tuple[str, Cell], Held]], None] | None,
 ) -> dict[tuple[str, Cell], Held]:
     """Compute this rank's examples of ``groups``, example-major within each (task, context
     length), checkpointing every example (a rank: the examples of its share, in its own file);
