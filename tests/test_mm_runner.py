@@ -166,7 +166,8 @@ def test_an_interrupted_cell_resumes_after_its_last_finished_example(tasks, tmp_
 
 def test_report_only_reports_a_run_in_progress_from_its_checkpoints(tasks, tmp_path, monkeypatch):
     model = build_case("llava").model, vlm_processor("llava")
-    grid = {**GRID, "methods": ["snapkv", "mixkv-snapkv"]}
+    # Cells decoded one by one (no batch), so that the run stops between two cells' examples.
+    grid = {**GRID, "methods": ["snapkv", "mixkv-snapkv"], "batch_decoding": False}
     only = {"docvqa": tasks["docvqa"]}
     real = mm_runner.run_mm_example
     calls: list[str] = []

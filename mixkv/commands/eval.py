@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-batched-decoding",
         action="store_true",
-        help="text tasks: decode every cell on its own instead of an example's mixkv cells as one batch "
-        "(same answers up to float rounding, slower)",
+        help="decode every cell on its own instead of an example's mixkv cells (and the full cache) as one "
+        "batch (same answers up to float rounding, slower)",
     )
     p.add_argument(
         "--report-only",
@@ -341,6 +341,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         compare=method_pairs(args.compare),
         head_scores=args.head_scores,
         share_prefill=not args.no_shared_prefill,
+        batch_decoding=not args.no_batched_decoding,
         report_only=args.report_only,
         device=checked_device(args.device),
     )

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixkv.eval.generation import kv_fraction, report_fields
+from mixkv.eval.generation import decode_together, eos_ids, kv_fraction, report_fields
 from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.eval.text_example_run import SharedPrefix
 from mixkv.integration.cache import kv_cache_bytes
@@ -36,6 +36,7 @@ from mixkv.integration.decoder_layout import (
     restore_generation_state,
 )
 from mixkv.integration.kvpress_bridge import press_applied
+from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.presses.base import BasePress
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "prefill_image_prefix",
     "primary_score",
     "run_mm_example",
+    "run_mm_examples_together",
 ]
 
 #: Generated tokens per example by metric (``max_new_tokens`` overrides).
@@ -111,9 +113,7 @@ def run_mm_example(
         inputs = encode_example(processor, example, prompt, model.device)
     ids = inputs["input_ids"]
     n_prompt = int(ids.shape[1])
-    n_image, n_video = _placeholder_counts(model, ids[0])
     new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
-    tok = tokenizer_of(processor)
     pad = pad_token_id(processor)
 
     prefill: dict[str, Any] = {}
@@ -163,10 +163,193 @@ def run_mm_example(
         for handle in handles:
             handle.remove()
     prefix_seconds = 0.0 if prefix is None else prefix.seconds
-    generated = out[0, n_prompt:]
-    text = str(tok.decode(generated, skip_special_tokens=True)).strip()
     report = getattr(press, "last_report", None) if press is not None else None
-    kv_bytes = int(prefill.get("bytes", 0))
+    return _mm_record(
+        model,
+        example,
+        processor,
+        prompt,
+        ids,
+        out[0, n_prompt:],
+        report=report,
+        kv_bytes=int(prefill.get("bytes", 0)),
+        prefill_s=float(prefill.get("seconds", 0.0)) + prefix_seconds,
+        decode_s=total - float(prefill.get("seconds", 0.0)),
+        shared_prefix_tokens=0 if prefix is None else prefix.tokens,
+        coordinate_scale=coordinate_scale,
+    )
+
+
+def run_mm_examples_together(
+    model: Any,
+    processor: Any,
+    example: MMExample,
+    presses: Sequence[Any],
+    *,
+    inputs: dict[str, Any],
+    prefix: SharedPrefix,
+    max_new_tokens: int | None = None,
+    coordinate_scale: str = "pixel",
+    seed: int | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_mm_example` for several presses (None: the full cache) on one example, each
+    continuing a copy of ``prefix``, their answers decoded as one batch: one record per press, in
+    order.
+
+    A press compresses each layer after attending over the whole prompt, so the tail's forward is
+    the same under every press: the first mixkv press runs it, recording it
+    (:meth:`~mixkv.integration.session.PressSession.recording_prompt`), and the others compress
+    that recording (:meth:`~mixkv.integration.session.PressSession.compress_recorded`, the same
+    selection entry for entry; their records say ``prefill_replayed`` and their
+    ``prefill_seconds`` are the recorded forward's plus their own compression). For the same
+    reason the prompt's last logits, hence the first answer token, are the same for every press.
+    The caches are then stacked and the rest of the answers decoded together
+    (:func:`~mixkv.eval.generation.decode_together`); ``decode_seconds`` is the batch's time per
+    press (``decode_batch`` in every record). Answers equal :func:`run_mm_example`'s up to the
+    float rounding of batched matrix products.
+
+    Raises
+    ------
+    ValueError
+        No mixkv press among ``presses``; a press that cannot continue a prefix or be replayed
+        (kvpress presses and scorers, KVzip, :class:`~mixkv.DecodingPress`); a ``prefix`` that keeps
+        M-RoPE offsets (the batch's decoding positions are 1-D); a model with sliding-window layers
+        (their caches evict as they grow).
+    """
+    from mixkv.integration.decoder_layout import describe_decoder
+
+    ours = [press for press in presses if isinstance(press, BasePress)]
+    if not ours:
+        raise ValueError(
+            "run_mm_examples_together decodes in a mixkv press's session: pass at least one mixkv press"
+        )
+    foreign = [press for press in presses if press is not None and not isinstance(press, BasePress)]
+    whole = [p for p in ours if p.needs_layer_inputs or getattr(p, "needs_reconstruction", False)]
+    if foreign or whole:
+        names = ", ".join(type(p).__name__ for p in (*foreign, *whole))
+        raise ValueError(
+            f"{names} cannot join a batch that continues a shared prefix (it prefills the whole prompt "
+            "itself, or is not a plain mixkv press); run it with run_mm_example"
+        )
+    if prefix.generation_state:
+        raise ValueError(
+            "this prefix's model keeps M-RoPE offsets (Qwen-VL); the batch decodes at 1-D positions: run "
+            "each press with run_mm_example"
+        )
+    layout = describe_decoder(model)
+    if len(layout.compressible_layers) != layout.num_layers:
+        raise ValueError(
+            f"{type(model).__name__} has sliding-window layers, whose caches cannot be stacked; run its "
+            "presses with run_mm_example"
+        )
+    prompt = example_prompt(processor, example)
+    ids = inputs["input_ids"]
+    n_prompt = int(ids.shape[1])
+    new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
+    window = max(press.window_size for press in ours)
+    rows: list[list[Any]] = []
+    started: list[dict[str, Any]] = []
+    recording: RecordedPrompt | None = None
+    last_logits: torch.Tensor | None = None
+    forward_s = 0.0
+    for press in presses:
+        if seed is not None:
+            torch.manual_seed(seed)
+        replayed = False
+        if press is None:
+            cache = copy.deepcopy(prefix.cache)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                last_logits = _tail_forward(model, ids, prefix, cache)
+                prefill_s = time.perf_counter() - start + prefix.seconds
+        else:
+            with torch.inference_mode(), press_applied(press, model) as session:
+                replayed = recording is not None
+                start = time.perf_counter()
+                if recording is not None:
+                    cache = session.compress_recorded(recording)
+                    prefill_s = forward_s + time.perf_counter() - start
+                else:
+                    cache = copy.deepcopy(prefix.cache)
+                    session.declare_prompt(cache, ids)
+                    with session.recording_prompt(window) as recording_now:
+                        last_logits = _tail_forward(model, ids, prefix, cache)
+                    prefill_s = time.perf_counter() - start + prefix.seconds
+                    recording = recording_now
+                    forward_s = prefill_s - press.last_report.compression_seconds
+        report = press.last_report if press is not None else None
+        rows.append(list(cache.layers))
+        started.append(
+            {"prefill_s": prefill_s, "replayed": replayed, "report": report, "bytes": kv_cache_bytes(cache)}
+        )
+    del recording
+    assert last_logits is not None  # a mixkv press ran the tail's forward unless the full cache did
+    first = int(last_logits[0].argmax())
+    eos = eos_ids(model, tokenizer_of(processor))
+    answers: list[list[int]] = [[] for _ in presses]
+    decode_s = 0.0
+    if first not in eos and new_tokens > 1:
+        answers, decode_s = decode_together(
+            model,
+            rows,
+            torch.cat([ids, ids.new_tensor([[first]])], dim=1),
+            n_prompt,
+            new_tokens - 1,
+            eos,
+            ours[0],
+        )
+    records = []
+    for row, rest in zip(started, answers, strict=True):
+        record = _mm_record(
+            model,
+            example,
+            processor,
+            prompt,
+            ids,
+            torch.tensor([first, *rest], dtype=torch.long),
+            report=row["report"],
+            kv_bytes=row["bytes"],
+            prefill_s=row["prefill_s"],
+            decode_s=decode_s,
+            shared_prefix_tokens=prefix.tokens,
+            coordinate_scale=coordinate_scale,
+        )
+        record["decode_batch"] = len(presses)
+        if row["replayed"]:
+            record["prefill_replayed"] = True
+        records.append(record)
+    return records
+
+
+def _tail_forward(model: Any, ids: torch.Tensor, prefix: SharedPrefix, cache: Any) -> torch.Tensor:
+    """The prompt's rest after ``prefix`` through ``cache`` (as ids, or as the prefix's embeddings
+    when the rest starts inside an image); returns the last position's logits ``(1, vocab)``."""
+    if prefix.embeddings is None:
+        return prefill(model, ids[:, prefix.tokens :], cache)
+    rest = prefix.embeddings[:, prefix.tokens :]
+    return model(inputs_embeds=rest, use_cache=True, **{cache_argument(model): cache}).logits[:, -1]
+
+
+def _mm_record(
+    model: Any,
+    example: MMExample,
+    processor: Any,
+    prompt: str,
+    ids: torch.Tensor,
+    generated: torch.Tensor,
+    *,
+    report: Any,
+    kv_bytes: int,
+    prefill_s: float,
+    decode_s: float,
+    shared_prefix_tokens: int,
+    coordinate_scale: str,
+) -> dict[str, Any]:
+    """One example's record (see :func:`run_mm_example`); ``report``: a mixkv press's, or None
+    (``kv_bytes``, what the cache held after the prompt, is then the record's)."""
+    n_prompt = int(ids.shape[1])
+    text = str(tokenizer_of(processor).decode(generated, skip_special_tokens=True)).strip()
+    n_image, n_video = _placeholder_counts(model, ids[0])
     record: dict[str, Any] = {
         "id": example.id,
         "image": str(example.image_path),
@@ -182,10 +365,10 @@ def run_mm_example(
         "image_tokens": n_image,
         "video_tokens": n_video,
         "new_tokens": int(generated.numel()),
-        "shared_prefix_tokens": 0 if prefix is None else prefix.tokens,
+        "shared_prefix_tokens": shared_prefix_tokens,
         "compressed": report is not None,
-        "prefill_seconds": float(prefill.get("seconds", 0.0)) + prefix_seconds,
-        "decode_seconds": total - float(prefill.get("seconds", 0.0)),
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
         "kv_bytes": kv_bytes,
         "kv_bytes_full": kv_bytes,
         "kept_tokens_mean": float(n_prompt),

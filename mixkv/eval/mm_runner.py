@@ -40,9 +40,11 @@ from mixkv.eval.mm_example_run import (
     prefill_image_prefix,
     primary_score,
     run_mm_example,
+    run_mm_examples_together,
 )
 from mixkv.eval.text_example_run import SharedPrefix
 from mixkv.integration.chat_prompts import build_mm_prompt
+from mixkv.integration.decoder_layout import describe_decoder
 from mixkv.presses.registry import build_press
 
 __all__ = ["MultimodalGrid", "MultimodalSettings", "observation_window", "run_mm_eval"]
@@ -66,6 +68,8 @@ class MultimodalSettings:
         Coordinate convention of ``point_in_box`` outputs.
     share_prefill
         Prefill each example's shared prefix once for every mixkv cell.
+    batch_decoding
+        Answer the cells that continue the shared prefix as one batch (:func:`run_mm_eval`).
     head_table
         The SparseMM methods' visual-head scores, or None.
     sources
@@ -81,6 +85,7 @@ class MultimodalSettings:
     head_table: torch.Tensor | None
     sources: Mapping[str, Any]
     device: str = "cpu"
+    batch_decoding: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class MultimodalGrid:
             "n": {t: len(datasets[t]) for t in spec.tasks},
             "sources": json.loads(json.dumps(dict(settings.sources), default=str)),
             "share_prefill": settings.share_prefill,
+            "batch_decoding": settings.batch_decoding,
             "device": settings.device,
         }
         self.model: Any = None
@@ -199,28 +205,63 @@ class MultimodalGrid:
     def run_cells(
         self, example: MMExample, prepared: _EncodedExample, protocol: str, cells: Sequence[Cell]
     ) -> Iterator[tuple[Cell, dict[str, Any], float]]:
-        for cell in cells:
+        """Run ``cells`` on one example: ``(cell, record, seconds)`` as each ends. With batched
+        decoding, the cells that continue the shared prefix (the full cache and mixkv presses) are
+        answered as one batch when the prefix allows it (:func:`_decodes_together`), sharing one
+        tail forward, their seconds split evenly; the others run one by one."""
+        prefix = prepared.prefix
+        together = [c for c in cells if _continues_a_prefix(c.method)] if self._batches(prefix) else []
+        if len(together) < 2 or all(c.method == "full" for c in together):
+            together = []
+        for cell in (c for c in cells if c not in together):
             start = time.perf_counter()
             torch.manual_seed(self.spec.seed)  # per example, so a resumed cell draws what a whole run draws
-            press = build_press(
-                cell.method,
-                cell.budget,
-                context_tokens=int(prepared.inputs["input_ids"].shape[1]),
-                window_size=observation_window(self.settings.window_size, cell.budget),
-                head_scores=self.settings.head_table,
-            )
             record = run_mm_example(
                 self.model,
                 self.processor,
                 example,
-                press,
+                self._press(cell, prepared),
                 max_new_tokens=self.settings.max_new_tokens,
                 coordinate_scale=self.settings.coordinate_scale,
                 inputs=prepared.inputs,
-                prefix=prepared.prefix if _continues_a_prefix(cell.method) else None,
+                prefix=prefix if _continues_a_prefix(cell.method) else None,
             )
-            record = {**record, "example_sha1": prepared.digest}
-            yield cell, record, time.perf_counter() - start
+            yield cell, {**record, "example_sha1": prepared.digest}, time.perf_counter() - start
+        if together:
+            assert prefix is not None  # _batches(prefix)
+            start = time.perf_counter()
+            records = run_mm_examples_together(
+                self.model,
+                self.processor,
+                example,
+                [self._press(cell, prepared) for cell in together],
+                inputs=prepared.inputs,
+                prefix=prefix,
+                max_new_tokens=self.settings.max_new_tokens,
+                coordinate_scale=self.settings.coordinate_scale,
+                seed=self.spec.seed,
+            )
+            share = (time.perf_counter() - start) / len(together)
+            for cell, record in zip(together, records, strict=True):
+                yield cell, {**record, "example_sha1": prepared.digest}, share
+
+    def _press(self, cell: Cell, prepared: _EncodedExample) -> Any:
+        return build_press(
+            cell.method,
+            cell.budget,
+            context_tokens=int(prepared.inputs["input_ids"].shape[1]),
+            window_size=observation_window(self.settings.window_size, cell.budget),
+            head_scores=self.settings.head_table,
+        )
+
+    def _batches(self, prefix: SharedPrefix | None) -> bool:
+        """Whether the cells continuing ``prefix`` are decoded as one batch: batched decoding on, a
+        prefix at 1-D positions (not M-RoPE), and a model whose caches stack (no sliding-window
+        layers)."""
+        if not self.settings.batch_decoding or prefix is None or prefix.generation_state:
+            return False
+        layout = describe_decoder(self.model)
+        return len(layout.compressible_layers) == layout.num_layers
 
 
 def _continues_a_prefix(method: str) -> bool:
@@ -245,6 +286,7 @@ def run_mm_eval(
     compare: Sequence[tuple[str, str]] = (),
     head_scores: str | Path | None = None,
     share_prefill: bool = True,
+    batch_decoding: bool = True,
     report_only: bool = False,
     device: str = "cpu",
 ) -> EvalResult:
@@ -288,6 +330,12 @@ def run_mm_eval(
         and the image is encoded and prefilled once per example instead of once per (method,
         budget). False prefills every cell from scratch; kvpress methods, and prompts whose last
         ``window_size`` tokens include an image token, always are.
+    batch_decoding
+        With a shared prefix, answer the full cache and every mixkv cell of an example as one batch
+        (:func:`~mixkv.eval.mm_example_run.run_mm_examples_together`): one tail forward recorded and
+        compressed by each press, one decoding batch; same answers up to the float rounding of
+        batched products, faster on a CPU. Not for M-RoPE models (Qwen-VL) or models with
+        sliding-window layers: their cells run one by one.
     report_only
         Compute nothing and load no model: report the finished cells and the checkpoints of
         unfinished ones, as for :func:`mixkv.eval.runner.run_eval`.
@@ -356,6 +404,7 @@ def run_mm_eval(
         max_new_tokens=max_new_tokens,
         coordinate_scale=coordinate_scale,
         share_prefill=share_prefill,
+        batch_decoding=batch_decoding,
         head_table=head_table,
         sources=sources or {},
         device=str(next(model_spec[0].parameters()).device) if isinstance(model_spec, tuple) else device,

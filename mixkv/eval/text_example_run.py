@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mixkv.eval.generation import eos_ids, greedy_batch, greedy_with_positions, kv_fraction, report_fields
+from mixkv.eval.generation import decode_together, eos_ids, greedy_with_positions, kv_fraction, report_fields
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.text_example import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
@@ -353,7 +353,6 @@ def run_examples_together(
     """
     from transformers import DynamicCache
 
-    from mixkv.integration.cache import stack_layers
     from mixkv.integration.decoder_layout import describe_decoder
     from mixkv.integration.kvpress_bridge import kvpress_masks_keys
     from mixkv.presses.base import BasePress
@@ -452,18 +451,9 @@ def run_examples_together(
             }
         )
     del recording
-    stacked = DynamicCache(config=model.config)
-    stacked.layers = [
-        stack_layers([row[i] for row in rows], n_prefill, shortened=True) for i in range(len(rows[0]))
-    ]
-    del rows
-    with torch.inference_mode(), press_applied(ours[0], model) as session:
-        session.adopt(stacked)
-        start = time.perf_counter()
-        generated = greedy_batch(
-            model, stacked, ids, n_prefill, len(presses), new_tokens, eos_ids(model, tokenizer), session
-        )
-        decode_s = (time.perf_counter() - start) / len(presses)
+    generated, decode_s = decode_together(
+        model, rows, ids, n_prefill, new_tokens, eos_ids(model, tokenizer), ours[0]
+    )
     records = []
     for row, out in zip(started, generated, strict=True):
         fed = ids.shape[1] - n_prefill + max(len(out) - 1, 0)  # the last new token is never fed
