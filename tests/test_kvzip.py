@@ -343,23 +343,99 @@ def test_generate_under_the_press_decodes_like_a_manual_loop_over_the_compressed
     assert generated[0, LENGTH:].tolist() == tokens
 
 
-def test_eval_grid_runs_kvzip_on_each_prompts_own_prefill_with_the_tokenizers_repeat_prompts(tiny, tmp_path):
+def _kvzip_grid(tiny, out, **settings):
     from mixkv.eval.runner import run_eval
 
     run_eval(
-        tiny,
-        methods=["kvzip"],
-        budgets=[40],
-        tasks=["niah_single_1"],
-        context_lengths=[128],
-        n=1,
-        max_new_tokens=2,
-        out_dir=tmp_path,
-    )
-    record = json.loads((tmp_path / "cells" / cell_filename("kvzip", 40, "niah_single_1", 128)).read_text())
-    example = record["examples"][0]
-    assert record["kept_tokens_mean"] == 40.0
-    assert example["shared_prefix_tokens"] == 0  # no shared full-cache prefix: the press prefills it all
+        tiny, methods=["kvzip"], budgets=[24, 40], tasks=["niah_single_1"], context_lengths=[128], n=2,
+        max_new_tokens=4, window_size=8, out_dir=out, **settings,
+    )  # fmt: skip
+    return {
+        budget: json.loads((out / "cells" / cell_filename("kvzip", budget, "niah_single_1", 128)).read_text())
+        for budget in (24, 40)
+    }
+
+
+def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_once(
+    tiny, tmp_path, monkeypatch
+):
+    from mixkv.integration.session import PressSession
+
+    reconstructed = []
+    real = PressSession._reconstruct
+
+    def counted(self, press, cache, ids):
+        reconstructed.append(tuple(ids[0].tolist()))
+        return real(self, press, cache, ids)
+
+    monkeypatch.setattr(PressSession, "_reconstruct", counted)
+    shared = _kvzip_grid(tiny, tmp_path / "shared")
+    assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 2 budgets each
+    for budget, cell in shared.items():
+        assert cell["kept_tokens_mean"] == float(budget)
+        assert all(0 < r["shared_prefix_tokens"] < r["prefill_tokens"] for r in cell["examples"])
+    # The second budget reuses the scores, and its prefill seconds include what they took.
+    assert all(r["prefill_seconds"] >= r["compression_seconds"] for r in shared[40]["examples"])
+    one_go = _kvzip_grid(tiny, tmp_path / "one_go", share_prefill=False)
+    assert len(reconstructed) == 4  # the one-go prefills reuse their reconstruction the same way
+    for budget in (24, 40):
+        assert all(r["shared_prefix_tokens"] == 0 for r in one_go[budget]["examples"])
+        for key in ("output", "kv_bytes", "kept_tokens_mean"):
+            assert [r[key] for r in shared[budget]["examples"]] == [
+                r[key] for r in one_go[budget]["examples"]
+            ]
+
+
+def test_a_prompt_continuing_a_prefix_keeps_what_its_one_go_prefill_keeps():
+    model, ids = llama("sdpa"), context()
+    one_go = DynamicCache(config=model.config)
+    with torch.no_grad(), kvzip(budget=16)(model):
+        model(ids, past_key_values=one_go)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache)
+        with kvzip(budget=16)(model) as session:
+            session.declare_prompt(cache, ids)
+            model(ids[:, 30:], past_key_values=cache)
+    for layer in (0, 1):
+        assert torch.allclose(cache.layers[layer].keys, one_go.layers[layer].keys, atol=1e-6)
+
+
+def test_a_prefix_without_the_declared_prompt_is_refused():
+    model, ids = llama("sdpa"), context()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache)
+        with pytest.raises(ValueError, match="declare_prompt"), kvzip(budget=16)(model):
+            model(ids[:, 30:], past_key_values=cache)
+
+
+def test_presses_sharing_a_memo_reconstruct_a_prompt_once_and_keep_what_a_fresh_press_keeps():
+    model, ids = llama("sdpa"), context()
+    memo: dict = {}
+
+    def compressed(press, prompt=ids):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), press(model):
+            model(prompt, past_key_values=cache)
+        return cache
+
+    first = kvzip(budget=8, reconstruction_memo=memo)
+    compressed(first)
+    assert not first.last_reconstruction_reused and len(memo) == 1
+    second = kvzip(budget=16, reconstruction_memo=memo)
+    reused = compressed(second)
+    assert second.last_reconstruction_reused
+    assert second.last_reconstruction_seconds == first.last_reconstruction_seconds
+    fresh = compressed(kvzip(budget=16))
+    for layer in (0, 1):
+        assert torch.equal(reused.layers[layer].keys, fresh.layers[layer].keys)
+    other = kvzip(budget=16, reconstruction_memo=memo)
+    compressed(other, context(seed=1))  # another prompt is reconstructed
+    assert not other.last_reconstruction_reused and len(memo) == 2
+    changed = kvzip(budget=16, reconstruction_memo=memo, chunk_size=16)  # other chunks: other scores
+    compressed(changed)
+    assert not changed.last_reconstruction_reused and len(memo) == 3
 
 
 @pytest.mark.parametrize("family", LLM_FAMILIES)

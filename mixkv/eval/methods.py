@@ -34,6 +34,7 @@ __all__ = [
     "check_compare",
     "check_methods",
     "parse_method",
+    "reconstructs_the_prompt",
     "scores_a_whole_forward",
 ]
 
@@ -50,9 +51,15 @@ METHODS: tuple[str, ...] = (*NAMES, CLOSED_BOOK)
 def scores_a_whole_forward(method: str) -> bool:
     """Whether the method's press scores from the whole prompt's own forward, so it prefills the
     whole prompt itself (no shared prefix, no recorded prompt, no chunks): a kvpress scorer run by
-    mixkv (``<method>@kvpress-<scorer>``, from the attention modules' inputs) or KVzip (from its
-    reconstruction forwards after the prompt's)."""
-    return method == "kvzip" or ("@" in method and split_scorer_name(method) is not None)
+    mixkv (``<method>@kvpress-<scorer>``, from the attention modules' inputs)."""
+    return "@" in method and split_scorer_name(method) is not None
+
+
+def reconstructs_the_prompt(method: str) -> bool:
+    """Whether the method's press scores from forwards that repeat the whole prompt after it
+    (KVzip): it continues a shared prefix (declaring the whole prompt), but cannot compress another
+    press's recorded forward, so it decodes on its own, and takes no chunks."""
+    return method == "kvzip"
 
 
 def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:
@@ -121,11 +128,12 @@ class MethodVariant:
         them): the full cache, mixkv presses that do not compress while decoding, and kvpress
         presses that leave a plain shortened cache (not those that mask keys while decoding, nor
         ``closed-book``, whose prompt is another, nor kvpress scorers run by mixkv, which prefill on
-        their own: :func:`scores_a_whole_forward`)."""
+        their own: :func:`scores_a_whole_forward`, nor KVzip: :func:`reconstructs_the_prompt`)."""
         return (
             self.press_method not in (CLOSED_BOOK, *KVPRESS_MASKING_NAMES)
             and self.decoding_interval is None
             and not scores_a_whole_forward(self.press_method)
+            and not reconstructs_the_prompt(self.press_method)
         )
 
     @property
@@ -150,10 +158,10 @@ def parse_method(name: str) -> MethodVariant:
     press_method, *modifiers = name.strip().lower().split("+")
     if press_method not in METHODS and not is_method_name(press_method):
         raise ValueError(f"Unknown method {press_method!r}; choose from: {', '.join(METHODS)}.")
-    if modifiers and scores_a_whole_forward(press_method):
+    if modifiers and (scores_a_whole_forward(press_method) or reconstructs_the_prompt(press_method)):
         raise ValueError(
-            f"Method {name!r}: a kvpress scorer scores the whole prompt in one forward, so it takes no "
-            "+chunk / +decode modifier."
+            f"Method {name!r}: this press scores the whole prompt in one forward (a kvpress scorer) or "
+            "from forwards that repeat it (KVzip), so it takes no +chunk / +decode modifier."
         )
     found: dict[str, int] = {}
     for modifier in modifiers:

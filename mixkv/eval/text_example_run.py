@@ -202,7 +202,11 @@ def run_example(
             cache, hooks_seconds = entered
             prefill_s = recorded.seconds + hooks_seconds
         else:
+            if prefix is not None and entered is not None:
+                entered.declare_prompt(cache, ids[:, :n_prefill])  # KVzip reconstructs the whole prompt
             prefill_s = _prefill_prompt(model, ids, n_prefill, cache, prefix, prefill_chunk_size, entered)
+            if press is not None and getattr(press, "last_reconstruction_reused", False):
+                prefill_s += press.last_reconstruction_seconds  # what the reused reconstruction took
         kept_bytes = kv_cache_bytes(cache)
         held = _held_by_foreign_cache(cache, n_prefill, kept_bytes) if foreign else {}
         start = time.perf_counter()

@@ -117,6 +117,7 @@ class PressSession:
         # KVzip: the prompt forward's attention calls, compressed after the reconstruction forwards
         self._deferred: dict[int, AttentionCall] = {}
         self._deferred_cache: Cache | None = None
+        self._deferred_ids: torch.Tensor | None = None
         self._reconstruction: Reconstruction | None = None
 
     # -- context management -------------------------------------------------------------------
@@ -191,7 +192,7 @@ class PressSession:
         self._module_inputs.clear()
         self._rotary_emb = None
         self._deferred.clear()
-        self._deferred_cache = None
+        self._deferred_cache = self._deferred_ids = None
         self._reconstruction = None
         if self._entered:
             self._entered = False
@@ -479,7 +480,9 @@ class PressSession:
             raise ValueError(f"recording_prompt() is not available under {name}: prefill the prompt under it")
         if self._chunk is not None:
             raise ValueError(f"{name} needs the whole prompt in one forward: do not prefill it in chunks")
-        ids = self._input_ids
+        # The prompt's ids: declared (a forward continuing a prefix) or those the forward carries.
+        declared = self._compressor.state(cache).prompt_ids
+        ids = declared if declared is not None else self._input_ids
         if ids is None or ids.shape[0] != 1 or call.keys.shape[0] != 1:
             raise ValueError(
                 f"{name} reconstructs one prompt at a time from its token ids: call the model with "
@@ -487,8 +490,9 @@ class PressSession:
             )
         if call.keys.shape[2] != ids.shape[1] and call.layer_idx in self.layout.compressible_layers:
             raise ValueError(
-                f"{name} reconstructs the prompt the forward carries: the cache held "
-                f"{call.keys.shape[2] - ids.shape[1]} entries before it; prefill the whole prompt under the press"
+                f"{name} reconstructs the whole prompt: the cache held {call.keys.shape[2] - ids.shape[1]} "
+                "entries before this forward; prefill the whole prompt under the press, or declare the whole "
+                "prompt's ids first (session.declare_prompt(cache, ids))"
             )
         visual = self.layout.visual_token_masks(ids)
         if visual is not None and bool((visual[0] | visual[1]).any()):
@@ -502,15 +506,14 @@ class PressSession:
             call, query=call.query[:, :, -window:].clone(), rotary=rotary
         )
         if call.layer_idx == self.layout.num_layers - 1:
-            self._deferred_cache = cache
+            self._deferred_cache, self._deferred_ids = cache, ids
 
     def _reconstruct_after_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """After the prompt forward: run the repeat chunks, then compress every layer with their scores."""
-        cache, calls = self._deferred_cache, dict(self._deferred)
+        cache, calls, ids = self._deferred_cache, dict(self._deferred), self._deferred_ids
         self._deferred.clear()
-        self._deferred_cache = None
+        self._deferred_cache = self._deferred_ids = None
         press = self.press
-        ids = self._input_ids
         if (
             cache is None
             or self._reconstruction is not None
@@ -518,6 +521,27 @@ class PressSession:
             or not isinstance(press, KVzipPress)
         ):
             return
+        memo = press.reconstruction_memo
+        key = press.reconstruction_key(ids) if memo is not None else None
+        press.last_reconstruction_reused = memo is not None and key in memo
+        if memo is not None and key in memo:
+            scores, press.last_reconstruction_seconds = memo[key]
+        else:
+            scores, press.last_reconstruction_seconds = self._reconstruct(press, cache, ids)
+            if memo is not None and key is not None:
+                memo[key] = (scores, press.last_reconstruction_seconds)
+        self._compressor.reconstruction_scores = scores
+        try:
+            for layer_idx in sorted(calls):
+                self._on_prefill(calls[layer_idx], cache)
+        finally:
+            self._compressor.reconstruction_scores = None
+
+    def _reconstruct(
+        self, press: KVzipPress, cache: Cache, ids: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], float]:
+        """Run the press's repeat chunks of prompt ``ids`` through ``cache`` (left as it was):
+        per layer, the KVzip scores of its entries, and the seconds the forwards took."""
         reconstruction = Reconstruction(cache, ids.shape[1], press.n_sink, self.layout.compressible_layers)
         start = time.perf_counter()
         self._reconstruction = reconstruction
@@ -529,13 +553,7 @@ class PressSession:
         finally:
             self._reconstruction = None
             reconstruction.restore()
-        press.last_reconstruction_seconds = time.perf_counter() - start
-        self._compressor.reconstruction_scores = reconstruction.scores
-        try:
-            for layer_idx in sorted(calls):
-                self._on_prefill(calls[layer_idx], cache)
-        finally:
-            self._compressor.reconstruction_scores = None
+        return reconstruction.scores, time.perf_counter() - start
 
     def _on_prefill(self, call: AttentionCall, cache: Cache) -> None:
         """One layer of a prompt forward; after the last, the prompt ends unless a chunk is open."""

@@ -85,8 +85,17 @@ class KVzipPress(BasePress):
     n_sink: int = 4
     allocation: Literal["uniform", "adakv", "global"] = "uniform"
     floor_ratio: float = 0.2
-    #: Seconds the reconstruction forwards of the last prompt took.
+    #: Prompts already reconstructed -> their scores and seconds, shared by presses that give it the
+    #: same dict (e.g. one prompt compressed to several budgets): a prompt found here is not
+    #: reconstructed again (see :meth:`reconstruction_key`).
+    reconstruction_memo: dict[tuple[Any, ...], tuple[dict[int, torch.Tensor], float]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    #: Seconds the reconstruction forwards of the last prompt took (when its scores came from
+    #: ``reconstruction_memo``: what they took when they ran).
     last_reconstruction_seconds: float | None = field(default=None, init=False, repr=False, compare=False)
+    #: Whether the last prompt's scores came from ``reconstruction_memo``.
+    last_reconstruction_reused: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,6 +120,19 @@ class KVzipPress(BasePress):
                 "build the press as KVzipPress(budget=..., **mixkv.integration.kvzip_prompt_ids(tokenizer))"
             )
         return tuple(self.repeat_prompt_ids)
+
+    def reconstruction_key(self, context_ids: torch.Tensor) -> tuple[Any, ...]:
+        """What the reconstruction scores of a context ``(1, N)`` depend on: its ids, the repeat
+        prompts and the chunking (not the budget, window or allocation)."""
+        return (
+            tuple(context_ids.reshape(-1).tolist()),
+            tuple(self.repeat_prompt_ids or ()),
+            tuple(self.continue_prompt_ids or ()),
+            tuple(self.answer_prefix_ids),
+            self.chunk_size,
+            self.overlap,
+            self.n_sink,
+        )
 
     def repeat_chunks(self, context_ids: torch.Tensor) -> list[RepeatChunk]:
         """The reconstruction forwards of a context ``(1, N)``: chunks of ``chunk_size`` tokens, each
