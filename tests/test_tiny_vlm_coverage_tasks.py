@@ -15,9 +15,9 @@ from mixkv.eval.tiny_vlm_tasks import (
     TINY_VLM_TASK_NAMES,
     make_tiny_vlm_suite,
 )
-from mixkv.tiny_vlm.images import GRID, distinct_names, render, render_board
+from mixkv.tiny_vlm.images import GRID, distinct_names, render, render_board, render_gui_ids
 
-_TWO_ROW_TASKS = ("board_two_codes", "chart_two_values", "gui_two_marks")
+_TWO_ROW_TASKS = ("board_two_codes", "chart_two_values")
 
 
 def _lines(cell_text: str) -> list[str]:
@@ -73,11 +73,7 @@ def test_boards4_targets_spread_over_the_four_boards(tmp_path):
 
 
 def test_two_row_tasks_ask_the_same_held_out_image_as_the_one_row_task(tmp_path):
-    for task, family in (
-        ("board_two_codes", "board"),
-        ("chart_two_values", "chart"),
-        ("gui_two_marks", "gui"),
-    ):
+    for task, family in (("board_two_codes", "board"), ("chart_two_values", "chart")):
         for example in make_tiny_vlm_suite(task, 3, 0, tmp_path):
             expected = render(family, 0, example.extra["index"], "test")
             assert example.extra["cell_text"] == expected.text
@@ -104,13 +100,29 @@ def test_chart_two_values_answers_are_the_values_printed_on_the_two_bars(tmp_pat
         assert example.answers == [printed[first], printed[second]]
 
 
-def test_gui_two_marks_answers_are_the_digits_in_the_two_buttons_tags(tmp_path):
-    for example in make_tiny_vlm_suite("gui_two_marks", 10, 0, tmp_path):
-        first, second = example.extra["target"]
-        assert example.question == f"Which marks do the {first} and {second} buttons have?"
+def test_gui_ids_answer_is_the_three_digit_number_written_after_the_buttons_label(tmp_path):
+    for example in make_tiny_vlm_suite("gui_ids", 10, 0, tmp_path):
+        target = example.extra["target"]
+        assert example.question == f"What is the number next to the {target} button?"
+        assert example.answer_prefix == f"{target}:" and example.metric == "exact_match"
         text = example.extra["cell_text"]
-        tag = {label: re.search(rf"\b{label}:(\d)", text).group(1) for label in (first, second)}
-        assert example.answers == [tag[first], tag[second]]
+        ids = {label: re.search(rf"\b{label}:(\d+)", text).group(1) for label in example.extra["buttons"]}
+        assert all(len(i) == 3 for i in ids.values()) and len(set(ids.values())) == len(ids)
+        assert example.answers == [ids[target]]
+
+
+def test_gui_ids_windows_are_not_the_gui_marks_images(tmp_path):
+    ids = make_tiny_vlm_suite("gui_ids", 3, 0, tmp_path / "ids")
+    marks = make_tiny_vlm_suite("gui_marks", 3, 0, tmp_path / "marks")
+    assert all(
+        a.image_path.read_bytes() != b.image_path.read_bytes() for a, b in zip(ids, marks, strict=True)
+    )
+
+
+@pytest.mark.parametrize("digits", [1, 5])
+def test_gui_ids_of_one_digit_or_more_than_four_are_refused(digits):
+    with pytest.raises(ValueError, match="digits must be 2 to 4"):
+        render_gui_ids("test/x", digits)
 
 
 def test_two_row_targets_are_drawn_apart_from_the_one_row_question(tmp_path):

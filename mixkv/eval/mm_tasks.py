@@ -49,7 +49,7 @@ TINY_VLM_TASKS: tuple[str, ...] = (
     "boards4_codes",
     "board_two_codes",
     "chart_two_values",
-    "gui_two_marks",
+    "gui_ids",
 )
 #: Every multimodal task name.
 MM_TASKS: tuple[str, ...] = DATASET_TASKS + SYNTHETIC_TASK_NAMES + TINY_VLM_TASKS

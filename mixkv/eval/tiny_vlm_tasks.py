@@ -12,12 +12,16 @@ renderers (so the shipped encoder reads them):
 
 * ``boards4_codes`` -- four boards in one prompt (1,600 image tokens), 4-5 lines each, no first
   name or surname repeated across the four; the code next to one name on one of them.
-* ``board_two_codes``, ``chart_two_values``, ``gui_two_marks`` -- the ``index``-th test image of
-  the family (the same image as ``board_codes`` etc.), asked for two rows at once: "What are the
-  codes next to A and B?". The answer starts with ``"A:"`` and must give both numbers in order
-  (``numbers_in_order``). The model writes the second row's key itself before its number, so the
-  second number is generated well after compression, with no question token next to it in the
-  window: on ``gui_marks`` one digit survives budget 32 because the question's own tokens carry it.
+* ``board_two_codes``, ``chart_two_values`` -- the ``index``-th test image of the family (the same
+  image as ``board_codes`` etc.), asked for two rows at once: "What are the codes next to A and
+  B?". The answer starts with ``"A:"`` and must give both numbers in order (``numbers_in_order``).
+  The model writes the second row's key itself before its number, so the second number is
+  generated well after compression, with no question token next to it in the window.
+* ``gui_ids`` -- a ``gui`` window whose buttons carry 3-digit ids after their labels
+  (:func:`~mixkv.tiny_vlm.images.render_gui_ids`); "What is the number next to the Save button?"
+  (``exact_match``). On ``gui_marks`` the one-digit answer is the first answer token, computed by
+  the prompt's own forward before any compression, so every press answers it even at budget 32;
+  an id's later digits are generated from the compressed cache.
 
 The questions' targets are drawn from a generator seeded with ``("test", task, seed, index)``.
 """
@@ -28,7 +32,7 @@ import random
 from pathlib import Path
 
 from mixkv.eval.mm_example import MMExample, save_png
-from mixkv.tiny_vlm.images import CellImage, distinct_names, render, render_board
+from mixkv.tiny_vlm.images import CellImage, distinct_names, render, render_board, render_gui_ids
 
 __all__ = [
     "COVERAGE_TASKS",
@@ -45,7 +49,7 @@ COVERAGE_TASKS: dict[str, str] = {
     "boards4_codes": "board",
     "board_two_codes": "board",
     "chart_two_values": "chart",
-    "gui_two_marks": "gui",
+    "gui_ids": "gui",
 }
 """Tasks whose answer needs several images or several regions -> the image family they draw."""
 
@@ -58,7 +62,6 @@ BOARDS_PER_PROMPT = 4
 _TWO_QUESTIONS = {
     "board_two_codes": ("names", "codes", "What are the codes next to {} and {}?"),
     "chart_two_values": ("categories", "values", "What are the values of {} and {}?"),
-    "gui_two_marks": ("buttons", "mark_of", "Which marks do the {} and {} buttons have?"),
 }
 
 
@@ -78,6 +81,8 @@ def make_tiny_vlm_suite(task: str, n: int, seed: int, out_dir: str | Path) -> li
     folder.mkdir(parents=True, exist_ok=True)
     if task == "boards4_codes":
         return [_boards_example(seed, index, folder) for index in range(n)]
+    if task == "gui_ids":
+        return [_gui_ids_example(seed, index, folder) for index in range(n)]
     if task in COVERAGE_TASKS:
         return [_two_rows_example(task, seed, index, folder) for index in range(n)]
     family = TASK_FAMILIES[task]
@@ -145,6 +150,23 @@ def _boards_example(seed: int, index: int, folder: Path) -> MMExample:
         extra=extra,
         answer_prefix=f"{name}:",
         more_images=paths[1:],
+    )
+
+
+def _gui_ids_example(seed: int, index: int, folder: Path) -> MMExample:
+    """A window whose buttons carry 3-digit ids; the id next to one button."""
+    task = "gui_ids"
+    cell_image = render_gui_ids(f"test/{task}/{seed}/{index}")
+    path = _save(cell_image, folder / f"{task}_{seed}_{index}.png")
+    extra = {"task": task, "seed": seed, "index": index, "cell_text": cell_image.text, **cell_image.extra}
+    return MMExample(
+        id=f"{task}_{seed}_{index}",
+        image_path=path,
+        question=cell_image.question,
+        answers=[cell_image.answer],
+        metric="exact_match",
+        extra=extra,
+        answer_prefix=cell_image.answer_prefix,
     )
 
 

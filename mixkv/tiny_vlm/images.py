@@ -46,6 +46,7 @@ __all__ = [
     "distinct_names",
     "render",
     "render_board",
+    "render_gui_ids",
 ]
 
 CELL = 16
@@ -229,7 +230,9 @@ def _render_chart(rng: random.Random) -> CellImage:
     return canvas.result(question, f"{categories[target]}:", str(values[target]), extra)
 
 
-def _render_gui(rng: random.Random) -> CellImage:
+def _render_gui(rng: random.Random, id_digits: int | None = None) -> CellImage:
+    """A window of buttons tagged with one-digit marks (set-of-marks) or, with ``id_digits``, with
+    numeric ids of that many digits written after each label."""
     canvas = _Canvas(rng, (rng.randint(232, 250),) * 3)
     title_color: Color = (rng.randint(30, 70), rng.randint(60, 110), rng.randint(120, 180))
     canvas.fill_cells(0, 0, GRID, title_color)
@@ -239,18 +242,23 @@ def _render_gui(rng: random.Random) -> CellImage:
     labels = rng.sample(_BUTTONS, k)
     rows = sorted(rng.sample(range(2, GRID - 1, 2), k))  # one button per row pair, rows 2..18
     button_fill: Color = (rng.randint(190, 215), rng.randint(205, 225), rng.randint(230, 250))
-    marks = rng.sample(range(1, 10), k)
+    digits = 1 if id_digits is None else id_digits
+    marks = rng.sample(range(1, 10) if id_digits is None else range(10 ** (digits - 1), 10**digits), k)
     boxes: dict[str, list[int]] = {}
     mark_boxes: dict[str, list[int]] = {}
     for label, row, mark in zip(labels, rows, marks, strict=True):
         width = len(label) + 2  # a padding cell, the label, its colon (inside the button)
-        col = rng.randint(0, GRID - 2 - width)
+        col = rng.randint(0, GRID - 1 - digits - width)
         box = [col * CELL, row * CELL - 3, (col + width) * CELL - 1, (row + 1) * CELL + 2]
         canvas.draw.rounded_rectangle(box, radius=4, fill=button_fill, outline=(80, 80, 80), width=1)
         canvas.write(row, col + 1, label + ":", (15, 15, 15))
-        # The set-of-marks tag: a dark square with the mark's digit, just right of the button.
-        canvas.fill_cells(row, col + width, 1, (20, 20, 20), inset=1)
-        canvas.write(row, col + width, str(mark), (255, 255, 255))
+        if id_digits is None:
+            # The set-of-marks tag: a dark square with the mark's digit, just right of the button.
+            canvas.fill_cells(row, col + width, 1, (20, 20, 20), inset=1)
+            canvas.write(row, col + width, str(mark), (255, 255, 255))
+        else:
+            # Plain dark digits: the frozen model reads a white-on-dark tag as one digit only.
+            canvas.write(row, col + width, str(mark), (15, 15, 15))
         boxes[label] = box
         mark_boxes[str(mark)] = box
     free = [r for r in range(2, GRID) if r not in rows]
@@ -264,7 +272,10 @@ def _render_gui(rng: random.Random) -> CellImage:
         "bbox": boxes[labels[target]],
         "target": labels[target],
     }
-    question = f"Which mark does the {labels[target]} button have?"
+    if id_digits is None:
+        question = f"Which mark does the {labels[target]} button have?"
+    else:
+        question = f"What is the number next to the {labels[target]} button?"
     return canvas.result(question, f"{labels[target]}:", str(marks[target]), extra)
 
 
@@ -302,6 +313,26 @@ def render_board(key: str, names: list[str]) -> CellImage:
     if not names or len(set(names)) != len(names) or len(names) > GRID - 2:
         raise ValueError(f"names must be 1 to {GRID - 2} distinct names, got {names!r}.")
     return _render_board(random.Random(key), names)
+
+
+def render_gui_ids(key: str, digits: int = 3) -> CellImage:
+    """An application window whose 3-6 buttons each carry a ``digits``-digit id after their label
+    (``"Save: 472"``), drawn from a generator seeded with ``key``; "What is the number next to
+    the Save button?", answered after the prefix ``"Save:"``.
+
+    The ``gui`` family's layout with longer marks: a one-digit mark is the first answer token,
+    which comes from the prompt's own (uncompressed) forward, so no press can lose it; the later
+    digits of an id are generated from the compressed cache. ``key`` should start with a split
+    (``"test/..."``) so that it never draws a training image.
+
+    Raises
+    ------
+    ValueError
+        If ``digits`` is not 2 to 4.
+    """
+    if not 2 <= digits <= 4:
+        raise ValueError(f"digits must be 2 to 4, got {digits}.")
+    return _render_gui(random.Random(key), id_digits=digits)
 
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
