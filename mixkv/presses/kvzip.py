@@ -63,8 +63,10 @@ class KVzipPress(BasePress):
     prompts from a tokenizer: ``KVzipPress(budget=128, **kvzip_prompt_ids(tokenizer))``.
 
     Costs a second forward over the whole prompt (and a bit more) after the prefill; one sequence at
-    a time, text prompts in one forward (no chunked prefill, ``DecodingPress``, recordings or
-    continuous batching: refused by name).
+    a time, text prompts in one forward, or continuing a prefix already in the cache once the whole
+    prompt's ids are declared (``session.declare_prompt``); no chunked prefill, ``DecodingPress``,
+    recordings or continuous batching (refused by name). Presses given the same
+    ``reconstruction_memo`` reconstruct a prompt once (the scores do not depend on the budget).
 
     Paper: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
     2025, https://arxiv.org/abs/2505.23416. Defaults (kvpress 0.5.5): ``chunk_size=2048``,
