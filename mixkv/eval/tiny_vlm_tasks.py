@@ -19,9 +19,9 @@ renderers (so the shipped encoder reads them):
   generated well after compression, with no question token next to it in the window.
 * ``gui_ids`` -- a ``gui`` window whose buttons carry 3-digit ids after their labels
   (:func:`~mixkv.tiny_vlm.images.render_gui_ids`); "What is the number next to the Save button?"
-  (``exact_match``). On ``gui_marks`` the one-digit answer is the first answer token, computed by
-  the prompt's own forward before any compression, so every press answers it even at budget 32;
-  an id's later digits are generated from the compressed cache.
+  (``exact_match``). On ``gui_marks`` every press keeps the one-digit answer even at budget 32
+  (the question's tokens in the observation window carry it); three digits need the image entries
+  that hold them.
 
 The questions' targets are drawn from a generator seeded with ``("test", task, seed, index)``.
 """

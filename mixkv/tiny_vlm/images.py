@@ -320,10 +320,10 @@ def render_gui_ids(key: str, digits: int = 3) -> CellImage:
     (``"Save: 472"``), drawn from a generator seeded with ``key``; "What is the number next to
     the Save button?", answered after the prefix ``"Save:"``.
 
-    The ``gui`` family's layout with longer marks: a one-digit mark is the first answer token,
-    which comes from the prompt's own (uncompressed) forward, so no press can lose it; the later
-    digits of an id are generated from the compressed cache. ``key`` should start with a split
-    (``"test/..."``) so that it never draws a training image.
+    The ``gui`` family's layout with longer marks: a press keeps a one-digit mark even at budget 32
+    (the question's tokens in the observation window attended to the whole image before
+    compression and carry it), while a 3-digit id needs the image entries that hold it. ``key``
+    should start with a split (``"test/..."``) so that it never draws a training image.
 
     Raises
     ------
