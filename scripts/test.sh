@@ -20,6 +20,7 @@ python3 -m venv .venv-oldest
     tests/test_end_to_end_reference.py tests/test_cache_layers.py tests/test_families.py tests/test_calibration.py \
     tests/test_replay.py tests/test_batched_decoding.py tests/test_attention_scorers.py tests/test_kvpress_scorer_reference.py \
     tests/test_kvpress_scorers.py tests/test_registry.py tests/test_kvzip.py tests/test_kvzip_kvpress_reference.py \
+    tests/test_mm_runner.py tests/test_mm_batched_decoding.py \
     tests/test_models.py::test_a_vlm_checkpoint_saved_without_the_vision_model_level_loads_every_weight
 
 # The harness integrations in their own venv: lm-evaluation-harness and lmms-eval bring heavy

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 
 from mixkv.eval.generation import decode_together, eos_ids, kv_fraction, report_fields
 from mixkv.eval.mm_example import MMExample, score_examples
@@ -147,17 +149,31 @@ def run_mm_example(
             "attention_mask": torch.ones_like(ids),
             cache_argument(model): cache,
         }
-        if prefix.embeddings is not None:
-            generate_inputs["inputs_embeds"] = prefix.embeddings
     manager = press_applied(press, model)
     try:
         with torch.inference_mode(), manager as session:
             if session is not None and cache is not None:
                 session.declare_prompt(cache, ids)
             start = time.perf_counter()
-            out = model.generate(
-                **generate_inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
-            )
+            if prefix is not None and prefix.embeddings is not None:
+                # A rest starting inside the image goes in as embeddings, in a forward of its own
+                # (transformers 5.2's generate cannot continue a cache from embeddings); generate
+                # then continues from the first answer token, as ids.
+                first = _tail_forward(model, ids, prefix, cache).argmax(-1, keepdim=True)
+                out = torch.cat([ids, first], dim=1)
+                if new_tokens > 1 and int(first) not in _generation_eos(model):
+                    out = model.generate(
+                        input_ids=out,
+                        attention_mask=torch.ones_like(out),
+                        **{cache_argument(model): cache},
+                        max_new_tokens=new_tokens - 1,
+                        do_sample=False,
+                        pad_token_id=pad,
+                    )
+            else:
+                out = model.generate(
+                    **generate_inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+                )
             total = time.perf_counter() - start
     finally:
         for handle in handles:
@@ -321,6 +337,12 @@ def run_mm_examples_together(
     return records
 
 
+def _generation_eos(model: Any) -> set[int]:
+    """The ids at which ``generate`` stops: the model's generation config's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(ids) if isinstance(ids, list) else ({int(ids)} if ids is not None else set())
+
+
 def _tail_forward(model: Any, ids: torch.Tensor, prefix: SharedPrefix, cache: Any) -> torch.Tensor:
     """The prompt's rest after ``prefix`` through ``cache`` (as ids, or as the prefix's embeddings
     when the rest starts inside an image); returns the last position's logits ``(1, vocab)``."""
@@ -462,6 +484,12 @@ def _decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     return captured["embeddings"]
 
 
+#: The first transformers release tested to continue an M-RoPE (Qwen-VL) prompt from a prefix at its
+#: true positions: 5.2 builds a continued forward's positions from the whole prompt's attention mask
+#: and answers wrongly (tests/test_mm_runner.py); releases between were not tested.
+_M_ROPE_CONTINUES_FROM = Version("5.25")
+
+
 def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int) -> SharedPrefix | None:
     """Prefill all but the last ``tail_tokens`` tokens of an encoded one-example prompt with the
     full cache.
@@ -472,8 +500,9 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
     two. A tail that holds image tokens (a question shorter than the tail after the image) is fed
     as embeddings; that split is exact only where image tokens attend causally at 1-D positions,
     so models with M-RoPE (Qwen-VL) or bidirectional image attention (Gemma 3) share nothing
-    then. None when nothing is shared: also for a batch, or a prompt not 2 tokens longer than the
-    tail.
+    then. None when nothing is shared: also for a batch, a prompt not 2 tokens longer than the
+    tail, or an M-RoPE model under transformers before 5.25 (which continues such a prompt at
+    wrong positions).
     """
     from transformers import DynamicCache
 
@@ -482,6 +511,8 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
     if ids.shape[0] != 1 or tokens < 2:
         return None
     inner: Any = getattr(model, "model", None)
+    if hasattr(inner, "rope_deltas") and Version(transformers.__version__) < _M_ROPE_CONTINUES_FROM:
+        return None
     start = time.perf_counter()
     embeddings = None
     if sum(_placeholder_counts(model, ids[0, tokens:])) > 0:
