@@ -16,6 +16,7 @@ import torch
 from mixkv.integration.decoder_layout import cache_argument
 
 __all__ = [
+    "check_stackable",
     "decode_together",
     "eos_ids",
     "greedy_batch",
@@ -88,6 +89,20 @@ def greedy_batch(
             held, chosen = [held[slot] for slot in keep], chosen[keep]
         pending = chosen[:, None]
     return out
+
+
+def check_stackable(model: Any, alone: str) -> None:
+    """Refuse (ValueError) a model whose caches cannot be stacked into one batch by
+    :func:`decode_together`: one with sliding-window layers (their caches evict as they grow);
+    ``alone`` names the function that runs a press on its own."""
+    from mixkv.integration.decoder_layout import describe_decoder
+
+    layout = describe_decoder(model)
+    if len(layout.compressible_layers) != layout.num_layers:
+        raise ValueError(
+            f"{type(model).__name__} has sliding-window layers, whose caches cannot be stacked; run its "
+            f"presses with {alone}"
+        )
 
 
 def decode_together(

@@ -24,7 +24,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from mixkv.eval.generation import decode_together, eos_ids, kv_fraction, report_fields
+from mixkv.eval.generation import check_stackable, decode_together, eos_ids, kv_fraction, report_fields
 from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.eval.text_example_run import SharedPrefix
 from mixkv.integration.cache import kv_cache_bytes
@@ -232,7 +232,6 @@ def run_mm_examples_together(
         M-RoPE offsets (the batch's decoding positions are 1-D); a model with sliding-window layers
         (their caches evict as they grow).
     """
-    from mixkv.integration.decoder_layout import describe_decoder
 
     ours = [press for press in presses if isinstance(press, BasePress)]
     if not ours:
@@ -252,12 +251,7 @@ def run_mm_examples_together(
             "this prefix's model keeps M-RoPE offsets (Qwen-VL); the batch decodes at 1-D positions: run "
             "each press with run_mm_example"
         )
-    layout = describe_decoder(model)
-    if len(layout.compressible_layers) != layout.num_layers:
-        raise ValueError(
-            f"{type(model).__name__} has sliding-window layers, whose caches cannot be stacked; run its "
-            "presses with run_mm_example"
-        )
+    check_stackable(model, "run_mm_example")
     prompt = example_prompt(processor, example)
     ids = inputs["input_ids"]
     n_prompt = int(ids.shape[1])

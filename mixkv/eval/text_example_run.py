@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from mixkv.eval.generation import decode_together, eos_ids, greedy_with_positions, kv_fraction, report_fields
+from mixkv.eval.generation import (
+    check_stackable,
+    decode_together,
+    eos_ids,
+    greedy_with_positions,
+    kv_fraction,
+    report_fields,
+)
 from mixkv.eval.replay import RecordedPrefill, recording_attention_inputs, replayed_prefill
 from mixkv.eval.text_example import TextExample, encode_prompt, score_output
 from mixkv.integration.cache import kv_cache_bytes, token_bytes
@@ -357,7 +364,6 @@ def run_examples_together(
     """
     from transformers import DynamicCache
 
-    from mixkv.integration.decoder_layout import describe_decoder
     from mixkv.integration.kvpress_bridge import kvpress_masks_keys
     from mixkv.presses.base import BasePress
     from mixkv.presses.decoding import DecodingPress
@@ -374,12 +380,7 @@ def run_examples_together(
         raise ValueError(
             "the full cache (None) joins the batch by continuing the shared prefix: pass prefix=..."
         )
-    layout = describe_decoder(model)
-    if len(layout.compressible_layers) != layout.num_layers:
-        raise ValueError(
-            f"{type(model).__name__} has sliding-window layers, whose caches cannot be stacked; run its "
-            "presses with run_example"
-        )
+    check_stackable(model, "run_example")
     chunks = [None] * len(presses) if prefill_chunk_sizes is None else list(prefill_chunk_sizes)
     if len(chunks) != len(presses):
         raise ValueError(f"prefill_chunk_sizes has {len(chunks)} entries for {len(presses)} presses")
