@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,12 +173,63 @@ def _qwen_gguf() -> Path:
     return out
 
 
+#: Version of the conversion recorded in its marker; a directory of an older one is converted again.
+#: 2: the GGUF's control and user-defined tokens are added tokens of the saved tokenizer.
+_CONVERSION_FORMAT = 2
+
+#: GGUF token types (``tokenizer.ggml.token_type``) that a tokenizer must keep whole.
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+
 def _is_converted(directory: Path) -> bool:
+    try:
+        marker = json.loads((directory / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
     return (
-        (directory / _MARKER).is_file()
+        isinstance(marker, dict)
+        and marker.get("format") == _CONVERSION_FORMAT
         and (directory / "config.json").is_file()
         and any(directory.glob("*.safetensors"))
     )
+
+
+def _gguf_added_tokens(gguf_path: Path) -> list[tuple[str, bool]]:
+    """The GGUF vocabulary's control tokens (special) and user-defined tokens (not special), in
+    vocabulary order, as ``(token, special)``."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    tokens, types = reader.fields["tokenizer.ggml.tokens"], reader.fields.get("tokenizer.ggml.token_type")
+    if types is None:
+        return []
+    out = []
+    for token_part, type_part in zip(tokens.data, types.data, strict=True):
+        kind = int(types.parts[type_part][0])
+        if kind in (_GGUF_CONTROL, _GGUF_USER_DEFINED):
+            out.append((bytes(tokens.parts[token_part]).decode("utf-8"), kind == _GGUF_CONTROL))
+    return out
+
+
+def register_added_tokens(tokenizer: Any, added: list[tuple[str, bool]]) -> list[str]:
+    """Make each ``(token, special)`` of the vocabulary an added token of ``tokenizer`` (kept whole
+    when encoding, with its vocabulary id), where it is not one already; returns those added.
+
+    Which of a GGUF's control tokens a tokenizer read from it keeps whole depends on the
+    transformers version (5.2 keeps only ``<|endoftext|>``, ``<|im_start|>`` and ``<|im_end|>`` of
+    Qwen2.5's 22, so ``<|image_pad|>`` became six tokens); registering them makes the converted
+    tokenizer the same whichever version converted it.
+    """
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    have = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    missing = [(t, special) for t, special in added if t in vocab and t not in have]
+    for special in (True, False):
+        chosen = [AddedToken(t, special=special, normalized=False) for t, s in missing if s == special]
+        if chosen:
+            tokenizer.add_tokens(chosen, special_tokens=special)
+    return [t for t, _ in missing]
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -192,7 +244,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     gguf_path
         Path of the ``.gguf`` file.
     out_dir
-        Destination directory. If it already holds a finished conversion nothing is done.
+        Destination directory. If it already holds a finished conversion of this format nothing
+        is done; one of an older format (a tokenizer that may split control tokens) is replaced.
 
     Returns
     -------
@@ -218,6 +271,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         tmp.chmod(0o755)
         folder, fname = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        register_added_tokens(tokenizer, _gguf_added_tokens(gguf_path))
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
@@ -227,7 +281,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         del gguf_model
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size}
+        marker = {
+            "format": _CONVERSION_FORMAT,
+            "source": str(gguf_path),
+            "source_bytes": gguf_path.stat().st_size,
+        }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
         if out_dir.exists():
             # A stale or partial directory from an older run: replace it.
