@@ -419,3 +419,53 @@ def test_no_prefix_is_shared_inside_the_image_where_image_tokens_are_not_plain_c
         assert in_the_text is None  # transformers 5.2 continues an M-RoPE prompt at wrong positions
     else:
         assert in_the_text is not None and in_the_text.embeddings is None
+
+
+def _publish(run_dir, published):
+    """What a publication keeps of a run: its examples.csv and run.json, nothing else."""
+    published.mkdir(parents=True)
+    for name in ("examples.csv", "run.json"):
+        shutil.copy(run_dir / name, published / name)
+    return published
+
+
+def test_a_published_multimodal_run_is_extended_elsewhere_computing_only_what_it_lacks(
+    tasks, tmp_path, monkeypatch
+):
+    model = build_case("llava").model, vlm_processor("llava")
+    only = {"docvqa": tasks["docvqa"]}
+    first = run_mm_eval(model, only, out_dir=tmp_path / "first", **GRID)
+    published = _publish(tmp_path / "first", tmp_path / "published")
+    written = json.loads((published / "run.json").read_text())
+    assert sorted(written["cell_identities"]) == sorted(_cells("docvqa"))
+    # Another machine runs a grid with one method more: only its cell is computed.
+    real, calls = mm_runner.run_mm_example, []
+
+    def record(model, processor, example, *args, **kwargs):
+        calls.append(example.id)
+        return real(model, processor, example, *args, **kwargs)
+
+    monkeypatch.setattr(mm_runner, "run_mm_example", record)
+    grid = {**GRID, "methods": [*METHODS, "streamingllm"], "batch_decoding": False}
+    extended = run_mm_eval(model, only, out_dir=tmp_path / "elsewhere", resume_from=published, **grid)
+    assert calls == [e.id for e in tasks["docvqa"]]  # the streamingllm cell's examples, nothing else
+    before = {c["cell"]["method"]: c for c in first.cells}
+    for cell in extended.cells:
+        method = cell["cell"]["method"]
+        if method == "streamingllm":
+            continue
+        assert cell["score"] == before[method]["score"]
+        assert [e["output"] for e in cell["examples"]] == [e["output"] for e in before[method]["examples"]]
+        for key in ("image_tokens_total_mean", "image_tokens_kept_mean", "kv_fraction_mean"):
+            assert cell[key] == pytest.approx(before[method][key])
+        assert {e["resumed_from"] for e in cell["examples"]} == {str(published)}
+
+
+def test_a_published_multimodal_cell_of_other_examples_is_refused_naming_the_cell(tasks, tmp_path):
+    model = build_case("llava").model, vlm_processor("llava")
+    grid = {**GRID, "methods": ["snapkv"]}
+    run_mm_eval(model, {"docvqa": tasks["docvqa"]}, out_dir=tmp_path / "first", **grid)
+    published = _publish(tmp_path / "first", tmp_path / "published")
+    fewer = {"docvqa": tasks["docvqa"][:1]}
+    with pytest.raises(ValueError, match=r"snapkv__b24__docvqa\.json was run with .*task_examples=2"):
+        run_mm_eval(model, fewer, out_dir=tmp_path / "elsewhere", resume_from=published, **grid)

@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-from",
         default=None,
         metavar="DIR",
-        help="text tasks: continue a published run: the per-example records of DIR/examples.csv (with "
-        "DIR/run.json; several protocols: DIR/<protocol>/) become checkpoints, used only with the same "
-        "model, dtype, seed, protocol and window, and only where each example's digest matches",
+        help="continue a published run: the per-example records of DIR/examples.csv (with DIR/run.json; "
+        "several protocols: DIR/<protocol>/) become checkpoints, used only where the cell was computed "
+        "with the same identity (model, dtype, seed, protocol, window; multimodal: the same task "
+        "examples) and only where each example's digest matches",
     )
     p.add_argument(
         "--window-size",
@@ -297,10 +298,6 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
             f"Text tasks {text} and multimodal tasks cannot be mixed in one run; run them separately "
             "(with different --out directories)."
         )
-    if args.resume_from is not None:
-        raise ValueError(
-            "--resume-from continues text-task runs; multimodal runs resume from their --out only."
-        )
     if args.model is None:
         raise ValueError(
             "smollm2 (the default model) is a text-only model; multimodal tasks need a vision-language "
@@ -343,6 +340,7 @@ def _run_multimodal(args: argparse.Namespace, tasks: list[str]) -> Any:
         share_prefill=not args.no_shared_prefill,
         batch_decoding=not args.no_batched_decoding,
         report_only=args.report_only,
+        resume_from=args.resume_from,
         device=checked_device(args.device),
     )
 

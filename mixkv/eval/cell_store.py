@@ -71,6 +71,10 @@ _RECORD_COLUMNS: dict[str, Callable[[str], Any]] = {
     "new_tokens": int,
     "prefill_seconds": float,
     "decode_seconds": float,
+    "image_tokens_total": int,
+    "image_tokens_kept": float,
+    "video_tokens_total": int,
+    "video_tokens_kept": float,
     "output": str,
 }
 
@@ -491,33 +495,66 @@ def write_cell(
     return data
 
 
-def write_run_identity(out_dir: Path, identity: dict[str, Any], config: dict[str, Any]) -> Path:
-    """Write ``out_dir/run.json``: the identity every cell of the run carries (model, dtype, seed,
-    protocol, window, answer length) and its configuration, so that its published ``examples.csv``
-    can be resumed elsewhere (:func:`resume_from_published`)."""
+def write_run_identity(
+    out_dir: Path,
+    config: dict[str, Any],
+    *,
+    identity: dict[str, Any] | None = None,
+    cell_identities: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``out_dir/run.json``: what the run's records were computed with and its configuration,
+    so that its published ``examples.csv`` can be resumed elsewhere (:func:`resume_from_published`).
+
+    ``identity`` is the one every cell shares (model, dtype, seed, protocol, window, answer length:
+    the text grid); where cells differ (a multimodal grid's identity holds its task's examples),
+    ``cell_identities`` maps each cell's file name to its own.
+    """
+    if (identity is None) == (cell_identities is None):
+        raise ValueError("Give run.json either the identity every cell shares or each cell's identity.")
+    described: dict[str, Any] = {"schema": SCHEMA_VERSION}
+    if identity is not None:
+        described["identity"] = identity
+    else:
+        described["cell_identities"] = cell_identities
     path = out_dir / RUN_IDENTITY_FILE
-    _atomic_write_json(path, {"schema": SCHEMA_VERSION, "identity": identity, "config": config})
+    _atomic_write_json(path, {**described, "config": config})
     return path
 
 
+def _differences(theirs: dict[str, Any] | None, ours: dict[str, Any]) -> str:
+    """``"k=theirs, this run has k=ours"`` for the settings on which two identities differ."""
+    theirs = theirs or {}
+    differ = sorted(k for k in {**ours, **theirs} if theirs.get(k) != ours.get(k))
+    return (
+        ", ".join(f"{k}={theirs.get(k)!r}" for k in differ)
+        + ", this run has "
+        + ", ".join(f"{k}={ours.get(k)!r}" for k in differ)
+    )
+
+
 def resume_from_published(
-    source: Path, cells: Sequence[Cell], cell_dir: Path, identity: dict[str, Any]
+    source: Path,
+    cells: Sequence[Cell],
+    cell_dir: Path,
+    identity_of: Callable[[Cell], dict[str, Any]],
 ) -> list[str]:
     """Make a published run's per-example records (``source/examples.csv`` with its ``run.json``)
     the checkpoints of ``cells`` where they go further than what ``cell_dir`` holds.
 
-    Records are rebuilt from the CSV's columns (score, KV fraction, kept tokens, answer length,
-    timings, digests and, where present, the output); nothing else of the original record (the
-    press's report) is restored. As for any checkpoint, the run then keeps a record only while its
-    ``example_sha1`` is that of the example regenerated for its position (:func:`load_partial`),
-    so a record is never attached to another example. Returns the names of the cells given a
-    checkpoint.
+    ``identity_of(cell)`` is the identity this run gives ``cell``; the published cell must have been
+    computed with the same one (``run.json``'s shared ``identity``, or the cell's entry of its
+    ``cell_identities``). Records are rebuilt from the CSV's columns (score, KV fraction, kept
+    tokens, image and video tokens, answer length, timings, digests and, where present, the output);
+    nothing else of the original record (the press's report, a multimodal example's prompt) is
+    restored. As for any checkpoint, the run then keeps a record only while its ``example_sha1`` is
+    that of the example regenerated for its position (:func:`load_partial`), so a record is never
+    attached to another example. Returns the names of the cells given a checkpoint.
 
     Raises
     ------
     ValueError
-        ``source`` lacks ``examples.csv`` or ``run.json``, its identity is not ``identity`` (say which
-        setting differs), or its rows of a cell are not examples 0, 1, ... in order.
+        ``source`` lacks ``examples.csv`` or ``run.json``, a published cell's identity is not this
+        run's (say which settings differ), or its rows of a cell are not examples 0, 1, ... in order.
     """
     table, described = source / "examples.csv", source / RUN_IDENTITY_FILE
     missing = [str(p) for p in (table, described) if not p.is_file()]
@@ -526,15 +563,12 @@ def resume_from_published(
             f"Cannot resume from {source}: {', '.join(missing)} missing. Give the directory a "
             "`mixkv eval` run (or `--report-only`) wrote its examples.csv and run.json to."
         )
-    theirs = json.loads(described.read_text(encoding="utf-8")).get("identity")
-    if theirs != identity:
-        differ = sorted(k for k in {**identity, **(theirs or {})} if (theirs or {}).get(k) != identity.get(k))
+    published_run = json.loads(described.read_text(encoding="utf-8"))
+    shared, per_cell = published_run.get("identity"), published_run.get("cell_identities") or {}
+    if shared is not None and cells and shared != identity_of(cells[0]):
         raise ValueError(
-            f"Cannot resume from {source}: it was run with "
-            + ", ".join(f"{k}={(theirs or {}).get(k)!r}" for k in differ)
-            + ", this run has "
-            + ", ".join(f"{k}={identity.get(k)!r}" for k in differ)
-            + ". Change those settings (or resume from a run that matches)."
+            f"Cannot resume from {source}: it was run with {_differences(shared, identity_of(cells[0]))}. "
+            "Change those settings (or resume from a run that matches)."
         )
     rows: dict[tuple[str, str, str, str], list[dict[str, str]]] = {}
     with table.open(newline="", encoding="utf-8") as handle:
@@ -548,15 +582,22 @@ def resume_from_published(
             cell.method,
             "" if cell.budget is None else str(cell.budget),
             cell.task,
-            str(cell.context_length),
+            "" if cell.context_length is None else str(cell.context_length),
         )
         published = rows.get(key, [])
+        if not published:
+            continue
         if [int(r["example"]) for r in published] != list(range(len(published))):
             raise ValueError(f"{table}: the rows of {cell.name} are not examples 0, 1, ... in order.")
+        identity = identity_of(cell)
+        theirs = shared if shared is not None else per_cell.get(cell.name)
+        if theirs != identity:
+            raise ValueError(
+                f"Cannot resume from {source}: its {cell.name} was run with {_differences(theirs, identity)}. "
+                "Change those settings (or resume from a run that matches)."
+            )
         held = _checkpointed(cell_dir, cell, identity)
-        if not published or len(published) <= max(
-            _leading(held), _finished_examples(cell_dir, cell, identity)
-        ):
+        if len(published) <= max(_leading(held), _finished_examples(cell_dir, cell, identity)):
             continue
         # An empty field is a missing value, except an output (an empty answer is one).
         records = [

@@ -33,6 +33,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -128,7 +129,8 @@ class GridAdapter(Protocol):
 
     def run_identity(self, protocol: str) -> dict[str, Any] | None:
         """The identity every cell of ``protocol`` shares, written to ``run.json`` so the run's
-        ``examples.csv`` can be resumed elsewhere; None when cells differ (nothing written)."""
+        ``examples.csv`` can be resumed elsewhere; None when cells differ (``run.json`` then holds
+        each cell's :meth:`identity`)."""
         ...
 
     def cell_config(self, protocol: str) -> dict[str, Any]:
@@ -300,12 +302,14 @@ def _plan_files(
             return adapter.identity(protocol, cell), adapter.examples_per_cell(cell)
 
         identity = adapter.run_identity(p)
-        if identity is not None:
-            write_run_identity(outs[p], identity, adapter.cell_config(p))
+        write_run_identity(
+            outs[p],
+            adapter.cell_config(p),
+            identity=identity,
+            cell_identities=None if identity is not None else {c.name: adapter.identity(p, c) for c in cells},
+        )
         if p in sources:
-            if identity is None:
-                raise ValueError("resume_from needs a grid whose cells share one identity (the text grid).")
-            seeded = resume_from_published(sources[p], cells, cell_dir, identity)
+            seeded = resume_from_published(sources[p], cells, cell_dir, partial(adapter.identity, p))
             logger.info("%s: %d cell(s) resume from %s.", p, len(seeded), sources[p])
         if spec.report_only:
             finished[p] = cells_so_far(cells, cell_dir, expected, adapter.score)

@@ -288,6 +288,7 @@ def run_mm_eval(
     share_prefill: bool = True,
     batch_decoding: bool = True,
     report_only: bool = False,
+    resume_from: str | Path | None = None,
     device: str = "cpu",
 ) -> EvalResult:
     """Run (or resume) methods x budgets over multimodal tasks; write cell JSON, results.md, a plot.
@@ -339,6 +340,12 @@ def run_mm_eval(
     report_only
         Compute nothing and load no model: report the finished cells and the checkpoints of
         unfinished ones, as for :func:`mixkv.eval.runner.run_eval`.
+    resume_from
+        A published run (the directory with this function's ``examples.csv`` and ``run.json``):
+        its per-example records become this run's checkpoints, as for
+        :func:`mixkv.eval.runner.run_eval`, for each cell computed with the same identity (model,
+        seed, window, answer length, the task's examples and, for SparseMM, head scores). A cell's
+        result is then rebuilt from the output, image and video tokens and timings the CSV holds.
     device
         Where a model loaded from its directory runs, as for :func:`mixkv.eval.runner.run_eval`.
 
@@ -350,7 +357,8 @@ def run_mm_eval(
     ------
     ValueError
         Unknown method, a ``compare`` pair not made of two of ``methods``, non-positive budgets,
-        empty task, examples without reference answers, or a text-only model.
+        empty task, examples without reference answers, a text-only model, or a ``resume_from``
+        that cannot be used (no records, or a cell computed with another identity).
     FileNotFoundError
         An example's image file is missing (the message names it).
     """
@@ -398,6 +406,7 @@ def run_mm_eval(
         resume=resume,
         report_only=report_only,
         compare=tuple(compare),
+        resume_from=None if resume_from is None else Path(resume_from),
     )
     settings = MultimodalSettings(
         window_size=window_size,

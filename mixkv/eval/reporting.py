@@ -38,6 +38,10 @@ EXAMPLE_COLUMNS = (
     "new_tokens",
     "prefill_seconds",
     "decode_seconds",
+    "image_tokens_total",
+    "image_tokens_kept",
+    "video_tokens_total",
+    "video_tokens_kept",
     "context_sha1",
     "output",
 )
