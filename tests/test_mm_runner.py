@@ -21,6 +21,7 @@ from mixkv.eval.synthetic_images import make_synthetic_suite
 from mixkv.integration.chat_prompts import build_mm_prompt
 from tests.families import build_case, draw_image, vlm_processor
 from tests.helpers_tiny import tiny_model_and_tokenizer
+from tests.test_resume_from_published import _publish
 
 torch.set_num_threads(1)
 
@@ -419,14 +420,6 @@ def test_no_prefix_is_shared_inside_the_image_where_image_tokens_are_not_plain_c
         assert in_the_text is None  # transformers 5.2 continues an M-RoPE prompt at wrong positions
     else:
         assert in_the_text is not None and in_the_text.embeddings is None
-
-
-def _publish(run_dir, published):
-    """What a publication keeps of a run: its examples.csv and run.json, nothing else."""
-    published.mkdir(parents=True)
-    for name in ("examples.csv", "run.json"):
-        shutil.copy(run_dir / name, published / name)
-    return published
 
 
 def test_a_published_multimodal_run_is_extended_elsewhere_computing_only_what_it_lacks(
