@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mixkv.eval.mm_example import MMExample, score_examples
-from mixkv.eval.mm_metrics import numbers_in_order
+from mixkv.eval.mm_metrics import numbers_recall
 from mixkv.eval.mm_tasks import MM_TASKS, TINY_VLM_TASKS, load_mm_task
 from mixkv.eval.tiny_vlm_tasks import (
     BOARDS_PER_PROMPT,
@@ -147,25 +147,31 @@ def test_a_four_board_prompt_holds_four_images_worth_of_image_tokens(tmp_path):
     assert image_tokens_per_image() * len(four.image_paths) == 1600
 
 
-def test_numbers_in_order_needs_every_number_in_the_order_asked():
-    assert numbers_in_order("388474\nYara Pope: 678791", ["388474", "678791"]) == 1.0
-    assert numbers_in_order("5, Undo: 8 and 9", ["5", "8"]) == 1.0
-    assert numbers_in_order("678791\nGus Snow: 388474", ["388474", "678791"]) == 0.0
-    assert numbers_in_order("388474", ["388474", "678791"]) == 0.0
-    assert numbers_in_order("388474\nYara Pope: 678", ["388474", "678791"]) == 0.0
+def test_numbers_recall_credits_each_number_read_in_its_place():
+    assert numbers_recall("388474\nYara Pope: 678791", ["388474", "678791"]) == 1.0
+    assert numbers_recall("5, Undo: 8 and 9", ["5", "8"]) == 1.0
+    assert numbers_recall("388474\nYara Pope: 678", ["388474", "678791"]) == 0.5
+    assert numbers_recall("388474", ["388474", "678791"]) == 0.5
+    assert numbers_recall("54\nWheat: 54", ["96", "54"]) == 0.5
 
 
-def test_numbers_in_order_refuses_references_that_are_not_integers():
+def test_numbers_recall_gives_no_credit_for_a_number_in_the_wrong_row():
+    assert numbers_recall("678791\nGus Snow: 388474", ["388474", "678791"]) == 0.0
+    assert numbers_recall("47, 96, 40, 35", ["47", "35"]) == 0.5
+
+
+def test_numbers_recall_refuses_references_that_are_not_integers():
     with pytest.raises(ValueError, match="integer"):
-        numbers_in_order("5", ["five"])
+        numbers_recall("5", ["five"])
     with pytest.raises(ValueError, match="at least one"):
-        numbers_in_order("5", [])
+        numbers_recall("5", [])
 
 
-def test_score_examples_scores_two_row_examples_with_numbers_in_order(tmp_path):
+def test_score_examples_scores_two_row_examples_with_numbers_recall(tmp_path):
     examples = make_tiny_vlm_suite("chart_two_values", 2, 0, tmp_path)
     right = f"{examples[0].answers[0]}\n{examples[0].extra['target'][1]}: {examples[0].answers[1]}"
-    assert score_examples(examples, [right, examples[1].answers[0]]) == {"numbers_in_order": 0.5}
+    half = examples[1].answers[0]
+    assert score_examples(examples, [right, half]) == {"numbers_recall": 0.75}
 
 
 def test_distinct_names_share_no_part_and_refuse_more_than_the_lists_hold():

@@ -35,8 +35,8 @@ class MMExample:
     answers : list of str
         Reference answers (empty when the split has no public answers). For ``point_in_box``
         examples it holds the target box as text ``"[x1, y1, x2, y2]"``; the numbers are in
-        ``extra["bbox"]``. For ``numbers_in_order`` examples it holds every number asked for, in
-        order (all are needed, they are not alternatives).
+        ``extra["bbox"]``. For ``numbers_recall`` examples it holds every number asked for, in
+        order (each is scored, they are not alternatives).
     metric : str
         Name of the metric in :data:`mixkv.eval.mm_metrics.METRIC_NAMES`.
     extra : dict
@@ -157,9 +157,9 @@ def score_examples(
             result[metric] = sum(
                 mm_metrics.exact_match(p, a) for p, a in zip(preds, answers, strict=True)
             ) / len(preds)
-        elif metric == "numbers_in_order":
+        elif metric == "numbers_recall":
             result[metric] = sum(
-                mm_metrics.numbers_in_order(p, a) for p, a in zip(preds, answers, strict=True)
+                mm_metrics.numbers_recall(p, a) for p, a in zip(preds, answers, strict=True)
             ) / len(preds)
         elif metric == "mark_in_box":
             result[metric] = sum(

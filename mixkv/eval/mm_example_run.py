@@ -62,7 +62,7 @@ DEFAULT_NEW_TOKENS: dict[str, int] = {
     "multiple_choice": 8,
     "exact_match": 10,
     "mark_in_box": 4,
-    "numbers_in_order": 24,
+    "numbers_recall": 24,
 }
 
 

@@ -10,9 +10,9 @@ aggregates a list of predictions. The metrics are implemented from their public 
 * ``cider_d`` -- CIDEr-D (TextCaps), with a simple tokenizer approximating the PTB tokenizer.
 * ``point_in_box`` -- ScreenSpot click accuracy, with a parser of points and boxes in model text.
 * ``multiple_choice`` -- the option letter of a Video-MME style answer.
-* ``exact_match``, ``mark_in_box``, ``numbers_in_order`` -- the tiny VLM's tasks: the first word
-  or number of the answer, the set-of-marks button the answer names, and the first numbers of an
-  answer that reads several regions.
+* ``exact_match``, ``mark_in_box``, ``numbers_recall`` -- the tiny VLM's tasks: the first word
+  or number of the answer, the set-of-marks button the answer names, and the fraction of the
+  numbers asked for that an answer reading several regions gives in place.
 
 The module's one job is these metrics as their benchmarks define them; it is long because each
 follows its official rules in full (VQA's answer normalisation, CIDEr-D's document frequencies,
@@ -47,7 +47,7 @@ __all__ = [
     "mean_relaxed_accuracy",
     "mean_vqa_accuracy",
     "normalize_vqa_answer",
-    "numbers_in_order",
+    "numbers_recall",
     "ocrbench_correct",
     "ocrbench_score",
     "parse_point",
@@ -68,7 +68,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "multiple_choice",
     "exact_match",
     "mark_in_box",
-    "numbers_in_order",
+    "numbers_recall",
 )
 """Names of the metrics, as used in ``MMExample.metric``."""
 
@@ -1030,23 +1030,25 @@ def mark_in_box(prediction: str, marks: Mapping[str, Sequence[float]], bbox: Seq
     return 1.0 if point_in_box(centre, bbox) else 0.0
 
 
-def numbers_in_order(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the prediction's first ``len(answers)`` integers are ``answers``, in that order.
+def numbers_recall(prediction: str, answers: Sequence[str]) -> float:
+    """Fraction of the numbers asked for that the prediction reads in place.
 
-    For answers that read several regions (two codes, two values, two marks): ``answers`` is the
-    list of every number asked for, in the order the question names them, not a list of
-    alternatives. ``"388474\\nYara Pope: 678791"`` matches ``["388474", "678791"]``; one number
-    wrong, missing or out of order scores 0.0 (no partial credit).
+    For answers that read several regions (two codes, two values): ``answers`` is the list of every
+    number asked for, in the order the question names them, not a list of alternatives. The
+    ``k``-th integer of the prediction is compared with the ``k``-th answer, so each region's read
+    counts once, as in RULER's multi-value recall (``string_match_all``) but by position: a number
+    given for the wrong row does not count. ``"388474\nYara Pope: 678791"`` scores 1.0 against
+    ``["388474", "678791"]``, ``"388474\nYara Pope: 678"`` 0.5, ``"678791\nGus Snow: 388474"`` 0.0.
 
     Raises
     ------
     ValueError
         If ``answers`` is empty or holds anything but digits.
     """
-    refs = _as_answer_list(answers, "numbers_in_order")
+    refs = _as_answer_list(answers, "numbers_recall")
     if not all(r.isdigit() for r in refs):
         raise ValueError(
-            f"numbers_in_order: every reference must be an integer written in digits, got {refs!r}."
+            f"numbers_recall: every reference must be an integer written in digits, got {refs!r}."
         )
     found = _FIRST_INTEGER.findall(prediction)[: len(refs)]
-    return 1.0 if found == refs else 0.0
+    return sum(f == r for f, r in zip(found, refs, strict=False)) / len(refs)

@@ -14,7 +14,8 @@ renderers (so the shipped encoder reads them):
   name or surname repeated across the four; the code next to one name on one of them.
 * ``board_two_codes``, ``chart_two_values`` -- the ``index``-th test image of the family (the same
   image as ``board_codes`` etc.), asked for two rows at once: "What are the codes next to A and
-  B?". The answer starts with ``"A:"`` and must give both numbers in order (``numbers_in_order``).
+  B?". The answer starts with ``"A:"``; ``numbers_recall`` scores the fraction of the two numbers
+  it gives in place (first integer for A, second for B).
   The model writes the second row's key itself before its number, so the second number is
   generated well after compression, with no question token next to it in the window.
 * ``gui_ids`` -- a ``gui`` window whose buttons carry 3-digit ids after their labels
@@ -187,7 +188,7 @@ def _two_rows_example(task: str, seed: int, index: int, folder: Path) -> MMExamp
         image_path=path,
         question=template.format(*asked),
         answers=answers,
-        metric="numbers_in_order",
+        metric="numbers_recall",
         extra=extra,
         answer_prefix=f"{asked[0]}:",
     )
