@@ -364,9 +364,9 @@ def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_
     reconstructed = []
     real = PressSession._reconstruct
 
-    def counted(self, press, cache, ids):
+    def counted(self, press, cache, ids, embeddings):
         reconstructed.append(tuple(ids[0].tolist()))
-        return real(self, press, cache, ids)
+        return real(self, press, cache, ids, embeddings)
 
     monkeypatch.setattr(PressSession, "_reconstruct", counted)
     shared = _kvzip_grid(tiny, tmp_path / "shared")

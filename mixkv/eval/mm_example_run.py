@@ -118,22 +118,22 @@ def run_mm_example(
     new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS.get(example.metric, 24)
     pad = pad_token_id(processor)
 
-    prefill: dict[str, Any] = {}
+    prefill: dict[str, Any] = {"depth": 0}
 
+    # The first forward that is not inside another (KVzip's repeat forwards run in the prompt's).
     def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        prefill["depth"] += 1
         if "start" not in prefill:
             prefill["start"] = time.perf_counter()
 
     def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        if "bytes" not in prefill:
+        prefill["depth"] -= 1
+        if "bytes" not in prefill and prefill["depth"] == 0:
             prefill["seconds"] = time.perf_counter() - prefill["start"]
             cache = find_cache(output, kwargs)
             prefill["bytes"] = kv_cache_bytes(cache) if cache is not None else 0
 
-    handles = [
-        model.register_forward_pre_hook(before, with_kwargs=True),
-        model.register_forward_hook(after, with_kwargs=True),
-    ]
+    handles: list[Any] = []
     generate_inputs = inputs
     cache = None
     if prefix is not None:
@@ -152,6 +152,12 @@ def run_mm_example(
     manager = press_applied(press, model)
     try:
         with torch.inference_mode(), manager as session:
+            # Registered after the press's own hooks, so the prefill's time and KV bytes include
+            # what the press does after the prompt's forward (KVzip's reconstruction).
+            handles = [
+                model.register_forward_pre_hook(before, with_kwargs=True),
+                model.register_forward_hook(after, with_kwargs=True),
+            ]
             if session is not None and cache is not None:
                 session.declare_prompt(cache, ids)
             start = time.perf_counter()
@@ -179,6 +185,8 @@ def run_mm_example(
         for handle in handles:
             handle.remove()
     prefix_seconds = 0.0 if prefix is None else prefix.seconds
+    if press is not None and getattr(press, "last_reconstruction_reused", False):
+        prefix_seconds += press.last_reconstruction_seconds  # what the reused reconstruction took
     report = getattr(press, "last_report", None) if press is not None else None
     return _mm_record(
         model,

@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ import torch
 
 from mixkv.eval.cell_store import Cell, EvalResult, model_identity
 from mixkv.eval.grid import GridSpec, check_budgets, run_grid
-from mixkv.eval.methods import KVPRESS_METHODS, check_compare, check_methods, scores_a_whole_forward
+from mixkv.eval.methods import (
+    KVPRESS_METHODS,
+    check_compare,
+    check_methods,
+    reconstructs_the_prompt,
+    scores_a_whole_forward,
+)
 from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.eval.mm_example_run import (
     encode_example,
@@ -43,7 +49,7 @@ from mixkv.eval.mm_example_run import (
     run_mm_examples_together,
 )
 from mixkv.eval.text_example_run import SharedPrefix
-from mixkv.integration.chat_prompts import build_mm_prompt
+from mixkv.integration.chat_prompts import build_mm_prompt, tokenizer_of
 from mixkv.integration.decoder_layout import describe_decoder
 from mixkv.presses.registry import build_press
 
@@ -95,6 +101,8 @@ class _EncodedExample:
     inputs: dict[str, Any]
     prefix: SharedPrefix | None
     digest: str
+    #: KVzip's reconstruction scores of this example, shared by its budgets' cells.
+    reconstructions: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
 
 class MultimodalGrid:
@@ -246,13 +254,17 @@ class MultimodalGrid:
                 yield cell, {**record, "example_sha1": prepared.digest}, share
 
     def _press(self, cell: Cell, prepared: _EncodedExample) -> Any:
-        return build_press(
+        press = build_press(
             cell.method,
             cell.budget,
             context_tokens=int(prepared.inputs["input_ids"].shape[1]),
             window_size=observation_window(self.settings.window_size, cell.budget),
             head_scores=self.settings.head_table,
+            tokenizer=tokenizer_of(self.processor),
         )
+        if reconstructs_the_prompt(cell.method):
+            press.reconstruction_memo = prepared.reconstructions
+        return press
 
     def _batches(self, prefix: SharedPrefix | None) -> bool:
         """Whether the cells continuing ``prefix`` are decoded as one batch: batched decoding on, a
@@ -266,8 +278,13 @@ class MultimodalGrid:
 
 def _continues_a_prefix(method: str) -> bool:
     """Whether the method's press continues the example's shared full-cache prefix: mixkv presses,
-    not kvpress's (nor kvpress scorers run by mixkv, which score the whole prompt's forward)."""
-    return method not in KVPRESS_METHODS and not scores_a_whole_forward(method)
+    not kvpress's (nor kvpress scorers run by mixkv, which score the whole prompt's forward, nor
+    KVzip, whose repeat reads the prompt's images again from the prompt's own forward)."""
+    return (
+        method not in KVPRESS_METHODS
+        and not scores_a_whole_forward(method)
+        and not reconstructs_the_prompt(method)
+    )
 
 
 def run_mm_eval(

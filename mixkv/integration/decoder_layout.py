@@ -228,10 +228,11 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 
 def prefill(
-    model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, **model_inputs: Any
+    model: torch.nn.Module, input_ids: torch.Tensor | None, cache: Cache, **model_inputs: Any
 ) -> torch.Tensor:
-    """Run ``input_ids`` (and ``model_inputs``: a VLM's ``pixel_values``...) through ``model`` into
-    ``cache`` and return the last position's logits ``(B, vocab)``. Like ``generate``, only that
+    """Run ``input_ids`` (and ``model_inputs``: a VLM's ``pixel_values``; ``inputs_embeds`` in place
+    of ids...) through ``model`` into ``cache`` and return the last position's logits ``(B,
+    vocab)``. Like ``generate``, only that
     position goes through the output head when the model supports ``logits_to_keep`` (the full
     ``(B, N, vocab)`` logits of a long prompt cost seconds and gigabytes)."""
     kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}

@@ -69,7 +69,7 @@ from mixkv.integration.prompt_recording import RecordedPrompt
 from mixkv.integration.reconstruction import Reconstruction
 from mixkv.integration.tensor_parallel import find_head_shard
 from mixkv.presses.base import LayerInputs
-from mixkv.presses.kvzip import KVzipPress
+from mixkv.presses.kvzip import KVzipPress, RepeatChunk
 
 if TYPE_CHECKING:
     from mixkv.presses.base import BasePress
@@ -118,6 +118,11 @@ class PressSession:
         self._deferred: dict[int, AttentionCall] = {}
         self._deferred_cache: Cache | None = None
         self._deferred_ids: torch.Tensor | None = None
+        self._deferred_embeddings: torch.Tensor | None = None
+        # KVzip on an image prompt: the text decoder's input embeddings of the last forward, and
+        # whether that forward carried per-token image inputs (non-causal or M-RoPE image attention).
+        self._decoder_embeddings: torch.Tensor | None = None
+        self._per_token_inputs = False
         self._reconstruction: Reconstruction | None = None
 
     # -- context management -------------------------------------------------------------------
@@ -150,6 +155,12 @@ class PressSession:
             self._handles.append(self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
             if self.press.needs_reconstruction:
                 self._handles.append(self.model.register_forward_hook(self._reconstruct_after_forward))
+                if self.layout.image_token_id is not None or self.layout.video_token_id is not None:
+                    model: Any = self.model  # transformers' PreTrainedModel (typed as a Module here)
+                    decoder = model.get_decoder()
+                    self._handles.append(
+                        decoder.register_forward_pre_hook(self._capture_decoder_embeddings, with_kwargs=True)
+                    )
             if self.press.needs_layer_inputs:
                 self._rotary_emb = _text_rotary_embedding(self.model, modules)
             self._saved_implementation = implementation
@@ -192,7 +203,8 @@ class PressSession:
         self._module_inputs.clear()
         self._rotary_emb = None
         self._deferred.clear()
-        self._deferred_cache = self._deferred_ids = None
+        self._deferred_cache = self._deferred_ids = self._deferred_embeddings = None
+        self._decoder_embeddings = None
         self._reconstruction = None
         if self._entered:
             self._entered = False
@@ -355,6 +367,7 @@ class PressSession:
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
         self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+        self._per_token_inputs = any(kwargs.get(name) is not None for name in _PER_TOKEN_IMAGE_INPUTS)
         # Called from this hook: generate_prefill_chunk reads the frames above it.
         self._chunk = (
             PrefillChunk(closes_prompt=False) if self._in_chunked_prefill else generate_prefill_chunk()
@@ -473,6 +486,37 @@ class PressSession:
         )
 
     # -- KVzip: reconstruction forwards --------------------------------------------------------------
+    def _capture_decoder_embeddings(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._reconstruction is None:
+            embeddings = kwargs.get("inputs_embeds")
+            self._decoder_embeddings = embeddings if isinstance(embeddings, torch.Tensor) else None
+
+    def _image_prompt_embeddings(self, ids: torch.Tensor, declared: bool) -> torch.Tensor | None:
+        """The decoder's input embeddings of an image (or video) prompt, for a repeat that reads its
+        images again; None for a text prompt. Refuses what the repeat cannot read as the prompt was
+        read: a prompt continuing a prefix (its images' embeddings are not in this forward), M-RoPE
+        positions (Qwen-VL) and per-token image attention (Gemma 3's bidirectional image blocks)."""
+        visual = self.layout.visual_token_masks(ids)
+        if visual is None or not bool((visual[0] | visual[1]).any()):
+            return None
+        name = type(self.press).__name__
+        inner = getattr(self.model, "model", None)
+        if hasattr(inner, "rope_deltas") or self._per_token_inputs:
+            raise ValueError(
+                f"{name} repeats an image prompt as causal 1-D positions after it, which "
+                f"{type(self.model).__name__} does not read images with (M-RoPE or per-token image "
+                "attention); use another press for its image prompts"
+            )
+        embeddings = self._decoder_embeddings
+        if declared or embeddings is None or embeddings.shape[:2] != ids.shape:
+            raise ValueError(
+                f"{name} reads an image prompt's images again in its repeat: prefill the whole prompt "
+                "(ids and pixel values) in one forward under the press, not continuing a prefix"
+            )
+        return embeddings
+
     def _defer(self, call: AttentionCall, cache: Cache) -> None:
         """Keep a prompt forward's layer for compression once the reconstruction has scored it."""
         name = type(self.press).__name__
@@ -494,9 +538,7 @@ class PressSession:
                 "entries before this forward; prefill the whole prompt under the press, or declare the whole "
                 "prompt's ids first (session.declare_prompt(cache, ids))"
             )
-        visual = self.layout.visual_token_masks(ids)
-        if visual is not None and bool((visual[0] | visual[1]).any()):
-            raise ValueError(f"{name} repeats text prompts only; this prompt holds image or video tokens")
+        embeddings = self._image_prompt_embeddings(ids, declared is not None)
         window = self.press.window_size
         rotary = call.rotary
         if rotary is not None:
@@ -506,13 +548,14 @@ class PressSession:
             call, query=call.query[:, :, -window:].clone(), rotary=rotary
         )
         if call.layer_idx == self.layout.num_layers - 1:
-            self._deferred_cache, self._deferred_ids = cache, ids
+            self._deferred_cache, self._deferred_ids, self._deferred_embeddings = cache, ids, embeddings
 
     def _reconstruct_after_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """After the prompt forward: run the repeat chunks, then compress every layer with their scores."""
         cache, calls, ids = self._deferred_cache, dict(self._deferred), self._deferred_ids
+        embeddings = self._deferred_embeddings
         self._deferred.clear()
-        self._deferred_cache = self._deferred_ids = None
+        self._deferred_cache = self._deferred_ids = self._deferred_embeddings = None
         press = self.press
         if (
             cache is None
@@ -522,12 +565,12 @@ class PressSession:
         ):
             return
         memo = press.reconstruction_memo
-        key = press.reconstruction_key(ids) if memo is not None else None
+        key = press.reconstruction_key(ids, embeddings) if memo is not None else None
         press.last_reconstruction_reused = memo is not None and key in memo
         if memo is not None and key in memo:
             scores, press.last_reconstruction_seconds = memo[key]
         else:
-            scores, press.last_reconstruction_seconds = self._reconstruct(press, cache, ids)
+            scores, press.last_reconstruction_seconds = self._reconstruct(press, cache, ids, embeddings)
             if memo is not None and key is not None:
                 memo[key] = (scores, press.last_reconstruction_seconds)
         self._compressor.reconstruction_scores = scores
@@ -538,10 +581,12 @@ class PressSession:
             self._compressor.reconstruction_scores = None
 
     def _reconstruct(
-        self, press: KVzipPress, cache: Cache, ids: torch.Tensor
+        self, press: KVzipPress, cache: Cache, ids: torch.Tensor, embeddings: torch.Tensor | None
     ) -> tuple[dict[int, torch.Tensor], float]:
         """Run the press's repeat chunks of prompt ``ids`` through ``cache`` (left as it was):
-        per layer, the KVzip scores of its entries, and the seconds the forwards took."""
+        per layer, the KVzip scores of its entries, and the seconds the forwards took. With the
+        prompt's input ``embeddings`` (an image prompt) each repeat goes in as embeddings, the
+        context's copies taking the prompt's own (image features included)."""
         reconstruction = Reconstruction(cache, ids.shape[1], press.n_sink, self.layout.compressible_layers)
         start = time.perf_counter()
         self._reconstruction = reconstruction
@@ -549,7 +594,15 @@ class PressSession:
             with torch.no_grad():
                 for chunk in press.repeat_chunks(ids):
                     reconstruction.chunk = chunk
-                    prefill(self.model, chunk.ids, cache)
+                    if embeddings is None:
+                        prefill(self.model, chunk.ids, cache)
+                    else:
+                        prefill(
+                            self.model,
+                            None,
+                            cache,
+                            inputs_embeds=_repeat_embeddings(self.model, chunk, embeddings),
+                        )
         finally:
             self._reconstruction = None
             reconstruction.restore()
@@ -564,6 +617,19 @@ class PressSession:
             else:
                 self._open.add(cache)
             self._compressor.finish_prompt_forward(cache)
+
+
+_PER_TOKEN_IMAGE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+"""Forward inputs that mark image tokens for attention or positions of their own."""
+
+
+def _repeat_embeddings(model: Any, chunk: RepeatChunk, prompt: torch.Tensor) -> torch.Tensor:
+    """A repeat chunk's input embeddings: its ids embedded, then the prompt's decoder inputs where
+    it copies the context, so its image tokens carry the image features again."""
+    rows: torch.Tensor = model.get_input_embeddings()(chunk.ids).to(prompt.dtype)
+    for row, first, last in chunk.copies:
+        rows[:, row : row + last - first] = prompt[:, first:last]
+    return rows
 
 
 def _text_rotary_embedding(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -26,11 +27,14 @@ def _id_tuple(name: str, ids: Sequence[int] | torch.Tensor | None) -> tuple[int,
 @dataclass(frozen=True)
 class RepeatChunk:
     """One reconstruction forward: the repeat prompt ``ids`` ``(1, T)`` reconstructing the context
-    entries ``[start, end)``."""
+    entries ``[start, end)``. ``copies`` says where the repeat holds context tokens again: for each
+    ``(row, first, last)``, the repeat's positions from ``row`` on are the context's ``[first,
+    last)`` (an image prompt's repeat takes their input embeddings from the prompt there)."""
 
     start: int
     end: int
     ids: torch.Tensor
+    copies: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -123,11 +127,19 @@ class KVzipPress(BasePress):
             )
         return tuple(self.repeat_prompt_ids)
 
-    def reconstruction_key(self, context_ids: torch.Tensor) -> tuple[Any, ...]:
-        """What the reconstruction scores of a context ``(1, N)`` depend on: its ids, the repeat
-        prompts and the chunking (not the budget, window or allocation)."""
+    def reconstruction_key(
+        self, context_ids: torch.Tensor, context_embeddings: torch.Tensor | None = None
+    ) -> tuple[Any, ...]:
+        """What the reconstruction scores of a context ``(1, N)`` depend on: its ids (and, for an
+        image prompt, a digest of its input embeddings: the same ids hold different images), the
+        repeat prompts and the chunking (not the budget, window or allocation)."""
+        images = None
+        if context_embeddings is not None:
+            flat = context_embeddings.detach().float().cpu().contiguous()
+            images = hashlib.sha1(flat.numpy().tobytes()).hexdigest()
         return (
             tuple(context_ids.reshape(-1).tolist()),
+            images,
             tuple(self.repeat_prompt_ids or ()),
             tuple(self.continue_prompt_ids or ()),
             tuple(self.answer_prefix_ids),
@@ -146,14 +158,19 @@ class KVzipPress(BasePress):
         chunks = []
         for start in range(0, len(ids), self.chunk_size):
             end = min(start + self.chunk_size, len(ids))
+            copies = []
             if start == 0:
                 prompt = list(first)
             else:
-                prompt = [*later, *ids[max(0, start - self.overlap) : start]] if self.overlap else list(later)
+                overlap_start = max(0, start - self.overlap) if self.overlap else start
+                prompt = [*later, *ids[overlap_start:start]]
+                if overlap_start < start:
+                    copies.append((len(later), overlap_start, start))
+            copies.append((len(prompt) + len(answer), start, end))
             row = torch.tensor(
                 [[*prompt, *answer, *ids[start:end]]], dtype=torch.long, device=context_ids.device
             )
-            chunks.append(RepeatChunk(start, end, row))
+            chunks.append(RepeatChunk(start, end, row, tuple(copies)))
         return chunks
 
     def _kvzip_scores(self, ctx: ScoringContext, layer_scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""KVzip on an image prompt: the repeat reads the prompt again as the decoder read it, images included.
+
+The reference is one eager forward over the prompt's decoder inputs followed by the repeat's (the
+instruction's embeddings, then the prompt's own, image features in place): the most attention any
+repeat row pays a prompt column, over the query heads of the column's KV group.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import mixkv
+from mixkv.eval.mm_example_run import _decoder_inputs
+from mixkv.eval.mm_runner import run_mm_eval
+from mixkv.eval.synthetic_images import make_synthetic_suite
+from mixkv.integration.cache import DenseCompressedLayer
+from tests.families import build_case, vlm_processor
+from tests.helpers_tiny import scale_weight_matrices
+
+torch.set_num_threads(1)
+
+REPEAT = (5, 6, 7)
+ANSWER = (8,)
+
+
+def kvzip(budget, **options):
+    return mixkv.KVzipPress(
+        budget=budget, window_size=1, repeat_prompt_ids=REPEAT, answer_prefix_ids=ANSWER, **options
+    )
+
+
+@pytest.fixture(scope="module")
+def llava():
+    case = build_case("llava", attn_implementation="eager")
+    # Weights 4x the default initialisation, so that the answers depend on what the cache kept.
+    return scale_weight_matrices(case.model, 4), case.inputs
+
+
+class ScoreCapture(mixkv.KVzipPress):
+    """KVzipPress that keeps the reconstruction scores each layer was compressed with."""
+
+    seen: dict
+
+    def scores(self, ctx):
+        self.seen[ctx.layer_idx] = ctx.reconstruction_scores.clone()
+        return super().scores(ctx)
+
+
+def test_image_prompt_scores_are_the_repeat_rows_attention_in_a_plain_forward_over_its_embeddings(llava):
+    model, inputs = llava
+    press = ScoreCapture(budget=8, window_size=1, repeat_prompt_ids=REPEAT, answer_prefix_ids=ANSWER)
+    press.seen = {}
+    with torch.no_grad(), press(model):
+        model(**inputs, past_key_values=DynamicCache(config=model.config))
+
+    prompt = _decoder_inputs(model, inputs)
+    n = prompt.shape[1]
+    instruction = model.get_input_embeddings()(torch.tensor([[*REPEAT, *ANSWER]]))
+    with torch.no_grad():
+        out = model(inputs_embeds=torch.cat([prompt, instruction, prompt], dim=1), output_attentions=True)
+    kv_heads = model.config.text_config.num_key_value_heads
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    for layer, attention in enumerate(out.attentions):
+        rows = attention[:, :, n:, :n]
+        expected = rows.reshape(1, kv_heads, -1, rows.shape[2], n).amax(dim=(2, 3))
+        torch.testing.assert_close(press.seen[layer], expected, rtol=1e-4, atol=1e-6)
+        # The repeat reads the images again: their entries score as much as a text repeat's.
+        assert float(press.seen[layer][..., image].max()) > 0.01
+
+
+def test_image_prompt_at_a_budget_not_below_the_prompt_generates_as_without_press(llava):
+    model, inputs = llava
+    n = int(inputs["input_ids"].shape[1])
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        with kvzip(n)(model):
+            pressed = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(plain, pressed)
+
+
+def test_image_prompt_cache_holds_the_budget_of_prompt_entries(llava):
+    model, inputs = llava
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kvzip(8)(model):
+        model(**inputs, past_key_values=cache)
+    assert all(isinstance(layer, DenseCompressedLayer) for layer in cache.layers)
+    assert all(layer.keys.shape[2] == 8 for layer in cache.layers)
+
+
+def test_same_ids_with_other_images_reconstruct_again(llava):
+    model, inputs = llava
+    other = {**inputs, "pixel_values": torch.flip(inputs["pixel_values"], dims=[-1])}
+    memo = {}
+    press = kvzip(8, reconstruction_memo=memo)
+    with torch.no_grad(), press(model):
+        model(**inputs, past_key_values=DynamicCache(config=model.config))
+        model(**other, past_key_values=DynamicCache(config=model.config))
+        assert not press.last_reconstruction_reused
+        model(**inputs, past_key_values=DynamicCache(config=model.config))
+        assert press.last_reconstruction_reused
+    assert len(memo) == 2
+
+
+def test_image_prompt_continuing_a_prefix_is_refused(llava):
+    model, inputs = llava
+    ids = inputs["input_ids"]
+    prompt = _decoder_inputs(model, inputs)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(inputs_embeds=prompt[:, :-4], past_key_values=cache)
+        with kvzip(8)(model) as session, pytest.raises(ValueError, match="prefill the whole prompt"):
+            session.declare_prompt(cache, ids)
+            model(input_ids=ids[:, -4:], past_key_values=cache)
+
+
+def test_m_rope_image_prompt_is_refused_by_name():
+    case = build_case("qwen2_vl")
+    with torch.no_grad(), kvzip(8)(case.model), pytest.raises(ValueError, match="M-RoPE"):
+        case.model(**case.inputs, past_key_values=DynamicCache(config=case.model.config))
+
+
+def test_multimodal_grid_runs_kvzip_reconstructing_each_example_once(llava, tmp_path, monkeypatch):
+    from mixkv.integration.session import PressSession
+
+    model, _ = llava
+    processor = vlm_processor("llava")
+    examples = make_synthetic_suite("text_reading", 2, 0, tmp_path / "images")
+    reconstructed = []
+    real = PressSession._reconstruct
+
+    def counted(self, press, cache, ids, embeddings):
+        reconstructed.append(embeddings is not None)
+        return real(self, press, cache, ids, embeddings)
+
+    monkeypatch.setattr(PressSession, "_reconstruct", counted)
+    result = run_mm_eval(
+        (model, processor),
+        {"text_reading": examples},
+        methods=["full", "kvzip"],
+        budgets=[16, 24],
+        window_size=4,
+        out_dir=tmp_path / "run",
+    )
+    assert reconstructed == [True, True]  # 2 examples, 2 budgets each
+    cells = {c["cell"]["budget"]: c for c in result.cells if c["cell"]["method"] == "kvzip"}
+    for budget, cell in cells.items():
+        assert cell["kept_tokens_mean"] == float(budget)
+        for record in cell["examples"]:
+            assert record["kv_bytes"] < record["kv_bytes_full"]
+            assert record["shared_prefix_tokens"] == 0
+    # The second budget reuses the scores; its prefill seconds still count what they took.
+    first, second = (cells[b]["examples"] for b in (16, 24))
+    for a, b in zip(first, second, strict=True):
+        assert b["prefill_seconds"] >= 0.5 * (a["prefill_seconds"] - a["compression_seconds"])
+
+
+def test_repeat_chunks_say_where_they_copy_the_context_overlap_included():
+    context = torch.arange(100, 150).reshape(1, -1)
+    chunks = kvzip(8, chunk_size=20, overlap=3, continue_prompt_ids=(9, 9)).repeat_chunks(context)
+    assert [(c.start, c.end) for c in chunks] == [(0, 20), (20, 40), (40, 50)]
+    assert [len(c.copies) for c in chunks] == [1, 2, 2]
+    for chunk in chunks:
+        copied = [int(i) for row, first, last in chunk.copies for i in chunk.ids[0, row : row + last - first]]
+        assert copied == [i for _, first, last in chunk.copies for i in range(100 + first, 100 + last)]
+    assert chunks[1].copies[0][1:] == (17, 20)  # the previous chunk's last 3 ids
