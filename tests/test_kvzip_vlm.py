@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import mixkv
-from mixkv.eval.mm_example_run import _decoder_inputs
+from mixkv.eval.mm_example_run import decoder_inputs
 from mixkv.eval.mm_runner import run_mm_eval
 from mixkv.eval.synthetic_images import make_synthetic_suite
 from mixkv.integration.cache import DenseCompressedLayer
@@ -53,7 +53,7 @@ def test_image_prompt_scores_are_the_repeat_rows_attention_in_a_plain_forward_ov
     with torch.no_grad(), press(model):
         model(**inputs, past_key_values=DynamicCache(config=model.config))
 
-    prompt = _decoder_inputs(model, inputs)
+    prompt = decoder_inputs(model, inputs)
     n = prompt.shape[1]
     instruction = model.get_input_embeddings()(torch.tensor([[*REPEAT, *ANSWER]]))
     with torch.no_grad():
@@ -101,16 +101,33 @@ def test_same_ids_with_other_images_reconstruct_again(llava):
     assert len(memo) == 2
 
 
-def test_image_prompt_continuing_a_prefix_is_refused(llava):
-    model, inputs = llava
+def _continued(model, inputs, press, embeddings, tail=4):
+    """The prompt's cache when its last ``tail`` tokens continue a full-cache prefix under ``press``."""
     ids = inputs["input_ids"]
-    prompt = _decoder_inputs(model, inputs)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(inputs_embeds=prompt[:, :-4], past_key_values=cache)
-        with kvzip(8)(model) as session, pytest.raises(ValueError, match="prefill the whole prompt"):
-            session.declare_prompt(cache, ids)
-            model(input_ids=ids[:, -4:], past_key_values=cache)
+        model(inputs_embeds=decoder_inputs(model, inputs)[:, :-tail], past_key_values=cache)
+        with press(model) as session:
+            session.declare_prompt(cache, ids, embeddings)
+            model(input_ids=ids[:, -tail:], past_key_values=cache)
+    return cache
+
+
+def test_image_prompt_continuing_a_prefix_with_its_embeddings_keeps_what_a_one_go_prefill_keeps(llava):
+    model, inputs = llava
+    one_go = DynamicCache(config=model.config)
+    with torch.no_grad(), kvzip(8)(model):
+        model(**inputs, past_key_values=one_go)
+    continued = _continued(model, inputs, kvzip(8), decoder_inputs(model, inputs))
+    for a, b in zip(one_go.layers, continued.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+
+
+def test_image_prompt_continuing_a_prefix_without_its_embeddings_is_refused(llava):
+    model, inputs = llava
+    with pytest.raises(ValueError, match="declare the prompt with its embeddings"):
+        _continued(model, inputs, kvzip(8), None)
 
 
 def test_m_rope_image_prompt_is_refused_by_name():
@@ -147,11 +164,27 @@ def test_multimodal_grid_runs_kvzip_reconstructing_each_example_once(llava, tmp_
         assert cell["kept_tokens_mean"] == float(budget)
         for record in cell["examples"]:
             assert record["kv_bytes"] < record["kv_bytes_full"]
-            assert record["shared_prefix_tokens"] == 0
+            assert record["shared_prefix_tokens"] > 0
     # The second budget reuses the scores; its prefill seconds still count what they took.
     first, second = (cells[b]["examples"] for b in (16, 24))
     for a, b in zip(first, second, strict=True):
         assert b["prefill_seconds"] >= 0.5 * (a["prefill_seconds"] - a["compression_seconds"])
+    one_go = run_mm_eval(
+        (model, processor),
+        {"text_reading": examples},
+        methods=["full", "kvzip"],
+        budgets=[16, 24],
+        window_size=4,
+        share_prefill=False,
+        out_dir=tmp_path / "one_go",
+    )
+    assert reconstructed == [True] * 4
+    for cell in one_go.cells:
+        if cell["cell"]["method"] == "kvzip":
+            shared = cells[cell["cell"]["budget"]]["examples"]
+            assert all(r["shared_prefix_tokens"] == 0 for r in cell["examples"])
+            for key in ("output", "kv_bytes", "kept_tokens_mean", "image_tokens_kept"):
+                assert [r[key] for r in cell["examples"]] == [r[key] for r in shared]
 
 
 def test_repeat_chunks_say_where_they_copy_the_context_overlap_included():

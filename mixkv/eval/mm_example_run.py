@@ -43,6 +43,7 @@ from mixkv.presses.base import BasePress
 
 __all__ = [
     "DEFAULT_NEW_TOKENS",
+    "decoder_inputs",
     "encode_example",
     "example_prompt",
     "prefill_image_prefix",
@@ -92,13 +93,15 @@ def run_mm_example(
     coordinate_scale: str = "pixel",
     inputs: dict[str, Any] | None = None,
     prefix: SharedPrefix | None = None,
+    prompt_embeddings: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Generate an answer for one example under ``press`` (None: full cache) and score it.
 
     With ``prefix`` (this example's :func:`prefill_image_prefix`, mixkv presses only) a copy of its
     cache is used: ``generate`` prefills only the prompt's tail (as ids, or as embeddings when it
     starts inside the image), under the press, which compresses prefix and tail together as it
-    would a one-go prefill.
+    would a one-go prefill. ``prompt_embeddings`` (:func:`decoder_inputs` of the prompt) goes with
+    the prompt's ids to a KVzip press continuing ``prefix``, whose repeat reads the images again.
 
     Returns
     -------
@@ -159,7 +162,7 @@ def run_mm_example(
                 model.register_forward_hook(after, with_kwargs=True),
             ]
             if session is not None and cache is not None:
-                session.declare_prompt(cache, ids)
+                session.declare_prompt(cache, ids, prompt_embeddings)
             start = time.perf_counter()
             if prefix is not None and prefix.embeddings is not None:
                 # A rest starting inside the image goes in as embeddings, in a forward of its own
@@ -464,7 +467,7 @@ class _DecoderReached(Exception):
     pass
 
 
-def _decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+def decoder_inputs(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     """The prompt's input embeddings as the text decoder receives them, image features merged in;
     the forward stops there (only the vision side runs)."""
     captured: dict[str, torch.Tensor] = {}
@@ -520,7 +523,7 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
     if sum(_placeholder_counts(model, ids[0, tokens:])) > 0:
         if hasattr(inner, "rope_deltas") or any(k in inputs for k in _PER_TOKEN_INPUTS):
             return None
-        embeddings = _decoder_inputs(model, inputs)
+        embeddings = decoder_inputs(model, inputs)
     cache = DynamicCache(config=model.config)
     if getattr(inner, "rope_deltas", None) is not None:
         inner.rope_deltas = None  # computed afresh from this prompt's images

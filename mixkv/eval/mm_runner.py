@@ -41,6 +41,7 @@ from mixkv.eval.methods import (
 )
 from mixkv.eval.mm_example import MMExample, score_examples
 from mixkv.eval.mm_example_run import (
+    decoder_inputs,
     encode_example,
     example_prompt,
     prefill_image_prefix,
@@ -101,6 +102,8 @@ class _EncodedExample:
     inputs: dict[str, Any]
     prefix: SharedPrefix | None
     digest: str
+    #: The prompt's decoder inputs, which KVzip's repeat reads when continuing ``prefix``.
+    decoder_inputs: torch.Tensor | None = None
     #: KVzip's reconstruction scores of this example, shared by its budgets' cells.
     reconstructions: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
@@ -208,7 +211,12 @@ class MultimodalGrid:
         prefix = None
         if self.settings.share_prefill and any(_continues_a_prefix(c.method) for _, c in pending):
             prefix = prefill_image_prefix(self.model, inputs, tail_tokens=self.settings.window_size)
-        return _EncodedExample(inputs, prefix, self.digest(example))
+        embeddings = None
+        if prefix is not None and any(reconstructs_the_prompt(c.method) for _, c in pending):
+            embeddings = (
+                prefix.embeddings if prefix.embeddings is not None else decoder_inputs(self.model, inputs)
+            )
+        return _EncodedExample(inputs, prefix, self.digest(example), embeddings)
 
     def run_cells(
         self, example: MMExample, prepared: _EncodedExample, protocol: str, cells: Sequence[Cell]
@@ -218,7 +226,11 @@ class MultimodalGrid:
         answered as one batch when the prefix allows it (:func:`_decodes_together`), sharing one
         tail forward, their seconds split evenly; the others run one by one."""
         prefix = prepared.prefix
-        together = [c for c in cells if _continues_a_prefix(c.method)] if self._batches(prefix) else []
+        together = (
+            [c for c in cells if _continues_a_prefix(c.method) and not reconstructs_the_prompt(c.method)]
+            if self._batches(prefix)
+            else []
+        )
         if len(together) < 2 or all(c.method == "full" for c in together):
             together = []
         for cell in (c for c in cells if c not in together):
@@ -233,6 +245,7 @@ class MultimodalGrid:
                 coordinate_scale=self.settings.coordinate_scale,
                 inputs=prepared.inputs,
                 prefix=prefix if _continues_a_prefix(cell.method) else None,
+                prompt_embeddings=prepared.decoder_inputs if reconstructs_the_prompt(cell.method) else None,
             )
             yield cell, {**record, "example_sha1": prepared.digest}, time.perf_counter() - start
         if together:
@@ -278,13 +291,8 @@ class MultimodalGrid:
 
 def _continues_a_prefix(method: str) -> bool:
     """Whether the method's press continues the example's shared full-cache prefix: mixkv presses,
-    not kvpress's (nor kvpress scorers run by mixkv, which score the whole prompt's forward, nor
-    KVzip, whose repeat reads the prompt's images again from the prompt's own forward)."""
-    return (
-        method not in KVPRESS_METHODS
-        and not scores_a_whole_forward(method)
-        and not reconstructs_the_prompt(method)
-    )
+    not kvpress's (nor kvpress scorers run by mixkv, which score the whole prompt's forward)."""
+    return method not in KVPRESS_METHODS and not scores_a_whole_forward(method)
 
 
 def run_mm_eval(

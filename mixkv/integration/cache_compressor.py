@@ -50,8 +50,10 @@ class CacheState:
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
     # layer -> entries per KV head right after its last compression (bounded decoding)
     held_after_compression: dict[int, float] = field(default_factory=dict)
-    # ids of the whole prompt its first prompt forward completes (``declare_prompt``)
+    # ids of the whole prompt its first prompt forward completes (``declare_prompt``), and the
+    # decoder's input embeddings of that prompt where given (KVzip's repeat of an image prompt)
     prompt_ids: torch.Tensor | None = None
+    prompt_embeddings: torch.Tensor | None = None
 
 
 class CacheCompressor:

@@ -254,14 +254,18 @@ class PressSession:
             if isinstance(layer, CompressedLayer):
                 self._compressor.created.add(layer)
 
-    def declare_prompt(self, cache: Cache, input_ids: torch.Tensor) -> None:
+    def declare_prompt(
+        self, cache: Cache, input_ids: torch.Tensor, embeddings: torch.Tensor | None = None
+    ) -> None:
         """Give the ids of the whole prompt that the next forward through ``cache`` completes.
 
         For prompts whose last forward does not carry all their ids: a prefix prefilled into
         ``cache`` before the press (e.g. one full-cache prefix copied for several presses), or a
         rest fed as ``inputs_embeds``. Compression is the same either way (prefix and rest are
         scored together); the ids let the report count image and video tokens over the whole
-        prompt, as it does for a one-go prefill.
+        prompt, as it does for a one-go prefill. ``embeddings`` ``(B, N, D)``: the whole prompt's
+        input embeddings as the text decoder receives them (image features merged in), which
+        KVzip needs to repeat an image prompt that continues a prefix.
 
         Raises
         ------
@@ -283,7 +287,13 @@ class PressSession:
                 f"declare_prompt needs the ids of the whole prompt, shape (batch, N) with N more than the "
                 f"{held} tokens the cache holds; got {shape}"
             )
+        if embeddings is not None and (embeddings.dim() != 3 or embeddings.shape[:2] != input_ids.shape):
+            raise ValueError(
+                f"declare_prompt's embeddings must be (batch, N, hidden) for ids {tuple(input_ids.shape)}; "
+                f"got {tuple(embeddings.shape)}"
+            )
         state.prompt_ids = input_ids
+        state.prompt_embeddings = embeddings
 
     # -- prompt recording ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -493,11 +503,12 @@ class PressSession:
             embeddings = kwargs.get("inputs_embeds")
             self._decoder_embeddings = embeddings if isinstance(embeddings, torch.Tensor) else None
 
-    def _image_prompt_embeddings(self, ids: torch.Tensor, declared: bool) -> torch.Tensor | None:
+    def _image_prompt_embeddings(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
         """The decoder's input embeddings of an image (or video) prompt, for a repeat that reads its
-        images again; None for a text prompt. Refuses what the repeat cannot read as the prompt was
-        read: a prompt continuing a prefix (its images' embeddings are not in this forward), M-RoPE
-        positions (Qwen-VL) and per-token image attention (Gemma 3's bidirectional image blocks)."""
+        images again (this forward's, or those declared with a prompt continuing a prefix); None
+        for a text prompt. Refuses what the repeat cannot read as the prompt was read: a prompt
+        continuing a prefix without them, M-RoPE positions (Qwen-VL) and per-token image attention
+        (Gemma 3's bidirectional image blocks)."""
         visual = self.layout.visual_token_masks(ids)
         if visual is None or not bool((visual[0] | visual[1]).any()):
             return None
@@ -509,11 +520,13 @@ class PressSession:
                 f"{type(self.model).__name__} does not read images with (M-RoPE or per-token image "
                 "attention); use another press for its image prompts"
             )
-        embeddings = self._decoder_embeddings
-        if declared or embeddings is None or embeddings.shape[:2] != ids.shape:
+        state = self._compressor.state(cache)
+        embeddings = state.prompt_embeddings if state.prompt_ids is not None else self._decoder_embeddings
+        if embeddings is None or embeddings.shape[:2] != ids.shape:
             raise ValueError(
                 f"{name} reads an image prompt's images again in its repeat: prefill the whole prompt "
-                "(ids and pixel values) in one forward under the press, not continuing a prefix"
+                "(ids and pixel values) in one forward under the press, or declare the prompt with its "
+                "embeddings (session.declare_prompt(cache, ids, embeddings))"
             )
         return embeddings
 
@@ -538,7 +551,7 @@ class PressSession:
                 "entries before this forward; prefill the whole prompt under the press, or declare the whole "
                 "prompt's ids first (session.declare_prompt(cache, ids))"
             )
-        embeddings = self._image_prompt_embeddings(ids, declared is not None)
+        embeddings = self._image_prompt_embeddings(ids, cache)
         window = self.press.window_size
         rotary = call.rotary
         if rotary is not None:
