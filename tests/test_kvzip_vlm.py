@@ -71,10 +71,12 @@ def test_image_prompt_scores_are_the_repeat_rows_attention_in_a_plain_forward_ov
 def test_image_prompt_at_a_budget_not_below_the_prompt_generates_as_without_press(llava):
     model, inputs = llava
     n = int(inputs["input_ids"].shape[1])
+    press = kvzip(n)
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        with kvzip(n)(model):
+        with press(model):
             pressed = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert press.last_reconstruction_seconds is not None  # the repeat ran
     assert torch.equal(plain, pressed)
 
 
@@ -130,10 +132,24 @@ def test_image_prompt_continuing_a_prefix_without_its_embeddings_is_refused(llav
         _continued(model, inputs, kvzip(8), None)
 
 
-def test_m_rope_image_prompt_is_refused_by_name():
-    case = build_case("qwen2_vl")
-    with torch.no_grad(), kvzip(8)(case.model), pytest.raises(ValueError, match="M-RoPE"):
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_image_prompts_read_at_m_rope_positions_or_with_per_token_attention_are_refused_by_name(family):
+    case = build_case(family)
+    with torch.no_grad(), kvzip(8)(case.model), pytest.raises(ValueError, match="M-RoPE or per-token"):
         case.model(**case.inputs, past_key_values=DynamicCache(config=case.model.config))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "internvl", "idefics3"])
+def test_other_1d_vlm_families_generate_as_without_press_at_a_budget_not_below_the_prompt(family):
+    case = build_case(family)
+    n = int(case.inputs["input_ids"].shape[1])
+    press = kvzip(n)
+    with torch.no_grad():
+        plain = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
+        with press(case.model):
+            pressed = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
+    assert press.last_reconstruction_seconds is not None  # the repeat ran
+    assert torch.equal(plain, pressed)
 
 
 def _kvzip_cells(model, examples, out_dir, share_prefill=True):
