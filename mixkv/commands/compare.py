@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mixkv compare",
         description=(
             "Compare two runs of `mixkv eval` (their --out directories) on the same examples: per method "
-            "and budget, B - A with a paired-bootstrap 95%% CI, wins/ties/losses and an exact sign test. "
+            "and budget, B - A with a paired-bootstrap 95% CI, wins/ties/losses and an exact sign test. "
             "E.g. a float32 run against a bfloat16 run, or query-aware against query-agnostic."
         ),
     )

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mixkv leaderboard",
         description=(
             "Rank every method of one or more `mixkv eval` grids at each budget: task-average score with a "
-            "95%% interval, KV kept, and each method against the budget's leader on the same examples "
+            "95% interval, KV kept, and each method against the budget's leader on the same examples "
             "(paired bootstrap; 'level' where the interval includes 0). Reads only examples.csv, so "
             "published grids rebuild it. Writes DIR/leaderboard.md and a plot of score against KV kept "
             "per grid."
