@@ -253,7 +253,7 @@ def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
         ranked, references = standings(grid, budget)
         for s in ranked:
             by_method.setdefault(s.method, []).append(s)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 5.0))
     for i, (method, points) in enumerate(sorted(by_method.items())):
         xs = [100 * s.kv_fraction for s in points]
         ys = [100 * s.score for s in points]
@@ -277,11 +277,18 @@ def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
             label="full cache" if ref.method == "full" else ref.method,
         )
     ax.set_xscale("log")
+    # Ticks at the KV fractions the methods kept (the log axis' own labels read 6x10^0).
+    ticks: list[float] = []
+    for x in sorted(round(100 * s.kv_fraction, 1) for points in by_method.values() for s in points):
+        if not ticks or x > 1.1 * ticks[-1]:  # one tick per budget, not one per method's rounding
+            ticks.append(x)
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("KV kept (% of the full cache, log scale)")
     ax.set_ylabel("score (%, task average)")
     ax.set_title(name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
