@@ -30,11 +30,13 @@ from mixkv.eval.text_example_run import SharedPrefix
 from mixkv.integration.cache import kv_cache_bytes
 from mixkv.integration.chat_prompts import build_mm_prompt, pad_token_id, tokenizer_of
 from mixkv.integration.decoder_layout import (
+    PER_TOKEN_IMAGE_INPUTS,
     cache_argument,
     find_cache,
     generation_state,
     placeholder_token_id,
     prefill,
+    reads_images_as_text,
     restore_generation_state,
 )
 from mixkv.integration.kvpress_bridge import press_applied
@@ -460,9 +462,6 @@ def encode_example(
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-_PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
-
-
 class _DecoderReached(Exception):
     pass
 
@@ -521,7 +520,7 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
     start = time.perf_counter()
     embeddings = None
     if sum(_placeholder_counts(model, ids[0, tokens:])) > 0:
-        if hasattr(inner, "rope_deltas") or any(k in inputs for k in _PER_TOKEN_INPUTS):
+        if not reads_images_as_text(model, inputs):
             return None
         embeddings = decoder_inputs(model, inputs)
     cache = DynamicCache(config=model.config)
@@ -531,7 +530,7 @@ def prefill_image_prefix(model: Any, inputs: Mapping[str, Any], tail_tokens: int
         if embeddings is None:
             # Per-token inputs (Qwen-VL's mm_token_type_ids, Gemma 3's token_type_ids) cover the prefix.
             extra = {
-                k: v[:, :tokens] if k in _PER_TOKEN_INPUTS else v
+                k: v[:, :tokens] if k in PER_TOKEN_IMAGE_INPUTS else v
                 for k, v in inputs.items()
                 if k not in ("input_ids", "attention_mask")
             }

@@ -1037,8 +1037,8 @@ def numbers_recall(prediction: str, answers: Sequence[str]) -> float:
     number asked for, in the order the question names them, not a list of alternatives. The
     ``k``-th integer of the prediction is compared with the ``k``-th answer, so each region's read
     counts once, as in RULER's multi-value recall (``string_match_all``) but by position: a number
-    given for the wrong row does not count. ``"388474\nYara Pope: 678791"`` scores 1.0 against
-    ``["388474", "678791"]``, ``"388474\nYara Pope: 678"`` 0.5, ``"678791\nGus Snow: 388474"`` 0.0.
+    given for the wrong row does not count. ``"388474\\nYara Pope: 678791"`` scores 1.0 against
+    ``["388474", "678791"]``, ``"388474\\nYara Pope: 678"`` 0.5, ``"678791\\nGus Snow: 388474"`` 0.0.
 
     Raises
     ------

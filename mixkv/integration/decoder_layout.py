@@ -227,14 +227,30 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+PER_TOKEN_IMAGE_INPUTS: tuple[str, ...] = ("token_type_ids", "mm_token_type_ids")
+"""Forward inputs that mark image tokens for attention or positions of their own (Gemma 3's
+bidirectional image blocks, Qwen-VL's M-RoPE)."""
+
+
+def reads_images_as_text(model: torch.nn.Module, forward_inputs: Mapping[str, Any]) -> bool:
+    """Whether ``model`` reads the image tokens of a forward given ``forward_inputs`` causally at
+    1-D positions, like text: no M-RoPE offsets (Qwen-VL keeps ``rope_deltas``) and no per-token
+    image attention (none of :data:`PER_TOKEN_IMAGE_INPUTS` given). Only then does a forward that
+    continues an image prompt from its embeddings read it as one forward over the whole prompt."""
+    inner = getattr(model, "model", None)
+    return not hasattr(inner, "rope_deltas") and all(
+        forward_inputs.get(name) is None for name in PER_TOKEN_IMAGE_INPUTS
+    )
+
+
 def prefill(
     model: torch.nn.Module, input_ids: torch.Tensor | None, cache: Cache, **model_inputs: Any
 ) -> torch.Tensor:
     """Run ``input_ids`` (and ``model_inputs``: a VLM's ``pixel_values``; ``inputs_embeds`` in place
     of ids...) through ``model`` into ``cache`` and return the last position's logits ``(B,
-    vocab)``. Like ``generate``, only that
-    position goes through the output head when the model supports ``logits_to_keep`` (the full
-    ``(B, N, vocab)`` logits of a long prompt cost seconds and gigabytes)."""
+    vocab)``. Like ``generate``, only that position goes through the output head when the model
+    supports ``logits_to_keep`` (the full ``(B, N, vocab)`` logits of a long prompt cost seconds
+    and gigabytes)."""
     kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1

@@ -60,6 +60,7 @@ from mixkv.integration.decoder_layout import (
     DecoderLayout,
     describe_decoder,
     prefill,
+    reads_images_as_text,
     rope_inverse_frequencies,
     rotary_tables,
 )
@@ -120,9 +121,9 @@ class PressSession:
         self._deferred_ids: torch.Tensor | None = None
         self._deferred_embeddings: torch.Tensor | None = None
         # KVzip on an image prompt: the text decoder's input embeddings of the last forward, and
-        # whether that forward carried per-token image inputs (non-causal or M-RoPE image attention).
+        # whether the model read that forward's images like text (causal, 1-D positions).
         self._decoder_embeddings: torch.Tensor | None = None
-        self._per_token_inputs = False
+        self._images_as_text = True
         self._reconstruction: Reconstruction | None = None
 
     # -- context management -------------------------------------------------------------------
@@ -377,7 +378,7 @@ class PressSession:
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
         self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
-        self._per_token_inputs = any(kwargs.get(name) is not None for name in _PER_TOKEN_IMAGE_INPUTS)
+        self._images_as_text = reads_images_as_text(self.model, kwargs)
         # Called from this hook: generate_prefill_chunk reads the frames above it.
         self._chunk = (
             PrefillChunk(closes_prompt=False) if self._in_chunked_prefill else generate_prefill_chunk()
@@ -513,8 +514,7 @@ class PressSession:
         if visual is None or not bool((visual[0] | visual[1]).any()):
             return None
         name = type(self.press).__name__
-        inner = getattr(self.model, "model", None)
-        if hasattr(inner, "rope_deltas") or self._per_token_inputs:
+        if not self._images_as_text:
             raise ValueError(
                 f"{name} repeats an image prompt as causal 1-D positions after it, which "
                 f"{type(self.model).__name__} does not read images with (M-RoPE or per-token image "
@@ -630,10 +630,6 @@ class PressSession:
             else:
                 self._open.add(cache)
             self._compressor.finish_prompt_forward(cache)
-
-
-_PER_TOKEN_IMAGE_INPUTS = ("token_type_ids", "mm_token_type_ids")
-"""Forward inputs that mark image tokens for attention or positions of their own."""
 
 
 def _repeat_embeddings(model: Any, chunk: RepeatChunk, prompt: torch.Tensor) -> torch.Tensor:
