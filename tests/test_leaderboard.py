@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from mixkv.commands import main as mixkv_main
-from mixkv.eval.leaderboard_tables import read_grid, standings
+from mixkv.eval.leaderboard_tables import read_grid, standings, unfinished
 from mixkv.eval.reporting import EXAMPLE_COLUMNS
 
 TASKS = ("agg_list", "multihop")
@@ -68,9 +68,21 @@ def test_a_method_one_example_behind_is_level_with_the_leader(tmp_path):
 
 
 def test_methods_are_paired_on_the_examples_both_hold(tmp_path):
-    grid = read_grid(_write_grid(tmp_path / "examples.csv", {("a", 64): [1, 1, 1, 1], ("b", 64): [0, 0]}))
-    comparison = standings(grid, 64)[0][1].against_leader
+    path = _write_grid(tmp_path / "examples.csv", {("a", 64): [1, 1, 1, 1], ("b", 64): [0, 0, 0, 0]})
+    # b's last two examples of each task are other examples than a's (another digest)
+    rows = path.read_text().splitlines(keepends=True)
+    path.write_text(
+        "".join(r.replace("-2,", "-x2,").replace("-3,", "-x3,") if r.startswith("b,") else r for r in rows)
+    )
+    comparison = standings(read_grid(path), 64)[0][1].against_leader
     assert comparison is not None and comparison.n == 4  # 2 shared examples on each of 2 tasks
+
+
+def test_a_method_with_fewer_examples_than_the_others_is_not_ranked_but_reported_unfinished(tmp_path):
+    grid = read_grid(_write_grid(tmp_path / "examples.csv", {("a", 64): [1, 0, 1, 0], ("b", 64): [1, 1]}))
+    ranked, _ = standings(grid, 64)
+    assert [s.method for s in ranked] == ["a"]
+    assert unfinished(grid, 64) == [("b", 4, 8)]
 
 
 def test_a_method_missing_a_task_is_not_ranked(tmp_path):
@@ -80,6 +92,7 @@ def test_a_method_missing_a_task_is_not_ranked(tmp_path):
         handle.writelines((tmp_path / "other.csv").read_text().splitlines(keepends=True)[1:])
     ranked, _ = standings(read_grid(path), 64)
     assert [s.method for s in ranked] == ["a"]
+    assert unfinished(read_grid(path), 64) == [("b", 2, 4)]
 
 
 def test_full_cache_is_a_reference_line_not_a_ranked_method(tmp_path):
@@ -132,7 +145,7 @@ def test_mixkv_leaderboard_writes_one_section_and_plot_per_grid(tmp_path, capsys
     _write_grid(
         tmp_path / "a.csv", {("full", None): [1, 1], ("snapkv", 64): [1, 0], ("mixkv-snapkv", 64): [1, 1]}
     )
-    _write_grid(tmp_path / "b.csv", {("snapkv", 128): [1, 1]})
+    _write_grid(tmp_path / "b.csv", {("snapkv", 128): [1, 1], ("kvzip", 128): [1]})
     code = mixkv_main(
         [
             "leaderboard",
@@ -146,6 +159,7 @@ def test_mixkv_leaderboard_writes_one_section_and_plot_per_grid(tmp_path, capsys
     text = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "## Grid A" in text and "## Grid B" in text and "* full cache: 100.0" in text
     assert "| 64 | 1 | mixkv-snapkv | 100.0 [100.0, 100.0] | 4 | 10.0% | leader |" in text
+    assert "Not ranked yet, examples computed so far: kvzip at 128 (2 of 4)." in text
     assert (tmp_path / "lb" / "leaderboard-1.png").is_file() and (
         tmp_path / "lb" / "leaderboard-2.png"
     ).is_file()

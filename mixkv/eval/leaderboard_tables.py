@@ -6,8 +6,10 @@ be rebuilt from published files alone. For each grid and budget:
 
 * a method's **score** is the average over the grid's tasks of its mean example score (each task
   counts once), with a task-stratified 95% bootstrap interval
-  (:func:`~mixkv.eval.stats.stratified_bootstrap_ci`); a method is listed at a budget only when it
-  has examples of every task of the grid;
+  (:func:`~mixkv.eval.stats.stratified_bootstrap_ci`); a method is ranked at a budget only when it
+  holds, on every task of the grid, as many examples as the grid's most complete cell of that task
+  (a run still being computed is listed below the table with how far it has got, never ranked on
+  fewer examples than the others);
 * its **KV fraction** is the mean over its examples of the cache kept over the full cache
   (``kv_fraction``), so methods are compared at equal KV bytes where their budgets are equal;
 * the **leader** is the method with the highest score; every other method is compared with it on
@@ -34,7 +36,7 @@ from mixkv.eval.reporting import EXAMPLE_COLUMNS
 from mixkv.eval.stats import PairedComparison, paired_comparison, stratified_bootstrap_ci
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 
-__all__ = ["GridExamples", "Standing", "read_grid", "standings", "write_leaderboard"]
+__all__ = ["GridExamples", "Standing", "read_grid", "standings", "unfinished", "write_leaderboard"]
 
 #: (task, context length) of a cell: a context length is empty for multimodal tasks.
 TaskKey = tuple[str, str]
@@ -173,14 +175,28 @@ def _paired(
     return paired_comparison(a, b) if a else None
 
 
+def _task_sizes(grid: GridExamples) -> dict[TaskKey, int]:
+    """Per task, the most examples any cell of ``grid`` holds: what a finished cell holds."""
+    sizes: dict[TaskKey, int] = {}
+    for cells in grid.values():
+        for task, examples in cells.items():
+            sizes[task] = max(sizes.get(task, 0), len(examples))
+    return sizes
+
+
+def _finished(cells: Mapping[TaskKey, list[ExampleRow]], sizes: Mapping[TaskKey, int]) -> bool:
+    return all(len(cells.get(task, [])) == size for task, size in sizes.items())
+
+
 def standings(grid: GridExamples, budget: int) -> tuple[list[Standing], list[Standing]]:
     """The ranked methods of ``grid`` at ``budget`` (best first, each against the leader) and the
-    reference lines (full cache, ``closed-book``) where the grid has them on every task."""
-    tasks = {task for cells in grid.values() for task in cells}
+    reference lines (full cache, ``closed-book``), each only where it is finished: it holds every
+    task's examples (see :func:`unfinished` for the others)."""
+    sizes = _task_sizes(grid)
     ranked = [
         _standing(method, b, cells)
         for (method, b), cells in grid.items()
-        if b == budget and set(cells) == tasks and method not in UNBUDGETED_METHODS
+        if b == budget and method not in UNBUDGETED_METHODS and _finished(cells, sizes)
     ]
     ranked.sort(key=lambda s: (-s.score, s.method))
     if ranked:
@@ -192,9 +208,20 @@ def standings(grid: GridExamples, budget: int) -> tuple[list[Standing], list[Sta
     references = [
         _standing(method, None, grid[(method, None)])
         for method in UNBUDGETED_METHODS
-        if (method, None) in grid and set(grid[(method, None)]) == tasks
+        if (method, None) in grid and _finished(grid[(method, None)], sizes)
     ]
     return ranked, references
+
+
+def unfinished(grid: GridExamples, budget: int) -> list[tuple[str, int, int]]:
+    """The methods at ``budget`` that :func:`standings` leaves out because they lack examples (a
+    run still being computed): ``(method, examples held, examples of a finished cell)``, by name."""
+    sizes = _task_sizes(grid)
+    return [
+        (method, sum(len(examples) for examples in cells.values()), sum(sizes.values()))
+        for (method, b), cells in sorted(grid.items())
+        if b == budget and method not in UNBUDGETED_METHODS and not _finished(cells, sizes)
+    ]
 
 
 def _percent(s: Standing) -> str:
@@ -234,6 +261,13 @@ def _grid_lines(name: str, grid: GridExamples, plot: Path | None) -> list[str]:
                 f"| {budget} | {rank} | {s.method} | {_percent(s)} | {s.n} | {100 * s.kv_fraction:.1f}% "
                 f"| {versus} | {record} | {_seconds(s.prefill_seconds)} |"
             )
+    pending = [
+        f"{method} at {budget} ({held} of {size})"
+        for budget in budgets
+        for method, held, size in unfinished(grid, budget)
+    ]
+    if pending:
+        lines += ["", f"Not ranked yet, examples computed so far: {', '.join(pending)}."]
     return [*lines, ""]
 
 
