@@ -82,7 +82,15 @@ def test_a_method_with_fewer_examples_than_the_others_is_not_ranked_but_reported
     grid = read_grid(_write_grid(tmp_path / "examples.csv", {("a", 64): [1, 0, 1, 0], ("b", 64): [1, 1]}))
     ranked, _ = standings(grid, 64)
     assert [s.method for s in ranked] == ["a"]
-    assert unfinished(grid, 64) == [("b", 4, 8)]
+    (b,) = unfinished(grid, 64)
+    assert (b.method, b.n, b.of, b.leader) == ("b", 4, 8, "a")
+
+
+def test_an_unfinished_method_is_compared_with_the_leader_on_the_examples_it_holds(tmp_path):
+    grid = read_grid(_write_grid(tmp_path / "examples.csv", {("a", 64): [0, 0, 1, 1], ("b", 64): [1, 1]}))
+    (b,) = unfinished(grid, 64)
+    assert b.against_leader is not None and b.against_leader.n == 4  # examples 0 and 1 of each task
+    assert b.against_leader.difference == 1.0
 
 
 def test_a_method_missing_a_task_is_not_ranked(tmp_path):
@@ -92,7 +100,7 @@ def test_a_method_missing_a_task_is_not_ranked(tmp_path):
         handle.writelines((tmp_path / "other.csv").read_text().splitlines(keepends=True)[1:])
     ranked, _ = standings(read_grid(path), 64)
     assert [s.method for s in ranked] == ["a"]
-    assert unfinished(read_grid(path), 64) == [("b", 2, 4)]
+    assert [(u.method, u.n, u.of) for u in unfinished(read_grid(path), 64)] == [("b", 2, 4)]
 
 
 def test_full_cache_is_a_reference_line_not_a_ranked_method(tmp_path):
@@ -159,7 +167,7 @@ def test_mixkv_leaderboard_writes_one_section_and_plot_per_grid(tmp_path, capsys
     text = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "## Grid A" in text and "## Grid B" in text and "* full cache: 100.0" in text
     assert "| 64 | 1 | mixkv-snapkv | 100.0 [100.0, 100.0] | 4 | 10.0% | leader |" in text
-    assert "Not ranked yet, examples computed so far: kvzip at 128 (2 of 4)." in text
+    assert "* kvzip at 128: 2 of 4 examples; against snapkv: +0.0 [+0.0, +0.0] (level), n = 2" in text
     assert (tmp_path / "lb" / "leaderboard-1.png").is_file() and (
         tmp_path / "lb" / "leaderboard-2.png"
     ).is_file()

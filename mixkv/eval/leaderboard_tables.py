@@ -8,8 +8,9 @@ be rebuilt from published files alone. For each grid and budget:
   counts once), with a task-stratified 95% bootstrap interval
   (:func:`~mixkv.eval.stats.stratified_bootstrap_ci`); a method is ranked at a budget only when it
   holds, on every task of the grid, as many examples as the grid's most complete cell of that task
-  (a run still being computed is listed below the table with how far it has got, never ranked on
-  fewer examples than the others);
+  (a run still being computed is listed below the table with how far it has got and its paired
+  difference from the leader on the examples it holds, never ranked on fewer examples than the
+  others);
 * its **KV fraction** is the mean over its examples of the cache kept over the full cache
   (``kv_fraction``), so methods are compared at equal KV bytes where their budgets are equal;
 * the **leader** is the method with the highest score; every other method is compared with it on
@@ -36,7 +37,15 @@ from mixkv.eval.reporting import EXAMPLE_COLUMNS
 from mixkv.eval.stats import PairedComparison, paired_comparison, stratified_bootstrap_ci
 from mixkv.eval.stats_tables import UNBUDGETED_METHODS
 
-__all__ = ["GridExamples", "Standing", "read_grid", "standings", "unfinished", "write_leaderboard"]
+__all__ = [
+    "GridExamples",
+    "Standing",
+    "Unfinished",
+    "read_grid",
+    "standings",
+    "unfinished",
+    "write_leaderboard",
+]
 
 #: (task, context length) of a cell: a context length is empty for multimodal tasks.
 TaskKey = tuple[str, str]
@@ -213,12 +222,45 @@ def standings(grid: GridExamples, budget: int) -> tuple[list[Standing], list[Sta
     return ranked, references
 
 
-def unfinished(grid: GridExamples, budget: int) -> list[tuple[str, int, int]]:
-    """The methods at ``budget`` that :func:`standings` leaves out because they lack examples (a
-    run still being computed): ``(method, examples held, examples of a finished cell)``, by name."""
+@dataclass(frozen=True)
+class Unfinished:
+    """A method :func:`standings` leaves out at a budget because it lacks examples (a run still
+    being computed).
+
+    Attributes
+    ----------
+    method
+        Its name.
+    n, of
+        Examples it holds, and examples a finished cell holds, over all tasks.
+    leader
+        The budget's leader (None where no method is ranked).
+    against_leader
+        It (B) against the leader (A) on the examples both hold: a paired comparison on part of
+        the grid, not a rank; None without a leader or a common example.
+    """
+
+    method: str
+    n: int
+    of: int
+    leader: str | None
+    against_leader: PairedComparison | None
+
+
+def unfinished(grid: GridExamples, budget: int) -> list[Unfinished]:
+    """The methods at ``budget`` that :func:`standings` leaves out because they lack examples, by
+    name, each against the leader on the examples it holds."""
     sizes = _task_sizes(grid)
+    ranked, _ = standings(grid, budget)
+    leader = ranked[0].method if ranked else None
     return [
-        (method, sum(len(examples) for examples in cells.values()), sum(sizes.values()))
+        Unfinished(
+            method=method,
+            n=sum(len(examples) for examples in cells.values()),
+            of=sum(sizes.values()),
+            leader=leader,
+            against_leader=None if leader is None else _paired(grid[(leader, budget)], cells),
+        )
         for (method, b), cells in sorted(grid.items())
         if b == budget and method not in UNBUDGETED_METHODS and not _finished(cells, sizes)
     ]
@@ -226,6 +268,12 @@ def unfinished(grid: GridExamples, budget: int) -> list[tuple[str, int, int]]:
 
 def _percent(s: Standing) -> str:
     return f"{100 * s.score:.1f} [{100 * s.low:.1f}, {100 * s.high:.1f}]"
+
+
+def _difference(c: PairedComparison) -> str:
+    """B - A in points with its interval: bold where it excludes 0, else "(level)"."""
+    diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
+    return f"**{diff}**" if c.significant else f"{diff} (level)"
 
 
 def _seconds(value: float) -> str:
@@ -254,20 +302,25 @@ def _grid_lines(name: str, grid: GridExamples, plot: Path | None) -> list[str]:
             if c is None:
                 versus, record = "leader", "-"
             else:
-                diff = f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]"
-                versus = f"**{diff}**" if c.significant else f"{diff} (level)"
+                versus = _difference(c)
                 record = f"{c.wins} / {c.ties} / {c.losses}"
             lines.append(
                 f"| {budget} | {rank} | {s.method} | {_percent(s)} | {s.n} | {100 * s.kv_fraction:.1f}% "
                 f"| {versus} | {record} | {_seconds(s.prefill_seconds)} |"
             )
-    pending = [
-        f"{method} at {budget} ({held} of {size})"
-        for budget in budgets
-        for method, held, size in unfinished(grid, budget)
-    ]
+    pending = [(budget, u) for budget in budgets for u in unfinished(grid, budget)]
     if pending:
-        lines += ["", f"Not ranked yet, examples computed so far: {', '.join(pending)}."]
+        lines += [
+            "",
+            "Not ranked yet (a run in progress), against the leader on the examples computed so far:",
+            "",
+        ]
+        for budget, u in pending:
+            c = u.against_leader
+            versus = "-" if c is None else f"{_difference(c)}, n = {c.n}"
+            lines.append(
+                f"* {u.method} at {budget}: {u.n} of {u.of} examples; against {u.leader or '-'}: {versus}"
+            )
     return [*lines, ""]
 
 
