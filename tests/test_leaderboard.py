@@ -13,12 +13,14 @@ from mixkv.eval.reporting import EXAMPLE_COLUMNS
 TASKS = ("agg_list", "multihop")
 
 
-def _write_grid(path, scores, *, kv_fraction=0.1, tasks=TASKS):
-    """examples.csv with ``scores[(method, budget)]`` = per-example scores, the same on every task."""
+def _write_grid(path, scores, *, kv_fraction=0.1, tasks=TASKS, digests=None):
+    """examples.csv with ``scores[(method, budget)]`` = per-example scores, the same on every task;
+    ``digests[(method, budget)][i]`` names example ``i`` (``f"{task}-{i}"`` where not given)."""
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=EXAMPLE_COLUMNS)
         writer.writeheader()
         for (method, budget), values in scores.items():
+            names = (digests or {}).get((method, budget), range(len(values)))
             for task in tasks:
                 for i, score in enumerate(values):
                     writer.writerow(
@@ -28,7 +30,7 @@ def _write_grid(path, scores, *, kv_fraction=0.1, tasks=TASKS):
                             "task": task,
                             "context_length": 2048,
                             "example": i,
-                            "example_sha1": f"{task}-{i}",
+                            "example_sha1": f"{task}-{names[i]}",
                             "score": score,
                             "kv_fraction": 1.0 if budget is None else kv_fraction,
                             "prefill_seconds": 2.0,
@@ -68,11 +70,10 @@ def test_a_method_one_example_behind_is_level_with_the_leader(tmp_path):
 
 
 def test_methods_are_paired_on_the_examples_both_hold(tmp_path):
-    path = _write_grid(tmp_path / "examples.csv", {("a", 64): [1, 1, 1, 1], ("b", 64): [0, 0, 0, 0]})
-    # b's last two examples of each task are other examples than a's (another digest)
-    rows = path.read_text().splitlines(keepends=True)
-    path.write_text(
-        "".join(r.replace("-2,", "-x2,").replace("-3,", "-x3,") if r.startswith("b,") else r for r in rows)
+    path = _write_grid(
+        tmp_path / "examples.csv",
+        {("a", 64): [1, 1, 1, 1], ("b", 64): [0, 0, 0, 0]},
+        digests={("b", 64): [0, 1, "x2", "x3"]},  # b's last two examples are not a's
     )
     comparison = standings(read_grid(path), 64)[0][1].against_leader
     assert comparison is not None and comparison.n == 4  # 2 shared examples on each of 2 tasks

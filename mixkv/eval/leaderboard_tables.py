@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,11 +247,13 @@ class Unfinished:
     against_leader: PairedComparison | None
 
 
-def unfinished(grid: GridExamples, budget: int) -> list[Unfinished]:
+def unfinished(grid: GridExamples, budget: int, ranked: Sequence[Standing] | None = None) -> list[Unfinished]:
     """The methods at ``budget`` that :func:`standings` leaves out because they lack examples, by
-    name, each against the leader on the examples it holds."""
+    name, each against the leader on the examples it holds. ``ranked``: ``standings(grid,
+    budget)[0]`` where the caller has it already (it is computed otherwise)."""
     sizes = _task_sizes(grid)
-    ranked, _ = standings(grid, budget)
+    if ranked is None:
+        ranked, _ = standings(grid, budget)
     leader = ranked[0].method if ranked else None
     return [
         Unfinished(
@@ -295,8 +297,10 @@ def _grid_lines(name: str, grid: GridExamples, plot: Path | None) -> list[str]:
         lines += [f"![score against KV fraction, {name}]({plot.name})", ""]
     header = "| budget | rank | method | score % [95% CI] | n | KV kept | vs leader, points [95% CI] | W / T / L | prefill s |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    pending: list[tuple[int, Unfinished]] = []
     for budget in budgets:
         ranked, _ = standings(grid, budget)
+        pending += [(budget, u) for u in unfinished(grid, budget, ranked)]
         for rank, s in enumerate(ranked, start=1):
             c = s.against_leader
             if c is None:
@@ -308,7 +312,6 @@ def _grid_lines(name: str, grid: GridExamples, plot: Path | None) -> list[str]:
                 f"| {budget} | {rank} | {s.method} | {_percent(s)} | {s.n} | {100 * s.kv_fraction:.1f}% "
                 f"| {versus} | {record} | {_seconds(s.prefill_seconds)} |"
             )
-    pending = [(budget, u) for budget in budgets for u in unfinished(grid, budget)]
     if pending:
         lines += [
             "",
