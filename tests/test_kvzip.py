@@ -343,25 +343,30 @@ def test_generate_under_the_press_decodes_like_a_manual_loop_over_the_compressed
     assert generated[0, LENGTH:].tolist() == tokens
 
 
-def _kvzip_grid(tiny, out, **settings):
+def _kvzip_grid(tiny, out, method="kvzip", **settings):
     from mixkv.eval.runner import run_eval
 
     run_eval(
-        tiny, methods=["kvzip"], budgets=[24, 40], tasks=["niah_single_1"], context_lengths=[128], n=2,
-        max_new_tokens=4, window_size=8, out_dir=out, **settings,
+        tiny, methods=settings.pop("methods", [method]), budgets=[24, 40], tasks=["niah_single_1"],
+        context_lengths=[128], n=2, max_new_tokens=4, window_size=8, out_dir=out, **settings,
     )  # fmt: skip
     return {
-        budget: json.loads((out / "cells" / cell_filename("kvzip", budget, "niah_single_1", 128)).read_text())
+        budget: json.loads((out / "cells" / cell_filename(method, budget, "niah_single_1", 128)).read_text())
         for budget in (24, 40)
     }
 
 
-def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_once(
-    tiny, tmp_path, monkeypatch
-):
+def test_the_global_registry_name_is_kvzip_with_its_papers_layout():
+    press = from_name("kvzip-global", 64)
+    assert isinstance(press, mixkv.KVzipPress) and press.allocation == "global"
+    with pytest.raises(ValueError, match="allocation"):
+        from_name("kvzip-global", 64, allocation="uniform")
+
+
+def _count_reconstructions(monkeypatch) -> list[tuple[int, ...]]:
     from mixkv.integration.session import PressSession
 
-    reconstructed = []
+    reconstructed: list[tuple[int, ...]] = []
     real = PressSession._reconstruct
 
     def counted(self, press, cache, ids, embeddings):
@@ -369,6 +374,28 @@ def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_
         return real(self, press, cache, ids, embeddings)
 
     monkeypatch.setattr(PressSession, "_reconstruct", counted)
+    return reconstructed
+
+
+def test_eval_grid_runs_both_kvzip_layouts_from_one_reconstruction_per_prompt_at_equal_kv(
+    tiny, tmp_path, monkeypatch
+):
+    reconstructed = _count_reconstructions(monkeypatch)
+    out = tmp_path / "grid"
+    pooled = _kvzip_grid(tiny, out, "kvzip-global", methods=["kvzip", "kvzip-global"])
+    uniform = _kvzip_grid(tiny, out)  # resumed: computes nothing
+    assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 2 layouts x 2 budgets each
+    for budget in (24, 40):
+        assert pooled[budget]["kept_tokens_mean"] == uniform[budget]["kept_tokens_mean"] == float(budget)
+        # the pooled layout is stored packed: the same entries plus its per-head bookkeeping
+        for p, u in zip(pooled[budget]["examples"], uniform[budget]["examples"], strict=True):
+            assert 0 < p["kv_bytes"] - u["kv_bytes"] <= 64
+
+
+def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_once(
+    tiny, tmp_path, monkeypatch
+):
+    reconstructed = _count_reconstructions(monkeypatch)
     shared = _kvzip_grid(tiny, tmp_path / "shared")
     assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 2 budgets each
     for budget, cell in shared.items():

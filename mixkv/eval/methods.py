@@ -57,9 +57,12 @@ def scores_a_whole_forward(method: str) -> bool:
 
 def reconstructs_the_prompt(method: str) -> bool:
     """Whether the method's press scores from forwards that repeat the whole prompt after it
-    (KVzip): it continues a shared prefix (declaring the whole prompt), but cannot compress another
-    press's recorded forward, so it decodes on its own, and takes no chunks."""
-    return method == "kvzip"
+    (KVzip, in either layout): it continues a shared prefix (declaring the whole prompt), but cannot
+    compress another press's recorded forward, so it decodes on its own, and takes no chunks."""
+    if method not in NAMES:
+        return False
+    press_class = press_entry(method).press_class
+    return press_class is not None and press_class.needs_reconstruction
 
 
 def as_list(name: str, values: Sequence[Any] | Any) -> list[Any]:

@@ -13,14 +13,16 @@ Names
 ``"vlcache"``, ``"lookm"``
     The VLM presses :class:`~mixkv.presses.VLCachePress` and :class:`~mixkv.presses.LookMPress`.
 ``"mixkv-<base>"``
-    :class:`~mixkv.presses.MixKVPress` on the base's budget policy.
-``"tova"``, ``"expectedattention"``, ``"mixkv-tova"``, ``"mixkv-expectedattention"``
-    TOVA, ExpectedAttention, and the MixKV mix with their score as importance (uniform budgets).
-``"kvzip"``
-    KVzip: scores from a forward that repeats the context (needs the tokenizer's repeat prompts:
-    ``repeat_prompt_ids=`` or :func:`build_press`'s ``tokenizer=``).
     :class:`~mixkv.presses.MixKVPress` on the base's budget policy (``mixkv-vlcache``: on VL-Cache's
     scores and layer budgets).
+``"tova"``, ``"expectedattention"``, ``"mixkv-tova"``, ``"mixkv-expectedattention"``
+    TOVA, ExpectedAttention, and the MixKV mix with their score as importance (uniform budgets).
+``"kvzip"``, ``"kvzip-global"``
+    KVzip: scores from a forward that repeats the context (needs the tokenizer's repeat prompts:
+    ``repeat_prompt_ids=`` or :func:`build_press`'s ``tokenizer=``). ``kvzip`` keeps ``budget``
+    entries in every KV head (uniform, like the other presses here); ``kvzip-global`` pools every
+    layer's and KV head's scores and keeps the best overall (``allocation="global"``, the layout of
+    KVzip's paper and kvpress's default), the same mean of ``budget`` per KV head, packed.
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
     NVIDIA's ``kvpress`` presses run by kvpress itself (only when ``kvpress`` is installed), for
     side-by-side comparisons. They take a compression ratio, derived from ``budget`` as
@@ -160,6 +162,12 @@ _ENTRIES: tuple[PressEntry, ...] = (
     ),
     PressEntry(
         "kvzip", "the most attention an entry receives while the model repeats the context", KVzipPress
+    ),
+    PressEntry(
+        "kvzip-global",
+        "KVzip's scores, the best entries over every layer and KV head (its paper's layout)",
+        KVzipPress,
+        {"allocation": "global"},
     ),
     PressEntry("vlcache", "post-vision attention, layer budgets from attention sparsity", VLCachePress),
     _mixkv("vlcache"),
