@@ -343,17 +343,19 @@ def test_generate_under_the_press_decodes_like_a_manual_loop_over_the_compressed
     assert generated[0, LENGTH:].tolist() == tokens
 
 
-def _kvzip_grid(tiny, out, method="kvzip", **settings):
+def _kvzip_cell(out, method, budget):
+    return json.loads((out / "cells" / cell_filename(method, budget, "niah_single_1", 128)).read_text())
+
+
+def _kvzip_grid(tiny, out, methods=("kvzip",), **settings):
+    """Run a two-budget grid of ``methods``; the first method's cells by budget."""
     from mixkv.eval.runner import run_eval
 
     run_eval(
-        tiny, methods=settings.pop("methods", [method]), budgets=[24, 40], tasks=["niah_single_1"],
-        context_lengths=[128], n=2, max_new_tokens=4, window_size=8, out_dir=out, **settings,
+        tiny, methods=list(methods), budgets=[24, 40], tasks=["niah_single_1"], context_lengths=[128], n=2,
+        max_new_tokens=4, window_size=8, out_dir=out, **settings,
     )  # fmt: skip
-    return {
-        budget: json.loads((out / "cells" / cell_filename(method, budget, "niah_single_1", 128)).read_text())
-        for budget in (24, 40)
-    }
+    return {budget: _kvzip_cell(out, methods[0], budget) for budget in (24, 40)}
 
 
 def test_the_global_registry_name_is_kvzip_with_its_papers_layout():
@@ -382,8 +384,8 @@ def test_eval_grid_runs_both_kvzip_layouts_from_one_reconstruction_per_prompt_at
 ):
     reconstructed = _count_reconstructions(monkeypatch)
     out = tmp_path / "grid"
-    pooled = _kvzip_grid(tiny, out, "kvzip-global", methods=["kvzip", "kvzip-global"])
-    uniform = _kvzip_grid(tiny, out)  # resumed: computes nothing
+    uniform = _kvzip_grid(tiny, out, methods=("kvzip", "kvzip-global"))
+    pooled = {budget: _kvzip_cell(out, "kvzip-global", budget) for budget in (24, 40)}
     assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 2 layouts x 2 budgets each
     for budget in (24, 40):
         assert pooled[budget]["kept_tokens_mean"] == uniform[budget]["kept_tokens_mean"] == float(budget)
