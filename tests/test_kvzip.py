@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import mixkv
 from mixkv.eval.cell_store import cell_filename
-from mixkv.functional import adaptive_head_budgets, pooled_head_budgets, reconstruction_attention
+from mixkv.functional import adaptive_head_budgets, mixkv_mix, pooled_head_budgets, reconstruction_attention
 from mixkv.integration import kvzip_prompt_ids
 from mixkv.integration.cache import DenseCompressedLayer
 from mixkv.presses.kvzip import RepeatChunk
@@ -236,6 +236,58 @@ def test_global_allocation_keeps_the_best_entries_over_every_layer_and_head():
     assert kept[0].sum() != kept[1].sum()  # the layers' shares differ on this model
 
 
+# -- MixKV on KVzip's score ------------------------------------------------------------------------
+
+
+def _kept(model, ids, press):
+    full, cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+        with press(model):
+            model(ids, past_key_values=cache)
+    return [kept_positions(cache.layers[i], full.layers[i].keys) for i in (0, 1)], full, press
+
+
+def test_mixkv_on_kvzip_keeps_the_top_of_the_mix_of_kvzips_scores_in_each_head():
+    model, ids = llama("sdpa"), context()
+    seen = captured_scores(model, ids)
+    options = {"window_size": 1, "repeat_prompt_ids": REPEAT, "answer_prefix_ids": ANSWER}
+    kept, full, _ = _kept(model, ids, mixkv.MixKVKVzipPress(budget=16, **options))
+    plain, _, _ = _kept(model, ids, kvzip(budget=16))
+    for layer in (0, 1):
+        importance = seen[layer][..., : LENGTH - 1]
+        mixed = mixkv_mix(importance, full.layers[layer].keys, full.layers[layer].values, 1)
+        mixed[..., :4] = float("inf")  # the sinks
+        expected = torch.zeros(1, 2, LENGTH, dtype=torch.bool)
+        expected.scatter_(-1, mixed.topk(15).indices, True)
+        expected[..., -1] = True  # the window
+        assert torch.equal(kept[layer], expected)
+    assert any(not torch.equal(k, p) for k, p in zip(kept, plain, strict=True))  # the mix changed the choice
+
+
+def test_mixkv_on_kvzip_global_fills_kvzip_globals_head_budgets_with_other_entries():
+    model, ids = llama("sdpa", kv_heads=4), context(seed=1)
+    options = {
+        "window_size": 1,
+        "repeat_prompt_ids": REPEAT,
+        "answer_prefix_ids": ANSWER,
+        "allocation": "global",
+    }
+    mixed, _, mixed_press = _kept(model, ids, mixkv.MixKVKVzipPress(budget=8, **options))
+    plain, _, plain_press = _kept(model, ids, mixkv.KVzipPress(budget=8, **options))
+    budgets = mixed_press.last_report.kept_tokens[0]
+    assert budgets.tolist() == plain_press.last_report.kept_tokens[0].tolist()
+    assert budgets.min() < budgets.max()  # the pooled layout, not a uniform one
+    assert any(not torch.equal(m, p) for m, p in zip(mixed, plain, strict=True))
+
+
+def test_mixkv_on_kvzip_refuses_a_path_without_reconstruction_by_name():
+    model, ids = llama("sdpa"), context()
+    press = mixkv.DecodingPress(mixkv.MixKVKVzipPress(budget=16, repeat_prompt_ids=REPEAT), interval=4)
+    with pytest.raises(ValueError, match="MixKVKVzipPress"), press(model):
+        model(ids, past_key_values=DynamicCache(config=model.config))
+
+
 def test_pooled_head_budgets_count_each_heads_share_of_the_overall_top_entries():
     scores = torch.tensor([[[0.9, 0.1, 0.5], [0.8, 0.7, float("-inf")]], [[0.2, 0.3, 0.6], [0.05, 0.4, 0.0]]])
     assert pooled_head_budgets(scores, 5).tolist() == [[2, 2], [1, 0]]
@@ -360,9 +412,17 @@ def _kvzip_grid(tiny, out, methods=("kvzip",), **settings):
 
 def test_the_global_registry_name_is_kvzip_with_its_papers_layout():
     press = from_name("kvzip-global", 64)
-    assert isinstance(press, mixkv.KVzipPress) and press.allocation == "global"
+    assert type(press) is mixkv.KVzipPress and press.allocation == "global"
     with pytest.raises(ValueError, match="allocation"):
         from_name("kvzip-global", 64, allocation="uniform")
+
+
+@pytest.mark.parametrize(
+    ("name", "allocation"), [("mixkv-kvzip", "uniform"), ("mixkv-kvzip-global", "global")]
+)
+def test_the_mixkv_registry_names_mix_kvzips_score_in_its_layouts(name, allocation):
+    press = from_name(name, 64)
+    assert type(press) is mixkv.MixKVKVzipPress and press.allocation == allocation
 
 
 def _count_reconstructions(monkeypatch) -> list[tuple[int, ...]]:
@@ -379,19 +439,23 @@ def _count_reconstructions(monkeypatch) -> list[tuple[int, ...]]:
     return reconstructed
 
 
-def test_eval_grid_runs_both_kvzip_layouts_from_one_reconstruction_per_prompt_at_equal_kv(
+def test_eval_grid_runs_every_kvzip_method_from_one_reconstruction_per_prompt_at_equal_kv(
     tiny, tmp_path, monkeypatch
 ):
     reconstructed = _count_reconstructions(monkeypatch)
     out = tmp_path / "grid"
-    uniform = _kvzip_grid(tiny, out, methods=("kvzip", "kvzip-global"))
-    pooled = {budget: _kvzip_cell(out, "kvzip-global", budget) for budget in (24, 40)}
-    assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 2 layouts x 2 budgets each
+    uniform = _kvzip_grid(tiny, out, methods=("kvzip", "kvzip-global", "mixkv-kvzip", "mixkv-kvzip-global"))
+    assert len(reconstructed) == len(set(reconstructed)) == 2  # 2 prompts, 4 methods x 2 budgets each
     for budget in (24, 40):
-        assert pooled[budget]["kept_tokens_mean"] == uniform[budget]["kept_tokens_mean"] == float(budget)
+        pooled = _kvzip_cell(out, "kvzip-global", budget)
+        assert pooled["kept_tokens_mean"] == uniform[budget]["kept_tokens_mean"] == float(budget)
         # the pooled layout is stored packed: the same entries plus its per-head bookkeeping
-        for p, u in zip(pooled[budget]["examples"], uniform[budget]["examples"], strict=True):
+        for p, u in zip(pooled["examples"], uniform[budget]["examples"], strict=True):
             assert 0 < p["kv_bytes"] - u["kv_bytes"] <= 64
+        # MixKV keeps its base layout's bytes
+        for base, mixed in ((uniform[budget], "mixkv-kvzip"), (pooled, "mixkv-kvzip-global")):
+            ours = _kvzip_cell(out, mixed, budget)["examples"]
+            assert [r["kv_bytes"] for r in ours] == [r["kv_bytes"] for r in base["examples"]]
 
 
 def test_eval_grid_runs_kvzip_from_the_shared_prefix_reconstructing_each_prompt_once(

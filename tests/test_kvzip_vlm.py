@@ -152,20 +152,24 @@ def test_other_1d_vlm_families_generate_as_without_press_at_a_budget_not_below_t
     assert torch.equal(plain, pressed)
 
 
-def _kvzip_cells(model, examples, out_dir, share_prefill=True):
+def _kvzip_cells(model, examples, out_dir, share_prefill=True, methods=("kvzip",)):
     result = run_mm_eval(
         (model, vlm_processor("llava")),
         {"text_reading": examples},
-        methods=["full", "kvzip"],
+        methods=["full", *methods],
         budgets=[16, 24],
         window_size=4,
         share_prefill=share_prefill,
         out_dir=out_dir,
     )
-    return {c["cell"]["budget"]: c for c in result.cells if c["cell"]["method"] == "kvzip"}
+    return {
+        (c["cell"]["method"], c["cell"]["budget"]): c for c in result.cells if c["cell"]["method"] != "full"
+    }
 
 
-def test_multimodal_grid_runs_kvzip_reconstructing_each_example_once(llava, tmp_path, monkeypatch):
+def test_multimodal_grid_runs_kvzip_and_mixkv_on_it_reconstructing_each_example_once(
+    llava, tmp_path, monkeypatch
+):
     from mixkv.integration.session import PressSession
 
     model, _ = llava
@@ -179,20 +183,20 @@ def test_multimodal_grid_runs_kvzip_reconstructing_each_example_once(llava, tmp_
         return scores, 100.0  # so that a cell reusing the scores shows it counts their time
 
     monkeypatch.setattr(PressSession, "_reconstruct", counted)
-    shared = _kvzip_cells(model, examples, tmp_path / "shared")
-    assert reconstructed == [True, True]  # 2 examples, 2 budgets each
-    for budget, cell in shared.items():
+    shared = _kvzip_cells(model, examples, tmp_path / "shared", methods=("kvzip", "mixkv-kvzip-global"))
+    assert reconstructed == [True, True]  # 2 examples, 2 methods x 2 budgets each
+    for (_, budget), cell in shared.items():
         assert cell["kept_tokens_mean"] == float(budget)
         for record in cell["examples"]:
             assert record["kv_bytes"] < record["kv_bytes_full"]
             assert record["shared_prefix_tokens"] > 0
-    assert all(r["prefill_seconds"] >= 100.0 for r in shared[24]["examples"])  # the reused scores'
+    assert all(r["prefill_seconds"] >= 100.0 for r in shared["kvzip", 24]["examples"])  # the reused scores'
     one_go = _kvzip_cells(model, examples, tmp_path / "one_go", share_prefill=False)
     assert reconstructed == [True] * 4
-    for budget, cell in one_go.items():
+    for (_, budget), cell in one_go.items():
         assert all(r["shared_prefix_tokens"] == 0 for r in cell["examples"])
         for key in ("output", "kv_bytes", "kept_tokens_mean", "image_tokens_kept"):
-            assert [r[key] for r in cell["examples"]] == [r[key] for r in shared[budget]["examples"]]
+            assert [r[key] for r in cell["examples"]] == [r[key] for r in shared["kvzip", budget]["examples"]]
 
 
 def test_repeat_chunks_say_where_they_copy_the_context_overlap_included():

@@ -11,7 +11,7 @@ from mixkv.presses.budget_policies import AdaKVPress, PyramidKVPress, SnapKVPres
 from mixkv.presses.compression_report import CompressionReport
 from mixkv.presses.decoding import DecodingPress
 from mixkv.presses.kvpress_scorers import KvpressScorerPress
-from mixkv.presses.kvzip import KVzipPress, kvzip_prompt_ids
+from mixkv.presses.kvzip import KVzipPress, MixKVKVzipPress, kvzip_prompt_ids
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.registry import NAMES, PressEntry, from_name, list_presses
@@ -30,6 +30,7 @@ __all__ = [
     "KvpressScorerPress",
     "LookMPress",
     "MixKVExpectedAttentionPress",
+    "MixKVKVzipPress",
     "MixKVPress",
     "MixKVTOVAPress",
     "PressEntry",

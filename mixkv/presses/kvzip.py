@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from mixkv.functional import leading_real_positions, pooled_head_budgets
+from mixkv.functional import leading_real_positions, mixkv_mix, pooled_head_budgets, sinks_on_top
 from mixkv.presses.base import BasePress, ScoringContext
 from mixkv.presses.budget_policies import adaptive_layer_budgets
 
@@ -122,8 +122,9 @@ class KVzipPress(BasePress):
         """The repeat prompt's ids; refuse a press built without them."""
         if not self.repeat_prompt_ids:
             raise ValueError(
-                "KVzipPress needs repeat_prompt_ids, the token ids of the instruction to repeat the context: "
-                "build the press as KVzipPress(budget=..., **mixkv.integration.kvzip_prompt_ids(tokenizer))"
+                f"{type(self).__name__} needs repeat_prompt_ids, the token ids of the instruction to repeat the "
+                f"context: build the press as {type(self).__name__}(budget=..., "
+                "**mixkv.integration.kvzip_prompt_ids(tokenizer))"
             )
         return tuple(self.repeat_prompt_ids)
 
@@ -173,18 +174,23 @@ class KVzipPress(BasePress):
             chunks.append(RepeatChunk(start, end, row, tuple(copies)))
         return chunks
 
+    def _reconstruction_scores(self, ctx: ScoringContext) -> torch.Tensor:
+        """The layer's KVzip score of every prefix entry ``(B, Hkv, N - W)``, sinks not raised."""
+        if ctx.reconstruction_scores is None:
+            raise ValueError(
+                f"{type(self).__name__} scores from its reconstruction forwards, which this compression path "
+                "does not run (chunked prefill, DecodingPress, recorded prompts, continuous batching); "
+                "use another press"
+            )
+        return ctx.reconstruction_scores[..., : ctx.keys.shape[2] - ctx.window_size].float()
+
     def _kvzip_scores(self, ctx: ScoringContext, layer_scores: torch.Tensor | None = None) -> torch.Tensor:
         """KVzip score of every prefix entry ``(B, Hkv, N - W)`` of the layer (or of ``layer_scores``
         ``(B, Hkv, N)``, another layer's), the sinks above every other (scores are at most 1)."""
-        if layer_scores is None:
-            layer_scores = ctx.reconstruction_scores
-        if layer_scores is None:
-            raise ValueError(
-                "KVzipPress scores from its reconstruction forwards, which this compression path does not "
-                "run (chunked prefill, DecodingPress, recorded prompts, continuous batching); use another press"
-            )
         prefix = ctx.keys.shape[2] - ctx.window_size
-        scores = layer_scores[..., :prefix].float()
+        scores = (
+            self._reconstruction_scores(ctx) if layer_scores is None else layer_scores[..., :prefix].float()
+        )
         prefix_mask = ctx.head_mask[..., :prefix]
         sink = leading_real_positions(prefix_mask, self.n_sink)
         top = scores.masked_fill(~prefix_mask, float("-inf")).amax(-1, keepdim=True)
@@ -228,6 +234,27 @@ class KVzipPress(BasePress):
 
     def scores(self, ctx: ScoringContext) -> torch.Tensor:
         return self._kvzip_scores(ctx)
+
+
+@dataclass
+class MixKVKVzipPress(KVzipPress):
+    """MixKV on KVzip: the MixKV mix with KVzip's reconstruction score as the importance.
+
+    ``s_h(j) = r_h div_h(j) + (1 - r_h) (KVzip_h(j) + n'_h(j))``, with the value-norm term ``n'``
+    and the diversity ``div`` rescaled to the mean of the KVzip score over the head's prefix
+    (:func:`mixkv.functional.mixkv_mix`) and ``r_h`` the head's online redundancy; the ``n_sink``
+    sinks stay always kept. The budgets are KVzip's (``allocation``): the mix only chooses which
+    entries fill each head's budget, as MixKV does on any budget policy, so with
+    ``allocation="global"`` the pooled KVzip scores set each head's budget and the mix its entries.
+    Papers: MixKV (https://arxiv.org/abs/2510.20707) and KVzip (https://arxiv.org/abs/2505.23416).
+    Defaults as :class:`KVzipPress`.
+    """
+
+    def scores(self, ctx: ScoringContext) -> torch.Tensor:
+        prefix_mask = ctx.head_mask[..., : ctx.keys.shape[2] - ctx.window_size]
+        importance = self._reconstruction_scores(ctx).masked_fill(~prefix_mask, float("-inf"))
+        mixed = mixkv_mix(importance, ctx.keys, ctx.values, ctx.window_size, key_mask=ctx.key_mask)
+        return sinks_on_top(mixed, prefix_mask, self.n_sink)
 
 
 def kvzip_prompt_ids(tokenizer: Any) -> dict[str, tuple[int, ...]]:

@@ -23,6 +23,9 @@ Names
     entries in every KV head (uniform, like the other presses here); ``kvzip-global`` pools every
     layer's and KV head's scores and keeps the best overall (``allocation="global"``, the layout of
     KVzip's paper and kvpress's default), the same mean of ``budget`` per KV head, packed.
+``"mixkv-kvzip"``, ``"mixkv-kvzip-global"``
+    The MixKV mix with KVzip's score as importance, in ``kvzip``'s and ``kvzip-global``'s budgets
+    (:class:`~mixkv.presses.MixKVKVzipPress`).
 ``"kvpress-snapkv"``, ``"kvpress-adakv"``, ``"kvpress-keydiff"``
     NVIDIA's ``kvpress`` presses run by kvpress itself (only when ``kvpress`` is installed), for
     side-by-side comparisons. They take a compression ratio, derived from ``budget`` as
@@ -59,7 +62,7 @@ from mixkv.presses.kvpress_scorers import (
     kvpress_scorer_names,
     scorer_options,
 )
-from mixkv.presses.kvzip import KVzipPress, kvzip_prompt_ids
+from mixkv.presses.kvzip import KVzipPress, MixKVKVzipPress, kvzip_prompt_ids
 from mixkv.presses.mixkv import MixKVPress
 from mixkv.presses.multimodal import LookMPress, VLCachePress
 from mixkv.presses.scorers import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
@@ -167,6 +170,13 @@ _ENTRIES: tuple[PressEntry, ...] = (
         "kvzip-global",
         "KVzip's scores, the best entries over every layer and KV head (its paper's layout)",
         KVzipPress,
+        {"allocation": "global"},
+    ),
+    PressEntry("mixkv-kvzip", "MixKV with KVzip's score as importance, uniform budget", MixKVKVzipPress),
+    PressEntry(
+        "mixkv-kvzip-global",
+        "MixKV with KVzip's score as importance, in kvzip-global's budgets",
+        MixKVKVzipPress,
         {"allocation": "global"},
     ),
     PressEntry("vlcache", "post-vision attention, layer budgets from attention sparsity", VLCachePress),
@@ -370,7 +380,10 @@ def build_press(
     entry = press_entry(method) if method != "full" else None
     if entry is not None and "window_size" in entry.parameters():
         options["window_size"] = window_size
-    if entry is not None and entry.press_class is KVzipPress and tokenizer is not None:
+    kvzip_family = (
+        entry is not None and entry.press_class is not None and issubclass(entry.press_class, KVzipPress)
+    )
+    if kvzip_family and tokenizer is not None:
         options.update(kvzip_prompt_ids(tokenizer))
     return from_name(method, budget, context_tokens=context_tokens, **options)
 
