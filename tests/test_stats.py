@@ -316,6 +316,15 @@ def test_pairing_cells_with_different_example_counts_raises():
         paired_lines(index, [("snapkv", "keydiff")], [64], ["t"], [1024])
 
 
+def test_a_cell_of_a_run_in_progress_pairs_on_the_examples_both_cells_have():
+    unfinished = {**_cell("mixkv-snapkv", 64, "t", 1024, [1.0, 1.0]), "complete": False}
+    index = _index(_cell("snapkv", 64, "t", 1024, [0.0, 1.0, 0.0]), unfinished)
+    lines = paired_lines(index, [("snapkv", "mixkv-snapkv")], [64], ["t"], [1024])
+    assert _row(lines, "| snapkv | mixkv-snapkv | 64 |").startswith(
+        "| snapkv | mixkv-snapkv | 64 | 1 | 2 | 50.0 | 100.0 |"
+    )
+
+
 def test_no_common_cell_gives_no_paired_table():
     index = _index(_cell("snapkv", 64, "t", 1024, [1.0]))
     assert paired_lines(index, [("snapkv", "keydiff")], [64], ["t"], [1024]) == []

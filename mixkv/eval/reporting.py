@@ -96,7 +96,7 @@ def write_markdown_table(
         lines += [
             f"**A run in progress** (`--report-only`): {len(unfinished)} of these {len(cells)} cells are "
             "unfinished and hold the examples their checkpoints had, cut per task to the examples all of "
-            "them had (n below).",
+            "them had (n below); a paired comparison with a finished cell uses those examples.",
             "",
         ]
     for length in context_lengths:

@@ -117,15 +117,21 @@ def mixkv_base_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
 def _paired_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """Example scores of two cells of the same examples, or None if either is corpus-level.
 
+    A cell of a run in progress (``"complete": False``) holds the first examples of its task, so it
+    pairs with another cell on the examples both have; two finished cells must hold as many.
+
     Raises ValueError when the cells do not hold the same examples in the same order.
     """
     names = f"{a['cell']} and {b['cell']}"
-    if len(a["examples"]) != len(b["examples"]):
+    counts = len(a["examples"]), len(b["examples"])
+    in_progress = a.get("complete") is False or b.get("complete") is False
+    if counts[0] != counts[1] and not in_progress:
         raise ValueError(
-            f"Cannot pair {names}: {len(a['examples'])} and {len(b['examples'])} examples; paired cells "
+            f"Cannot pair {names}: {counts[0]} and {counts[1]} examples; paired cells "
             "must come from the same run (same n and seed)."
         )
-    for i, (x, y) in enumerate(zip(a["examples"], b["examples"], strict=True)):
+    n = min(counts)
+    for i, (x, y) in enumerate(zip(a["examples"][:n], b["examples"][:n], strict=True)):
         for key in _EXAMPLE_KEYS:
             if key in x and key in y and x[key] != y[key]:
                 raise ValueError(
@@ -133,7 +139,7 @@ def _paired_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[np.ndarr
                     "cells must hold the same examples (same seed, tasks and model)."
                 )
     sa, sb = example_scores(a), example_scores(b)
-    return None if sa is None or sb is None else (sa, sb)
+    return None if sa is None or sb is None else (sa[:n], sb[:n])
 
 
 def format_budget(budget: int | None) -> str:
