@@ -174,24 +174,25 @@ class KVzipPress(BasePress):
             chunks.append(RepeatChunk(start, end, row, tuple(copies)))
         return chunks
 
-    def _reconstruction_scores(self, ctx: ScoringContext) -> torch.Tensor:
-        """The layer's KVzip score of every prefix entry ``(B, Hkv, N - W)``, sinks not raised."""
-        if ctx.reconstruction_scores is None:
+    def _reconstruction_scores(
+        self, ctx: ScoringContext, layer_scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """KVzip score of every prefix entry ``(B, Hkv, N - W)`` of the layer (or of ``layer_scores``
+        ``(B, Hkv, N)``, another layer's), sinks not raised."""
+        if layer_scores is None:
+            layer_scores = ctx.reconstruction_scores
+        if layer_scores is None:
             raise ValueError(
                 f"{type(self).__name__} scores from its reconstruction forwards, which this compression path "
                 "does not run (chunked prefill, DecodingPress, recorded prompts, continuous batching); "
                 "use another press"
             )
-        return ctx.reconstruction_scores[..., : ctx.keys.shape[2] - ctx.window_size].float()
+        return layer_scores[..., : ctx.keys.shape[2] - ctx.window_size].float()
 
     def _kvzip_scores(self, ctx: ScoringContext, layer_scores: torch.Tensor | None = None) -> torch.Tensor:
-        """KVzip score of every prefix entry ``(B, Hkv, N - W)`` of the layer (or of ``layer_scores``
-        ``(B, Hkv, N)``, another layer's), the sinks above every other (scores are at most 1)."""
-        prefix = ctx.keys.shape[2] - ctx.window_size
-        scores = (
-            self._reconstruction_scores(ctx) if layer_scores is None else layer_scores[..., :prefix].float()
-        )
-        prefix_mask = ctx.head_mask[..., :prefix]
+        """:meth:`_reconstruction_scores`, the sinks above every other (scores are at most 1)."""
+        scores = self._reconstruction_scores(ctx, layer_scores)
+        prefix_mask = ctx.head_mask[..., : scores.shape[-1]]
         sink = leading_real_positions(prefix_mask, self.n_sink)
         top = scores.masked_fill(~prefix_mask, float("-inf")).amax(-1, keepdim=True)
         return torch.where(sink, top.nan_to_num(0.0, neginf=0.0) + 1, scores)
