@@ -344,6 +344,8 @@ def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
         for s in ranked:
             by_method.setdefault(s.method, []).append(s)
     fig, ax = plt.subplots(figsize=(9.5, 5.0))
+    # 20 colours and 7 markers: every (colour, marker) pair differs up to 140 methods.
+    markers = "osD^vPX"
     for i, (method, points) in enumerate(sorted(by_method.items())):
         xs = [100 * s.kv_fraction for s in points]
         ys = [100 * s.score for s in points]
@@ -353,7 +355,7 @@ def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
             xs,
             ys,
             yerr=errors,
-            marker="o",
+            marker=markers[i % len(markers)],
             linestyle=style,
             capsize=2,
             label=method,
