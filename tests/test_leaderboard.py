@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 
 import pytest
 
@@ -77,6 +78,21 @@ def test_methods_are_paired_on_the_examples_both_hold(tmp_path):
     )
     comparison = standings(read_grid(path), 64)[0][1].against_leader
     assert comparison is not None and comparison.n == 4  # 2 shared examples on each of 2 tasks
+
+
+def test_intervals_do_not_depend_on_the_order_of_the_rows(tmp_path):
+    draw = random.Random(0)
+    scores = {(m, 64): [draw.random() for _ in range(30)] for m in ("a", "b")}  # partial-credit scores
+    path = _write_grid(tmp_path / "examples.csv", scores)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    draw.shuffle(rows)
+    shuffled = tmp_path / "shuffled.csv"
+    with shuffled.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=EXAMPLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert standings(read_grid(shuffled), 64) == standings(read_grid(path), 64)
 
 
 def test_a_method_with_fewer_examples_than_the_others_is_not_ranked_but_reported_unfinished(tmp_path):

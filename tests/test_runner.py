@@ -648,6 +648,7 @@ def test_a_run_of_both_protocols_compares_them_in_protocols_md(tiny, tmp_path):
     assert both.table_path == tmp_path / "protocols.md"
     text = both.table_path.read_text()
     assert "- What differs: protocol query_aware (A) vs query_agnostic (B)" in text
+    assert "- A: `query_aware`" in text and "- B: `query_agnostic`" in text  # not machine paths
     assert "[query_aware](query_aware/results.md)" in text and "| snapkv | 40 | 1 |" in text
 
 

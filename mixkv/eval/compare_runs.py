@@ -105,7 +105,13 @@ def _describe(cells: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {name: values.pop() if len(values) == 1 else "mixed" for name, values in fields.items()}
 
 
-def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str] | None = None) -> list[str]:
+def compare_runs(
+    run_a: Path | str,
+    run_b: Path | str,
+    *,
+    methods: Sequence[str] | None = None,
+    labels: tuple[str, str] | None = None,
+) -> list[str]:
     """Markdown lines comparing run B with run A on the same examples.
 
     A header says what differs between the runs (identity fields and software versions); a table
@@ -120,6 +126,9 @@ def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str]
         Output directories of ``mixkv eval`` (``--out``).
     methods
         Only these methods (default: every method both runs have).
+    labels
+        How the header names runs A and B (default: their directories as given), e.g. paths
+        relative to where the table is written, so that it reads the same on any machine.
 
     Raises
     ------
@@ -165,7 +174,8 @@ def compare_runs(run_a: Path | str, run_b: Path | str, *, methods: Sequence[str]
     # Only what both runs recorded (a run in progress has no software versions yet).
     names = sorted(set(described[0]) & set(described[1]))
     differing = [n for n in names if described[0][n] != described[1][n]]
-    lines += [f"- A: `{run_a}`", f"- B: `{run_b}`"]
+    label_a, label_b = labels or (str(run_a), str(run_b))
+    lines += [f"- A: `{label_a}`", f"- B: `{label_b}`"]
     if differing:
         lines.append(
             "- What differs: "

@@ -512,7 +512,8 @@ def _protocols_result(results: dict[str, EvalResult], outs: dict[str, Path], out
     lines = [f"Each protocol's own tables: {', '.join(f'[{p}]({p}/results.md)' for p in results)}.", ""]
     for p in others:
         try:
-            lines += compare_runs(outs[first], outs[p])
+            # Named as folders next to protocols.md, not by the machine path they were run in.
+            lines += compare_runs(outs[first], outs[p], labels=(first, p))
         except ValueError as exc:  # nothing in common yet
             lines += [f"{p} against {first}: {exc}", ""]
     merged.table_path = out / "protocols.md"

@@ -20,7 +20,8 @@ be rebuilt from published files alone. For each grid and budget:
 * its **prefill** is the mean ``prefill_seconds`` of its records (what its compression step adds
   to the shared prefill; see the grid's own documentation for what that column times).
 
-The full cache and ``closed-book`` (no budget) are reference lines, never ranked.
+The full cache and ``closed-book`` (no budget) are reference lines, never ranked. Resampling runs
+over the examples in (task, digest) order, so the intervals do not depend on the order of the rows.
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ def read_grid(path: Path | str) -> GridExamples:
 
 
 def _standing(method: str, budget: int | None, tasks: Mapping[TaskKey, list[ExampleRow]]) -> Standing:
-    rows = [r for examples in tasks.values() for r in examples]
-    score, low, high = stratified_bootstrap_ci([[r.score for r in examples] for examples in tasks.values()])
+    # (task, digest) order, so that the interval does not depend on the order of the csv rows.
+    by_task = [sorted(tasks[task], key=lambda r: r.example_sha1) for task in sorted(tasks)]
+    rows = [r for examples in by_task for r in examples]
+    score, low, high = stratified_bootstrap_ci([[r.score for r in examples] for examples in by_task])
     prefill = [r.prefill_seconds for r in rows if math.isfinite(r.prefill_seconds)]
     return Standing(
         method=method,
@@ -172,12 +175,14 @@ def _standing(method: str, budget: int | None, tasks: Mapping[TaskKey, list[Exam
 def _paired(
     leader: Mapping[TaskKey, list[ExampleRow]], other: Mapping[TaskKey, list[ExampleRow]]
 ) -> PairedComparison | None:
-    """``other`` against ``leader`` on the examples both hold (matched by task and digest)."""
+    """``other`` against ``leader`` on the examples both hold (matched by task and digest).
+
+    Pairs in (task, digest) order, as in :func:`_standing`."""
     a: list[float] = []
     b: list[float] = []
-    for task, examples in leader.items():
+    for task in sorted(leader):
         theirs = {r.example_sha1: r.score for r in other.get(task, [])}
-        for r in examples:
+        for r in sorted(leader[task], key=lambda r: r.example_sha1):
             if r.example_sha1 in theirs:
                 a.append(r.score)
                 b.append(theirs[r.example_sha1])
