@@ -194,3 +194,29 @@ def test_mixkv_leaderboard_writes_one_section_and_plot_per_grid(tmp_path, capsys
 def test_mixkv_leaderboard_refuses_an_argument_without_a_title(tmp_path, capsys):
     assert mixkv_main(["leaderboard", str(tmp_path / "a.csv"), "--out", str(tmp_path)]) == 2
     assert "is not TITLE=RUN" in capsys.readouterr().err
+
+
+def test_excluded_methods_are_left_out_of_the_ranking_and_named(tmp_path):
+    _write_grid(tmp_path / "a.csv", {("kvzip", 64): [1, 1], ("snapkv", 64): [1, 0], ("keydiff", 64): [0, 0]})
+    code = mixkv_main(
+        [
+            "leaderboard",
+            f"A={tmp_path / 'a.csv'}",
+            "--out",
+            str(tmp_path / "lb"),
+            "--exclude",
+            "kvzip",
+            "--no-plots",
+        ]
+    )
+    text = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert code == 0 and "| 64 | 1 | snapkv |" in text and "| kvzip |" not in text
+    assert "Left out: kvzip." in text
+
+
+def test_excluding_a_method_no_grid_holds_is_refused_by_name(tmp_path, capsys):
+    _write_grid(tmp_path / "a.csv", {("snapkv", 64): [1, 0]})
+    code = mixkv_main(
+        ["leaderboard", f"A={tmp_path / 'a.csv'}", "--out", str(tmp_path / "lb"), "--exclude", "kvzp"]
+    )
+    assert code == 2 and "['kvzp'] to exclude" in capsys.readouterr().err

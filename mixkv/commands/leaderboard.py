@@ -10,7 +10,7 @@ from mixkv.eval.leaderboard_tables import write_leaderboard
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mixkv leaderboard TITLE=RUN [TITLE=RUN ...] --out DIR [--no-plots]``."""
+    """``mixkv leaderboard TITLE=RUN [TITLE=RUN ...] --out DIR [--exclude M,...] [--no-plots]``."""
     parser = argparse.ArgumentParser(
         prog="mixkv leaderboard",
         description=(
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a grid's title and its examples.csv or `mixkv eval --out` directory",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md and the plots")
+    parser.add_argument(
+        "--exclude",
+        default="",
+        metavar="METHOD,...",
+        help="methods to leave out of every grid, comma-separated (e.g. to rank the others among themselves)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the Markdown only")
     args = parser.parse_args(argv)
     grids: dict[str, Path] = {}
@@ -41,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         grids[title] = Path(run)
     try:
-        path = write_leaderboard(grids, args.out, plots=not args.no_plots)
+        exclude = [m.strip() for m in args.exclude.split(",") if m.strip()]
+        path = write_leaderboard(grids, args.out, plots=not args.no_plots, exclude=exclude)
     except ValueError as exc:
         print(f"mixkv leaderboard: {exc}", file=sys.stderr)
         return 2

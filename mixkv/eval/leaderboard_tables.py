@@ -392,25 +392,38 @@ def _plot(name: str, grid: GridExamples, path: Path) -> Path | None:
     return path
 
 
-def write_leaderboard(grids: Mapping[str, Path | str], out: Path | str, *, plots: bool = True) -> Path:
+def write_leaderboard(
+    grids: Mapping[str, Path | str], out: Path | str, *, plots: bool = True, exclude: Sequence[str] = ()
+) -> Path:
     """Write ``out/leaderboard.md`` (one section per grid) and, with matplotlib, one plot per grid
     (``out/leaderboard-<i>.png``: score against KV fraction). ``grids`` maps a grid's title to its
-    ``examples.csv`` (or the run directory). Returns the Markdown's path.
+    ``examples.csv`` (or the run directory). ``exclude`` names methods left out of every grid (e.g.
+    those that pay a second forward, to rank the rest among themselves); each section says so.
+    Returns the Markdown's path.
 
     Raises
     ------
     ValueError
-        No grid, or a grid :func:`read_grid` refuses.
+        No grid, a grid :func:`read_grid` refuses, or an excluded method that no grid holds.
     """
     if not grids:
         raise ValueError("Give at least one grid: a title and the examples.csv of a `mixkv eval` run.")
     folder = Path(out)
+    read = {name: read_grid(source) for name, source in grids.items()}
+    held = {method for grid in read.values() for method, _ in grid}
+    unknown = sorted(set(exclude) - held)
+    if unknown:
+        raise ValueError(f"No grid holds the method(s) {unknown} to exclude; the grids hold {sorted(held)}.")
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["# Leaderboard", ""]
     for i, (name, source) in enumerate(grids.items(), start=1):
-        grid = read_grid(source)
+        grid = {key: cells for key, cells in read[name].items() if key[0] not in exclude}
         plot = _plot(name, grid, folder / f"leaderboard-{i}.png") if plots else None
-        lines += [*_grid_lines(name, grid, plot), f"Source: `{source}`.", ""]
+        lines += _grid_lines(name, grid, plot)
+        left_out = sorted({method for method, _ in read[name]} & set(exclude))
+        if left_out:
+            lines += [f"Left out: {', '.join(left_out)}.", ""]
+        lines += [f"Source: `{source}`.", ""]
     path = folder / "leaderboard.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
